@@ -1,0 +1,127 @@
+#pragma once
+// RoIAlign arithmetic shared by the CPU and CUDA kernels (one copy, compiled for host and device):
+// FPN level mapping, the per-RoI sample grid and torchvision's bilinear border rules.
+#include <cmath>
+#include <cstdint>
+
+#include "macros.h"
+
+namespace dynamask {
+namespace roi_align {
+
+// Precision-preserving math: float stays float (as torch computes the level mapping in float32).
+DYNAMASK_INLINE float sqrt_(float x) { return sqrtf(x); }
+DYNAMASK_INLINE double sqrt_(double x) { return sqrt(x); }
+DYNAMASK_INLINE float log2_(float x) { return log2f(x); }
+DYNAMASK_INLINE double log2_(double x) { return log2(x); }
+DYNAMASK_INLINE float floor_(float x) { return floorf(x); }
+DYNAMASK_INLINE double floor_(double x) { return floor(x); }
+DYNAMASK_INLINE float ceil_(float x) { return ceilf(x); }
+DYNAMASK_INLINE double ceil_(double x) { return ceil(x); }
+
+// torchvision's LevelMapper (canonical size 224 at level 4, eps 1e-6), in the RoIs' own precision
+// so that boxes exactly on a level boundary land where torchvision puts them. A box whose area is
+// not positive (degenerate, or inverted in one axis) maps to the finest level k_min.
+template <typename T>
+DYNAMASK_INLINE int64_t fpn_level(T x1, T y1, T x2, T y2, int64_t k_min, int64_t k_max) {
+  const T area = (x2 - x1) * (y2 - y1);
+  if (!(area > T(0))) return 0;
+  const T s = sqrt_(area);
+  const T k = floor_(T(4) + log2_(s / T(224)) + T(1e-6));
+  if (!(k > T(k_min))) return 0;  // also catches NaN
+  if (k >= T(k_max)) return k_max - k_min;
+  return static_cast<int64_t>(k) - k_min;
+}
+
+// Where a RoI's bins and samples lie on one feature map (torchvision's roi_align conventions).
+template <typename T>
+struct RoiGeometry {
+  T start_h, start_w;  // top-left corner, in feature-map pixels
+  T bin_h, bin_w;      // size of one output bin
+  int64_t grid_h, grid_w;  // samples per bin along each axis
+  T inv_count;         // 1 / (grid_h * grid_w)
+};
+
+template <typename T>
+DYNAMASK_INLINE RoiGeometry<T> roi_geometry(const T* roi /* x1, y1, x2, y2 */, T scale,
+                                            int64_t pooled_h, int64_t pooled_w,
+                                            int64_t sampling_ratio, bool aligned) {
+  const T offset = aligned ? T(0.5) : T(0);
+  RoiGeometry<T> g;
+  g.start_w = roi[0] * scale - offset;
+  g.start_h = roi[1] * scale - offset;
+  T width = roi[2] * scale - offset - g.start_w;
+  T height = roi[3] * scale - offset - g.start_h;
+  if (!aligned) {  // legacy behaviour: force malformed RoIs to be 1x1
+    width = width > T(1) ? width : T(1);
+    height = height > T(1) ? height : T(1);
+  }
+  g.bin_h = height / static_cast<T>(pooled_h);
+  g.bin_w = width / static_cast<T>(pooled_w);
+  g.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(ceil_(height / static_cast<T>(pooled_h)));
+  g.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(ceil_(width / static_cast<T>(pooled_w)));
+  const int64_t count = g.grid_h * g.grid_w;
+  g.inv_count = T(1) / static_cast<T>(count > 1 ? count : 1);
+  return g;
+}
+
+template <typename T>
+DYNAMASK_INLINE T sample_y(const RoiGeometry<T>& g, int64_t ph, int64_t iy) {
+  return g.start_h + ph * g.bin_h + (static_cast<T>(iy) + T(0.5)) * g.bin_h / static_cast<T>(g.grid_h);
+}
+
+template <typename T>
+DYNAMASK_INLINE T sample_x(const RoiGeometry<T>& g, int64_t pw, int64_t ix) {
+  return g.start_w + pw * g.bin_w + (static_cast<T>(ix) + T(0.5)) * g.bin_w / static_cast<T>(g.grid_w);
+}
+
+// The four taps of one bilinear sample: flat offsets y*W+x into a plane, and their weights.
+template <typename T>
+struct BilinearTaps {
+  int64_t pos[4];
+  T w[4];
+};
+
+// torchvision's rule: a sample more than one pixel outside the map contributes nothing (all
+// weights 0); otherwise it is clamped onto the map and interpolated. Returns false when empty.
+template <typename T>
+DYNAMASK_INLINE bool bilinear_taps(T y, T x, int64_t height, int64_t width, BilinearTaps<T>& t) {
+  if (y < T(-1) || y > static_cast<T>(height) || x < T(-1) || x > static_cast<T>(width)) {
+    for (int i = 0; i < 4; ++i) { t.pos[i] = 0; t.w[i] = T(0); }
+    return false;
+  }
+  if (y <= T(0)) y = T(0);
+  if (x <= T(0)) x = T(0);
+  int64_t y_low = static_cast<int64_t>(y);
+  int64_t x_low = static_cast<int64_t>(x);
+  int64_t y_high, x_high;
+  if (y_low >= height - 1) {
+    y_high = y_low = height - 1;
+    y = static_cast<T>(y_low);
+  } else {
+    y_high = y_low + 1;
+  }
+  if (x_low >= width - 1) {
+    x_high = x_low = width - 1;
+    x = static_cast<T>(x_low);
+  } else {
+    x_high = x_low + 1;
+  }
+  const T ly = y - y_low, lx = x - x_low;
+  const T hy = T(1) - ly, hx = T(1) - lx;
+  t.pos[0] = y_low * width + x_low;
+  t.pos[1] = y_low * width + x_high;
+  t.pos[2] = y_high * width + x_low;
+  t.pos[3] = y_high * width + x_high;
+  t.w[0] = hy * hx;
+  t.w[1] = hy * lx;
+  t.w[2] = ly * hx;
+  t.w[3] = ly * lx;
+  return true;
+}
+
+// Up to this many pyramid levels / stages travel to the CUDA kernels by value.
+constexpr int kMaxLevels = 8;
+
+}  // namespace roi_align
+}  // namespace dynamask

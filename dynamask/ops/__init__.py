@@ -1,0 +1,16 @@
+"""The kernels of dynamask, as torch ops (``torch.ops.dynamask.*``) with documented Python wrappers.
+
+Each op has a CPU and a CUDA kernel, autograd where training needs it, a fake kernel for
+``torch.compile``, and a slow pure-PyTorch twin in :mod:`dynamask.ops._reference` used by the tests.
+"""
+
+from dynamask._extension import _C
+from dynamask.ops.roi_align import roi_align_multilevel, roi_align_stages
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA kernels were compiled into this build of ``dynamask._C``."""
+    return bool(_C.cuda_available())
+
+
+__all__ = ["cuda_available", "roi_align_multilevel", "roi_align_stages"]

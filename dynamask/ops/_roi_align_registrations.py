@@ -1,0 +1,86 @@
+"""Autograd, autocast and fake (meta) kernels of the batched RoIAlign ops."""
+
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.dynamask
+
+
+@torch.library.register_fake("dynamask::roi_align_multilevel")
+def _multilevel_fake(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned):
+    return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
+
+
+@torch.library.register_fake("dynamask::roi_align_multilevel_backward")
+def _multilevel_backward_fake(grad, rois, levels, spatial_scales, batch_size, channels, heights, widths,
+                              sampling_ratio, aligned):
+    return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
+
+
+@torch.library.register_fake("dynamask::roi_align_stages")
+def _stages_fake(features, rois, stage_levels, stage_sizes, stage_counts, spatial_scales, sampling_ratio, aligned):
+    return [
+        features[l].new_empty((n, features[l].shape[1], s, s))
+        for l, s, n in zip(stage_levels, stage_sizes, stage_counts)
+    ]
+
+
+@torch.library.register_fake("dynamask::roi_align_stages_backward")
+def _stages_backward_fake(grads, rois, stage_levels, spatial_scales, batch_size, channels, heights, widths,
+                          sampling_ratio, aligned):
+    return [rois.new_empty((batch_size, c, h, w)) for c, h, w in zip(channels, heights, widths)]
+
+
+def _multilevel_setup(ctx, inputs, output):
+    features, rois, levels, spatial_scales, _, _, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois, levels)
+    ctx.spatial_scales = spatial_scales
+    ctx.batch_size = features[0].shape[0]
+    ctx.channels = features[0].shape[1]
+    ctx.heights = [f.shape[2] for f in features]
+    ctx.widths = [f.shape[3] for f in features]
+    ctx.sampling_ratio = sampling_ratio
+    ctx.aligned = aligned
+
+
+def _multilevel_backward(ctx, grad):
+    rois, levels = ctx.saved_tensors
+    grads = _ops.roi_align_multilevel_backward(
+        grad, rois, levels, ctx.spatial_scales, ctx.batch_size, ctx.channels, ctx.heights, ctx.widths,
+        ctx.sampling_ratio, ctx.aligned,
+    )
+    return list(grads), None, None, None, None, None, None, None
+
+
+def _stages_setup(ctx, inputs, output):
+    features, rois, stage_levels, _, _, spatial_scales, sampling_ratio, aligned = inputs
+    ctx.save_for_backward(rois)
+    ctx.stage_levels = stage_levels
+    ctx.spatial_scales = spatial_scales
+    ctx.batch_size = features[0].shape[0]
+    ctx.channels = [f.shape[1] for f in features]
+    ctx.heights = [f.shape[2] for f in features]
+    ctx.widths = [f.shape[3] for f in features]
+    ctx.sampling_ratio = sampling_ratio
+    ctx.aligned = aligned
+
+
+def _stages_backward(ctx, grads):
+    (rois,) = ctx.saved_tensors
+    grads = [g if g is not None else rois.new_zeros(0) for g in grads]
+    out = _ops.roi_align_stages_backward(
+        grads, rois, ctx.stage_levels, ctx.spatial_scales, ctx.batch_size, ctx.channels, ctx.heights,
+        ctx.widths, ctx.sampling_ratio, ctx.aligned,
+    )
+    return list(out), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("dynamask::roi_align_multilevel", _multilevel_backward, setup_context=_multilevel_setup)
+torch.library.register_autograd("dynamask::roi_align_stages", _stages_backward, setup_context=_stages_setup)
+
+# Under autocast the ops run in float32, as torchvision's roi_align does: the kernels accumulate in
+# float anyway, and the mask head's convolutions downstream pick their own precision.
+for _name in ("roi_align_multilevel", "roi_align_stages"):
+    for _device in ("cuda", "cpu"):
+        torch.library.register_autocast(f"dynamask::{_name}", _device, torch.float32)

@@ -1,0 +1,130 @@
+"""Batched RoIAlign over an FPN pyramid: all RoIs, all levels (and all r-FPN stages) in one call.
+
+Box coordinates are in image pixels; ``spatial_scales[l]`` maps them onto ``features[l]``
+(1/4 for P2, 1/8 for P3, ...). Semantics follow ``torchvision.ops.roi_align`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dynamask.ops import _roi_align_registrations  # noqa: F401  (autograd, autocast, fake kernels)
+
+
+def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(output_size, int):
+        return output_size, output_size
+    h, w = output_size
+    return int(h), int(w)
+
+
+def _as_rois(rois: Tensor | Sequence[Tensor], name: str = "rois") -> Tensor:
+    """Accepts [R, 5] (batch index, x1, y1, x2, y2) or a list of per-image [n_i, 4] boxes."""
+    if isinstance(rois, Tensor):
+        return rois
+    if isinstance(rois, (list, tuple)) and all(isinstance(b, Tensor) for b in rois):
+        if len(rois) == 0:
+            raise ValueError(f"{name}: an empty list of boxes has no dtype/device; pass a [0, 5] tensor")
+        idx = [torch.full_like(b[:, :1], i) for i, b in enumerate(rois)]
+        return torch.cat([torch.cat(idx, 0), torch.cat(list(rois), 0)], dim=1)
+    raise TypeError(f"{name} must be a [R, 5] tensor or a list of [n_i, 4] tensors, got {type(rois).__name__}")
+
+
+def _as_features(features: Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(features, Tensor) or not isinstance(features, (list, tuple)):
+        raise TypeError(f"features must be a list of [N, C, H, W] tensors, got {type(features).__name__}")
+    return list(features)
+
+
+def _check_power_of_two_scales(spatial_scales: Sequence[float]) -> None:
+    logs = [-math.log2(s) if s > 0 else float("nan") for s in spatial_scales]
+    ok = all(abs(v - round(v)) < 1e-6 for v in logs) and all(
+        round(logs[i + 1]) == round(logs[i]) + 1 for i in range(len(logs) - 1)
+    )
+    if not ok:
+        raise ValueError(
+            "spatial_scales must be consecutive powers of two (e.g. [1/4, 1/8, 1/16, 1/32]) when levels is "
+            f"None, since the FPN level rule depends on them; got {list(spatial_scales)}"
+        )
+
+
+def roi_align_multilevel(
+    features: Sequence[Tensor],
+    rois: Tensor | Sequence[Tensor],
+    output_size: int | Sequence[int],
+    spatial_scales: Sequence[float],
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+    levels: Tensor | None = None,
+) -> Tensor:
+    """RoIAlign of every RoI on its own pyramid level, in one kernel call.
+
+    Args:
+        features: L tensors ``[N, C, H_l, W_l]`` (same N, C, dtype and device).
+        rois: ``[R, 5]`` rows of (batch index, x1, y1, x2, y2) in image pixels, or a list of N
+            per-image ``[n_i, 4]`` box tensors.
+        output_size: S or (S_h, S_w).
+        spatial_scales: L floats, feature pixels per image pixel.
+        sampling_ratio: samples per bin and axis; 0 = adaptive (ceil(roi_size / output_size)).
+        aligned: shift boxes by -0.5 pixel (True, the correct convention) or not (torchvision's
+            ``MultiScaleRoIAlign`` uses False).
+        levels: ``[R]`` int64 level index per RoI; None = FPN's rule
+            ``k = floor(4 + log2(sqrt(area) / 224) + 1e-6)`` clamped to the given levels, with
+            k_min = -log2(spatial_scales[0]). A box of non-positive area goes to the finest level.
+
+    Returns:
+        ``[R, C, S_h, S_w]``, in the order of ``rois``.
+    """
+    feats = _as_features(features)
+    rois_t = _as_rois(rois)
+    if len(spatial_scales) != len(feats):
+        raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
+    if levels is None:
+        _check_power_of_two_scales(spatial_scales)
+    ph, pw = _pair(output_size)
+    return torch.ops.dynamask.roi_align_multilevel(
+        feats, rois_t, levels, [float(s) for s in spatial_scales], ph, pw, int(sampling_ratio), bool(aligned)
+    )
+
+
+def roi_align_stages(
+    features: Sequence[Tensor],
+    rois: Tensor | Sequence[Tensor],
+    stages: Sequence[tuple[int, int, int]],
+    spatial_scales: Sequence[float],
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+) -> list[Tensor]:
+    """Several crops of prefixes of ``rois``, each from its own level and at its own size, in one call.
+
+    Args:
+        features: L tensors ``[N, C_l, H_l, W_l]``; channel counts may differ between levels.
+        rois: ``[R, 5]`` (batch index, x1, y1, x2, y2), or a list of per-image ``[n_i, 4]`` boxes.
+        stages: entries ``(level_index, output_size, count)``; entry j crops
+            ``features[level_index]`` for ``rois[:count]`` at ``output_size x output_size``.
+        spatial_scales: L floats.
+
+    Returns:
+        One tensor per stage, ``[count_j, C_{level_j}, S_j, S_j]``; equal to
+        ``torchvision.ops.roi_align(features[l], rois[:count], S, spatial_scales[l], sampling_ratio, aligned)``.
+    """
+    feats = _as_features(features)
+    rois_t = _as_rois(rois)
+    if len(spatial_scales) != len(feats):
+        raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
+    levels, sizes, counts = [], [], []
+    for j, stage in enumerate(stages):
+        if len(stage) != 3:
+            raise ValueError(f"stages[{j}] must be (level_index, output_size, count), got {stage!r}")
+        levels.append(int(stage[0]))
+        sizes.append(int(stage[1]))
+        counts.append(int(stage[2]))
+    return list(
+        torch.ops.dynamask.roi_align_stages(
+            feats, rois_t, levels, sizes, counts, [float(s) for s in spatial_scales], int(sampling_ratio), bool(aligned)
+        )
+    )

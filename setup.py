@@ -1,0 +1,85 @@
+"""Builds ``dynamask._C``: the CPU kernels always, the CUDA kernels when wanted.
+
+CUDA kernels are built when a GPU and nvcc are present, or when forced:
+
+    DYNAMASK_WITH_CUDA=1   build the CUDA kernels (needs nvcc; no GPU needed, e.g. CI's compile check)
+    DYNAMASK_WITH_CUDA=0   never build them (fast CPU-only iteration)
+
+``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default 7.5 through 9.0). torch must be
+importable at build time, so install with ``pip install --no-build-isolation .``.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - only hit when torch is missing at build time
+    raise SystemExit(
+        "dynamask needs torch at build time. Install torch first, then build without isolation:\n"
+        "    pip install torch==2.14.1 torchvision==0.29.1\n"
+        "    pip install --no-build-isolation .\n"
+        f"({exc})"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0"
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("DYNAMASK_WITH_CUDA")
+    if flag is not None and flag.strip() != "":
+        if flag.strip() not in ("0", "1"):
+            raise SystemExit(f"DYNAMASK_WITH_CUDA must be 0 or 1, got {flag!r}")
+        want = flag.strip() == "1"
+        if want and CUDA_HOME is None:
+            raise SystemExit("DYNAMASK_WITH_CUDA=1 but nvcc was not found; set CUDA_HOME=/usr/local/cuda")
+        return want
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def _extensions():
+    with_cuda = _want_cuda()
+    sources = _sources("csrc/*.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/ops/cpu/*.cpp")
+    define_macros = []
+    extra = {"cxx": ["-O3"]}
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        sources += _sources("csrc/ops/cuda/*.cu")
+        define_macros.append(("WITH_CUDA", None))
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        ext = CUDAExtension
+    else:
+        ext = CppExtension
+    print(f"dynamask: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels ({len(sources)} files)")
+    return [
+        ext(
+            name="dynamask._C",
+            sources=sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args=extra,
+        )
+    ]
+
+
+setup(
+    name="dynamask",
+    version="0.1.0",
+    description="DynaMask instance segmentation with dynamic mask resolution, on C++/CUDA kernels",
+    packages=find_packages(include=["dynamask", "dynamask.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch", "torchvision", "numpy", "pycocotools", "tqdm", "matplotlib"],
+    extras_require={"dev": ["pytest", "expecttest", "hypothesis", "ninja", "pybind11"]},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["dynamask=dynamask.cli:main"]},
+    zip_safe=False,
+)
