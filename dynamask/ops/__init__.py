@@ -5,6 +5,9 @@ Each op has a CPU and a CUDA kernel, autograd where training needs it, a fake ke
 """
 
 from dynamask._extension import _C
+from dynamask.ops.deform_conv import deform_conv2d
+from dynamask.ops.group_by_resolution import group_by_resolution
+from dynamask.ops.paste_masks import paste_masks
 from dynamask.ops.roi_align import roi_align_multilevel, roi_align_stages
 
 
@@ -13,4 +16,11 @@ def cuda_available() -> bool:
     return bool(_C.cuda_available())
 
 
-__all__ = ["cuda_available", "roi_align_multilevel", "roi_align_stages"]
+__all__ = [
+    "cuda_available",
+    "deform_conv2d",
+    "group_by_resolution",
+    "paste_masks",
+    "roi_align_multilevel",
+    "roi_align_stages",
+]
