@@ -75,6 +75,39 @@ DYNAMASK_INLINE T sample_x(const RoiGeometry<T>& g, int64_t pw, int64_t ix) {
   return g.start_w + pw * g.bin_w + (static_cast<T>(ix) + T(0.5)) * g.bin_w / static_cast<T>(g.grid_w);
 }
 
+// Bilinear interpolation is separable: each axis contributes (low, high, weight of low, weight of
+// high). torchvision's rule per axis: a coordinate more than one pixel outside the map is empty
+// (the whole sample then contributes nothing); otherwise it is clamped onto the map.
+template <typename T>
+struct AxisTap {
+  int64_t lo, hi;
+  T w_lo, w_hi;
+  bool valid;
+};
+
+template <typename T>
+DYNAMASK_INLINE AxisTap<T> axis_tap(T v, int64_t size) {
+  AxisTap<T> a;
+  a.valid = !(v < T(-1) || v > static_cast<T>(size));
+  if (!a.valid) {
+    a.lo = a.hi = 0;
+    a.w_lo = a.w_hi = T(0);
+    return a;
+  }
+  if (v <= T(0)) v = T(0);
+  a.lo = static_cast<int64_t>(v);
+  if (a.lo >= size - 1) {
+    a.hi = a.lo = size - 1;
+    v = static_cast<T>(a.lo);
+  } else {
+    a.hi = a.lo + 1;
+  }
+  const T l = v - static_cast<T>(a.lo);
+  a.w_hi = l;
+  a.w_lo = T(1) - l;
+  return a;
+}
+
 // The four taps of one bilinear sample: flat offsets y*W+x into a plane, and their weights.
 template <typename T>
 struct BilinearTaps {
@@ -82,41 +115,25 @@ struct BilinearTaps {
   T w[4];
 };
 
-// torchvision's rule: a sample more than one pixel outside the map contributes nothing (all
-// weights 0); otherwise it is clamped onto the map and interpolated. Returns false when empty.
+template <typename T>
+DYNAMASK_INLINE void combine_taps(const AxisTap<T>& ay, const AxisTap<T>& ax, int64_t width, BilinearTaps<T>& t) {
+  t.pos[0] = ay.lo * width + ax.lo;
+  t.pos[1] = ay.lo * width + ax.hi;
+  t.pos[2] = ay.hi * width + ax.lo;
+  t.pos[3] = ay.hi * width + ax.hi;
+  t.w[0] = ay.w_lo * ax.w_lo;
+  t.w[1] = ay.w_lo * ax.w_hi;
+  t.w[2] = ay.w_hi * ax.w_lo;
+  t.w[3] = ay.w_hi * ax.w_hi;
+}
+
+// Returns false (and no taps) when the sample lies outside the map by more than one pixel.
 template <typename T>
 DYNAMASK_INLINE bool bilinear_taps(T y, T x, int64_t height, int64_t width, BilinearTaps<T>& t) {
-  if (y < T(-1) || y > static_cast<T>(height) || x < T(-1) || x > static_cast<T>(width)) {
-    for (int i = 0; i < 4; ++i) { t.pos[i] = 0; t.w[i] = T(0); }
-    return false;
-  }
-  if (y <= T(0)) y = T(0);
-  if (x <= T(0)) x = T(0);
-  int64_t y_low = static_cast<int64_t>(y);
-  int64_t x_low = static_cast<int64_t>(x);
-  int64_t y_high, x_high;
-  if (y_low >= height - 1) {
-    y_high = y_low = height - 1;
-    y = static_cast<T>(y_low);
-  } else {
-    y_high = y_low + 1;
-  }
-  if (x_low >= width - 1) {
-    x_high = x_low = width - 1;
-    x = static_cast<T>(x_low);
-  } else {
-    x_high = x_low + 1;
-  }
-  const T ly = y - y_low, lx = x - x_low;
-  const T hy = T(1) - ly, hx = T(1) - lx;
-  t.pos[0] = y_low * width + x_low;
-  t.pos[1] = y_low * width + x_high;
-  t.pos[2] = y_high * width + x_low;
-  t.pos[3] = y_high * width + x_high;
-  t.w[0] = hy * hx;
-  t.w[1] = hy * lx;
-  t.w[2] = ly * hx;
-  t.w[3] = ly * lx;
+  const AxisTap<T> ay = axis_tap(y, height);
+  const AxisTap<T> ax = axis_tap(x, width);
+  if (!(ay.valid && ax.valid)) return false;
+  combine_taps(ay, ax, width, t);
   return true;
 }
 

@@ -40,6 +40,16 @@ def _as_features(features: Sequence[Tensor]) -> list[Tensor]:
     return list(features)
 
 
+def _check_devices(features: list[Tensor], rois: Tensor) -> None:
+    for l, f in enumerate(features):
+        if not isinstance(f, Tensor):
+            raise TypeError(f"features[{l}] must be a tensor, got {type(f).__name__}")
+        if f.device != rois.device:
+            raise ValueError(
+                f"features[{l}] is on {f.device} but rois is on {rois.device}; all inputs must be on one device"
+            )
+
+
 def _check_power_of_two_scales(spatial_scales: Sequence[float]) -> None:
     logs = [-math.log2(s) if s > 0 else float("nan") for s in spatial_scales]
     ok = all(abs(v - round(v)) < 1e-6 for v in logs) and all(
@@ -83,6 +93,7 @@ def roi_align_multilevel(
     rois_t = _as_rois(rois)
     if len(spatial_scales) != len(feats):
         raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
+    _check_devices(feats, rois_t)
     if levels is None:
         _check_power_of_two_scales(spatial_scales)
     ph, pw = _pair(output_size)
@@ -116,6 +127,7 @@ def roi_align_stages(
     rois_t = _as_rois(rois)
     if len(spatial_scales) != len(feats):
         raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
+    _check_devices(feats, rois_t)
     levels, sizes, counts = [], [], []
     for j, stage in enumerate(stages):
         if len(stage) != 3:

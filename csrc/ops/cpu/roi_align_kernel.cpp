@@ -37,64 +37,153 @@ inline int64_t channel_block(int64_t channels) {
   return std::min(block, std::max<int64_t>(channels, 1));
 }
 
-// out[c, ph, pw] for channels [c0, c1) of one RoI on one level.
+// The per-axis sample taps of one RoI: grid_h samples for each output row, grid_w for each column.
+// Computed once per RoI, then combined into 2-D taps by a product (bilinear is separable).
+template <typename Acc>
+struct RoiTaps {
+  RoiGeometry<Acc> g;
+  std::vector<AxisTap<Acc>> ys, xs;  // [pooled_h * grid_h], [pooled_w * grid_w]
+
+  template <typename T>
+  void compute(const T* roi, double scale, int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w,
+               int64_t sampling_ratio, bool aligned) {
+    const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
+                        static_cast<Acc>(roi[4])};
+    g = roi_geometry<Acc>(box, static_cast<Acc>(scale), pooled_h, pooled_w, sampling_ratio, aligned);
+    const int64_t gh = std::max<int64_t>(g.grid_h, 0), gw = std::max<int64_t>(g.grid_w, 0);
+    ys.resize(pooled_h * gh);
+    xs.resize(pooled_w * gw);
+    for (int64_t ph = 0; ph < pooled_h; ++ph)
+      for (int64_t iy = 0; iy < gh; ++iy) ys[ph * gh + iy] = axis_tap(sample_y(g, ph, iy), height);
+    for (int64_t pw = 0; pw < pooled_w; ++pw)
+      for (int64_t ix = 0; ix < gw; ++ix) xs[pw * gw + ix] = axis_tap(sample_x(g, pw, ix), width);
+  }
+};
+
+// out[c] = sum_t w[t] * src[pos[t] + c] for c < n, channels in register-sized chunks so the
+// accumulators stay in registers across all taps (the compiler unrolls the fixed-size inner loop).
+template <typename T, typename Acc>
+inline void accumulate_taps(Acc* __restrict out, const T* __restrict src, const int64_t* __restrict pos,
+                            const Acc* __restrict w, int64_t ntaps, int64_t n) {
+  constexpr int64_t kChunk = 16;
+  int64_t c = 0;
+  for (; c + kChunk <= n; c += kChunk) {
+    Acc a[kChunk] = {};
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const T* s = src + pos[t] + c;
+      const Acc wt = w[t];
+      for (int64_t j = 0; j < kChunk; ++j) a[j] += wt * static_cast<Acc>(s[j]);
+    }
+    for (int64_t j = 0; j < kChunk; ++j) out[c + j] = a[j];
+  }
+  for (; c < n; ++c) {
+    Acc a = 0;
+    for (int64_t t = 0; t < ntaps; ++t) a += w[t] * static_cast<Acc>(src[pos[t] + c]);
+    out[c] = a;
+  }
+}
+
+// dst[pos[t] + c] += w[t] * g[c] for all taps t and c < n (the transpose of accumulate_taps).
+template <typename Acc>
+inline void scatter_taps(Acc* __restrict dst, const Acc* __restrict g, const int64_t* __restrict pos,
+                         const Acc* __restrict w, int64_t ntaps, int64_t n) {
+  constexpr int64_t kChunk = 16;
+  int64_t c = 0;
+  for (; c + kChunk <= n; c += kChunk) {
+    Acc gc[kChunk];
+    for (int64_t j = 0; j < kChunk; ++j) gc[j] = g[c + j];
+    for (int64_t t = 0; t < ntaps; ++t) {
+      Acc* d = dst + pos[t] + c;
+      const Acc wt = w[t];
+      for (int64_t j = 0; j < kChunk; ++j) d[j] += wt * gc[j];
+    }
+  }
+  for (; c < n; ++c)
+    for (int64_t t = 0; t < ntaps; ++t) dst[pos[t] + c] += w[t] * g[c];
+}
+
+// out[c, ph, pw] for channels [c0, c1) of one RoI on one level. row: [pooled_w, c1 - c0] scratch.
 template <typename T, typename Acc>
 void pool_one_roi(const LevelNHWC<T>& lv, const T* roi /* 5 values */, int64_t pooled_h, int64_t pooled_w,
-                  int64_t sampling_ratio, bool aligned, int64_t c0, int64_t c1, T* out_roi, Acc* acc) {
-  const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
-                      static_cast<Acc>(roi[4])};
-  const int64_t b = static_cast<int64_t>(roi[0]);
-  const auto g = roi_geometry<Acc>(box, static_cast<Acc>(lv.scale), pooled_h, pooled_w, sampling_ratio, aligned);
+                  int64_t sampling_ratio, bool aligned, int64_t c0, int64_t c1, T* out_roi, RoiTaps<Acc>& taps,
+                  std::vector<Acc>& row) {
+  taps.compute(roi, lv.scale, lv.height, lv.width, pooled_h, pooled_w, sampling_ratio, aligned);
+  const auto& g = taps.g;
+  const int64_t gh = std::max<int64_t>(g.grid_h, 0), gw = std::max<int64_t>(g.grid_w, 0);
   const int64_t C = lv.channels, nc = c1 - c0, plane = pooled_h * pooled_w;
-  const T* img = lv.data + b * lv.height * lv.width * C + c0;
+  const T* img = lv.data + static_cast<int64_t>(roi[0]) * lv.height * lv.width * C + c0;
+  row.assign(pooled_w * nc, Acc(0));
+  std::vector<int64_t> tap_pos;
+  std::vector<Acc> tap_w;
   for (int64_t ph = 0; ph < pooled_h; ++ph) {
     for (int64_t pw = 0; pw < pooled_w; ++pw) {
-      std::fill(acc, acc + nc, Acc(0));
-      for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-        const Acc y = sample_y(g, ph, iy);
-        for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+      // All taps of this bin first, then one pass over the channels with the accumulators in registers.
+      tap_pos.clear();
+      tap_w.clear();
+      for (int64_t iy = 0; iy < gh; ++iy) {
+        const auto& ay = taps.ys[ph * gh + iy];
+        if (!ay.valid) continue;
+        for (int64_t ix = 0; ix < gw; ++ix) {
+          const auto& ax = taps.xs[pw * gw + ix];
+          if (!ax.valid) continue;
           BilinearTaps<Acc> t;
-          if (!bilinear_taps(y, sample_x(g, pw, ix), lv.height, lv.width, t)) continue;
+          combine_taps(ay, ax, lv.width, t);
           for (int k = 0; k < 4; ++k) {
-            const Acc w = t.w[k] * g.inv_count;
-            const T* src = img + t.pos[k] * C;
-            for (int64_t c = 0; c < nc; ++c) acc[c] += w * static_cast<Acc>(src[c]);
+            tap_pos.push_back(t.pos[k] * C);
+            tap_w.push_back(t.w[k] * g.inv_count);
           }
         }
       }
-      T* dst = out_roi + c0 * plane + ph * pooled_w + pw;
-      for (int64_t c = 0; c < nc; ++c) dst[c * plane] = static_cast<T>(acc[c]);
+      accumulate_taps<T, Acc>(row.data() + pw * nc, img, tap_pos.data(), tap_w.data(),
+                              static_cast<int64_t>(tap_pos.size()), nc);
+    }
+    // [pw, c] -> out[c, ph, pw]: contiguous writes along pw.
+    for (int64_t c = 0; c < nc; ++c) {
+      T* dst = out_roi + (c0 + c) * plane + ph * pooled_w;
+      for (int64_t pw = 0; pw < pooled_w; ++pw) dst[pw] = static_cast<T>(row[pw * nc + c]);
     }
   }
 }
 
-// grad_img[y, x, c] += for channels [c0, c1) of one RoI (the transpose of pool_one_roi).
+// grad_img[y, x, c] += ... for channels [c0, c1) of one RoI (the transpose of pool_one_roi).
 template <typename T, typename Acc>
 void unpool_one_roi(Acc* grad_img /* [H, W, C] of the RoI's image */, int64_t height, int64_t width,
                     int64_t C, double scale, const T* roi, const T* grad_roi /* [C, ph, pw] */,
                     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned, int64_t c0,
-                    int64_t c1, Acc* g_bin) {
-  const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
-                      static_cast<Acc>(roi[4])};
-  const auto g = roi_geometry<Acc>(box, static_cast<Acc>(scale), pooled_h, pooled_w, sampling_ratio, aligned);
+                    int64_t c1, RoiTaps<Acc>& taps, std::vector<Acc>& row) {
+  taps.compute(roi, scale, height, width, pooled_h, pooled_w, sampling_ratio, aligned);
+  const auto& g = taps.g;
+  const int64_t gh = std::max<int64_t>(g.grid_h, 0), gw = std::max<int64_t>(g.grid_w, 0);
   const int64_t nc = c1 - c0, plane = pooled_h * pooled_w;
   Acc* gimg = grad_img + c0;
+  row.resize(pooled_w * nc);
+  std::vector<int64_t> tap_pos;
+  std::vector<Acc> tap_w;
   for (int64_t ph = 0; ph < pooled_h; ++ph) {
+    // out[c, ph, :] -> row[pw, c], pre-scaled by 1 / count.
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* src = grad_roi + (c0 + c) * plane + ph * pooled_w;
+      for (int64_t pw = 0; pw < pooled_w; ++pw) row[pw * nc + c] = static_cast<Acc>(src[pw]) * g.inv_count;
+    }
     for (int64_t pw = 0; pw < pooled_w; ++pw) {
-      const T* src = grad_roi + c0 * plane + ph * pooled_w + pw;
-      for (int64_t c = 0; c < nc; ++c) g_bin[c] = static_cast<Acc>(src[c * plane]) * g.inv_count;
-      for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-        const Acc y = sample_y(g, ph, iy);
-        for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+      tap_pos.clear();
+      tap_w.clear();
+      for (int64_t iy = 0; iy < gh; ++iy) {
+        const auto& ay = taps.ys[ph * gh + iy];
+        if (!ay.valid) continue;
+        for (int64_t ix = 0; ix < gw; ++ix) {
+          const auto& ax = taps.xs[pw * gw + ix];
+          if (!ax.valid) continue;
           BilinearTaps<Acc> t;
-          if (!bilinear_taps(y, sample_x(g, pw, ix), height, width, t)) continue;
+          combine_taps(ay, ax, width, t);
           for (int k = 0; k < 4; ++k) {
-            const Acc w = t.w[k];
-            Acc* dst = gimg + t.pos[k] * C;
-            for (int64_t c = 0; c < nc; ++c) dst[c] += w * g_bin[c];
+            tap_pos.push_back(t.pos[k] * C);
+            tap_w.push_back(t.w[k]);
           }
         }
       }
+      scatter_taps<Acc>(gimg, row.data() + pw * nc, tap_pos.data(), tap_w.data(),
+                        static_cast<int64_t>(tap_pos.size()), nc);
     }
   }
 }
@@ -107,16 +196,20 @@ void pool_rois(const std::vector<LevelNHWC<T>>& levels, const int64_t* roi_level
                int64_t sampling_ratio, bool aligned, T* out) {
   using Acc = at::opmath_type<T>;
   if (num_rois == 0 || channels == 0) return;
-  const int64_t block = channel_block(channels);
+  // Whole channel rows per RoI when there are enough RoIs to keep every thread busy (taps are then
+  // computed once per RoI); otherwise split the channels too.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block = num_rois >= 4 * threads ? channels : channel_block(channels);
   const int64_t nblocks = (channels + block - 1) / block;
   const int64_t roi_stride = channels * pooled_h * pooled_w;
   at::parallel_for(0, num_rois * nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> acc(block);
+    RoiTaps<Acc> taps;
+    std::vector<Acc> row;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / nblocks, c0 = (i % nblocks) * block, c1 = std::min(channels, c0 + block);
       const auto& lv = levels[roi_levels ? roi_levels[r] : fixed_level];
       pool_one_roi<T, Acc>(lv, rois + r * 5, pooled_h, pooled_w, sampling_ratio, aligned, c0, c1,
-                           out + r * roi_stride, acc.data());
+                           out + r * roi_stride, taps, row);
     }
   });
 }
@@ -131,7 +224,8 @@ void unpool_rois(const std::vector<Acc*>& grad_levels, const std::vector<LevelNH
   const int64_t nblocks = (channels + block - 1) / block;
   const int64_t roi_stride = channels * pooled_h * pooled_w;
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> g_bin(block);
+    RoiTaps<Acc> taps;
+    std::vector<Acc> row;
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * block, c1 = std::min(channels, c0 + block);
       for (int64_t r = 0; r < num_rois; ++r) {
@@ -140,7 +234,7 @@ void unpool_rois(const std::vector<Acc*>& grad_levels, const std::vector<LevelNH
         const int64_t b = static_cast<int64_t>(rois[r * 5]);
         unpool_one_roi<T, Acc>(grad_levels[l] + b * lv.height * lv.width * channels, lv.height, lv.width,
                                channels, lv.scale, rois + r * 5, grad + r * roi_stride, pooled_h, pooled_w,
-                               sampling_ratio, aligned, c0, c1, g_bin.data());
+                               sampling_ratio, aligned, c0, c1, taps, row);
       }
     }
   });
@@ -203,7 +297,7 @@ at::Tensor roi_align_multilevel_cpu(at::TensorList features, const at::Tensor& r
   }
   const auto rois_c = rois.contiguous();
   const int64_t R = rois.size(0);
-  auto out = at::zeros({R, C, pooled_h, pooled_w}, features[0].options());
+  auto out = at::empty({R, C, pooled_h, pooled_w}, features[0].options());  // every bin is written
   if (R == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "roi_align_multilevel_cpu", [&] {
     check_roi_values_cpu<scalar_t>(rois_c.data_ptr<scalar_t>(), R, features[0].size(0), op);
@@ -283,7 +377,7 @@ std::vector<at::Tensor> roi_align_stages_cpu(at::TensorList features, const at::
   std::vector<at::Tensor> outs;
   for (size_t j = 0; j < stage_levels.size(); ++j) {
     const auto& f = features[stage_levels[j]];
-    outs.push_back(at::zeros({stage_counts[j], f.size(1), stage_sizes[j], stage_sizes[j]}, f.options()));
+    outs.push_back(at::empty({stage_counts[j], f.size(1), stage_sizes[j], stage_sizes[j]}, f.options()));
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "roi_align_stages_cpu", [&] {
     int64_t max_count = 0;

@@ -1,0 +1,300 @@
+"""Batched RoIAlign ops against torchvision, the pure-PyTorch reference and hand-derived values."""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+from dynamask.ops import roi_align_multilevel, roi_align_stages
+from dynamask.ops._reference.roi_align import (
+    fpn_levels_reference,
+    roi_align_multilevel_reference,
+    roi_align_stages_reference,
+)
+
+SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+IMAGE = (256, 320)  # (H, W); P2..P5 are 64x80 ... 8x10
+
+
+def pyramid(n=2, c=6, dtype=torch.float32, channels=None, device="cpu"):
+    H, W = IMAGE
+    chans = channels or [c] * 4
+    return [torch.randn(n, ch, H // 2 ** (k + 2), W // 2 ** (k + 2), dtype=dtype, device=device) for k, ch in enumerate(chans)]
+
+
+def random_rois(n_per_image, n_images, dtype=torch.float32, outside=True):
+    """Boxes of all sizes, some partly or wholly outside the image."""
+    H, W = IMAGE
+    rows = []
+    for b in range(n_images):
+        xy = torch.rand(n_per_image, 2) * torch.tensor([W, H]) * (1.4 if outside else 1.0) - (40 if outside else 0)
+        wh = torch.rand(n_per_image, 2) ** 2 * torch.tensor([W, H]) * 1.2 + 0.5
+        rows.append(torch.cat([torch.full((n_per_image, 1), float(b)), xy, xy + wh], 1))
+    return torch.cat(rows).to(dtype)
+
+
+def boundary_rois():
+    """Boxes exactly on level boundaries (sqrt(area) = 224 * 2^k), degenerate and inverted boxes."""
+    boxes = [
+        [0, 10, 10, 10 + 224, 10 + 224],  # k = 4 exactly
+        [0, 0, 0, 112, 112],  # k = 3
+        [1, 5, 5, 5 + 56, 5 + 56],  # k = 2
+        [1, 0, 0, 448, 112],  # sqrt = 224 -> k = 4
+        [0, 30, 30, 30, 60],  # zero width
+        [1, 20, 20, 20, 20],  # a point
+        [0, 100, 100, 60, 140],  # inverted in x (negative area)
+        [1, 150, 150, 90, 90],  # inverted in both (positive area)
+        [0, 400, 300, 500, 400],  # wholly outside
+        [1, -50, -50, -10, -10],  # wholly outside, negative side
+    ]
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
+def as_boxlists(rois, n_images):
+    return [rois[rois[:, 0] == b, 1:] for b in range(n_images)]
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_multilevel_equals_torchvision_multiscale(sampling_ratio):
+    feats = pyramid(n=3)
+    rois = random_rois(40, 3)
+    rois = torch.cat([rois, boundary_rois()[:4]])
+    rois = rois[torch.argsort(rois[:, 0], stable=True)]  # MultiScaleRoIAlign returns boxes in image order
+    pooler = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 7, sampling_ratio)
+    expected = pooler(OrderedDict(zip(["p2", "p3", "p4", "p5"], feats)), as_boxlists(rois, 3), [IMAGE] * 3)
+    out = roi_align_multilevel(feats, rois, 7, SCALES, sampling_ratio, aligned=False)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_multilevel_with_given_levels_equals_roi_align(aligned, sampling_ratio):
+    feats = pyramid(n=2)
+    rois = torch.cat([random_rois(30, 2), boundary_rois()])
+    levels = torch.randint(0, 4, (rois.shape[0],))
+    out = roi_align_multilevel(feats, rois, (5, 9), SCALES, sampling_ratio, aligned, levels=levels)
+    for l in range(4):
+        idx = levels == l
+        exp = roi_align(feats[l], rois[idx], (5, 9), SCALES[l], sampling_ratio, aligned)
+        torch.testing.assert_close(out[idx], exp, rtol=1e-5, atol=1e-5)
+
+
+def test_level_boundaries_follow_level_mapper():
+    rois = boundary_rois()
+    # hand-derived: 224 -> P4 (index 2), 112 -> P3, 56 -> P2, 448x112 -> P4; degenerate / negative area -> P2;
+    # inverted in both axes has positive area 60*60 -> P2; outside boxes by their own size (100 -> P2, 40 -> P2)
+    expected_levels = torch.tensor([2, 1, 0, 2, 0, 0, 0, 0, 0, 0])
+    assert fpn_levels_reference(rois, SCALES).tolist() == expected_levels.tolist()
+    feats = pyramid(n=2)
+    auto = roi_align_multilevel(feats, rois, 7, SCALES, 2, True)
+    forced = roi_align_multilevel(feats, rois, 7, SCALES, 2, True, levels=expected_levels)
+    torch.testing.assert_close(auto, forced, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_multilevel_equals_reference(aligned, sampling_ratio):
+    feats = pyramid(n=2, dtype=torch.float64)
+    rois = torch.cat([random_rois(12, 2), boundary_rois()]).double()
+    out = roi_align_multilevel(feats, rois, 4, SCALES, sampling_ratio, aligned)
+    exp = roi_align_multilevel_reference(feats, rois, 4, SCALES, sampling_ratio, aligned)
+    torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_stages_equal_roi_align_with_mixed_channels(aligned, sampling_ratio):
+    feats = pyramid(n=2, channels=[3, 5, 8, 4])
+    rois = torch.cat([random_rois(15, 2), boundary_rois()])
+    stages = [(2, 6, 25), (1, 12, 18), (0, 24, 7), (3, 3, 0)]
+    outs = roi_align_stages(feats, rois, stages, SCALES, sampling_ratio, aligned)
+    assert len(outs) == len(stages)
+    for (l, s, n), o in zip(stages, outs):
+        assert o.shape == (n, feats[l].shape[1], s, s)
+        torch.testing.assert_close(o, roi_align(feats[l], rois[:n], s, SCALES[l], sampling_ratio, aligned), rtol=1e-5, atol=1e-5)
+    exp = roi_align_stages_reference(feats, rois, stages, SCALES, sampling_ratio, aligned)
+    for o, e in zip(outs, exp):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
+
+
+def test_hand_derived_linear_ramp():
+    """On f(y, x) = x every sample equals its x coordinate, so (aligned=True, boxes inside the map)
+    each bin equals the x coordinate of its centre in feature pixels."""
+    H, W = 32, 40
+    ramp = torch.arange(W, dtype=torch.float64).expand(1, 1, H, W).contiguous()
+    rois = torch.tensor([[0, 8.0, 8.0, 72.0, 40.0]], dtype=torch.float64)  # scale 1/2 -> x in [4, 36]
+    out = roi_align_multilevel([ramp], rois, (2, 4), [0.5], 2, True, levels=torch.zeros(1, dtype=torch.long))
+    # aligned: x range [4 - 0.5, 36 - 0.5] = [3.5, 35.5]; bin width 8 -> centres 7.5, 15.5, 23.5, 31.5
+    expected = torch.tensor([7.5, 15.5, 23.5, 31.5], dtype=torch.float64).expand(2, 4)
+    torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-12)
+
+
+def test_non_contiguous_inputs():
+    base = pyramid(n=2, c=8)
+    feats = [f.transpose(2, 3).contiguous().transpose(2, 3)[:, ::2] for f in base]  # strided, sliced channels
+    assert not feats[0].is_contiguous()
+    rois_full = torch.cat([random_rois(10, 2), torch.zeros(20, 2)], 1)
+    rois = rois_full[:, :5]
+    assert not rois.is_contiguous()
+    out = roi_align_multilevel(feats, rois, 7, SCALES, 2, False)
+    exp = roi_align_multilevel([f.contiguous() for f in feats], rois.contiguous(), 7, SCALES, 2, False)
+    torch.testing.assert_close(out, exp, rtol=0, atol=0)
+    outs = roi_align_stages(feats, rois, [(1, 8, 20)], SCALES)
+    torch.testing.assert_close(outs[0], roi_align(feats[1].contiguous(), rois.contiguous(), 8, SCALES[1], 2, True))
+
+
+def test_list_of_boxes_input():
+    feats = pyramid(n=2)
+    rois = random_rois(5, 2)
+    out = roi_align_multilevel(feats, as_boxlists(rois, 2), 7, SCALES)
+    torch.testing.assert_close(out, roi_align_multilevel(feats, rois, 7, SCALES), rtol=0, atol=0)
+
+
+def test_gradcheck_multilevel():
+    feats = [f.requires_grad_() for f in pyramid(n=2, c=2, dtype=torch.float64)]
+    feats = [f[:, :, : max(2, f.shape[2] // 4), : max(2, f.shape[3] // 4)].detach().requires_grad_() for f in feats]
+    # small pyramid: P2 16x20 at scale 1/4 -> image 64x80
+    rois = torch.tensor(
+        [[0, 3.3, 4.1, 40.2, 50.7], [1, -5.0, 10.0, 30.0, 70.0], [0, 10.0, 10.0, 10.0, 30.0], [1, 0, 0, 80, 64]],
+        dtype=torch.float64,
+    )
+    levels = torch.tensor([0, 1, 0, 2])
+    for aligned in (True, False):
+        for lv in (levels, None):
+            assert torch.autograd.gradcheck(
+                lambda *f: roi_align_multilevel(list(f), rois, 3, SCALES, 2, aligned, levels=lv), feats
+            )
+
+
+def test_gradcheck_stages():
+    feats = [torch.randn(2, c, 16 // 2**k, 20 // 2**k, dtype=torch.float64, requires_grad=True) for k, c in enumerate([2, 3, 1])]
+    rois = torch.tensor([[0, 3.3, 4.1, 40.2, 50.7], [1, -5.0, 10.0, 30.0, 70.0], [0, 60.0, 50.0, 90.0, 90.0]], dtype=torch.float64)
+    stages = [(2, 2, 1), (1, 3, 2), (0, 4, 3)]
+    for sr in (0, 2):
+        assert torch.autograd.gradcheck(lambda *f: tuple(roi_align_stages(list(f), rois, stages, SCALES[:3], sr, True)), feats)
+
+
+def test_backward_matches_torchvision():
+    feats = [f.requires_grad_() for f in pyramid(n=2)]
+    rois = torch.cat([random_rois(20, 2), boundary_rois()])
+    stages = [(2, 7, 30), (1, 14, 20), (0, 28, 10)]
+    outs = roi_align_stages(feats, rois, stages, SCALES, 2, True)
+    grads_out = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, feats, grads_out, allow_unused=True)
+    ref_feats = [f.detach().clone().requires_grad_() for f in feats]
+    ref = [roi_align(ref_feats[l], rois[:n], s, SCALES[l], 2, True) for l, s, n in stages]
+    exp = torch.autograd.grad(ref, ref_feats[:3], grads_out)
+    for g, e in zip(got[:3], exp):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    assert got[3] is None or torch.count_nonzero(got[3]) == 0
+
+
+def test_empty_inputs():
+    feats = pyramid(n=2)
+    rois = torch.zeros(0, 5)
+    out = roi_align_multilevel(feats, rois, 7, SCALES)
+    assert out.shape == (0, 6, 7, 7)
+    outs = roi_align_stages(feats, rois, [(2, 28, 0), (0, 112, 0)], SCALES)
+    assert [o.shape for o in outs] == [(0, 6, 28, 28), (0, 6, 112, 112)]
+    no_images = [f[:0] for f in feats]
+    assert roi_align_multilevel(no_images, rois, 14, SCALES).shape == (0, 6, 14, 14)
+    f = [x.clone().requires_grad_() for x in feats]
+    roi_align_multilevel(f, rois, 7, SCALES).sum().backward()
+    assert all(x.grad is not None and torch.count_nonzero(x.grad) == 0 for x in f)
+
+
+def test_bad_input_errors():
+    feats = pyramid(n=2)
+    good = random_rois(3, 2)
+    with pytest.raises(ValueError, match=r"rois must be \[R, 5\]"):
+        roi_align_multilevel(feats, good[:, 1:], 7, SCALES)
+    bad_batch = good.clone()
+    bad_batch[1, 0] = 2
+    with pytest.raises(ValueError, match=r"batch index.*\[0, 2\)"):
+        roi_align_multilevel(feats, bad_batch, 7, SCALES)
+    with pytest.raises(ValueError, match=r"batch index"):
+        roi_align_stages(feats, bad_batch, [(0, 7, 3)], SCALES)
+    nan_box = good.clone()
+    nan_box[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        roi_align_multilevel(feats, nan_box, 7, SCALES)
+    with pytest.raises(ValueError, match="non-finite"):
+        roi_align_stages(feats, nan_box, [(0, 7, 3)], SCALES)
+    mixed = [feats[0].to("meta")] + feats[1:]
+    with pytest.raises(ValueError, match="device"):
+        roi_align_multilevel(mixed, good, 7, SCALES)
+    with pytest.raises(ValueError, match="device"):
+        roi_align_stages(mixed, good, [(0, 7, 3)], SCALES)
+    chans = pyramid(n=2, channels=[4, 4, 8, 4])
+    with pytest.raises(ValueError, match="same channel count"):
+        roi_align_multilevel(chans, good, 7, SCALES)
+    roi_align_stages(chans, good, [(2, 7, 3), (0, 14, 3)], SCALES)  # allowed: each stage keeps its level's C
+    with pytest.raises(ValueError, match="dtype"):
+        roi_align_multilevel(feats, good.double(), 7, SCALES)
+    with pytest.raises(ValueError, match="levels"):
+        roi_align_multilevel(feats, good, 7, SCALES, levels=torch.tensor([0, 1, 9, 0, 0, 0]))
+    with pytest.raises(ValueError, match="powers of two"):
+        roi_align_multilevel(feats, good, 7, [0.25, 0.2, 1 / 16, 1 / 32])
+    with pytest.raises(ValueError, match="count"):
+        roi_align_stages(feats, good, [(0, 7, 99)], SCALES)
+
+
+def test_opcheck():
+    feats = pyramid(n=2, c=3)
+    feats = [f[:, :, :16, :20].contiguous().requires_grad_() for f in feats]
+    rois = torch.tensor([[0, 3.3, 4.1, 40.2, 50.7], [1, -5.0, 10.0, 30.0, 70.0], [0, 0, 0, 300, 250]])
+    torch.library.opcheck(torch.ops.dynamask.roi_align_multilevel, (feats, rois, None, SCALES, 3, 3, 2, False))
+    torch.library.opcheck(
+        torch.ops.dynamask.roi_align_stages, (feats, rois, [2, 1, 0], [2, 3, 4], [1, 2, 3], SCALES, 2, True)
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_equals_cpu(dtype):
+    feats = pyramid(n=2, dtype=dtype)
+    rois = torch.cat([random_rois(40, 2), boundary_rois()]).to(dtype)
+    cf = [f.cuda().requires_grad_() for f in feats]
+    pf = [f.clone().requires_grad_() for f in feats]
+    for sr in (0, 2):
+        out_c = roi_align_multilevel(cf, rois.cuda(), 7, SCALES, sr, False)
+        out_p = roi_align_multilevel(pf, rois, 7, SCALES, sr, False)
+        torch.testing.assert_close(out_c.cpu(), out_p)
+        g = torch.randn_like(out_p)
+        gc = torch.autograd.grad(out_c, cf, g.cuda())
+        gp = torch.autograd.grad(out_p, pf, g)
+        for a, b in zip(gc, gp):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+        stages = [(2, 28, 30), (1, 56, 20), (0, 112, 10)]
+        sc = roi_align_stages(cf, rois.cuda(), stages, SCALES, sr, True)
+        sp = roi_align_stages(pf, rois, stages, SCALES, sr, True)
+        for a, b in zip(sc, sp):
+            torch.testing.assert_close(a.cpu(), b)
+        gs = [torch.randn_like(b) for b in sp]
+        gc = torch.autograd.grad(sc, cf[:3], [x.cuda() for x in gs])
+        gp = torch.autograd.grad(sp, pf[:3], gs)
+        for a, b in zip(gc, gp):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision(dtype):
+    feats = pyramid(n=2)
+    rois = random_rois(40, 2)
+    ref = roi_align_multilevel(feats, rois, 7, SCALES, 2, False)
+    out = roi_align_multilevel([f.cuda().to(dtype) for f in feats], rois.cuda().to(dtype), 7, SCALES, 2, False)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=3e-2)
+    outs = roi_align_stages([f.cuda().to(dtype) for f in feats], rois.cuda().to(dtype), [(0, 28, 40)], SCALES)
+    torch.testing.assert_close(outs[0].float().cpu(), roi_align_stages(feats, rois, [(0, 28, 40)], SCALES)[0], rtol=2e-2, atol=3e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_empty():
+    feats = [f.cuda() for f in pyramid(n=2, c=3)]
+    rois = torch.tensor([[0, 3.3, 4.1, 40.2, 50.7], [1, -5.0, 10.0, 30.0, 70.0]], device="cuda")
+    torch.library.opcheck(torch.ops.dynamask.roi_align_multilevel, (feats, rois, None, SCALES, 3, 3, 2, False))
+    torch.library.opcheck(torch.ops.dynamask.roi_align_stages, (feats, rois, [2, 0], [2, 4], [1, 2], SCALES, 2, True))
+    assert roi_align_multilevel(feats, rois[:0], 7, SCALES).shape == (0, 3, 7, 7)
