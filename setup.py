@@ -4,6 +4,7 @@ CUDA kernels are built when a GPU and nvcc are present, or when forced:
 
     DYNAMASK_WITH_CUDA=1   build the CUDA kernels (needs nvcc; no GPU needed, e.g. CI's compile check)
     DYNAMASK_WITH_CUDA=0   never build them (fast CPU-only iteration)
+    DYNAMASK_SKIP_EXT=1    build nothing (editable install over kernels already built in place)
 
 ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default 7.5 through 9.0). torch must be
 importable at build time, so install with ``pip install --no-build-isolation .``.
@@ -41,19 +42,38 @@ def _want_cuda() -> bool:
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
+def _cuda_wheel_includes() -> list[str]:
+    """Headers of the CUDA libraries that torch's wheels bring (cuSPARSE, cuBLAS, ...): ATen's CUDA
+    headers include them, and a toolkit installed with nvcc alone may not have them."""
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels torch depends on
+    except ImportError:
+        return []
+    dirs: list[str] = []
+    for base in getattr(nvidia, "__path__", []):
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
 def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
 def _extensions():
+    if os.environ.get("DYNAMASK_SKIP_EXT") == "1":
+        # scripts/setup_env.sh builds the kernels in place (incremental, with ninja) first, then
+        # installs the package in editable mode without building them a second time.
+        return []
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/ops/cpu/*.cpp")
     define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": ["-O3"]}
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         sources += _sources("csrc/ops/cuda/*.cu")
         define_macros.append(("WITH_CUDA", None))
+        include_dirs += _cuda_wheel_includes()
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension
     else:
@@ -63,7 +83,7 @@ def _extensions():
         ext(
             name="dynamask._C",
             sources=sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra,
         )
