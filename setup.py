@@ -43,8 +43,10 @@ def _want_cuda() -> bool:
 
 
 def _cuda_wheel_includes() -> list[str]:
-    """Headers of the CUDA libraries that torch's wheels bring (cuSPARSE, cuBLAS, ...): ATen's CUDA
-    headers include them, and a toolkit installed with nvcc alone may not have them."""
+    """ATen's CUDA headers include cuSPARSE/cuBLAS headers, which a toolkit installed with nvcc alone
+    may lack; torch's own nvidia-* wheels ship them. Only used when CUDA_HOME has no cusparse.h."""
+    if CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+        return []
     try:
         import nvidia  # namespace package of the nvidia-* wheels torch depends on
     except ImportError:
@@ -52,7 +54,7 @@ def _cuda_wheel_includes() -> list[str]:
     dirs: list[str] = []
     for base in getattr(nvidia, "__path__", []):
         dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+    return [d for d in dirs if os.path.exists(os.path.join(d, "cusparse.h"))]
 
 
 def _sources(pattern: str) -> list[str]:
