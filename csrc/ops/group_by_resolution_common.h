@@ -12,13 +12,16 @@ namespace group_by_resolution {
 
 DYNAMASK_INLINE bool valid_choice(int64_t c, int64_t num_resolutions) { return c >= 0 && c < num_resolutions; }
 
-// First output position of the RoIs with resolution index k: the RoIs of every higher index come first.
-// counts[j] is the number of RoIs with index j. O(K); K is tiny (4 in DynaMask).
+// Turns counts[k] (the number of RoIs with resolution index k) into the first output position of
+// index k, in place: the RoIs of every higher index come first. O(K); K is tiny (4 in DynaMask).
 template <typename Count>
-DYNAMASK_INLINE int64_t bucket_start(const Count* counts, int64_t num_resolutions, int64_t k) {
-  int64_t start = 0;
-  for (int64_t j = num_resolutions - 1; j > k; --j) start += static_cast<int64_t>(counts[j]);
-  return start;
+DYNAMASK_INLINE void counts_to_bucket_starts(Count* counts, int64_t num_resolutions) {
+  Count start = 0;
+  for (int64_t k = num_resolutions - 1; k >= 0; --k) {
+    const Count n = counts[k];
+    counts[k] = start;
+    start += n;
+  }
 }
 
 }  // namespace group_by_resolution

@@ -25,8 +25,8 @@ std::tuple<at::Tensor, at::Tensor> group_by_resolution_cpu(const at::Tensor& cho
                       " but must be in [0, ", num_resolutions, ")");
     ++cnt[p[i]];
   }
-  std::vector<int64_t> next(num_resolutions);
-  for (int64_t k = 0; k < num_resolutions; ++k) next[k] = bucket_start(cnt, num_resolutions, k);
+  std::vector<int64_t> next(cnt, cnt + num_resolutions);
+  counts_to_bucket_starts(next.data(), num_resolutions);
   auto perm = at::empty({R}, c.options());
   int64_t* out = perm.data_ptr<int64_t>();
   for (int64_t i = 0; i < R; ++i) out[next[p[i]]++] = i;

@@ -1,8 +1,8 @@
 // CUDA kernel of group_by_resolution: a stable counting sort in one launch of one block.
 //
 // R is small (the detections of a batch, at most a few thousand), so one block does it all without
-// a host round trip: a shared-memory histogram, the bucket starts (group_by_resolution_common.h),
-// then the RoIs in chunks of blockDim, in order. Inside a chunk, __match_any_sync gives each thread
+// a host round trip: a shared-memory histogram, the bucket starts (counts_to_bucket_starts, shared
+// with the CPU kernel), then the RoIs in chunks of blockDim, in order. Inside a chunk, __match_any_sync gives each thread
 // the lanes of its warp with the same choice (its rank among them = the set lanes below it); the
 // per-warp counts of each choice are scanned across warps, so earlier warps, then earlier chunks,
 // come first: the order among equal choices is the input order. A choice outside
@@ -43,12 +43,7 @@ __global__ void counting_sort_kernel(const int64_t* __restrict__ choice, int num
   __syncthreads();
   if (tid == 0) {
     for (int k = 0; k < num_res; ++k) counts[k] = next[k];
-    int start = 0;  // bucket_start for every k at once: descending order
-    for (int k = num_res - 1; k >= 0; --k) {
-      const int n = next[k];
-      next[k] = start;
-      start += n;
-    }
+    counts_to_bucket_starts(next, num_res);
   }
   __syncthreads();
 
