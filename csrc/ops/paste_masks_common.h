@@ -54,7 +54,8 @@ DYNAMASK_INLINE AxisTaps axis_taps(const AxisSpan& s, int64_t p, int64_t mask_si
   const float c = (static_cast<float>(p) + 0.5f - s.a1) * s.scale - 0.5f;
   const float f = floorf(c);
   const float l = c - f;
-  // Only pixels of the span come here, so c lies in about (-2, S + 1) and fits an int.
+  // Only pixels of the span come here, so c lies within (-1 - scale, S + scale): it fits an int64,
+  // and the indices are clamped onto the mask before they are narrowed.
   const int64_t i0 = static_cast<int64_t>(f), i1 = i0 + 1;
   AxisTaps t;
   t.w0 = (i0 >= 0 && i0 < mask_size) ? 1.f - l : 0.f;
