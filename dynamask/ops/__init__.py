@@ -7,7 +7,7 @@ Each op has a CPU and a CUDA kernel, autograd where training needs it, a fake ke
 from dynamask._extension import _C
 from dynamask.ops.deform_conv import deform_conv2d
 from dynamask.ops.group_by_resolution import group_by_resolution
-from dynamask.ops.paste_masks import paste_masks
+from dynamask.ops.paste_masks import paste_masks, paste_masks_rle
 from dynamask.ops.roi_align import roi_align_multilevel, roi_align_stages
 
 
@@ -21,6 +21,7 @@ __all__ = [
     "deform_conv2d",
     "group_by_resolution",
     "paste_masks",
+    "paste_masks_rle",
     "roi_align_multilevel",
     "roi_align_stages",
 ]

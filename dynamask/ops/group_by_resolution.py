@@ -1,6 +1,8 @@
-"""The per-resolution dispatcher: orders RoIs by chosen depth (stable counting sort).
+"""The per-resolution dispatcher: orders RoIs by chosen depth with a stable counting sort.
 
-PLACEHOLDER until the kernel lands: a torch.sort-based version with the final contract.
+After ``perm, counts = group_by_resolution(choice, K)``, ``choice[perm]`` is non-increasing, so the
+RoIs that need mask-head stage s (choice >= s) form the prefix ``perm[:counts[s:].sum()]``: every
+stage of the head runs on a contiguous prefix of the reordered RoIs.
 """
 
 from __future__ import annotations
@@ -8,15 +10,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dynamask.ops import _group_by_resolution_registrations  # noqa: F401  (fake kernel)
+
 
 def group_by_resolution(choice: Tensor, num_resolutions: int) -> tuple[Tensor, Tensor]:
-    """Args: choice ``[R]`` int64 in [0, num_resolutions).
+    """Stable counting sort of RoIs by descending resolution index.
 
-    Returns ``(perm [R], counts [num_resolutions])``, int64 on ``choice``'s device: ``perm`` orders
-    RoIs by descending choice, stable among equal choices; ``counts[k]`` = #RoIs with choice k.
+    Args:
+        choice: ``[R]`` int64, the resolution index of every RoI, in ``[0, num_resolutions)``.
+        num_resolutions: K, the number of resolutions (4 in DynaMask: 14, 28, 56, 112).
+
+    Returns:
+        ``(perm [R], counts [K])``, int64 on ``choice``'s device. ``perm`` orders the RoIs by
+        descending choice and keeps the input order among equal choices; ``counts[k]`` is the number
+        of RoIs with choice k.
+
+    Raises:
+        ValueError: ``choice`` is not a 1-D int64 tensor, ``num_resolutions`` is not positive, or (on
+            the CPU) a choice lies outside ``[0, num_resolutions)``; the message names the value. On
+            CUDA that last check is a device-side assert, so the call never waits on the host.
     """
-    if choice.numel() and (int(choice.min()) < 0 or int(choice.max()) >= num_resolutions):
-        raise ValueError(f"choice values must be in [0, {num_resolutions})")
-    perm = torch.sort(-choice, stable=True).indices
-    counts = torch.bincount(choice, minlength=num_resolutions)
-    return perm, counts
+    if not isinstance(choice, Tensor):
+        raise TypeError(f"choice must be a [R] int64 tensor, got {type(choice).__name__}")
+    return torch.ops.dynamask.group_by_resolution(choice, int(num_resolutions))

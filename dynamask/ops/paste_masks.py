@@ -1,6 +1,11 @@
-"""Paste of variable-resolution masks into a full image.
+"""Paste of variable-resolution masks into a full image, in one kernel call.
 
-PLACEHOLDER until the kernel lands (issue 5): a grid_sample version with the final contract.
+Convention (detectron2's): pixel (x, y) has its centre at (x + 0.5, y + 0.5); a box is continuous,
+so its mask of S x S cells is stretched over [x1, x2) x [y1, y2) and sampled bilinearly with zero
+padding, i.e. ``F.grid_sample(mask, grid, align_corners=False)`` on the box's normalised grid
+``g = (x + 0.5 - x1) / (x2 - x1) * 2 - 1``. Only the pixels within the box grown by half a mask
+cell can be non-zero, and only those are sampled: the work is proportional to the boxes' areas
+(plus writing the dense output once), not to N·H·W.
 """
 
 from __future__ import annotations
@@ -8,27 +13,73 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from dynamask.ops import _paste_masks_registrations  # noqa: F401  (fake kernels)
+
+
+def _mask_groups(masks: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(masks, Tensor):
+        return [masks]
+    if isinstance(masks, (list, tuple)) and all(isinstance(m, Tensor) for m in masks):
+        return list(masks)
+    raise TypeError(f"masks must be an [N, S, S] tensor or a list of [n_j, S_j, S_j] tensors, got {type(masks).__name__}")
+
+
+def _image_size(image_size: Sequence[int]) -> tuple[int, int]:
+    if len(image_size) != 2:
+        raise ValueError(f"image_size must be (height, width), got {image_size!r}")
+    return int(image_size[0]), int(image_size[1])
 
 
 def paste_masks(
     masks: Tensor | Sequence[Tensor], boxes: Tensor, image_size: tuple[int, int], threshold: float | None = 0.5
 ) -> Tensor:
-    """Args: masks: probabilities, ``[N, S, S]`` or a list of ``[n_j, S_j, S_j]`` (in box order);
-    boxes ``[N, 4]`` xyxy; image_size (H, W). Returns ``[N, H, W]``: bool (>= threshold) or float32."""
-    H, W = image_size
-    mlist = [masks] if isinstance(masks, Tensor) else list(masks)
-    out = []
-    i = 0
-    for m in mlist:
-        for k in range(m.shape[0]):
-            x1, y1, x2, y2 = boxes[i].tolist()
-            i += 1
-            xs = (torch.arange(W, dtype=torch.float32, device=boxes.device) + 0.5 - x1) / max(x2 - x1, 1e-6) * 2 - 1
-            ys = (torch.arange(H, dtype=torch.float32, device=boxes.device) + 0.5 - y1) / max(y2 - y1, 1e-6) * 2 - 1
-            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-            grid = torch.stack([gx, gy], -1)[None]
-            out.append(F.grid_sample(m[k][None, None].float(), grid, align_corners=False)[0, 0])
-    res = torch.stack(out) if out else boxes.new_zeros((0, H, W), dtype=torch.float32)
-    return res >= threshold if threshold is not None else res
+    """Pastes every mask into its box on an image canvas; all masks, of all resolutions, in one call.
+
+    Args:
+        masks: probabilities (after the sigmoid): one ``[N, S, S]`` tensor, or a list of
+            ``[n_j, S_j, S_j]`` tensors, one per resolution, whose masks follow the rows of ``boxes``
+            in order. float32, float16, bfloat16 or float64 (computed in float32).
+        boxes: ``[N, 4]`` (x1, y1, x2, y2) in image pixels, floating, on the masks' device. A box
+            may lie partly or wholly outside the image; one of non-positive width or height pastes
+            nothing.
+        image_size: (H, W) of the canvas.
+        threshold: the output is ``value >= threshold`` (bool) when given, else the float32
+            probabilities.
+
+    Returns:
+        ``[N, H, W]``, bool or float32, on the boxes' device.
+    """
+    groups = _mask_groups(masks)
+    H, W = _image_size(image_size)
+    thr = None if threshold is None else float(threshold)
+    return torch.ops.dynamask.paste_masks(groups, boxes, H, W, thr)
+
+
+def paste_masks_rle(
+    masks: Tensor | Sequence[Tensor], boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5
+) -> list[dict]:
+    """The thresholded masks of :func:`paste_masks` as COCO compressed RLEs, without the canvases.
+
+    Each mask's column-major runs are produced from its box span only (whole columns outside the box
+    are single runs) and compressed to COCO's string format in C++, so no ``[N, H, W]`` canvas is
+    ever built.
+
+    Args:
+        masks, boxes, image_size: as :func:`paste_masks`.
+        threshold: a pixel is set when its value is ``>= threshold``; must be positive.
+
+    Returns:
+        N dicts ``{"size": [H, W], "counts": bytes}``, as ``pycocotools.mask.encode`` returns them.
+        CUDA inputs are copied to the host first (the masks are small; the runs are built there).
+    """
+    groups = _mask_groups(masks)
+    H, W = _image_size(image_size)
+    if boxes.device.type != "cpu":
+        groups = [m.cpu() for m in groups]
+        boxes = boxes.cpu()
+    chars, offsets = torch.ops.dynamask.paste_masks_rle(groups, boxes, H, W, float(threshold))
+    data = chars.numpy().tobytes()
+    o = offsets.tolist()
+    return [{"size": [H, W], "counts": data[o[i] : o[i + 1]]} for i in range(len(o) - 1)]

@@ -1,0 +1,119 @@
+// CUDA kernel of paste_masks: one block per (image row, mask); its threads sweep the row.
+//
+// Every output element is written exactly once (no separate zeroing pass): pixels outside the
+// mask's box span get the fill value, pixels inside it are sampled with the shared arithmetic of
+// paste_masks_common.h, so the sampling work is proportional to the boxes' areas. The table of
+// resolution groups (data pointer, first mask, mask size) travels by value in the kernel arguments,
+// so masks of every resolution are pasted by one launch without a host-to-device copy; more than
+// kMaxGroups groups, or more than 65535 masks, take several launches. Non-finite boxes trip a
+// device-side assert, so nothing here waits on the host.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ops/paste_masks_checks.h"
+#include "ops/paste_masks_common.h"
+
+namespace dynamask {
+namespace paste_masks {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename T>
+struct GroupTable {
+  const T* data[kMaxGroups];
+  int64_t first[kMaxGroups + 1];  // masks [first[g], first[g + 1]) are group g's, as rows of boxes
+  int64_t size[kMaxGroups];
+  int num;
+};
+
+template <typename T, typename Out>
+__global__ void paste_kernel(GroupTable<T> groups, int64_t mask_begin, const float* __restrict__ boxes,
+                             int64_t height, int64_t width, float threshold, Out* __restrict__ out) {
+  const int64_t y = blockIdx.x;
+  const int64_t n = mask_begin + blockIdx.y;
+  int g = 0;
+  while (g + 1 < groups.num && n >= groups.first[g + 1]) ++g;
+  const int64_t S = groups.size[g];
+  const T* mask = groups.data[g] + (n - groups.first[g]) * S * S;
+  const float* b = boxes + n * 4;
+  CUDA_KERNEL_ASSERT(::isfinite(b[0]) && ::isfinite(b[1]) && ::isfinite(b[2]) && ::isfinite(b[3]) &&
+                     "paste_masks: boxes must be finite");
+  const AxisSpan sx = axis_span(b[0], b[2], S, width), sy = axis_span(b[1], b[3], S, height);
+  Out* row = out + (n * height + y) * width;
+  const Out fill = Output<Out>::of(0.f, threshold);
+  if (y < sy.lo || y >= sy.hi || sx.lo >= sx.hi) {
+    for (int64_t x = threadIdx.x; x < width; x += blockDim.x) row[x] = fill;
+    return;
+  }
+  const AxisTaps ty = axis_taps(sy, y, S);
+  for (int64_t x = threadIdx.x; x < width; x += blockDim.x) {
+    row[x] = (x >= sx.lo && x < sx.hi) ? Output<Out>::of(bilinear(mask, S, ty, axis_taps(sx, x, S)), threshold) : fill;
+  }
+}
+
+template <typename T, typename Out>
+void launch(const std::vector<at::Tensor>& groups, const at::Tensor& boxes, int64_t height, int64_t width,
+            float threshold, at::Tensor& out) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  int64_t first = 0;
+  for (size_t g0 = 0; g0 < groups.size(); g0 += kMaxGroups) {
+    GroupTable<T> table;
+    table.num = static_cast<int>(std::min<size_t>(kMaxGroups, groups.size() - g0));
+    const int64_t begin = first;
+    for (int g = 0; g < table.num; ++g) {
+      const auto& m = groups[g0 + g];
+      table.data[g] = m.data_ptr<T>();
+      table.first[g] = first;
+      table.size[g] = m.size(1);
+      first += m.size(0);
+    }
+    table.first[table.num] = first;
+    for (int64_t m0 = begin; m0 < first; m0 += kMaxGridY) {
+      const dim3 grid(static_cast<unsigned>(height), static_cast<unsigned>(std::min(kMaxGridY, first - m0)));
+      paste_kernel<T, Out><<<grid, kThreads, 0, stream>>>(table, m0, boxes.data_ptr<float>(), height, width,
+                                                           threshold, out.data_ptr<Out>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+at::Tensor paste_masks_cuda(at::TensorList masks, const at::Tensor& boxes, int64_t height, int64_t width,
+                            c10::optional<double> threshold) {
+  const char* op = "paste_masks";
+  TORCH_CHECK_VALUE(!threshold.has_value() || std::isfinite(*threshold), op, ": threshold must be finite or None, got ",
+                    *threshold);
+  const int64_t n = check_inputs(masks, boxes, height, width, op);
+  TORCH_CHECK_VALUE(height <= INT32_MAX, op, ": image height ", height, " is too large");
+  const c10::cuda::CUDAGuard guard(boxes.device());
+  const bool binary = threshold.has_value();
+  auto out = at::empty({n, height, width}, boxes.options().dtype(binary ? at::kBool : at::kFloat));
+  if (out.numel() == 0) return out;
+  std::vector<at::Tensor> groups;
+  for (const auto& m : masks) {
+    if (m.size(0) > 0) groups.push_back(m.contiguous());
+  }
+  const auto boxes_f = boxes.to(at::kFloat).contiguous();
+  const float thr = binary ? static_cast<float>(*threshold) : 0.f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, masks[0].scalar_type(), "paste_masks_cuda", [&] {
+    if (binary) {
+      launch<scalar_t, bool>(groups, boxes_f, height, width, thr, out);
+    } else {
+      launch<scalar_t, float>(groups, boxes_f, height, width, thr, out);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynamask, CUDA, m) { m.impl("paste_masks", &paste_masks_cuda); }
+
+}  // namespace paste_masks
+}  // namespace dynamask

@@ -1,0 +1,50 @@
+#pragma once
+// Argument checks of the paste ops shared by the CPU and CUDA kernels. Shapes, dtypes and devices
+// are checked on both; finiteness of the boxes is a full check on the CPU and a device-side assert
+// on CUDA.
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace dynamask {
+namespace paste_masks {
+
+// Returns N, the number of masks, after checking that it matches the rows of boxes.
+inline int64_t check_inputs(at::TensorList masks, const at::Tensor& boxes, int64_t height, int64_t width,
+                            const char* op) {
+  TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, op, ": boxes must be [N, 4] (x1, y1, x2, y2), got shape ",
+                    boxes.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(boxes.scalar_type()), op, ": boxes must be a floating tensor, got ",
+                    boxes.scalar_type());
+  TORCH_CHECK_VALUE(height >= 0 && width >= 0, op, ": image_size must be non-negative, got (", height, ", ", width,
+                    ")");
+  int64_t n = 0;
+  for (size_t j = 0; j < masks.size(); ++j) {
+    const auto& m = masks[j];
+    TORCH_CHECK_VALUE(m.dim() == 3 && m.size(1) == m.size(2), op, ": masks[", j,
+                      "] must be [n, S, S] (square masks of one resolution), got shape ", m.sizes());
+    TORCH_CHECK_VALUE(m.size(0) == 0 || m.size(1) > 0, op, ": masks[", j, "] has masks of size 0");
+    TORCH_CHECK_VALUE(at::isFloatingType(m.scalar_type()), op, ": masks[", j, "] must be floating, got ",
+                      m.scalar_type());
+    TORCH_CHECK_VALUE(m.scalar_type() == masks[0].scalar_type(), op, ": masks[", j, "] has dtype ", m.scalar_type(),
+                      " but masks[0] has ", masks[0].scalar_type(), "; all groups must have one dtype");
+    TORCH_CHECK_VALUE(m.device() == boxes.device(), op, ": masks[", j, "] is on ", m.device(), " but boxes is on ",
+                      boxes.device(), "; all inputs must be on one device");
+    n += m.size(0);
+  }
+  TORCH_CHECK_VALUE(n == boxes.size(0), op, ": masks hold ", n, " masks but boxes has ", boxes.size(0),
+                    " rows; there must be one box per mask, in the same order");
+  return n;
+}
+
+inline void check_boxes_finite_cpu(const float* boxes, int64_t n, const char* op) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int k = 0; k < 4; ++k) {
+      TORCH_CHECK_VALUE(std::isfinite(boxes[i * 4 + k]), op, ": boxes[", i, "] has a non-finite coordinate (",
+                        boxes[i * 4 + k], ")");
+    }
+  }
+}
+
+}  // namespace paste_masks
+}  // namespace dynamask
