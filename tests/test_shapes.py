@@ -4,6 +4,7 @@ import filecmp
 import os
 
 import numpy as np
+import pytest
 import pycocotools.mask as mask_utils
 from PIL import Image
 
@@ -90,3 +91,14 @@ def _dilate(mask: np.ndarray, r: int = 2) -> np.ndarray:
         for dx in range(-r, r + 1):
             out |= np.roll(np.roll(mask.astype(bool), dy, 0), dx, 1)
     return out
+
+
+def test_cli_shapes(tmp_path, capsys):
+    from dynamask.cli import main
+
+    assert main(["shapes", "--out", str(tmp_path), "--train", "2", "--val", "1", "--size", "64", "--seed", "1"]) == 0
+    assert len(_quiet_coco(split_paths(str(tmp_path), "val")[1]).imgs) == 1
+    assert sorted(os.listdir(tmp_path / "train")) == ["000001.png", "000002.png"]
+    with pytest.raises(SystemExit):
+        main(["shapes", "--out", str(tmp_path), "--size", "8"])
+    assert "--size >= 32" in capsys.readouterr().err

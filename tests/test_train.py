@@ -204,3 +204,23 @@ def test_ddp_two_processes_gloo(shapes, tmp_path):
     # 6 images over 2 processes at batch 1: 3 iterations per epoch
     assert ckpt["epoch"] == 1 and ckpt["iteration"] == 3 and ckpt["extra"]["world_size"] == 2
     assert open(tmp_path / "metrics.csv").read().count("\n") == 4
+
+
+def test_cli_train_then_eval(shapes, tmp_path, capsys):
+    from dynamask.cli import main
+
+    kwargs = '{"depth": 18, "min_size": 64, "max_size": 64, "fpn_channels": 32, "box_representation_size": 64, "mask_head_layers": [32, 32]}'
+    run = str(tmp_path / "run")
+    assert main(["train", "--data", shapes, "--out", run, "--arch", "maskrcnn_resnet_fpn", "--arch-kwargs", kwargs,
+                 "--epochs", "1", "--batch-size", "3", "--workers", "0", "--no-progress", "--lr", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "done: epoch 1, iteration 2" in out and "| segm |" in out
+    assert main(["eval", os.path.join(run, "last.pth"), "--data", shapes, "--out", str(tmp_path / "ev"),
+                 "--no-progress", "--mask-costs", "28=0.5"]) == 0
+    assert (tmp_path / "ev" / "metrics.json").exists()
+    assert main(["eval", str(tmp_path / "missing.pth"), "--data", shapes]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", run])  # no data given
+    with pytest.raises(SystemExit):
+        main(["train", "--data", shapes, "--out", run, "--arch-kwargs", "[1]"])

@@ -297,7 +297,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
                 loss = sum(loss_dict.values())
                 (nonfinite,) = dist_utils.all_reduce_max([float(not torch.isfinite(loss).item())], device)
                 if nonfinite:
-                    values = {k: float(v) for k, v in loss_dict.items()}
+                    values = {k: float(v.detach()) for k, v in loss_dict.items()}
                     kept = ckpt_path if have_checkpoint else "none (no checkpoint was written yet)"
                     raise NonFiniteLossError(
                         f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1}: {values}. "
@@ -317,8 +317,8 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
 
                 last_of_epoch = iteration == (epoch + 1) * iters_per_epoch
                 if iteration % cfg.log_every == 0 or last_of_epoch:
-                    values = {k: float(v) for k, v in loss_dict.items()}
-                    values["loss"] = float(loss)
+                    values = {k: float(v.detach()) for k, v in loss_dict.items()}
+                    values["loss"] = float(loss.detach())
                     values = dist_utils.all_reduce_mean(values, device)
                     now = time.monotonic()
                     row = {"epoch": epoch + 1, "iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
@@ -332,7 +332,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
                         for k, v in row.items():
                             tb.add_scalar(f"train/{k}", v, iteration)
                 if on_iteration is not None:
-                    on_iteration(iteration, {k: float(v) for k, v in loss_dict.items()})
+                    on_iteration(iteration, {k: float(v.detach()) for k, v in loss_dict.items()})
 
                 # every process stops at the same step boundary
                 over_time = cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit
