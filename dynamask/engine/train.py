@@ -336,10 +336,11 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
 
                 # every process stops at the same step boundary
                 over_time = cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit
-                (stop,) = dist_utils.all_reduce_max([float(stops.reason is not None or over_time)], device)
+                signalled, over_time = dist_utils.all_reduce_max([float(stops.reason is not None), float(over_time)], device)
+                stop = signalled or over_time
 
                 if stop:
-                    stop_reason = stops.reason or ("time limit" if over_time else "another process stopped")
+                    stop_reason = (stops.reason or "signal in another process") if signalled else "time limit"
                 elif cfg.max_iters is not None and iteration >= cfg.max_iters:
                     stop_reason = "max_iters"
                 if stop_reason is not None:
@@ -357,7 +358,8 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
         tb.close()
     result: dict[str, Any] = {"status": status, "epoch": epoch, "iteration": iteration, "checkpoint": ckpt_path,
                               "stop_reason": stop_reason}
-    if status == "done" and is_main and cfg.val_ann:
+    # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted)
+    if (status == "done" or stop_reason in ("time limit", "max_iters")) and is_main and cfg.val_ann:
         from dynamask.data import CocoDetection
         from dynamask.engine.evaluate import evaluate
 
