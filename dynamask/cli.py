@@ -56,6 +56,7 @@ def _shapes_parser(sub) -> None:
     p.add_argument("--size", type=int, default=192, help="image side in pixels (default 192)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-objects", type=int, default=6, help="objects per image at most (default 6)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     p.set_defaults(func=_cmd_shapes)
 
 
@@ -65,7 +66,7 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
     if args.train < 0 or args.val < 0 or args.size < 32:
         raise CliError("need --train >= 0, --val >= 0 and --size >= 32")
     files = generate(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,
-                     max_objects=args.max_objects)
+                     max_objects=args.max_objects, workers=args.workers)
     for split, ann in files.items():
         print(f"{split}: {split_paths(args.out, split)[0]}  {ann}")
     return 0

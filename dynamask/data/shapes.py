@@ -195,8 +195,22 @@ def _annotation(inst: Instance, ann_id: int, image_id: int) -> dict:
     }
 
 
-def generate_split(root: str, split: str, count: int, *, size: int = 256, seed: int = 0, **render_kwargs) -> str:
-    """Write ``count`` images of one split and its COCO JSON; returns the JSON's path."""
+def _write_image(job: tuple) -> list[dict]:
+    """Render and save one image; its annotations without ids (one job of a worker pool)."""
+    image_dir, split, i, size, seed, render_kwargs = job
+    rng = np.random.default_rng([seed, SPLITS[split], i])
+    pixels, instances = render_image(rng, size, **render_kwargs)
+    Image.fromarray(pixels).save(os.path.join(image_dir, f"{i + 1:06d}.png"), compress_level=1)
+    return [_annotation(inst, 0, i + 1) for inst in instances]
+
+
+def generate_split(
+    root: str, split: str, count: int, *, size: int = 256, seed: int = 0, workers: int = 0, **render_kwargs
+) -> str:
+    """Write ``count`` images of one split and its COCO JSON; returns the JSON's path.
+
+    ``workers`` > 1 renders in that many processes (same output as one process).
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     if count < 0 or size < 32:
@@ -204,16 +218,19 @@ def generate_split(root: str, split: str, count: int, *, size: int = 256, seed: 
     image_dir, ann_file = split_paths(root, split)
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(os.path.dirname(ann_file), exist_ok=True)
-    images, annotations = [], []
-    for i in range(count):
-        image_id = i + 1
-        rng = np.random.default_rng([seed, SPLITS[split], i])
-        pixels, instances = render_image(rng, size, **render_kwargs)
-        file_name = f"{image_id:06d}.png"
-        Image.fromarray(pixels).save(os.path.join(image_dir, file_name), compress_level=1)
-        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
-        for inst in instances:
-            annotations.append(_annotation(inst, len(annotations) + 1, image_id))
+    jobs = [(image_dir, split, i, size, seed, render_kwargs) for i in range(count)]
+    if workers > 1 and count > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            per_image = pool.map(_write_image, jobs, chunksize=max(1, count // (4 * workers)))
+    else:
+        per_image = [_write_image(job) for job in jobs]
+    images = [{"id": i + 1, "file_name": f"{i + 1:06d}.png", "height": size, "width": size} for i in range(count)]
+    annotations = []
+    for anns in per_image:
+        for a in anns:
+            annotations.append(dict(a, id=len(annotations) + 1))
     data = {
         "info": {"description": f"dynamask synthetic shapes, split {split}, seed {seed}", "version": "1"},
         "images": images,
@@ -227,9 +244,11 @@ def generate_split(root: str, split: str, count: int, *, size: int = 256, seed: 
     return ann_file
 
 
-def generate(root: str, *, train: int, val: int, size: int = 256, seed: int = 0, **render_kwargs) -> dict[str, str]:
+def generate(
+    root: str, *, train: int, val: int, size: int = 256, seed: int = 0, workers: int = 0, **render_kwargs
+) -> dict[str, str]:
     """Write the train and val splits under ``root``; returns ``{split: ann_file}``."""
     return {
-        split: generate_split(root, split, n, size=size, seed=seed, **render_kwargs)
+        split: generate_split(root, split, n, size=size, seed=seed, workers=workers, **render_kwargs)
         for split, n in (("train", train), ("val", val))
     }
