@@ -140,7 +140,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from dynamask.engine import distributed
 
     if distributed.is_main() or "metrics" in result:
-        print(f"{result['status']}: epoch {result['epoch']}, iteration {result['iteration']}, checkpoint {result['checkpoint']}")
+        print(
+            f"{result['status']}: epoch {result['epoch']}, iteration {result['iteration']}, "
+            f"checkpoint {result['checkpoint']}"
+        )
         if "metrics" in result:
             from dynamask.engine.evaluate import format_metrics
 

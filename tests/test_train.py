@@ -1,6 +1,7 @@
 """Training with a tiny torchvision Mask R-CNN stand-in: a few CPU iterations, exact resume, non-finite
 loss, a 2-process gloo DDP run, and checkpoints."""
 
+import json
 import os
 import signal
 import socket
@@ -209,7 +210,8 @@ def test_ddp_two_processes_gloo(shapes, tmp_path):
 def test_cli_train_then_eval(shapes, tmp_path, capsys):
     from dynamask.cli import main
 
-    kwargs = '{"depth": 18, "min_size": 64, "max_size": 64, "fpn_channels": 32, "box_representation_size": 64, "mask_head_layers": [32, 32]}'
+    kwargs = json.dumps(dict(depth=18, min_size=64, max_size=64, fpn_channels=32, box_representation_size=64,
+                             mask_head_layers=[32, 32]))
     run = str(tmp_path / "run")
     assert main(["train", "--data", shapes, "--out", run, "--arch", "maskrcnn_resnet_fpn", "--arch-kwargs", kwargs,
                  "--epochs", "1", "--batch-size", "3", "--workers", "0", "--no-progress", "--lr", "0.01"]) == 0

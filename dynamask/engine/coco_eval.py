@@ -59,7 +59,9 @@ def output_to_results(
         if image_size is not None and tuple(image_size) != (h, w):
             sy, sx = image_size[0] / h, image_size[1] / w
             boxes = boxes * torch.tensor([sx, sy, sx, sy])
-            masks = F.interpolate(masks[:, None].float(), size=tuple(image_size), mode="bilinear", align_corners=False)[:, 0]
+            masks = F.interpolate(
+                masks[:, None].float(), size=tuple(image_size), mode="bilinear", align_corners=False
+            )[:, 0]
         binary = (masks >= mask_threshold).to(torch.uint8).cpu().numpy()
         rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
     else:

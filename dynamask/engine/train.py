@@ -231,7 +231,8 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    schedule = WarmupStepSchedule(cfg.warmup_iters, cfg.warmup_factor, [e * iters_per_epoch for e in cfg.lr_steps], cfg.gamma)
+    milestones = [e * iters_per_epoch for e in cfg.lr_steps]
+    schedule = WarmupStepSchedule(cfg.warmup_iters, cfg.warmup_factor, milestones, cfg.gamma)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -336,7 +337,9 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
 
                 # every process stops at the same step boundary
                 over_time = cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit
-                signalled, over_time = dist_utils.all_reduce_max([float(stops.reason is not None), float(over_time)], device)
+                signalled, over_time = dist_utils.all_reduce_max(
+                    [float(stops.reason is not None), float(over_time)], device
+                )
                 stop = signalled or over_time
 
                 if stop:
