@@ -277,7 +277,9 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     start = time.monotonic()
     status = "done"
     stop_reason: str | None = None
-    have_checkpoint = os.path.isfile(ckpt_path)
+    last_good = resume_path  # the checkpoint a non-finite loss leaves in place
+    if is_main and resume_path is None and os.path.isfile(ckpt_path):
+        print(f"warning: starting a new run; {ckpt_path} of an earlier run will be overwritten (--resume continues it)")
     with _StopRequests() as stops:
         while epoch < cfg.epochs and stop_reason is None:
             if hasattr(model, "mask_training"):
@@ -299,7 +301,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
                 (nonfinite,) = dist_utils.all_reduce_max([float(not torch.isfinite(loss).item())], device)
                 if nonfinite:
                     values = {k: float(v.detach()) for k, v in loss_dict.items()}
-                    kept = ckpt_path if have_checkpoint else "none (no checkpoint was written yet)"
+                    kept = last_good or "none (no checkpoint was written yet)"
                     raise NonFiniteLossError(
                         f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1}: {values}. "
                         f"Training stopped; last good checkpoint: {kept}"
@@ -352,7 +354,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
             if stop_reason is None:
                 epoch += 1
             save(epoch)
-            have_checkpoint = True
+            last_good = ckpt_path
             if is_main and stop_reason is not None and cfg.progress:
                 print(f"stopped ({stop_reason}) at epoch {epoch + 1}, iteration {iteration}; checkpoint {ckpt_path}")
     if stop_reason is not None:
