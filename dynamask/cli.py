@@ -206,7 +206,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate(
         model, dataset, device=device, costs=costs, out_dir=args.out, boundary=not args.no_boundary,
         batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress,
-        default_resolution=28 if arch["name"] == "maskrcnn_resnet_fpn" else None,
     )
     print(format_metrics(metrics))
     if args.out:

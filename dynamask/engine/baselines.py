@@ -61,7 +61,7 @@ def maskrcnn_resnet_fpn(
     )
     box_head = TwoMLPHead(fpn_channels * 7 * 7, box_representation_size)
     mask_head = MaskRCNNHeads(fpn_channels, list(mask_head_layers), 1)
-    return MaskRCNN(
+    model = MaskRCNN(
         backbone,
         num_classes=None,  # given through the predictors
         box_head=box_head,
@@ -78,6 +78,8 @@ def maskrcnn_resnet_fpn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_detections_per_img=box_detections_per_img,
     )
+    model.fixed_mask_resolution = 28  # evaluation reports every mask at 28x28 (it has no mask_resolution output)
+    return model
 
 
 def _box_predictor(representation: int, num_classes: int):

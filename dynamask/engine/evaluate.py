@@ -35,13 +35,16 @@ def run_model(
     """COCO result dicts for every image of ``dataset`` (a :class:`dynamask.data.CocoDetection`).
 
     The model is put in eval mode; its outputs are mapped back to each image's size in the annotation file
-    and its labels to COCO category ids (``dataset.cat_ids``).
+    and its labels to COCO category ids (``dataset.cat_ids``). Outputs without ``mask_resolution`` count as
+    ``default_resolution`` (default: the model's ``fixed_mask_resolution`` attribute, if any).
     """
     from tqdm import tqdm
 
     from dynamask.data import collate_fn
 
     device = torch.device(device)
+    if default_resolution is None:  # a fixed-resolution model (e.g. Mask R-CNN) may say which it uses
+        default_resolution = getattr(model, "fixed_mask_resolution", None)
     model.eval().to(device)
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
     loader = torch.utils.data.DataLoader(
