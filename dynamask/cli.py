@@ -1,0 +1,256 @@
+"""The ``dynamask`` command: ``shapes``, ``train``, ``eval`` (and ``infer``, see the hook below).
+
+    dynamask shapes --out data/shapes --train 2000 --val 200 --size 192 --seed 0
+    dynamask train --data data/shapes --out runs/x --arch dynamask_resnet_fpn --arch-kwargs '{"depth": 18}'
+    torchrun --nproc-per-node 2 -m dynamask train ...        (DDP: one process per GPU, or gloo on CPU)
+    dynamask eval runs/x/last.pth --data data/shapes --out runs/x/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from dynamask.data.shapes import split_paths
+
+
+class CliError(Exception):
+    """A usage problem reported as ``dynamask: error: ...`` with exit status 2."""
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"depth\": 18}'")
+    return value
+
+
+def _costs(text: str) -> dict[int, float]:
+    """``14=0.23,28=0.52,56=0.85,112=1.29`` -> {14: 0.23, ...}"""
+    try:
+        return {int(k): float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected RES=GMAC pairs like 14=0.23,28=0.52, got {text!r}") from exc
+
+
+def _split_files(args: argparse.Namespace, split: str, images: str | None, ann: str | None) -> tuple[str, str]:
+    if images and ann:
+        return images, ann
+    if args.data:
+        return split_paths(args.data, split)
+    raise CliError(f"give --data DIR (a dataset made by `dynamask shapes`) or both --{split}-images and --{split}-ann")
+
+
+# --------------------------------------------------------------------------------------------- shapes
+def _shapes_parser(sub) -> None:
+    p = sub.add_parser("shapes", help="write the synthetic shapes dataset (COCO format)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
+    p.add_argument("--size", type=int, default=192, help="image side in pixels (default 192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-objects", type=int, default=6, help="objects per image at most (default 6)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.set_defaults(func=_cmd_shapes)
+
+
+def _cmd_shapes(args: argparse.Namespace) -> int:
+    from dynamask.data.shapes import generate
+
+    if args.train < 0 or args.val < 0 or args.size < 32:
+        raise CliError("need --train >= 0, --val >= 0 and --size >= 32")
+    files = generate(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,
+                     max_objects=args.max_objects, workers=args.workers)
+    for split, ann in files.items():
+        print(f"{split}: {split_paths(args.out, split)[0]}  {ann}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- train
+def _train_parser(sub) -> None:
+    from dynamask.engine.train import TrainConfig
+
+    d = TrainConfig("", "", "")
+    p = sub.add_parser("train", help="train a model (DDP under torchrun)")
+    p.add_argument("--data", help="dataset root made by `dynamask shapes` (train/ and val/ splits)")
+    p.add_argument("--train-images")
+    p.add_argument("--train-ann")
+    p.add_argument("--val-images", help="evaluate on this split when training ends")
+    p.add_argument("--val-ann")
+    p.add_argument("--out", required=True, help="run folder: checkpoints (last.pth), metrics.csv, eval/")
+    p.add_argument("--arch", default=d.arch, help=f"builder name (default {d.arch}); maskrcnn_resnet_fpn is the peer")
+    p.add_argument("--arch-kwargs", type=_json_dict, default={}, help="builder keyword arguments as JSON")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
+                   help="first epochs with every resolution supervised and no mask switch")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per process")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-iters", type=int, default=d.warmup_iters)
+    p.add_argument("--warmup-factor", type=float, default=d.warmup_factor)
+    p.add_argument("--lr-steps", type=int, nargs="*", default=list(d.lr_steps), help="epochs of lr x gamma")
+    p.add_argument("--gamma", type=float, default=d.gamma)
+    p.add_argument("--clip-grad-norm", type=float, default=None)
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes per training process")
+    p.add_argument("--flip-prob", type=float, default=d.flip_prob)
+    p.add_argument("--resize", type=int, nargs=2, metavar=("LOW", "HIGH"),
+                   help="data-side shorter-side range for multi-scale training")
+    p.add_argument("--max-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--time-limit", type=float, default=None, help="minutes; then checkpoint and stop")
+    p.add_argument("--max-iters", type=int, default=None, help="stop (with a checkpoint) after this many iterations")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint (default OUT/last.pth)")
+    p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: this process's GPU, else cpu)")
+    p.add_argument("--mask-costs", type=_costs, default=None,
+                   help="per-resolution mask-head GMAC for the final evaluation, e.g. 14=0.23,28=0.52")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dynamask.engine.train import TrainConfig, train
+
+    train_images, train_ann = _split_files(args, "train", args.train_images, args.train_ann)
+    val_images, val_ann = args.val_images, args.val_ann
+    if args.data and not (val_images and val_ann) and os.path.isfile(split_paths(args.data, "val")[1]):
+        val_images, val_ann = split_paths(args.data, "val")
+    cfg = TrainConfig(
+        train_images=train_images, train_ann=train_ann, out_dir=args.out, arch=args.arch,
+        arch_kwargs=args.arch_kwargs, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor, lr_steps=tuple(args.lr_steps),
+        gamma=args.gamma, clip_grad_norm=args.clip_grad_norm, amp=not args.no_amp, workers=args.workers,
+        flip_prob=args.flip_prob, resize=tuple(args.resize) if args.resize else None, max_size=args.max_size,
+        seed=args.seed, time_limit=None if args.time_limit is None else 60.0 * args.time_limit,
+        max_iters=args.max_iters, log_every=args.log_every, resume=args.resume, device=args.device,
+        progress=not args.no_progress, val_images=val_images, val_ann=val_ann,
+        mask_costs=args.mask_costs or _model_mask_costs(args.arch, args.arch_kwargs),
+    )
+    result = train(cfg)
+    from dynamask.engine import distributed
+
+    if distributed.is_main() or "metrics" in result:
+        print(
+            f"{result['status']}: epoch {result['epoch']}, iteration {result['iteration']}, "
+            f"checkpoint {result['checkpoint']}"
+        )
+        if "metrics" in result:
+            from dynamask.engine.evaluate import format_metrics
+
+            print(format_metrics(result["metrics"]))
+    return 0
+
+
+def _model_mask_costs(arch: str, kwargs: dict[str, Any]) -> dict[int, float] | None:
+    """Per-resolution mask-head GMAC from ``dynamask.flops`` when it offers ``mask_head_costs`` (written
+    elsewhere); None otherwise (the report then omits the cost)."""
+    try:
+        from dynamask import flops  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    fn = getattr(flops, "mask_head_costs", None)
+    if fn is None or not arch.startswith("dynamask"):
+        return None
+    return {int(k): float(v) for k, v in fn(arch=arch, **kwargs).items()}
+
+
+# --------------------------------------------------------------------------------------------- eval
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="COCO bbox/segm/Boundary AP and the mask-resolution report of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="dataset root made by `dynamask shapes` (its val split is used)")
+    p.add_argument("--split", default="val", help="split of --data (default val)")
+    p.add_argument("--images")
+    p.add_argument("--ann")
+    p.add_argument("--out", default=None, help="folder for results.json, metrics.json, summary.txt, resolution.png")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--mask-costs", type=_costs, default=None, help="e.g. 14=0.23,28=0.52,56=0.85,112=1.29")
+    p.add_argument("--no-boundary", action="store_true", help="skip Boundary AP")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from dynamask.data import CocoDetection
+    from dynamask.engine.checkpoint import model_from_checkpoint
+    from dynamask.engine.evaluate import evaluate, format_metrics
+
+    if args.images and args.ann:
+        images, ann = args.images, args.ann
+    elif args.data:
+        images, ann = split_paths(args.data, args.split)
+    else:
+        raise CliError("give --data DIR or both --images and --ann")
+    dataset = CocoDetection(images, ann)
+    model, ckpt = model_from_checkpoint(args.checkpoint)
+    saved = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
+    if saved != dataset.label_map:
+        raise CliError(f"{args.checkpoint} was trained on categories {saved}, but {ann} has {dataset.label_map}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    arch = ckpt["arch"]
+    costs = args.mask_costs or _model_mask_costs(arch["name"], arch.get("kwargs", {}))
+    metrics = evaluate(
+        model, dataset, device=device, costs=costs, out_dir=args.out, boundary=not args.no_boundary,
+        batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress,
+    )
+    print(format_metrics(metrics))
+    if args.out:
+        print(f"files in {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- infer
+# HOOK (infer): `dynamask infer` belongs to the Predictor's author. Replace the body of _infer_parser with
+# the real arguments and point set_defaults(func=...) at the real command; keep the subcommand name.
+def _infer_parser(sub) -> None:
+    p = sub.add_parser("infer", help="run a checkpoint on images (not in this build yet)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_infer)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    raise CliError("`dynamask infer` is not available in this build yet")
+
+
+# --------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynamask", description="DynaMask instance segmentation")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _shapes_parser(sub)
+    _train_parser(sub)
+    _eval_parser(sub)
+    _infer_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        parser.error(str(exc))  # exits with status 2
+    except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"dynamask {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

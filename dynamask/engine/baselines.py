@@ -1,0 +1,94 @@
+"""torchvision's Mask R-CNN as a builder with our checkpoint contract: the peer, and a stand-in for tests.
+
+``maskrcnn_resnet_fpn(depth=18, num_classes=8, ...)`` follows the same contract as the DynaMask builders
+(torchvision detection-model inputs and outputs), so training, evaluation and checkpoints treat both alike.
+It never downloads weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.ops import misc as misc_nn_ops
+
+_NORMS = {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn": torch.nn.BatchNorm2d}
+
+
+def maskrcnn_resnet_fpn(
+    *,
+    num_classes: int,
+    depth: int = 50,
+    norm: str = "frozen_bn",
+    min_size: int | tuple[int, ...] = 800,
+    max_size: int = 1333,
+    rpn_batch_size_per_image: int = 256,
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_test: int = 1000,
+    box_batch_size_per_image: int = 512,
+    box_detections_per_img: int = 100,
+    fpn_channels: int = 256,
+    box_representation_size: int = 1024,
+    mask_head_layers: tuple[int, ...] = (256, 256, 256, 256),
+) -> MaskRCNN:
+    """torchvision Mask R-CNN with a ResNet-``depth`` FPN backbone, randomly initialised (weights=None).
+
+    Args:
+        num_classes: including the background (``CocoDetection.num_classes``).
+        depth: 18, 34, 50 or 101.
+        norm: "frozen_bn" (torchvision's default, identity when not pretrained) or "bn" (trainable BatchNorm).
+        min_size, max_size, rpn_*, box_*: torchvision's ``MaskRCNN`` arguments.
+        fpn_channels, box_representation_size, mask_head_layers: widths (torchvision's defaults: 256, 1024,
+            four 256-channel convs); narrower ones make a small model for CPU runs and tests.
+    """
+    if norm not in _NORMS:
+        raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
+    if depth not in (18, 34, 50, 101, 152):
+        raise ValueError(f"depth must be 18, 34, 50, 101 or 152, got {depth}")
+    body = getattr(resnet, f"resnet{depth}")(weights=None, norm_layer=_NORMS[norm])
+    c = 512 if depth < 50 else 2048
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=[c // 8, c // 4, c // 2, c],
+        out_channels=fpn_channels,
+        norm_layer=None,
+    )
+    box_head = TwoMLPHead(fpn_channels * 7 * 7, box_representation_size)
+    mask_head = MaskRCNNHeads(fpn_channels, list(mask_head_layers), 1)
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,  # given through the predictors
+        box_head=box_head,
+        box_predictor=_box_predictor(box_representation_size, num_classes),
+        mask_head=mask_head,
+        mask_predictor=_mask_predictor(mask_head_layers[-1], num_classes),
+        min_size=min_size,
+        max_size=max_size,
+        rpn_batch_size_per_image=rpn_batch_size_per_image,
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        box_batch_size_per_image=box_batch_size_per_image,
+        box_detections_per_img=box_detections_per_img,
+    )
+    model.fixed_mask_resolution = 28  # evaluation reports every mask at 28x28 (it has no mask_resolution output)
+    return model
+
+
+def _box_predictor(representation: int, num_classes: int):
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    return FastRCNNPredictor(representation, num_classes)
+
+
+def _mask_predictor(channels: int, num_classes: int):
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    return MaskRCNNPredictor(channels, channels, num_classes)

@@ -1,0 +1,209 @@
+"""Checkpoints (DESIGN.md §5): one ``torch.save``d dict of plain types and tensors, written atomically.
+
+Keys: ``format_version``, ``arch`` (``{"name": builder name, "kwargs": {...}}``), ``label_map`` (contiguous
+label -> (COCO category id, name)), ``model`` (state dict), and for training runs ``optimizer``,
+``scheduler``, ``scaler``, ``epoch`` (the epoch in progress, = epochs completed at an epoch boundary),
+``iteration`` (optimiser steps completed), ``rng``. Loaded with ``weights_only=True``, so a file can rebuild
+the model with no code but the builder it names.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "arch", "label_map", "model")
+
+# Builder name -> builder function. A plain dict; the model builders are added from dynamask.models on first
+# use (the engine depends on the model, never the other way round).
+BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {}
+_MODEL_BUILDER_NAMES = ("dynamask_resnet50_fpn", "dynamask_resnet_fpn")
+
+
+def builders() -> dict[str, Callable[..., torch.nn.Module]]:
+    """The builder registry, filled on first call: DynaMask's builders (when ``dynamask.models`` exists) and
+    torchvision's Mask R-CNN (``maskrcnn_resnet_fpn``, the peer)."""
+    if not BUILDERS:
+        from dynamask.engine.baselines import maskrcnn_resnet_fpn
+
+        BUILDERS["maskrcnn_resnet_fpn"] = maskrcnn_resnet_fpn
+        try:
+            import dynamask.models as models
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("dynamask.models",):
+                raise
+            models = None
+        for name in _MODEL_BUILDER_NAMES:
+            if models is not None and hasattr(models, name):
+                BUILDERS[name] = getattr(models, name)
+    return BUILDERS
+
+
+def build_model(arch: dict[str, Any]) -> torch.nn.Module:
+    """Build the model an ``arch`` dict (``{"name", "kwargs"}``) describes."""
+    name = arch.get("name")
+    table = builders()
+    if name not in table:
+        raise KeyError(
+            f"unknown architecture {name!r}; known builders: {sorted(table)}"
+            + ("" if "dynamask_resnet_fpn" in table else " (dynamask.models is not available in this install)")
+        )
+    return table[name](**dict(arch.get("kwargs", {})))
+
+
+def make_arch(name: str, **kwargs: Any) -> dict[str, Any]:
+    """``{"name": name, "kwargs": kwargs}``, checking that the arguments are plain values a checkpoint holds."""
+    _check_plain(kwargs, f"arguments of {name}")
+    return {"name": name, "kwargs": dict(kwargs)}
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_plain(v, where)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, where)
+            _check_plain(v, where)
+        return
+    raise TypeError(f"{where}: {value!r} ({type(value).__name__}) is not a plain value a checkpoint can store")
+
+
+def rng_state() -> dict[str, Any]:
+    """The random states of torch (CPU and the current CUDA device), Python and numpy, as plain values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_tuple(v: Any) -> Any:
+    return tuple(_to_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    while hasattr(model, "module") and isinstance(
+        model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    ):
+        model = model.module
+    return model
+
+
+def save_checkpoint(
+    path: str,
+    *,
+    arch: dict[str, Any],
+    label_map: dict[int, tuple[int, str]],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    epoch: int | None = None,
+    iteration: int | None = None,
+    rng: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Write a checkpoint atomically (a temporary file in the same folder, then ``os.replace``)."""
+    _check_plain(arch, "arch")
+    ckpt: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "label_map": {int(k): (int(v[0]), str(v[1])) for k, v in label_map.items()},
+        "model": unwrap(model).state_dict(),
+    }
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        ckpt["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        ckpt["scaler"] = scaler.state_dict()
+    if epoch is not None:
+        ckpt["epoch"] = int(epoch)
+    if iteration is not None:
+        ckpt["iteration"] = int(iteration)
+    if rng is not None:
+        ckpt["rng"] = rng
+    if extra:
+        _check_plain(extra, "extra")
+        ckpt["extra"] = extra
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", arch_name: str | None = None) -> dict:
+    """Load and check a checkpoint (``weights_only=True``).
+
+    ``arch_name``: when given, a checkpoint of another architecture is refused with a clear error.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable dynamask checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a dynamask checkpoint (needs keys {list(REQUIRED_KEYS)}, has {keys})")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {ckpt['format_version']} is newer than this dynamask reads ({FORMAT_VERSION})"
+        )
+    if arch_name is not None and ckpt["arch"].get("name") != arch_name:
+        raise ValueError(f"{path}: checkpoint is of architecture {ckpt['arch'].get('name')!r}, not {arch_name!r}")
+    return ckpt
+
+
+def model_from_checkpoint(
+    path: str, *, map_location: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes and load its weights; returns ``(model, checkpoint)``."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    model = build_model(ckpt["arch"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit architecture {ckpt['arch']}: {exc}") from exc
+    return model, ckpt

@@ -1,0 +1,98 @@
+"""What the mask switch chose: the distribution of mask resolutions per category, its mask-head cost, a plot."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable, Mapping
+
+RESOLUTIONS = (14, 28, 56, 112)
+
+
+def resolution_distribution(
+    results: list[dict[str, Any]],
+    cat_names: Mapping[int, str],
+    *,
+    score_threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Counts of chosen mask resolutions per category, over detections scoring at least ``score_threshold``.
+
+    Args:
+        results: COCO result dicts with ``category_id``, ``score`` and ``mask_resolution`` (see
+            :func:`dynamask.engine.coco_eval.output_to_results`); ``None`` resolutions are skipped.
+        cat_names: COCO category id -> name.
+    Returns ``{"resolutions": [...], "per_category": {name: {res: count}}, "overall": {res: count},
+    "instances": n}``; every category of ``cat_names`` appears, resolutions in ascending order.
+    """
+    seen = sorted({int(r["mask_resolution"]) for r in results if r.get("mask_resolution") is not None})
+    resolutions = sorted(set(RESOLUTIONS) | set(seen))
+    per_cat: dict[str, Counter] = {name: Counter() for name in cat_names.values()}
+    overall: Counter = Counter()
+    for r in results:
+        if r.get("mask_resolution") is None or r["score"] < score_threshold:
+            continue
+        name = cat_names.get(r["category_id"], str(r["category_id"]))
+        per_cat.setdefault(name, Counter())[int(r["mask_resolution"])] += 1
+        overall[int(r["mask_resolution"])] += 1
+    return {
+        "resolutions": resolutions,
+        "per_category": {name: {res: c[res] for res in resolutions} for name, c in per_cat.items()},
+        "overall": {res: overall[res] for res in resolutions},
+        "instances": sum(overall.values()),
+        "score_threshold": score_threshold,
+    }
+
+
+def mean_mask_gmac(
+    distribution: dict[str, Any], costs: Mapping[int, float] | Callable[[int], float]
+) -> float | None:
+    """Mean mask-head GMAC per instance: sum over resolutions of count x cost / instances.
+
+    ``costs`` maps a resolution to the head's per-RoI cost at it (e.g. ``{14: 0.23, 28: 0.52, ...}`` from
+    ``dynamask.flops``), as a dict or a callable. None when no instance was counted.
+    """
+    n = distribution["instances"]
+    if n == 0:
+        return None
+    cost = costs if callable(costs) else (lambda r: costs[r])
+    total = 0.0
+    for res, count in distribution["overall"].items():
+        if count:
+            try:
+                total += count * float(cost(res))
+            except KeyError as exc:
+                raise KeyError(f"no mask-head cost given for resolution {res}") from exc
+    return total / n
+
+
+def plot_resolution_distribution(distribution: dict[str, Any], path: str, *, title: str | None = None) -> str:
+    """A PNG of stacked horizontal bars: per category, the share of each chosen resolution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(distribution["per_category"])
+    resolutions = distribution["resolutions"]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.6))
+    left = [0.0] * len(names)
+    colors = plt.cm.viridis([i / max(1, len(resolutions) - 1) for i in range(len(resolutions))])
+    for res, color in zip(resolutions, colors):
+        shares = []
+        for name in names:
+            counts = distribution["per_category"][name]
+            total = sum(counts.values())
+            shares.append(counts[res] / total if total else 0.0)
+        ax.barh(names, shares, left=left, color=color, label=f"{res}x{res}")
+        left = [a + b for a, b in zip(left, shares)]
+    for i, name in enumerate(names):
+        ax.text(1.01, i, f"n={sum(distribution['per_category'][name].values())}", va="center", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"share of instances (score >= {distribution.get('score_threshold', 0):g})")
+    ax.set_title(title or "Mask resolution chosen per category")
+    ax.legend(ncol=len(resolutions), loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(names) < 4 else -0.12),
+              fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,386 @@
+"""Training: SGD with linear warm-up and step decay, DynaMask's two phases, AMP, DDP, exact resume.
+
+``train(TrainConfig(...))`` trains any model built by a registered builder (``dynamask.engine.checkpoint``)
+that follows torchvision's detection contract: ``model(images, targets)`` returns a dict of losses. Models
+with a ``mask_training`` attribute get ``"pretrain"`` for the first ``pretrain_epochs`` epochs, then
+``"dynamic"``.
+
+Exact resume: a checkpoint holds the model, optimiser, scheduler, grad scaler, RNG states, epoch and
+iteration; the sampler is a function of (seed, epoch) and each sample's augmentation a function of
+(seed, epoch, index), so a run resumed mid-epoch sees the same batches and random draws as one that never
+stopped. Under ``torchrun`` every process runs this function; rank 0 logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dynamask.engine import distributed as dist_utils
+from dynamask.engine.checkpoint import (
+    build_model,
+    load_checkpoint,
+    make_arch,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
+from dynamask.engine.metrics_log import CsvLog, tensorboard_writer
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Iteration counts are per process; ``batch_size`` is per process."""
+
+    train_images: str
+    train_ann: str
+    out_dir: str
+    arch: str = "dynamask_resnet_fpn"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # num_classes is filled from the data if absent
+    epochs: int = 12
+    pretrain_epochs: int = 1  # epochs with every resolution supervised (model.mask_training = "pretrain")
+    batch_size: int = 2
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    lr_steps: tuple[int, ...] = (8, 11)  # epochs at which the lr is multiplied by gamma
+    gamma: float = 0.1
+    clip_grad_norm: float | None = None
+    amp: bool = True  # mixed precision; only on CUDA
+    workers: int = 2
+    flip_prob: float = 0.5
+    resize: tuple[int, int] | None = None  # data-side shorter-side range (the model's transform resizes too)
+    max_size: int | None = None
+    seed: int = 0
+    time_limit: float | None = None  # seconds of training in this run; then checkpoint and stop
+    max_iters: int | None = None  # stop (with a checkpoint) after this many iterations in total
+    log_every: int = 20
+    resume: str | None = None  # a checkpoint path, or "auto" for OUT_DIR/last.pth
+    device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
+    progress: bool = True
+    val_images: str | None = None  # evaluate on this split at the end (rank 0)
+    val_ann: str | None = None
+    mask_costs: dict[int, float] | None = None  # per-resolution mask-head GMAC for the evaluation report
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def lr_factor(it: int, *, warmup_iters: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
+    """Multiplier of the base lr at iteration ``it``: linear warm-up from ``warmup_factor``, step decay."""
+    f = gamma ** bisect.bisect_right(milestones, it)
+    if it < warmup_iters:
+        alpha = it / warmup_iters
+        f *= warmup_factor * (1 - alpha) + alpha
+    return f
+
+
+class WarmupStepSchedule:
+    """The lr multiplier as an object, so ``LambdaLR.state_dict`` saves its settings as plain values."""
+
+    def __init__(self, warmup_iters: int, warmup_factor: float, milestones: list[int], gamma: float) -> None:
+        self.warmup_iters, self.warmup_factor = warmup_iters, warmup_factor
+        self.milestones, self.gamma = list(milestones), gamma
+
+    def __call__(self, it: int) -> float:
+        return lr_factor(it, warmup_iters=self.warmup_iters, warmup_factor=self.warmup_factor,
+                         milestones=self.milestones, gamma=self.gamma)
+
+
+class _SeededSamples(Dataset):
+    """Runs the wrapped dataset's random transforms under a seed made of (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % (2**63))
+            return self.dataset[index]
+
+
+class _ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled by seed + epoch) that can start part-way through an epoch."""
+
+    start = 0  # samples of this process's share to skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class _StopRequests:
+    """SIGINT / SIGTERM set a flag that the loop acts on at the next step boundary; a second SIGINT raises."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist_utils.local_rank())
+    return torch.device("cpu")
+
+
+def _dataset(cfg: TrainConfig):
+    from dynamask.data import CocoDetection, Compose, RandomHorizontalFlip, Resize
+
+    transforms = []
+    if cfg.resize is not None:
+        transforms.append(Resize(tuple(cfg.resize), cfg.max_size))
+    if cfg.flip_prob > 0:
+        transforms.append(RandomHorizontalFlip(cfg.flip_prob))
+    return CocoDetection(cfg.train_images, cfg.train_ann, Compose(transforms))
+
+
+def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train; returns ``{"status", "epoch", "iteration", "checkpoint", "metrics"?}``.
+
+    ``status``: "done", or "stopped" (signal, ``time_limit`` or ``max_iters``; a checkpoint was written).
+    A non-finite loss raises :class:`NonFiniteLossError` and leaves the last good checkpoint in place.
+    ``on_iteration(iteration, losses)`` is called after each step (for tests and tools).
+    """
+    from tqdm import tqdm
+
+    from dynamask.data import collate_fn
+
+    device = _device(cfg)
+    created_group = dist_utils.init_from_env(device.type)
+    try:
+        return _train(cfg, device, on_iteration, tqdm, collate_fn)
+    finally:
+        if created_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
+    is_main, world, rank = dist_utils.is_main(), dist_utils.world_size(), dist_utils.rank()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "last.pth")
+    resume_path = ckpt_path if cfg.resume == "auto" else cfg.resume
+    ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
+
+    dataset = _dataset(cfg)
+    label_map = dataset.label_map
+    if ckpt is not None:
+        if ckpt["arch"]["name"] != cfg.arch:
+            raise ValueError(f"{resume_path}: checkpoint is of architecture {ckpt['arch']['name']!r}, not {cfg.arch!r}")
+        arch = ckpt["arch"]
+        if {int(k): tuple(v) for k, v in ckpt["label_map"].items()} != label_map:
+            raise ValueError(f"{resume_path}: checkpoint's label map differs from the categories of {cfg.train_ann}")
+    else:
+        kwargs = dict(cfg.arch_kwargs)
+        kwargs.setdefault("num_classes", dataset.num_classes)
+        arch = make_arch(cfg.arch, **kwargs)
+
+    torch.manual_seed(cfg.seed)
+    import random
+
+    import numpy as np
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = build_model(arch).to(device)
+
+    seeded = _SeededSamples(dataset, cfg.seed)
+    sampler = _ResumableSampler(seeded, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    loader_gen = torch.Generator().manual_seed(cfg.seed)  # keeps the DataLoader off the global RNG
+    loader = DataLoader(
+        seeded, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, collate_fn=collate_fn,
+        generator=loader_gen, pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    iters_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
+    if iters_per_epoch == 0:
+        raise ValueError(f"{cfg.train_ann}: no training images")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    milestones = [e * iters_per_epoch for e in cfg.lr_steps]
+    schedule = WarmupStepSchedule(cfg.warmup_iters, cfg.warmup_factor, milestones, cfg.gamma)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    epoch, iteration = 0, 0
+    if ckpt is not None:
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        epoch, iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+        saved_ipe = ckpt.get("extra", {}).get("iters_per_epoch")
+        if saved_ipe is not None and saved_ipe != iters_per_epoch:
+            raise ValueError(
+                f"{resume_path}: saved with {saved_ipe} iterations per epoch, now {iters_per_epoch} "
+                "(different data, batch size or number of processes); cannot continue exactly"
+            )
+        set_rng_state(ckpt["rng"])
+        del ckpt
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+
+    log = CsvLog(os.path.join(cfg.out_dir, "metrics.csv")) if is_main else None
+    if log is not None:
+        log.truncate_after(iteration)
+    tb = tensorboard_writer(os.path.join(cfg.out_dir, "tb")) if is_main else None
+    extra = {"iters_per_epoch": iters_per_epoch, "world_size": world, "config": _plain_config(cfg)}
+
+    def save(ep: int) -> str | None:
+        if not is_main:
+            return None
+        return save_checkpoint(
+            ckpt_path, arch=arch, label_map=label_map, model=model, optimizer=optimizer, scheduler=scheduler,
+            scaler=scaler, epoch=ep, iteration=iteration, rng=rng_state(), extra=extra,
+        )
+
+    start = time.monotonic()
+    status = "done"
+    stop_reason: str | None = None
+    last_good = resume_path  # the checkpoint a non-finite loss leaves in place
+    if is_main and resume_path is None and os.path.isfile(ckpt_path):
+        print(f"warning: starting a new run; {ckpt_path} of an earlier run will be overwritten (--resume continues it)")
+    with _StopRequests() as stops:
+        while epoch < cfg.epochs and stop_reason is None:
+            if hasattr(model, "mask_training"):
+                model.mask_training = "pretrain" if epoch < cfg.pretrain_epochs else "dynamic"
+            offset = iteration - epoch * iters_per_epoch  # batches of this epoch already done (resume)
+            sampler.set_epoch(epoch)
+            sampler.start = offset * cfg.batch_size
+            seeded.epoch = epoch
+            ddp_model.train()
+            bar = tqdm(total=iters_per_epoch, initial=offset, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not (is_main and cfg.progress), dynamic_ncols=True)
+            t_last, n_last = time.monotonic(), 0
+            for images, targets in loader:
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    loss_dict = ddp_model(images, targets)
+                loss = sum(loss_dict.values())
+                (nonfinite,) = dist_utils.all_reduce_max([float(not torch.isfinite(loss).item())], device)
+                if nonfinite:
+                    values = {k: float(v.detach()) for k, v in loss_dict.items()}
+                    kept = last_good or "none (no checkpoint was written yet)"
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1}: {values}. "
+                        f"Training stopped; last good checkpoint: {kept}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                iteration += 1
+                n_last += 1
+                bar.update(1)
+
+                last_of_epoch = iteration == (epoch + 1) * iters_per_epoch
+                if iteration % cfg.log_every == 0 or last_of_epoch:
+                    values = {k: float(v.detach()) for k, v in loss_dict.items()}
+                    values["loss"] = float(loss.detach())
+                    values = dist_utils.all_reduce_mean(values, device)
+                    now = time.monotonic()
+                    row = {"epoch": epoch + 1, "iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
+                           **values, "sec_per_iter": (now - t_last) / max(n_last, 1),
+                           "elapsed": now - start}
+                    t_last, n_last = now, 0
+                    if log is not None:
+                        log.write(row)
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{row['lr']:.2g}")
+                    if tb is not None:
+                        for k, v in row.items():
+                            tb.add_scalar(f"train/{k}", v, iteration)
+                if on_iteration is not None:
+                    on_iteration(iteration, {k: float(v.detach()) for k, v in loss_dict.items()})
+
+                # every process stops at the same step boundary
+                over_time = cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit
+                signalled, over_time = dist_utils.all_reduce_max(
+                    [float(stops.reason is not None), float(over_time)], device
+                )
+                stop = signalled or over_time
+
+                if stop:
+                    stop_reason = (stops.reason or "signal in another process") if signalled else "time limit"
+                elif cfg.max_iters is not None and iteration >= cfg.max_iters:
+                    stop_reason = "max_iters"
+                if stop_reason is not None:
+                    break
+            bar.close()
+            if stop_reason is None:
+                epoch += 1
+            save(epoch)
+            last_good = ckpt_path
+            if is_main and stop_reason is not None and cfg.progress:
+                print(f"stopped ({stop_reason}) at epoch {epoch + 1}, iteration {iteration}; checkpoint {ckpt_path}")
+    if stop_reason is not None:
+        status = "stopped"
+    if tb is not None:
+        tb.close()
+    result: dict[str, Any] = {"status": status, "epoch": epoch, "iteration": iteration, "checkpoint": ckpt_path,
+                              "stop_reason": stop_reason}
+    # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted)
+    if (status == "done" or stop_reason in ("time limit", "max_iters")) and is_main and cfg.val_ann:
+        from dynamask.data import CocoDetection
+        from dynamask.engine.evaluate import evaluate
+
+        val = CocoDetection(cfg.val_images, cfg.val_ann)
+        result["metrics"] = evaluate(model, val, device=device, costs=cfg.mask_costs,
+                                     out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress)
+    if dist_utils.is_distributed():
+        torch.distributed.barrier()
+    return result
+
+
+def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["lr_steps"] = list(d["lr_steps"])
+    if d["resize"] is not None:
+        d["resize"] = list(d["resize"])
+    if d["mask_costs"] is not None:
+        d["mask_costs"] = {int(k): float(v) for k, v in d["mask_costs"].items()}
+    return d

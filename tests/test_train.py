@@ -1,0 +1,233 @@
+"""Training with a tiny torchvision Mask R-CNN stand-in: a few CPU iterations, exact resume, non-finite
+loss, a 2-process gloo DDP run, and checkpoints."""
+
+import json
+import os
+import signal
+import socket
+
+import pytest
+import torch
+
+from dynamask.data.shapes import generate, split_paths
+from dynamask.engine.checkpoint import (
+    BUILDERS,
+    build_model,
+    load_checkpoint,
+    make_arch,
+    model_from_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from dynamask.engine.train import NonFiniteLossError, TrainConfig, lr_factor, train
+
+TINY = dict(depth=18, min_size=64, max_size=64, rpn_batch_size_per_image=32, rpn_pre_nms_top_n_train=64,
+            rpn_post_nms_top_n_train=32, rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=32,
+            box_batch_size_per_image=32, box_detections_per_img=20, fpn_channels=32,
+            box_representation_size=64, mask_head_layers=(32, 32))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # on a small shared machine, one thread per process wastes no time spinning
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    generate(root, train=6, val=2, size=64, seed=0)
+    return root
+
+
+def _cfg(shapes, out, **kw):
+    img, ann = split_paths(shapes, "train")
+    base = dict(train_images=img, train_ann=ann, out_dir=str(out), arch="maskrcnn_resnet_fpn", arch_kwargs=TINY,
+                epochs=2, pretrain_epochs=1, batch_size=2, lr=0.01, warmup_iters=2, lr_steps=(1,), workers=0,
+                log_every=1, progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    result = train(_cfg(shapes, out))
+    return out, result
+
+
+def _same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_trains_a_few_iterations(uninterrupted):
+    out, result = uninterrupted
+    assert result["status"] == "done" and result["epoch"] == 2 and result["iteration"] == 6
+    ckpt = load_checkpoint(result["checkpoint"], arch_name="maskrcnn_resnet_fpn")
+    for key in ("format_version", "arch", "label_map", "model", "optimizer", "scheduler", "epoch", "iteration", "rng"):
+        assert key in ckpt
+    assert ckpt["label_map"][1] == (1, "ellipse") and ckpt["arch"]["kwargs"]["num_classes"] == 8
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    lines = open(out / "metrics.csv").read().strip().splitlines()
+    assert lines[0].startswith("epoch,iteration,lr,") and "loss_mask" in lines[0] and len(lines) == 7
+    # warm-up then a step at epoch 1: the lr of the last logged row is 0.1 x base
+    assert float(lines[-1].split(",")[2]) == pytest.approx(0.001)
+    # the model rebuilds from the file alone
+    model, _ = model_from_checkpoint(result["checkpoint"])
+    model.eval()
+    with torch.no_grad():
+        out0 = model([torch.rand(3, 64, 64)])[0]
+    assert set(out0) >= {"boxes", "labels", "scores", "masks"}
+
+
+def test_resume_after_interruption_is_exact(shapes, uninterrupted, tmp_path):
+    full_out, full = uninterrupted
+
+    def interrupt(it, losses):
+        if it == 4:  # mid-way through the second epoch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = train(_cfg(shapes, tmp_path), on_iteration=interrupt)
+    assert first["status"] == "stopped" and first["stop_reason"] == "SIGTERM" and first["iteration"] == 4
+    ckpt = load_checkpoint(first["checkpoint"])
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 4
+    second = train(_cfg(shapes, tmp_path, resume="auto"))
+    assert second["status"] == "done" and second["iteration"] == 6
+    a = load_checkpoint(full["checkpoint"])
+    b = load_checkpoint(second["checkpoint"])
+    _same_weights(a["model"], b["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    # the metric log continues where it stopped, with no duplicated rows
+    assert open(full_out / "metrics.csv").read().count("\n") == open(tmp_path / "metrics.csv").read().count("\n")
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(shapes, tmp_path):
+    holder = {}
+
+    def builder(**kw):
+        holder["model"] = build_model(make_arch("maskrcnn_resnet_fpn", **kw))
+        return holder["model"]
+
+    BUILDERS["poisonable"] = builder
+    try:
+        def poison(it, losses):
+            if it == 4:
+                with torch.no_grad():
+                    next(holder["model"].parameters()).fill_(float("nan"))
+
+        with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 2, iteration 5") as info:
+            train(_cfg(shapes, tmp_path, arch="poisonable", max_iters=None), on_iteration=poison)
+        assert "last.pth" in str(info.value)
+        ckpt = load_checkpoint(str(tmp_path / "last.pth"))
+        assert ckpt["iteration"] == 3 and ckpt["epoch"] == 1
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    finally:
+        BUILDERS.pop("poisonable", None)
+
+
+def test_time_limit_and_max_iters(shapes, tmp_path):
+    r = train(_cfg(shapes, tmp_path, max_iters=2))
+    assert r["status"] == "stopped" and r["iteration"] == 2 and r["stop_reason"] == "max_iters"
+    r = train(_cfg(shapes, tmp_path, resume="auto", time_limit=0.0))
+    assert r["status"] == "stopped" and r["iteration"] == 3 and r["stop_reason"] == "time limit"
+
+
+def test_resume_refuses_another_architecture(shapes, tmp_path):
+    train(_cfg(shapes, tmp_path, max_iters=1))
+    BUILDERS["other"] = BUILDERS["maskrcnn_resnet_fpn"]
+    try:
+        with pytest.raises(ValueError, match="architecture 'maskrcnn_resnet_fpn', not 'other'"):
+            train(_cfg(shapes, tmp_path, arch="other", resume="auto"))
+    finally:
+        BUILDERS.pop("other", None)
+
+
+def test_lr_schedule():
+    kw = dict(warmup_iters=10, warmup_factor=0.1, milestones=[20, 30], gamma=0.1)
+    assert lr_factor(0, **kw) == pytest.approx(0.1)
+    assert lr_factor(5, **kw) == pytest.approx(0.55)
+    assert lr_factor(10, **kw) == 1.0 and lr_factor(19, **kw) == 1.0
+    assert lr_factor(20, **kw) == pytest.approx(0.1) and lr_factor(35, **kw) == pytest.approx(0.01)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(4, 3)).sum().backward()
+    opt.step()
+    path = str(tmp_path / "c.pth")
+    state = rng_state()
+    save_checkpoint(path, arch=make_arch("maskrcnn_resnet_fpn", num_classes=3, min_size=(64, 80)),
+                    label_map={1: (7, "a")}, model=model, optimizer=opt, epoch=1, iteration=5, rng=state)
+    assert sorted(os.listdir(tmp_path)) == ["c.pth"]  # no temporary file left behind
+    ckpt = load_checkpoint(path)
+    assert ckpt["label_map"] == {1: (7, "a")} and ckpt["arch"]["kwargs"]["min_size"] == (64, 80)
+    torch.rand(5)
+    set_rng_state(ckpt["rng"])
+    assert torch.equal(torch.get_rng_state(), state["torch"])
+    with pytest.raises(ValueError, match="not 'dynamask_resnet_fpn'"):
+        load_checkpoint(path, arch_name="dynamask_resnet_fpn")
+    with pytest.raises(KeyError, match="unknown architecture 'nope'"):
+        build_model({"name": "nope", "kwargs": {}})
+    with pytest.raises(TypeError, match="not a plain value"):
+        make_arch("x", f=lambda: 0)
+    torch.save({"weights": 1}, str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match="not a dynamask checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pth"))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def _ddp_worker(rank, world, port, cfg):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(cfg)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(shapes, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(shapes, tmp_path, epochs=1, batch_size=1, log_every=1)
+    # fork: the children need not import torch again (minutes on a busy 2-core machine)
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, port, cfg), nprocs=2, join=True, start_method="fork")
+    ckpt = load_checkpoint(str(tmp_path / "last.pth"))
+    # 6 images over 2 processes at batch 1: 3 iterations per epoch
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == 3 and ckpt["extra"]["world_size"] == 2
+    assert open(tmp_path / "metrics.csv").read().count("\n") == 4
+
+
+def test_cli_train_then_eval(shapes, tmp_path, capsys):
+    from dynamask.cli import main
+
+    kwargs = json.dumps(dict(depth=18, min_size=64, max_size=64, fpn_channels=32, box_representation_size=64,
+                             mask_head_layers=[32, 32]))
+    run = str(tmp_path / "run")
+    assert main(["train", "--data", shapes, "--out", run, "--arch", "maskrcnn_resnet_fpn", "--arch-kwargs", kwargs,
+                 "--epochs", "1", "--batch-size", "3", "--workers", "0", "--no-progress", "--lr", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "done: epoch 1, iteration 2" in out and "| segm |" in out
+    assert main(["eval", os.path.join(run, "last.pth"), "--data", shapes, "--out", str(tmp_path / "ev"),
+                 "--no-progress", "--mask-costs", "28=0.5"]) == 0
+    assert (tmp_path / "ev" / "metrics.json").exists()
+    metrics = json.load(open(tmp_path / "ev" / "metrics.json"))
+    # the Mask R-CNN stand-in reports every mask at 28x28, costed as given
+    n = metrics["resolution"]["instances"]
+    assert metrics["resolution"]["overall"]["14"] == 0 and metrics["resolution"]["overall"]["28"] == n
+    assert n == 0 or metrics["mask_gmac_per_instance"] == pytest.approx(0.5)
+    assert main(["eval", str(tmp_path / "missing.pth"), "--data", shapes]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", run])  # no data given
+    with pytest.raises(SystemExit):
+        main(["train", "--data", shapes, "--out", run, "--arch-kwargs", "[1]"])
