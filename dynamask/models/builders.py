@@ -73,7 +73,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
                         trainable_backbone_layers: int | None = None,
                         torchvision_weights: str | os.PathLike | StateDict | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
-                        **kwargs: Any) -> DynaMaskRCNN:
+                        mask_roi_size: int = 14, **kwargs: Any) -> DynaMaskRCNN:
     """A DynaMask detector on a ResNet-{18, 34, 50, 101} FPN.
 
     Args:
@@ -85,6 +85,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
         torchvision_weights: torchvision Mask R-CNN weights to import (see the module docstring).
         trunk_channels: width of the 14×14 trunk (256; smaller for demo models).
         stage_channels: widths of the 28/56/112 stages ((128, 64, 32)).
+        mask_roi_size: side of the RoI feature (14, the paper); the stages double it. Only tests and
+            demos change it (e.g. 7 → 7/14/28/56, a quarter of the CPU time).
         **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (``min_size``, ``max_size``,
             ``box_score_thresh``, ``rpn_*``, ``edge_weight``, ``budget_weight``, ``target_gmacs``,
             ``gumbel_tau``, ``mask_policy``, ...).
@@ -101,7 +103,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
         body.load_state_dict(_load(weights_backbone, "weights_backbone"))
     backbone = _resnet_fpn_extractor(body, trainable)
     head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
-                        stage_channels=tuple(stage_channels))
+                        stage_channels=tuple(stage_channels), roi_size=mask_roi_size)
     model = DynaMaskRCNN(backbone, num_classes, mask_head=head, **kwargs)
     if torchvision_weights is not None and weights is None:
         load_torchvision_maskrcnn(model, torchvision_weights)
