@@ -28,6 +28,7 @@ from torchvision.ops import misc as misc_nn_ops
 
 from dynamask.models.detector import DynaMaskRCNN
 from dynamask.models.mask_head import DynaMaskHead
+from dynamask.models.msm import MaskSwitchModule
 
 RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
 TORCHVISION_PREFIXES = ("backbone.", "rpn.", "roi_heads.box_head.")
@@ -104,7 +105,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
     backbone = _resnet_fpn_extractor(body, trainable)
     head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
                         stage_channels=tuple(stage_channels), roi_size=mask_roi_size)
-    model = DynaMaskRCNN(backbone, num_classes, mask_head=head, **kwargs)
+    msm = MaskSwitchModule(in_channels=backbone.out_channels, in_size=mask_roi_size)
+    model = DynaMaskRCNN(backbone, num_classes, mask_head=head, msm=msm, **kwargs)
     if torchvision_weights is not None and weights is None:
         load_torchvision_maskrcnn(model, torchvision_weights)
     if weights is not None:

@@ -73,6 +73,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
             dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test),
             rpn_nms_thresh, score_thresh=rpn_score_thresh,
         )
+        mask_head = DynaMaskHead(in_channels=out_channels) if mask_head is None else mask_head
         box_pool = MultiLevelRoIPool(output_size=7, sampling_ratio=2, aligned=False)
         roi_heads = DynaMaskRoIHeads(
             box_roi_pool=box_pool,
@@ -82,8 +83,8 @@ class DynaMaskRCNN(GeneralizedRCNN):
             batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
             bbox_reg_weights=bbox_reg_weights, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
             detections_per_img=box_detections_per_img,
-            mask_head=DynaMaskHead(in_channels=out_channels) if mask_head is None else mask_head,
-            msm=MaskSwitchModule(in_channels=out_channels) if msm is None else msm,
+            mask_head=mask_head,
+            msm=(MaskSwitchModule(in_channels=out_channels, in_size=mask_head.resolutions[0]) if msm is None else msm),
             mask_roi_pool=MultiLevelRoIPool(output_size=14, sampling_ratio=2, aligned=True),
             edge_weight=edge_weight, budget_weight=budget_weight, target_gmacs=target_gmacs,
             gumbel_tau=gumbel_tau, mask_policy=mask_policy, mask_training=mask_training,
