@@ -28,8 +28,9 @@ def mask_targets(gt_masks: Sequence[Tensor], proposals: Sequence[Tensor], matche
                  resolutions: Sequence[int]) -> list[Tensor]:
     """Binary mask targets of every positive RoI at every resolution, in ONE RoIAlign call.
 
-    The GT masks of the batch become a 1-channel feature map with one "image" per GT instance (zero
-    padded to the largest image); each RoI is cut from the mask of its matched GT at every resolution by
+    The GT masks of the batch become a 1-channel feature map with one "image" per GT instance (padded
+    to the largest image: one replicated row/column, then zeros, so that a RoI inside its image gets
+    exactly what ``roi_align`` on the unpadded mask gives); each RoI is cut from the mask of its matched GT at every resolution by
     :func:`dynamask.ops.roi_align_stages` (aligned=True, adaptive sampling), then binarised at 0.5.
 
     Args:
@@ -51,7 +52,13 @@ def mask_targets(gt_masks: Sequence[Tensor], proposals: Sequence[Tensor], matche
     canvas = torch.zeros((g, 1, h, w), dtype=torch.float32, device=device)
     offsets, start = [], 0
     for m in gt_masks:
-        canvas[start:start + m.shape[0], 0, : m.shape[-2], : m.shape[-1]] = m.to(canvas)
+        mh, mw, sl = int(m.shape[-2]), int(m.shape[-1]), slice(start, start + m.shape[0])
+        canvas[sl, 0, :mh, :mw] = m.to(canvas)
+        # one replicated row/column beyond the image keeps RoIAlign's border clamping for boxes inside it
+        if mh < h:
+            canvas[sl, 0, mh, :mw] = canvas[sl, 0, mh - 1, :mw]
+        if mw < w:
+            canvas[sl, 0, : mh + (mh < h), mw] = canvas[sl, 0, : mh + (mh < h), mw - 1]
         offsets.append(start)
         start += int(m.shape[0])
     index = torch.cat([i.to(torch.float32) + o for i, o in zip(matched_idxs, offsets)])
