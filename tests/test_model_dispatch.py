@@ -23,11 +23,18 @@ def _rois(r, n=1, size=64):
 
 def _row_counter(head):
     rows = {"trunk": 0, 1: 0, 2: 0, 3: 0, "pred": [0, 0, 0, 0]}
-    hooks = [head.trunk.register_forward_pre_hook(lambda m, i: rows.__setitem__("trunk", rows["trunk"] + i[0].shape[0]))]
-    for s, fam in enumerate(head.fam, start=1):
-        hooks.append(fam.register_forward_pre_hook(lambda m, i, s=s: rows.__setitem__(s, rows[s] + i[0].shape[0])))
-    for k, p in enumerate(head.mask_predictors):
-        hooks.append(p.register_forward_pre_hook(lambda m, i, k=k: rows["pred"].__setitem__(k, rows["pred"][k] + i[0].shape[0])))
+
+    def add(key, k=None):
+        def hook(module, inputs):
+            if k is None:
+                rows[key] += inputs[0].shape[0]
+            else:
+                rows[key][k] += inputs[0].shape[0]
+        return hook
+
+    hooks = [head.trunk.register_forward_pre_hook(add("trunk"))]
+    hooks += [fam.register_forward_pre_hook(add(s)) for s, fam in enumerate(head.fam, start=1)]
+    hooks += [p.register_forward_pre_hook(add("pred", k)) for k, p in enumerate(head.mask_predictors)]
     return rows, hooks
 
 

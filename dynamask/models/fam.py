@@ -44,7 +44,8 @@ class DeformConv2d(nn.Module):
 
     def forward(self, x: Tensor, offset: Tensor, *, residual: Tensor | None = None,
                 activation: str | None = None) -> Tensor:
-        """x ``[B, C_in, H, W]``, offset ``[B, 2·k·k, H, W]``, residual ``[B, C_out, H, W]`` → ``[B, C_out, H, W]``."""
+        """x ``[B, C_in, H, W]``, offset ``[B, 2·k·k, H, W]``, residual ``[B, C_out, H, W]``
+        → ``[B, C_out, H, W]``."""
         return ops.deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
                                  dilation=self.dilation, residual=residual, activation=activation)
 

@@ -30,7 +30,8 @@ def mask_targets(gt_masks: Sequence[Tensor], proposals: Sequence[Tensor], matche
 
     The GT masks of the batch become a 1-channel feature map with one "image" per GT instance (padded
     to the largest image: one replicated row/column, then zeros, so that a RoI inside its image gets
-    exactly what ``roi_align`` on the unpadded mask gives); each RoI is cut from the mask of its matched GT at every resolution by
+    exactly what ``roi_align`` on the unpadded mask gives); each RoI is cut from the mask of its
+    matched GT at every resolution by
     :func:`dynamask.ops.roi_align_stages` (aligned=True, adaptive sampling), then binarised at 0.5.
 
     Args:
