@@ -63,3 +63,17 @@ def test_freezing_follows_torchvision(torchvision_model):
 def test_mismatched_torchvision_weights_are_refused(torchvision_model):
     with pytest.raises(RuntimeError):
         dynamask_resnet_fpn(depth=18, torchvision_weights=torchvision_model.state_dict())
+
+
+def test_own_weights_round_trip(tmp_path):
+    from model_helpers import TINY
+
+    torch.manual_seed(0)
+    a = dynamask_resnet_fpn(**TINY)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"format_version": 1, "model": a.state_dict()}, path)
+    b = dynamask_resnet_fpn(weights=str(path), **TINY)
+    own = b.state_dict()
+    for k, v in a.state_dict().items():
+        if "num_batches_tracked" not in k:
+            assert torch.equal(own[k], v), k
