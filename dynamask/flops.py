@@ -1,0 +1,101 @@
+"""Analytic multiply-accumulate counts of the DynaMask mask branch, from the layer shapes.
+
+Counting rule (DESIGN.md §3): MACs of convolutions (a deformable conv counts as the dense conv of the
+same shape; its sampling is not counted), linear layers and the mask predictor used at inference; not
+counted: activations, upsampling, the training-only edge predictors. The MSM is counted separately, and
+so is the per-image work (the 1×1 projections of P4/P3/P2 to the stage widths).
+
+All numbers are in GMAC (10⁹ multiply-accumulates); the budget loss uses :func:`mask_head_gmacs`, so C_t
+is in the same unit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import nn
+
+
+def _find(model: nn.Module, name: str) -> nn.Module:
+    """The mask head (``name="mask_head"``) or MSM (``"msm"``) of a detector, RoI heads, or itself."""
+    for owner in (model, getattr(model, "roi_heads", None)):
+        if owner is not None and hasattr(owner, name) and isinstance(getattr(owner, name), nn.Module):
+            return getattr(owner, name)
+    return model
+
+
+def conv_macs(conv: nn.Module, out_hw: tuple[int, int]) -> int:
+    """MACs of a (deformable) conv producing ``out_hw``: C_out · C_in/groups · k_h · k_w · H · W."""
+    kh, kw = conv.kernel_size
+    return conv.out_channels * (conv.in_channels // conv.groups) * kh * kw * out_hw[0] * out_hw[1]
+
+
+def _conv_out(conv: nn.Module, size: int) -> int:
+    return (size + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+
+
+def mask_head_macs(model: nn.Module) -> list[int]:
+    """Per-RoI cumulative MACs at each resolution (trunk + stages ≤ k + the mask predictor at k)."""
+    head = _find(model, "mask_head")
+    res = head.resolutions
+    trunk = sum(conv_macs(m, (res[0], res[0])) for m in head.trunk if isinstance(m, nn.Conv2d))
+    out, cum = [], trunk
+    for k, s in enumerate(res):
+        if k > 0:
+            fam = head.fam[k - 1]
+            cum += conv_macs(head.reduce[k - 1], (res[k - 1], res[k - 1]))
+            cum += sum(conv_macs(m, (s, s)) for m in (fam.offset1, fam.deform1, fam.offset2, fam.deform2))
+        out.append(cum + conv_macs(head.mask_predictors[k], (s, s)))
+    return out
+
+
+def mask_head_gmacs(model: nn.Module) -> dict[int, float]:
+    """``{14: g, 28: g, 56: g, 112: g}``: per-RoI cumulative mask-head GMAC at inference."""
+    head = _find(model, "mask_head")
+    return {s: m / 1e9 for s, m in zip(head.resolutions, mask_head_macs(head))}
+
+
+def msm_macs(model: nn.Module) -> int:
+    """Per-RoI MACs of the Mask Switch Module (SE FCs, two convs, two FCs)."""
+    msm = _find(model, "msm")
+    size = msm.in_size
+    total = msm.se.fc1.in_features * msm.se.fc1.out_features + msm.se.fc2.in_features * msm.se.fc2.out_features
+    for conv in (msm.conv1, msm.conv2):
+        size = _conv_out(conv, size)
+        total += conv_macs(conv, (size, size))
+    total += msm.fc1.in_features * msm.fc1.out_features + msm.fc2.in_features * msm.fc2.out_features
+    return total
+
+
+def msm_gmacs(model: nn.Module) -> float:
+    """Per-RoI GMAC of the Mask Switch Module."""
+    return msm_macs(model) / 1e9
+
+
+def level_strides(model: nn.Module) -> list[int]:
+    """Stride of the i-FPN level each stage crops (16, 8, 4 for P4, P3, P2)."""
+    head = _find(model, "mask_head")
+    return [4 * 2**level for level in head.stage_levels]
+
+
+def per_image_macs(model: nn.Module, image_size: Sequence[int], stages: Sequence[int] | None = None) -> int:
+    """Per-image MACs of the mask head: the 1×1 projections of P4/P3/P2 to the stage widths.
+
+    Args:
+        image_size: (H, W) of the padded network input (a level of stride t is ceil(H/t) × ceil(W/t)).
+        stages: which stages (1, 2, 3) ran; all by default. A stage no RoI reaches is skipped at inference.
+    """
+    head = _find(model, "mask_head")
+    h, w = int(image_size[0]), int(image_size[1])
+    stages = range(1, len(head.resolutions)) if stages is None else stages
+    total = 0
+    for s in stages:
+        t = level_strides(head)[s - 1]
+        total += conv_macs(head.project[s - 1], (math.ceil(h / t), math.ceil(w / t)))
+    return total
+
+
+def per_image_gmacs(model: nn.Module, image_size: Sequence[int], stages: Sequence[int] | None = None) -> float:
+    """:func:`per_image_macs` in GMAC (≈0.87 for an 800×1216 input at the default widths)."""
+    return per_image_macs(model, image_size, stages) / 1e9

@@ -1,0 +1,129 @@
+"""Builders of DynaMask detectors on ResNet-FPN backbones (plain functions, no registry).
+
+Weights are local files only (nothing is downloaded), read with ``torch.load(weights_only=True)``:
+
+- ``weights``: a DynaMask state dict, or a checkpoint dict holding one under ``"model"``;
+- ``weights_backbone``: a torchvision ResNet (ImageNet) state dict;
+- ``torchvision_weights``: a path or state dict of torchvision's ``maskrcnn_resnet50_fpn`` (same
+  depth): its backbone, FPN, RPN and box head are loaded, the box predictor only when ``num_classes``
+  matches; the mask head stays freshly initialised. Note that torchvision's released COCO weights were
+  trained with FrozenBatchNorm ``eps=0`` (torchvision calls ``overwrite_eps(model, 0.0)`` after
+  loading them); do the same for bit-identical detections with those weights.
+
+Backbone freezing and normalisation follow torchvision: with no pretrained weights every layer trains
+and BatchNorm is ordinary; with any weights, FrozenBatchNorm and 3 trainable layers by default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, _validate_trainable_layers
+from torchvision.ops import misc as misc_nn_ops
+
+from dynamask.models.detector import DynaMaskRCNN
+from dynamask.models.mask_head import DynaMaskHead
+from dynamask.models.msm import MaskSwitchModule
+
+RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
+TORCHVISION_PREFIXES = ("backbone.", "rpn.", "roi_heads.box_head.")
+BOX_PREDICTOR_PREFIX = "roi_heads.box_predictor."
+
+StateDict = Mapping[str, Tensor]
+
+
+def _load(source: str | os.PathLike | StateDict, what: str) -> dict[str, Tensor]:
+    if isinstance(source, (str, os.PathLike)):
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    else:
+        obj = source
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{what} must be a path to a state dict or a state dict, got {type(obj).__name__}")
+    return dict(obj)
+
+
+def load_torchvision_maskrcnn(model: DynaMaskRCNN, state: str | os.PathLike | StateDict) -> list[str]:
+    """Loads backbone, FPN, RPN, box head (and the box predictor when the class count matches) from a
+    torchvision ``maskrcnn_resnet50_fpn`` state dict. Returns the loaded keys."""
+    src = _load(state, "torchvision_weights")
+    own = model.state_dict()
+    prefixes = TORCHVISION_PREFIXES
+    pred_key = BOX_PREDICTOR_PREFIX + "cls_score.weight"
+    if pred_key in src and src[pred_key].shape == own[pred_key].shape:
+        prefixes = prefixes + (BOX_PREDICTOR_PREFIX,)
+    picked = {k: v for k, v in src.items() if k.startswith(prefixes) and not k.endswith("num_batches_tracked")}
+    wanted = [k for k in own if k.startswith(prefixes)]
+    missing = sorted(set(wanted) - set(picked))
+    unexpected = sorted(set(picked) - set(own))
+    if missing or unexpected:
+        raise RuntimeError(f"torchvision_weights do not match this architecture: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]} (is it a maskrcnn_resnet50_fpn state dict of this depth?)")
+    model.load_state_dict(picked, strict=False)  # shape mismatches still raise
+    return sorted(picked)
+
+
+def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str | os.PathLike | StateDict | None = None,
+                        weights_backbone: str | os.PathLike | StateDict | None = None,
+                        trainable_backbone_layers: int | None = None,
+                        torchvision_weights: str | os.PathLike | StateDict | None = None,
+                        trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
+                        mask_roi_size: int = 14, **kwargs: Any) -> DynaMaskRCNN:
+    """A DynaMask detector on a ResNet-{18, 34, 50, 101} FPN.
+
+    Args:
+        depth: ResNet depth.
+        num_classes: including background.
+        weights: local DynaMask weights (the whole model; ``weights_backbone`` is then ignored).
+        weights_backbone: local torchvision ResNet ImageNet weights.
+        trainable_backbone_layers: 0–5 (torchvision's rule; 3 by default with weights, else 5).
+        torchvision_weights: torchvision Mask R-CNN weights to import (see the module docstring).
+        trunk_channels: width of the 14×14 trunk (256; smaller for demo models).
+        stage_channels: widths of the 28/56/112 stages ((128, 64, 32)).
+        mask_roi_size: side of the RoI feature (14, the paper); the stages double it. Only tests and
+            demos change it (e.g. 7 → 7/14/28/56, a quarter of the CPU time).
+        **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (``min_size``, ``max_size``,
+            ``box_score_thresh``, ``rpn_*``, ``edge_weight``, ``budget_weight``, ``target_gmacs``,
+            ``gumbel_tau``, ``mask_policy``, ...).
+    """
+    if depth not in RESNETS:
+        raise ValueError(f"depth must be one of {sorted(RESNETS)}, got {depth}")
+    if weights is not None:
+        weights_backbone = None
+    is_trained = weights is not None or weights_backbone is not None or torchvision_weights is not None
+    trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, 5, 3)
+    norm_layer = misc_nn_ops.FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
+    body = RESNETS[depth](weights=None, norm_layer=norm_layer)
+    if weights_backbone is not None:
+        body.load_state_dict(_load(weights_backbone, "weights_backbone"))
+    backbone = _resnet_fpn_extractor(body, trainable)
+    head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
+                        stage_channels=tuple(stage_channels), roi_size=mask_roi_size)
+    msm = MaskSwitchModule(in_channels=backbone.out_channels, in_size=mask_roi_size)
+    model = DynaMaskRCNN(backbone, num_classes, mask_head=head, msm=msm, **kwargs)
+    if torchvision_weights is not None and weights is None:
+        load_torchvision_maskrcnn(model, torchvision_weights)
+    if weights is not None:
+        model.load_state_dict(_load(weights, "weights"))
+    return model
+
+
+def dynamask_resnet50_fpn(*, num_classes: int = 91, weights: str | os.PathLike | StateDict | None = None,
+                          weights_backbone: str | os.PathLike | StateDict | None = None,
+                          trainable_backbone_layers: int | None = None,
+                          torchvision_weights: str | os.PathLike | StateDict | None = None,
+                          **kwargs: Any) -> DynaMaskRCNN:
+    """DynaMask on a ResNet-50 FPN; a drop-in for ``torchvision.models.detection.maskrcnn_resnet50_fpn``.
+
+    See :func:`dynamask_resnet_fpn` for the arguments.
+    """
+    return dynamask_resnet_fpn(depth=50, num_classes=num_classes, weights=weights,
+                               weights_backbone=weights_backbone,
+                               trainable_backbone_layers=trainable_backbone_layers,
+                               torchvision_weights=torchvision_weights, **kwargs)

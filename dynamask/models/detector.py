@@ -1,0 +1,122 @@
+"""The DynaMask detector: torchvision's GeneralizedRCNN (transform, backbone, RPN) + our RoI heads.
+
+A drop-in for ``torchvision.models.detection.maskrcnn_resnet50_fpn``: ``model(images, targets)`` returns
+a dict of losses in training; ``model(images)`` returns, per image, ``boxes``, ``labels``, ``scores``,
+``masks [N, 1, H, W]`` (float probabilities, pasted into the original image) and ``mask_resolution
+[N]`` (14/28/56/112).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from dynamask.models import mask_inference
+from dynamask.models.mask_head import DynaMaskHead
+from dynamask.models.msm import MaskSwitchModule
+from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
+
+
+def default_anchor_generator() -> AnchorGenerator:
+    """torchvision's FPN anchors: sizes 32–512 (one per level), ratios 0.5/1/2."""
+    return AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+
+
+class DynaMaskRCNN(GeneralizedRCNN):
+    """Mask R-CNN with the DynaMask mask branch.
+
+    Args:
+        backbone: a ResNet-FPN (``out_channels`` = 256, levels "0".."3" + "pool").
+        num_classes: including background.
+        mask_head: the dual-level FPN head (default widths when None).
+        msm: the Mask Switch Module (default when None).
+        edge_weight, budget_weight, target_gmacs, gumbel_tau, mask_policy, mask_training: see
+            :class:`~dynamask.models.roi_heads.DynaMaskRoIHeads`.
+        The other arguments are torchvision's ``FasterRCNN`` ones, with its defaults; extra ``**kwargs``
+        go to ``GeneralizedRCNNTransform`` as in torchvision.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 91, *,
+                 # transform
+                 min_size: int | Sequence[int] = 800, max_size: int = 1333,
+                 image_mean: list[float] | None = None, image_std: list[float] | None = None,
+                 # RPN
+                 rpn_anchor_generator: AnchorGenerator | None = None, rpn_head: nn.Module | None = None,
+                 rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
+                 rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
+                 rpn_nms_thresh: float = 0.7, rpn_fg_iou_thresh: float = 0.7, rpn_bg_iou_thresh: float = 0.3,
+                 rpn_batch_size_per_image: int = 256, rpn_positive_fraction: float = 0.5,
+                 rpn_score_thresh: float = 0.0,
+                 # box branch
+                 box_head: nn.Module | None = None, box_predictor: nn.Module | None = None,
+                 box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
+                 box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
+                 box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
+                 bbox_reg_weights: tuple[float, float, float, float] | None = None,
+                 # mask branch
+                 mask_head: DynaMaskHead | None = None, msm: MaskSwitchModule | None = None,
+                 edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
+                 gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
+                 mask_training: str = "pretrain", **kwargs) -> None:
+        out_channels = backbone.out_channels
+        anchors = default_anchor_generator() if rpn_anchor_generator is None else rpn_anchor_generator
+        rpn = RegionProposalNetwork(
+            anchors, RPNHead(out_channels, anchors.num_anchors_per_location()[0]) if rpn_head is None else rpn_head,
+            rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image, rpn_positive_fraction,
+            dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
+            dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test),
+            rpn_nms_thresh, score_thresh=rpn_score_thresh,
+        )
+        mask_head = DynaMaskHead(in_channels=out_channels) if mask_head is None else mask_head
+        box_pool = MultiLevelRoIPool(output_size=7, sampling_ratio=2, aligned=False)
+        roi_heads = DynaMaskRoIHeads(
+            box_roi_pool=box_pool,
+            box_head=TwoMLPHead(out_channels * 7 * 7, 1024) if box_head is None else box_head,
+            box_predictor=FastRCNNPredictor(1024, num_classes) if box_predictor is None else box_predictor,
+            fg_iou_thresh=box_fg_iou_thresh, bg_iou_thresh=box_bg_iou_thresh,
+            batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
+            bbox_reg_weights=bbox_reg_weights, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
+            detections_per_img=box_detections_per_img,
+            mask_head=mask_head,
+            msm=(MaskSwitchModule(in_channels=out_channels, in_size=mask_head.resolutions[0]) if msm is None else msm),
+            mask_roi_pool=MultiLevelRoIPool(output_size=14, sampling_ratio=2, aligned=True),
+            edge_weight=edge_weight, budget_weight=budget_weight, target_gmacs=target_gmacs,
+            gumbel_tau=gumbel_tau, mask_policy=mask_policy, mask_training=mask_training,
+        )
+        transform = GeneralizedRCNNTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
+                                             image_std or [0.229, 0.224, 0.225], **kwargs)
+        super().__init__(backbone, rpn, roi_heads, transform)
+
+    @property
+    def mask_training(self) -> str:
+        """"pretrain" (all resolutions supervised, MSM unused) or "dynamic" (Eq. 3–7)."""
+        return self.roi_heads.mask_training
+
+    @mask_training.setter
+    def mask_training(self, mode: str) -> None:
+        self.roi_heads.mask_training = mode
+
+    @property
+    def mask_policy(self) -> mask_inference.Policy:
+        """Inference routing: "msm", "size", 14/28/56/112, or a callable (see ``choose_resolutions``)."""
+        return self.roi_heads.mask_policy
+
+    @mask_policy.setter
+    def mask_policy(self, policy: mask_inference.Policy) -> None:
+        self.roi_heads.mask_policy = policy
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        """Training: dict of losses. Eval: per image ``boxes, labels, scores, masks [N,1,H,W],
+        mask_resolution [N]`` in the original image frame."""
+        out = super().forward(images, targets)
+        if self.training:
+            return out
+        sizes = [tuple(int(v) for v in img.shape[-2:]) for img in images]
+        res = self.roi_heads.mask_head.resolutions
+        return [mask_inference.paste_instance_masks(det, size, res) for det, size in zip(out, sizes)]

@@ -1,0 +1,173 @@
+"""Mask-branch losses of DynaMask as pure functions (DESIGN.md §3 "Rules that the paper leaves open").
+
+Terms, each returned under its own key and already weighted (the detector's total loss is the sum):
+
+- pretrain: ``loss_mask`` = mean_k ℓ_mask,k and ``loss_edge`` = λ1 · mean_k ℓ_edge,k, averaged over the
+  positive RoIs; ℓ_k is BCE-with-logits averaged over the S_k² pixels of resolution k.
+- dynamic (Eq. 3–7): y = straight-through hard Gumbel-softmax of the MSM logits (τ);
+  ``loss_mask`` = mean_i Σ_k y_ik ℓ_mask,ik, ``loss_edge`` = λ1 · mean_i Σ_k y_ik ℓ_edge,ik,
+  ``loss_budget`` = λ2 · max(E[C]/C_t − 1, 0) with E[C] = mean_i Σ_k p_ik C_k (only when C_t is set),
+  ``loss_entropy`` = λ2 · (1/K) Σ_k f_k log f_k with f_k = mean_i p_ik (all-reduced under DDP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from dynamask import ops
+
+LAPLACIAN = ((-1.0, -1.0, -1.0), (-1.0, 8.0, -1.0), (-1.0, -1.0, -1.0))
+
+
+def mask_targets(gt_masks: Sequence[Tensor], proposals: Sequence[Tensor], matched_idxs: Sequence[Tensor],
+                 resolutions: Sequence[int]) -> list[Tensor]:
+    """Binary mask targets of every positive RoI at every resolution, in ONE RoIAlign call.
+
+    The GT masks of the batch become a 1-channel feature map with one "image" per GT instance (padded
+    to the largest image: one replicated row/column, then zeros, so that a RoI inside its image gets
+    exactly what ``roi_align`` on the unpadded mask gives); each RoI is cut from the mask of its
+    matched GT at every resolution by
+    :func:`dynamask.ops.roi_align_stages` (aligned=True, adaptive sampling), then binarised at 0.5.
+
+    Args:
+        gt_masks: per image ``[G_i, H_i, W_i]`` (any dtype; > 0.5 is foreground after resampling).
+        proposals: per image ``[n_i, 4]`` positive RoIs (x1, y1, x2, y2) in the same frame.
+        matched_idxs: per image ``[n_i]`` int64 index of the matched GT in ``gt_masks[i]``.
+        resolutions: the K output sides (14, 28, 56, 112).
+
+    Returns:
+        K float tensors, entry k ``[R, S_k, S_k]`` of 0/1 values (R = Σ n_i).
+    """
+    device = proposals[0].device if len(proposals) else torch.device("cpu")
+    r = sum(int(p.shape[0]) for p in proposals)
+    if r == 0:
+        return [torch.zeros((0, s, s), device=device) for s in resolutions]
+    h = max(int(m.shape[-2]) for m in gt_masks)
+    w = max(int(m.shape[-1]) for m in gt_masks)
+    g = sum(int(m.shape[0]) for m in gt_masks)
+    canvas = torch.zeros((g, 1, h, w), dtype=torch.float32, device=device)
+    offsets, start = [], 0
+    for m in gt_masks:
+        mh, mw, sl = int(m.shape[-2]), int(m.shape[-1]), slice(start, start + m.shape[0])
+        canvas[sl, 0, :mh, :mw] = m.to(canvas)
+        # one replicated row/column beyond the image keeps RoIAlign's border clamping for boxes inside it
+        if mh < h:
+            canvas[sl, 0, mh, :mw] = canvas[sl, 0, mh - 1, :mw]
+        if mw < w:
+            canvas[sl, 0, : mh + (mh < h), mw] = canvas[sl, 0, : mh + (mh < h), mw - 1]
+        offsets.append(start)
+        start += int(m.shape[0])
+    index = torch.cat([i.to(torch.float32) + o for i, o in zip(matched_idxs, offsets)])
+    rois = torch.cat([index[:, None], torch.cat(list(proposals)).to(torch.float32)], dim=1)
+    stages = [(0, int(s), r) for s in resolutions]
+    cuts = ops.roi_align_stages([canvas], rois, stages, [1.0], sampling_ratio=0, aligned=True)
+    return [(c[:, 0] >= 0.5).to(torch.float32) for c in cuts]
+
+
+def _laplacian_edges(mask: Tensor, stride: int) -> Tensor:
+    kernel = torch.tensor(LAPLACIAN, dtype=mask.dtype, device=mask.device)[None, None]
+    padded = F.pad(mask[:, None], (1, 1, 1, 1), mode="replicate")
+    return (F.conv2d(padded, kernel, stride=stride).clamp(min=0) > 0.1)
+
+
+def edge_targets(masks: Tensor) -> Tensor:
+    """Edge targets of binary masks: Laplacian with replicate padding, clamp ≥ 0, > 0.1, OR the same
+    at stride 2 upsampled (nearest).
+
+    A mask touching the RoI border is not an edge there (replicate padding).
+
+    Args:
+        masks: ``[R, S, S]`` 0/1 float.
+
+    Returns:
+        ``[R, S, S]`` 0/1 float.
+    """
+    if masks.shape[0] == 0:
+        return masks.clone()
+    s = masks.shape[-2:]
+    full = _laplacian_edges(masks, 1)
+    half = _laplacian_edges(masks, 2).to(masks.dtype)
+    half = F.interpolate(half, size=s, mode="nearest") > 0.5
+    return (full | half)[:, 0].to(masks.dtype)
+
+
+def per_roi_bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """BCE-with-logits averaged over the pixels of each RoI: ``[R, S, S]`` × 2 → ``[R]``."""
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(dim=1)
+
+
+def pretrain_losses(mask_logits: Sequence[Tensor], edge_logits: Sequence[Tensor], mask_t: Sequence[Tensor],
+                    edge_t: Sequence[Tensor], *, edge_weight: float) -> dict[str, Tensor]:
+    """All K resolutions supervised: ``loss_mask`` = mean_k mean_i ℓ_mask,ik,
+    ``loss_edge`` = λ1 · mean_k mean_i ℓ_edge,ik. Inputs: K tensors ``[R, S_k, S_k]`` each, R > 0."""
+    lm = torch.stack([per_roi_bce(x, t).mean() for x, t in zip(mask_logits, mask_t)]).mean()
+    le = torch.stack([per_roi_bce(x, t).mean() for x, t in zip(edge_logits, edge_t)]).mean()
+    return {"loss_mask": lm, "loss_edge": edge_weight * le}
+
+
+def gumbel_hard(logits: Tensor, tau: float) -> Tensor:
+    """Straight-through hard Gumbel-softmax: one-hot forward, soft gradient. ``[R, K]`` → ``[R, K]``."""
+    return F.gumbel_softmax(logits, tau=tau, hard=True, dim=-1)
+
+
+def budget_loss(probs: Tensor, costs: Tensor, target: float) -> Tensor:
+    """L_budget = max(E[C]/C_t − 1, 0), E[C] = mean_i Σ_k p_ik C_k.
+
+    Args:
+        probs: ``[R, K]`` MSM softmax. costs: ``[K]`` per-RoI GMAC of each resolution. target: C_t (GMAC).
+    """
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    expected = (probs * costs.to(probs)).sum(dim=1).mean()
+    return torch.clamp(expected / target - 1.0, min=0.0)
+
+
+def resolution_frequencies(probs: Tensor) -> Tensor:
+    """f_k = mean_i p_ik over the RoIs of all processes (differentiable all-reduce under DDP). ``[K]``."""
+    total = probs.sum(dim=0)
+    count = probs.new_tensor(float(probs.shape[0]))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        total = all_reduce(total)
+        count = all_reduce(count)
+    return total / count.clamp(min=1.0)
+
+
+def entropy_loss(probs: Tensor) -> Tensor:
+    """L_entropy = (1/K) Σ_k f_k log f_k (≤ 0, lowest at a uniform choice). probs ``[R, K]``."""
+    f = resolution_frequencies(probs)
+    return torch.special.xlogy(f, f).mean()
+
+
+def dynamic_losses(mask_logits: Sequence[Tensor], edge_logits: Sequence[Tensor], mask_t: Sequence[Tensor],
+                   edge_t: Sequence[Tensor], msm_logits: Tensor, *, edge_weight: float, budget_weight: float,
+                   target_gmacs: float | None, costs_gmacs: Sequence[float], tau: float) -> dict[str, Tensor]:
+    """The paper's Eq. 3–7 (see the module docstring).
+
+    Args:
+        mask_logits, edge_logits, mask_t, edge_t: K tensors ``[R, S_k, S_k]`` each.
+        msm_logits: ``[R, K]``.
+        costs_gmacs: K per-RoI inference costs (GMAC) of the head at each resolution.
+
+    Returns:
+        ``loss_mask``, ``loss_edge``, ``loss_entropy`` and, when ``target_gmacs`` is set, ``loss_budget``.
+    """
+    y = gumbel_hard(msm_logits, tau)  # [R, K]
+    lm = torch.stack([per_roi_bce(x, t) for x, t in zip(mask_logits, mask_t)], dim=1)  # [R, K]
+    le = torch.stack([per_roi_bce(x, t) for x, t in zip(edge_logits, edge_t)], dim=1)  # [R, K]
+    probs = msm_logits.softmax(dim=1)
+    out = {
+        "loss_mask": (y * lm).sum(dim=1).mean(),
+        "loss_edge": edge_weight * (y * le).sum(dim=1).mean(),
+        "loss_entropy": budget_weight * entropy_loss(probs),
+    }
+    if target_gmacs is not None:
+        costs = torch.tensor(list(costs_gmacs), dtype=probs.dtype, device=probs.device)
+        out["loss_budget"] = budget_weight * budget_loss(probs, costs, float(target_gmacs))
+    return out

@@ -1,0 +1,75 @@
+"""Mask Switch Module (MSM): predicts one of K mask resolutions per RoI from its 14×14 RoI feature.
+
+Layers (DESIGN.md §3; ≈0.008 GMAC per RoI at the defaults, see :func:`dynamask.flops.msm_gmacs`):
+SE block (global average pool → FC 256→16 → ReLU → FC 16→256 → sigmoid → channel scale) →
+3×3 conv 256→64 stride 2 (14→7), ReLU → 3×3 conv 64→16, ReLU → flatten (16·7·7 = 784) →
+FC 784→256, ReLU → FC 256→K logits.
+
+The input is detached by the caller's contract (the RoI heads pass ``roi_features.detach()``), so the
+routing losses train the MSM only and do not pull on the backbone.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: ``x · sigmoid(FC(ReLU(FC(avgpool(x)))))``.
+
+    Args:
+        channels: C.
+        reduction: hidden width is ``C // reduction``.
+    """
+
+    def __init__(self, *, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x ``[R, C, H, W]`` → ``[R, C, H, W]``."""
+        w = x.mean(dim=(2, 3))  # [R, C]
+        w = self.fc2(F.relu(self.fc1(w))).sigmoid()
+        return x * w[:, :, None, None]
+
+
+class MaskSwitchModule(nn.Module):
+    """MSM: K resolution logits per RoI.
+
+    Args:
+        in_channels: channels of the RoI feature (256 for an FPN).
+        in_size: its spatial size (14).
+        conv_channels: widths of the two 3×3 convs (64, 16); the first has stride 2.
+        hidden: width of the first FC (256).
+        num_resolutions: K (4).
+        se_reduction: SE reduction ratio (16).
+    """
+
+    def __init__(self, *, in_channels: int = 256, in_size: int = 14, conv_channels: tuple[int, int] = (64, 16),
+                 hidden: int = 256, num_resolutions: int = 4, se_reduction: int = 16) -> None:
+        super().__init__()
+        c1, c2 = conv_channels
+        self.se = SqueezeExcite(channels=in_channels, reduction=se_reduction)
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        out_size = (in_size + 2 - 3) // 2 + 1
+        self.fc1 = nn.Linear(c2 * out_size * out_size, hidden)
+        self.fc2 = nn.Linear(hidden, num_resolutions)
+        self.in_size = in_size
+        self.num_resolutions = num_resolutions
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.fc2.weight, std=0.01)  # start near a uniform choice
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x ``[R, C, 14, 14]`` (detached RoI feature) → logits ``[R, K]``."""
+        x = self.se(x)
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)

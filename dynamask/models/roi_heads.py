@@ -1,0 +1,231 @@
+"""RoI heads of DynaMask: torchvision's box branch (pooled by our kernel) + the dynamic mask branch.
+
+Reused from torchvision, unchanged: box head, box predictor, box coder, matcher, sampler, target
+assignment, ``fastrcnn_loss`` and ``postprocess_detections`` (the class derives from torchvision's
+``RoIHeads`` and overrides ``forward`` only, so no torchvision code is patched).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+
+from dynamask import ops
+from dynamask.flops import mask_head_gmacs
+from dynamask.models import mask_inference, mask_losses
+from dynamask.models.mask_head import DynaMaskHead
+from dynamask.models.msm import MaskSwitchModule
+
+MASK_TRAINING_MODES = ("pretrain", "dynamic")
+
+
+def infer_scales(features: Sequence[Tensor], image_shapes: Sequence[tuple[int, int]]) -> list[float]:
+    """torchvision's ``MultiScaleRoIAlign`` rule: scale = 2^round(log2(feature side / largest image side))."""
+    max_h = max(int(s[0]) for s in image_shapes)
+    scales = []
+    for f in features:
+        approx = float(f.shape[-2]) / float(max_h)
+        scales.append(2.0 ** round(math.log2(approx)))
+    return scales
+
+
+def to_rois(boxes: Sequence[Tensor]) -> Tensor:
+    """Per-image ``[n_i, 4]`` boxes → ``[R, 5]`` (batch index, x1, y1, x2, y2)."""
+    ids = [torch.full((b.shape[0], 1), float(i), dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
+    return torch.cat([torch.cat(ids), torch.cat(list(boxes))], dim=1)
+
+
+class MultiLevelRoIPool(nn.Module):
+    """Drop-in for torchvision's ``MultiScaleRoIAlign`` on :func:`dynamask.ops.roi_align_multilevel`.
+
+    Same inputs and levels (LevelMapper, canonical 224 at P4) and scales inferred the same way, so with
+    ``aligned=False`` its output equals torchvision's.
+
+    Args:
+        featmap_names: names of the pyramid levels in the feature dict, finest first.
+        output_size: S. sampling_ratio: samples per bin and axis. aligned: half-pixel shift.
+    """
+
+    def __init__(self, *, featmap_names: Sequence[str] = ("0", "1", "2", "3"), output_size: int = 7,
+                 sampling_ratio: int = 2, aligned: bool = False) -> None:
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.output_size = (output_size, output_size)
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def levels(self, features: dict[str, Tensor]) -> list[Tensor]:
+        return [features[name] for name in self.featmap_names]
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        """features: name → ``[N, C, H_l, W_l]``; boxes: per image ``[n_i, 4]`` → ``[R, C, S, S]``."""
+        feats = self.levels(features)
+        scales = infer_scales(feats, image_shapes)
+        return ops.roi_align_multilevel(feats, to_rois(boxes), self.output_size, scales,
+                                        sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+
+
+class DynaMaskRoIHeads(RoIHeads):
+    """torchvision's box branch + DynaMask's mask branch (dual-level FPN head, MSM, dispatcher).
+
+    Args:
+        box_roi_pool, box_head, box_predictor: as torchvision's ``RoIHeads``.
+        fg_iou_thresh ... detections_per_img: as torchvision's ``RoIHeads``.
+        mask_head: the dual-level FPN head.
+        msm: the Mask Switch Module.
+        mask_roi_pool: pools the 14×14 RoI feature (aligned=True by default).
+        edge_weight: λ1. budget_weight: λ2 (weights budget and entropy). target_gmacs: C_t in GMAC per
+            RoI (None = no budget term). gumbel_tau: τ.
+        mask_policy: inference routing ("msm", "size", 14/28/56/112 or a callable).
+        mask_training: "pretrain" or "dynamic".
+    """
+
+    def __init__(self, *, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module,
+                 fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int,
+                 positive_fraction: float, bbox_reg_weights: tuple[float, float, float, float] | None,
+                 score_thresh: float, nms_thresh: float, detections_per_img: int,
+                 mask_head: DynaMaskHead, msm: MaskSwitchModule, mask_roi_pool: MultiLevelRoIPool,
+                 edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
+                 gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
+                 mask_training: str = "pretrain") -> None:
+        super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
+                         batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
+                         detections_per_img)
+        self.mask_head = mask_head
+        self.msm = msm
+        self.dyn_mask_roi_pool = mask_roi_pool
+        self.edge_weight = float(edge_weight)
+        self.budget_weight = float(budget_weight)
+        self.target_gmacs = None if target_gmacs is None else float(target_gmacs)
+        self.gumbel_tau = float(gumbel_tau)
+        self.mask_policy = mask_policy
+        self.mask_training = mask_training
+
+    # -- settings ---------------------------------------------------------------------------------
+    @property
+    def mask_training(self) -> str:
+        return self._mask_training
+
+    @mask_training.setter
+    def mask_training(self, mode: str) -> None:
+        if mode not in MASK_TRAINING_MODES:
+            raise ValueError(f"mask_training must be one of {MASK_TRAINING_MODES}, got {mode!r}")
+        self._mask_training = mode
+
+    @property
+    def mask_policy(self) -> mask_inference.Policy:
+        return self._mask_policy
+
+    @mask_policy.setter
+    def mask_policy(self, policy: mask_inference.Policy) -> None:
+        ok = (policy in ("msm", "size") if isinstance(policy, str)
+              else policy in self.mask_head.resolutions if isinstance(policy, int) and not isinstance(policy, bool)
+              else callable(policy))
+        if not ok:
+            raise ValueError(f"mask_policy must be 'msm', 'size', one of {self.mask_head.resolutions} or a "
+                             f"callable, got {policy!r}")
+        self._mask_policy = policy
+
+    def has_mask(self) -> bool:  # torchvision's check_targets asks for "masks" when this is True
+        return True
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
+                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """Same contract as torchvision's ``RoIHeads.forward``.
+
+        Eval: one dict per image with ``boxes [N, 4]`` (input frame), ``labels``, ``scores``,
+        ``mask_resolution [N]`` int64, and ``mask_probs_S [n_S, S, S]`` for S in 14/28/56/112 (the
+        instances segmented at S, in box order), which the detector pastes after rescaling the boxes.
+        Training: ``loss_classifier``, ``loss_box_reg`` and the mask-branch terms.
+        """
+        if self.training:
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+
+        if self.training:
+            assert targets is not None
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+            losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+            pos = [torch.where(lab > 0)[0] for lab in labels]
+            mask_proposals = [p[i] for p, i in zip(proposals, pos)]
+            pos_matched = [m[i] for m, i in zip(matched_idxs, pos)]
+            losses.update(self.mask_losses(features, mask_proposals, pos_matched, image_shapes, targets))
+            return [], losses
+
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
+        self.predict_masks(features, result, image_shapes)
+        return result, {}
+
+    def _pool_masks(self, features: dict[str, Tensor], boxes: list[Tensor],
+                    image_shapes: list[tuple[int, int]]) -> tuple[Tensor, list[Tensor], list[float], Tensor]:
+        levels = self.dyn_mask_roi_pool.levels(features)
+        scales = infer_scales(levels, image_shapes)
+        rois = to_rois(boxes)
+        size = self.mask_head.resolutions[0]
+        roi_features = ops.roi_align_multilevel(levels, rois, size, scales,
+                                                sampling_ratio=self.dyn_mask_roi_pool.sampling_ratio,
+                                                aligned=self.dyn_mask_roi_pool.aligned)
+        return roi_features, levels, scales, rois
+
+    def mask_losses(self, features: dict[str, Tensor], proposals: list[Tensor], matched_idxs: list[Tensor],
+                    image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Mask-branch training losses on the positive RoIs (all K stages run on every one)."""
+        roi_features, levels, scales, rois = self._pool_masks(features, proposals, image_shapes)
+        if rois.shape[0] == 0:
+            return self._zero_mask_losses()
+        mask_logits, edge_logits = self.mask_head.forward_train(roi_features, levels, scales, rois)
+        mask_t = mask_losses.mask_targets([t["masks"] for t in targets], proposals, matched_idxs,
+                                          self.mask_head.resolutions)
+        edge_t = [mask_losses.edge_targets(m) for m in mask_t]
+        if self.mask_training == "pretrain":
+            return mask_losses.pretrain_losses(mask_logits, edge_logits, mask_t, edge_t,
+                                               edge_weight=self.edge_weight)
+        msm_logits = self.msm(roi_features.detach())
+        costs = list(mask_head_gmacs(self.mask_head).values())
+        return mask_losses.dynamic_losses(mask_logits, edge_logits, mask_t, edge_t, msm_logits,
+                                          edge_weight=self.edge_weight, budget_weight=self.budget_weight,
+                                          target_gmacs=self.target_gmacs, costs_gmacs=costs, tau=self.gumbel_tau)
+
+    def _zero_mask_losses(self) -> dict[str, Tensor]:
+        """Zero losses still connected to the mask branch's parameters (no positive RoI in the batch)."""
+        zero = sum(p.sum() * 0.0 for p in self.mask_head.parameters())
+        keys = ["loss_mask", "loss_edge"]
+        if self.mask_training == "dynamic":
+            zero = zero + sum(p.sum() * 0.0 for p in self.msm.parameters())
+            keys.append("loss_entropy")
+            if self.target_gmacs is not None:
+                keys.append("loss_budget")
+        return {k: zero for k in keys}
+
+    @torch.no_grad()
+    def choose(self, roi_features: Tensor, boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """Resolution index per RoI under the current ``mask_policy``. ``[R]`` int64."""
+        return mask_inference.choose_resolutions(self.mask_policy, msm=self.msm, roi_features=roi_features,
+                                                 boxes=boxes, image_sizes=image_shapes,
+                                                 resolutions=self.mask_head.resolutions)
+
+    def predict_masks(self, features: dict[str, Tensor], result: list[dict[str, Tensor]],
+                      image_shapes: list[tuple[int, int]]) -> None:
+        """Adds ``mask_resolution`` and ``mask_probs_S`` to each image's detections (in place)."""
+        boxes = [r["boxes"] for r in result]
+        resolutions = self.mask_head.resolutions
+        roi_features, levels, scales, rois = self._pool_masks(features, boxes, image_shapes)
+        choice = self.choose(roi_features, boxes, image_shapes)
+        perm, counts = ops.group_by_resolution(choice, len(resolutions))
+        logits = self.mask_head.forward_dispatched(roi_features[perm], levels, scales, rois[perm], counts.tolist())
+        image_ids = rois[:, 0].to(torch.int64)
+        per_image = mask_inference.split_by_image([x.sigmoid() for x in logits], choice[perm], image_ids[perm],
+                                                  len(result))
+        sizes = torch.tensor(resolutions, dtype=torch.int64, device=choice.device)
+        for r, parts, c in zip(result, per_image, choice.split([b.shape[0] for b in boxes])):
+            r["mask_resolution"] = sizes[c]
+            for s, part in zip(resolutions, parts):
+                r[mask_inference.mask_probs_key(s)] = part

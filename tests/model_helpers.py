@@ -1,0 +1,80 @@
+"""Small models and synthetic data shared by the model tests (kept tiny: 2 CPU cores)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynamask.models import dynamask_resnet_fpn
+
+TINY = dict(depth=18, num_classes=3, min_size=64, max_size=96, trunk_channels=32, stage_channels=(16, 8, 8),
+            rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50,
+            rpn_post_nms_top_n_test=20, box_batch_size_per_image=16, box_detections_per_img=8, mask_roi_size=7)
+
+
+def tiny_model(**overrides) -> nn.Module:
+    kw = dict(TINY)
+    kw.update(overrides)
+    return dynamask_resnet_fpn(**kw)
+
+
+def synthetic_batch(seed: int = 0, size: tuple[int, int] = (64, 80)) -> tuple[list[torch.Tensor], list[dict]]:
+    """Two images; image 0 has a red rectangle (label 1) and a green disc (label 2), image 1 one rectangle."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    images, targets = [], []
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    for i in range(2):
+        img = torch.rand(3, h, w, generator=g) * 0.2
+        boxes, labels, masks = [], [], []
+        rect = torch.zeros(h, w, dtype=torch.uint8)
+        x1, y1, x2, y2 = (6, 8, 40, 44) if i == 0 else (30, 10, 74, 50)
+        rect[y1:y2, x1:x2] = 1
+        img[0][rect.bool()] = 0.9
+        boxes.append([x1, y1, x2, y2]); labels.append(1); masks.append(rect)
+        if i == 0:
+            disc = (((yy - 40) ** 2 + (xx - 60) ** 2) < 14**2).to(torch.uint8)
+            img[1][disc.bool()] = 0.9
+            boxes.append([46, 26, 74, 54]); labels.append(2); masks.append(disc)
+        images.append(img)
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
+                        "masks": torch.stack(masks)})
+    return images, targets
+
+
+class MacCounter:
+    """Counts multiply-accumulates of Conv2d / Linear / DeformConv2d modules with forward hooks."""
+
+    def __init__(self, module: nn.Module) -> None:
+        from dynamask.models import DeformConv2d
+
+        self.macs = 0
+        self.handles = []
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, DeformConv2d)):
+                self.handles.append(m.register_forward_hook(self._conv))
+            elif isinstance(m, nn.Linear):
+                self.handles.append(m.register_forward_hook(self._linear))
+
+    def _conv(self, m, inputs, out):
+        kh, kw = m.kernel_size
+        self.macs += out.numel() * (m.in_channels // m.groups) * kh * kw
+
+    def _linear(self, m, inputs, out):
+        self.macs += out.numel() * m.in_features
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine's 2 cores are shared; intra-op threads then spin against each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
