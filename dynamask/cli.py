@@ -152,16 +152,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _model_mask_costs(arch: str, kwargs: dict[str, Any]) -> dict[int, float] | None:
-    """Per-resolution mask-head GMAC from ``dynamask.flops`` when it offers ``mask_head_costs`` (written
-    elsewhere); None otherwise (the report then omits the cost)."""
-    try:
-        from dynamask import flops  # type: ignore[attr-defined]
-    except ImportError:
+    """Per-resolution cumulative mask-head GMAC of a DynaMask architecture (``dynamask.flops``), computed
+    from the layer shapes of a model built from the same builder arguments; None for other models."""
+    if not arch.startswith("dynamask"):
         return None
-    fn = getattr(flops, "mask_head_costs", None)
-    if fn is None or not arch.startswith("dynamask"):
-        return None
-    return {int(k): float(v) for k, v in fn(arch=arch, **kwargs).items()}
+    from dynamask import flops
+    from dynamask.engine.checkpoint import builders
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("weights", "weights_backbone", "torchvision_weights")}
+    model = builders()[arch](**kwargs)
+    return {int(k): float(v) for k, v in flops.mask_head_gmacs(model).items()}
 
 
 # --------------------------------------------------------------------------------------------- eval
