@@ -1,0 +1,1 @@
+"""Slow pure-PyTorch twins of the kernels, used by the tests as independent references."""
