@@ -40,6 +40,36 @@ inline int64_t images_per_chunk(const Geometry& g) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+}  // namespace
+}  // namespace deform_conv
+}  // namespace dynamask
+
+// torch's x86 wheels link MKL, whose GEMM called from inside an at::parallel_for worker opens a
+// nested team of threads: on 2 busy cores that ran ~40x slower than one thread. Each worker asks
+// MKL for a sequential GEMM through MKL's thread-local setting (the C entry point behind
+// mkl_service.h's mkl_set_num_threads_local). The symbol is weak, so builds of torch on another BLAS
+// (OpenBLAS runs sequentially inside a parallel region by itself) link and run without it.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace dynamask {
+namespace deform_conv {
+namespace {
+
+class SequentialBlasGuard {
+ public:
+  SequentialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlasGuard(const SequentialBlasGuard&) = delete;
+  SequentialBlasGuard& operator=(const SequentialBlasGuard&) = delete;
+
+ private:
+  int previous_ = 0;  // 0 restores the global setting
+};
+
 // Channel run [c, end) of deform group d that stays inside one weight group; calls f(grp, c, end).
 template <typename F>
 inline void for_each_channel_run(const Geometry& g, int64_t d, F&& f) {
@@ -195,6 +225,7 @@ void forward_impl(const Geometry& g, const at::Tensor& input, const T* offset, c
     const at::Tensor nhwc = input.narrow(0, b0, nb).permute({0, 2, 3, 1}).contiguous();
     const T* nhwc_p = nhwc.data_ptr<T>();
     at::parallel_for(0, nb * tiles, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlasGuard sequential_blas;
       std::vector<T> col(static_cast<size_t>(P * C * K));
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bl = item / tiles, b = b0 + bl;
@@ -242,6 +273,7 @@ void backward_impl(const Geometry& g, const at::Tensor& input, const T* grad, co
     if (grad_input) gin = at::zeros({nb * splits, g.height, g.width, C}, opts);
     T* gin_p = grad_input ? gin.data_ptr<T>() : nullptr;
     at::parallel_for(0, nb * splits, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlasGuard sequential_blas;
       std::vector<T> col(static_cast<size_t>(P * C * K));
       std::vector<T> gcol(need_cols_grad ? static_cast<size_t>(P * C * K) : 0);
       T* gw = gw_acc ? gw_acc + at::get_thread_num() * Cout * K * Cg : nullptr;
