@@ -3,7 +3,7 @@
 Shapes are the r-FPN stages of the DynaMask head (RoIs x C x H x W, 3x3, C -> C), with 2 and with 1
 deform groups, forward and forward+backward. Times are medians of interleaved runs in one process
 (CPU: torch.set_num_threads(--threads)); peak memory is measured in a fresh subprocess per case
-(CPU: growth of ru_maxrss over the inputs; CUDA: torch.cuda.max_memory_allocated over the inputs).
+(CPU: growth of the peak RSS over the inputs; CUDA: torch.cuda.max_memory_allocated over the inputs).
 
     python benchmarks/deform_conv.py                 # CPU, full shapes
     python benchmarks/deform_conv.py --quick         # smoke run: small batch, one repeat
@@ -84,9 +84,30 @@ def memory_case(impl, shape, dg, backward, device, threads):
         _run(impl, tensors, backward)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The process's peak RSS (VmHWM) is reset to the current RSS first (Linux: clear_refs 5), so that
+    # the peaks of importing torch do not hide the call's own.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = _rss_kib("VmRSS")
     _run(impl, tensors, backward)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # KiB -> MiB on Linux
+    peak = _rss_kib("VmHWM") if base is not None else None
+    if peak is None:  # no /proc: ru_maxrss (KiB on Linux) only ever rises, so this can read low
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return (peak - base) / 1024
+
+
+def _rss_kib(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def memory_in_subprocess(impl, shape, dg, backward, device, threads):
