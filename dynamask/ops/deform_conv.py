@@ -1,14 +1,27 @@
-"""Deformable convolution with a fused epilogue (bias, residual, ReLU).
+"""Deformable convolution (DCNv1/v2) with a fused epilogue: bias, residual, ReLU.
 
-PLACEHOLDER until the fused kernel lands (issue 3): calls torchvision's implementation so that the
-model can be built against the final signature.
+Semantics and offset layout are those of ``torchvision.ops.deform_conv2d``; the kernels
+(``torch.ops.dynamask.deform_conv2d``) work in bounded tiles of images and output positions, so no
+whole-batch columns buffer is ever allocated, and the CPU kernel runs on all of torch's threads.
+The Feature Aggregation Module's "align, add the crop, activate" is one call::
+
+    deform_conv2d(x, offset, weight, padding=1, residual=crop, activation="relu")
 """
 
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import Tensor
+
+from dynamask.ops import _deform_conv2d_registrations  # noqa: F401  (autograd, autocast, fake kernels)
+
+
+def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise TypeError(f"deform_conv2d: {name} must be an int or a pair of ints, got {value!r}")
 
 
 def deform_conv2d(
@@ -23,17 +36,42 @@ def deform_conv2d(
     activation: str | None = None,
     residual: Tensor | None = None,
 ) -> Tensor:
-    """``torchvision.ops.deform_conv2d(...)`` (+ ``residual``), then ReLU when ``activation="relu"``.
+    """Deformable convolution, ``+ residual``, then ReLU when ``activation="relu"``.
 
-    Shapes: input ``[B, C_in, H, W]``, offset ``[B, 2*dg*kh*kw, H_out, W_out]``, weight
-    ``[C_out, C_in/groups, kh, kw]``, mask ``[B, dg*kh*kw, H_out, W_out]``, residual
-    ``[B, C_out, H_out, W_out]`` → ``[B, C_out, H_out, W_out]``.
+    Equals ``torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation,
+    mask)`` followed by ``+ residual`` and ``relu``, computed in one op with gradients for every
+    tensor argument.
+
+    Args:
+        input: ``(B, C_in, H, W)``.
+        offset: ``(B, 2 * dg * kh * kw, H_out, W_out)``, in input pixels; channel
+            ``2 * (d * kh * kw + i * kw + j)`` is the y offset of tap ``(i, j)`` of deform group ``d``,
+            the next one its x offset. The number of deform groups ``dg`` is inferred from it and must
+            divide ``C_in``. Samples at or beyond one pixel outside the input read zero.
+        weight: ``(C_out, C_in / groups, kh, kw)``; the weight groups are inferred from it.
+        bias: ``(C_out,)`` or None.
+        stride, padding, dilation: int or ``(h, w)``.
+        mask: ``(B, dg * kh * kw, H_out, W_out)`` modulation (DCNv2) or None.
+        activation: None or ``"relu"``.
+        residual: ``(B, C_out, H_out, W_out)`` added before the activation, or None.
+
+    Returns:
+        ``(B, C_out, H_out, W_out)`` with ``H_out = (H + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1``.
     """
-    out = torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    if residual is not None:
-        out = out + residual
-    if activation == "relu":
-        out = torch.relu(out)
-    elif activation is not None:
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    return out
+    if activation not in (None, "relu"):
+        raise ValueError(f"deform_conv2d: activation must be None or 'relu', got {activation!r}")
+    for name, t in (("input", input), ("offset", offset), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"deform_conv2d: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in (("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask), ("residual", residual)):
+        if t is not None and t.device != input.device:
+            raise ValueError(
+                f"deform_conv2d: {name} is on {t.device} but input is on {input.device}; all tensors must be on "
+                "one device"
+            )
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    return torch.ops.dynamask.deform_conv2d(
+        input, offset, weight, bias, mask, residual, sh, sw, ph, pw, dh, dw, activation == "relu"
+    )

@@ -1,0 +1,405 @@
+// CPU kernels of the fused deformable convolution.
+//
+// Never a whole-batch columns buffer: images are taken a bounded chunk at a time (copied
+// channels-last, so each bilinear corner is a contiguous run of channels), and work is split over
+// (image, tile of output positions). Each tile samples into a small thread-local columns buffer
+// [positions, groups, kh*kw, C_in/groups], whose group slices feed torch's BLAS (at::mm_out on
+// tensors wrapping the buffers) with the output written in place, then the epilogue (bias,
+// residual, ReLU) runs on the tile while it is in cache. The corners and weights of a sample are
+// computed once per (position, tap, deform group) and reused for all the group's channels.
+//
+// Backward recomputes a tile's columns, accumulates grad_weight per thread, multiplies grad by the
+// weight into a second tile buffer and scatters it: into grad_input (each work item owns one image's
+// accumulator, or a private copy of it when there are fewer images than threads, so no races), and
+// into grad_offset / grad_mask through the bilinear derivatives. Deterministic for a thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ops/deform_conv2d_checks.h"
+#include "ops/deform_conv2d_common.h"
+
+namespace dynamask {
+namespace deform_conv {
+namespace {
+
+// Tile of output positions: about 64K column elements (256 KB in float), at least 16 positions.
+inline int64_t tile_positions(const Geometry& g) {
+  const int64_t row = std::max<int64_t>(1, g.channels * g.taps());
+  return std::min(std::max<int64_t>(16, (int64_t(1) << 16) / row), g.out_plane());
+}
+
+// Images whose channels-last copy is made at once: at most 8M elements (and at least one image).
+inline int64_t images_per_chunk(const Geometry& g) {
+  const int64_t image = std::max<int64_t>(1, g.channels * g.height * g.width);
+  return std::max<int64_t>(1, std::min<int64_t>(g.batch, (int64_t(1) << 23) / image));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+}  // namespace deform_conv
+}  // namespace dynamask
+
+// torch's x86 wheels link MKL, whose GEMM called from inside an at::parallel_for worker opens a
+// nested team of threads: on 2 busy cores that ran ~40x slower than one thread. Each worker asks
+// MKL for a sequential GEMM through MKL's thread-local setting (the C entry point behind
+// mkl_service.h's mkl_set_num_threads_local). The symbol is weak, so builds of torch on another BLAS
+// (OpenBLAS runs sequentially inside a parallel region by itself) link and run without it.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace dynamask {
+namespace deform_conv {
+namespace {
+
+class SequentialBlasGuard {
+ public:
+  SequentialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlasGuard() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlasGuard(const SequentialBlasGuard&) = delete;
+  SequentialBlasGuard& operator=(const SequentialBlasGuard&) = delete;
+
+ private:
+  int previous_ = 0;  // 0 restores the global setting
+};
+
+// Channel run [c, end) of deform group d that stays inside one weight group; calls f(grp, c, end).
+template <typename F>
+inline void for_each_channel_run(const Geometry& g, int64_t d, F&& f) {
+  const int64_t Cd = g.in_per_deform_group(), Cg = g.in_per_group();
+  const int64_t c_end = (d + 1) * Cd;
+  for (int64_t c = d * Cd; c < c_end;) {
+    const int64_t grp = c / Cg;
+    const int64_t run_end = std::min(c_end, (grp + 1) * Cg);
+    f(grp, c, run_end);
+    c = run_end;
+  }
+}
+
+// col[pl, grp, k, c - grp*Cg] = mask * bilinear(input[c], sample(p0 + pl, k)) for one image.
+// img: channels-last image [H, W, C]; off_b / mask_b: offset[b] / mask[b] (mask_b may be null).
+template <typename T>
+void sample_tile(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np, T* col) {
+  const int64_t C = g.channels, K = g.taps(), Cg = g.in_per_group(), plane = g.out_plane();
+  for (int64_t pl = 0; pl < np; ++pl) {
+    const int64_t p = p0 + pl, oy = p / g.out_w, ox = p - oy * g.out_w;
+    T* colrow = col + pl * C * K;
+    for (int64_t d = 0; d < g.deform_groups; ++d) {
+      const T* off_d = off_b + d * 2 * K * plane;
+      const T* mask_d = mask_b ? mask_b + d * K * plane : nullptr;
+      for (int64_t k = 0; k < K; ++k) {
+        T y, x;
+        tap_position(g, off_d, k, oy, ox, y, x);
+        Taps<T> t;
+        deform_taps(y, x, g.height, g.width, t);
+        const T m = mask_d ? mask_d[k * plane + p] : T(1);
+        const T w0 = t.w[0] * m, w1 = t.w[1] * m, w2 = t.w[2] * m, w3 = t.w[3] * m;
+        const T* __restrict__ s0 = img + t.pos[0] * C;
+        const T* __restrict__ s1 = img + t.pos[1] * C;
+        const T* __restrict__ s2 = img + t.pos[2] * C;
+        const T* __restrict__ s3 = img + t.pos[3] * C;
+        const bool zero = w0 == T(0) && w1 == T(0) && w2 == T(0) && w3 == T(0);
+        for_each_channel_run(g, d, [&](int64_t grp, int64_t c, int64_t end) {
+          T* __restrict__ dst = colrow + (grp * K + k) * Cg - grp * Cg;
+          if (zero) {
+            std::fill(dst + c, dst + end, T(0));
+          } else {
+            for (int64_t cc = c; cc < end; ++cc) dst[cc] = w0 * s0[cc] + w1 * s1[cc] + w2 * s2[cc] + w3 * s3[cc];
+          }
+        });
+      }
+    }
+  }
+}
+
+// The transpose of sample_tile for grad columns gcol (same layout): adds into gin (channels-last
+// [H, W, C] accumulator of the image, may be null) and writes grad_offset / grad_mask of the tile.
+template <typename T>
+void scatter_tile(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np,
+                  const T* gcol, T* gin, T* goff_b, T* gmask_b) {
+  const int64_t C = g.channels, K = g.taps(), Cg = g.in_per_group(), plane = g.out_plane();
+  constexpr int L = 8;  // lanes of the partial sums, so the channel dot products vectorise
+  for (int64_t pl = 0; pl < np; ++pl) {
+    const int64_t p = p0 + pl, oy = p / g.out_w, ox = p - oy * g.out_w;
+    const T* gcolrow = gcol + pl * C * K;
+    for (int64_t d = 0; d < g.deform_groups; ++d) {
+      const T* off_d = off_b + d * 2 * K * plane;
+      const T* mask_d = mask_b ? mask_b + d * K * plane : nullptr;
+      for (int64_t k = 0; k < K; ++k) {
+        T y, x;
+        tap_position(g, off_d, k, oy, ox, y, x);
+        Taps<T> t;
+        const bool any = deform_taps(y, x, g.height, g.width, t);
+        const T m = mask_d ? mask_d[k * plane + p] : T(1);
+        if (!any) {
+          if (goff_b) {
+            goff_b[(d * 2 * K + 2 * k) * plane + p] = T(0);
+            goff_b[(d * 2 * K + 2 * k + 1) * plane + p] = T(0);
+          }
+          if (gmask_b) gmask_b[(d * K + k) * plane + p] = T(0);
+          continue;
+        }
+        const T w0 = t.w[0] * m, w1 = t.w[1] * m, w2 = t.w[2] * m, w3 = t.w[3] * m;
+        const bool scatter = gin != nullptr && !(w0 == T(0) && w1 == T(0) && w2 == T(0) && w3 == T(0));
+        const T* __restrict__ v0 = img + t.pos[0] * C;
+        const T* __restrict__ v1 = img + t.pos[1] * C;
+        const T* __restrict__ v2 = img + t.pos[2] * C;
+        const T* __restrict__ v3 = img + t.pos[3] * C;
+        T a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
+        for_each_channel_run(g, d, [&](int64_t grp, int64_t c, int64_t end) {
+          const T* __restrict__ gc = gcolrow + (grp * K + k) * Cg - grp * Cg;
+          if (goff_b) {
+            int64_t cc = c;
+            for (; cc + L <= end; cc += L) {
+              for (int l = 0; l < L; ++l) {
+                const T gv = gc[cc + l];
+                a0[l] += gv * v0[cc + l];
+                a1[l] += gv * v1[cc + l];
+                a2[l] += gv * v2[cc + l];
+                a3[l] += gv * v3[cc + l];
+              }
+            }
+            for (; cc < end; ++cc) {
+              const T gv = gc[cc];
+              a0[0] += gv * v0[cc];
+              a1[0] += gv * v1[cc];
+              a2[0] += gv * v2[cc];
+              a3[0] += gv * v3[cc];
+            }
+          }
+          if (scatter) {
+            // Corners that coincide (clamped at the border) alias; they carry weight 0 then, but the
+            // four updates must still be sequential, so no __restrict__ here.
+            T* d0 = gin + t.pos[0] * C;
+            T* d1 = gin + t.pos[1] * C;
+            T* d2 = gin + t.pos[2] * C;
+            T* d3 = gin + t.pos[3] * C;
+            for (int64_t cc = c; cc < end; ++cc) {
+              const T gv = gc[cc];
+              d0[cc] += w0 * gv;
+              d1[cc] += w1 * gv;
+              d2[cc] += w2 * gv;
+              d3[cc] += w3 * gv;
+            }
+          }
+        });
+        if (goff_b) {
+          T s[4] = {T(0), T(0), T(0), T(0)};
+          for (int l = 0; l < L; ++l) {
+            s[0] += a0[l];
+            s[1] += a1[l];
+            s[2] += a2[l];
+            s[3] += a3[l];
+          }
+          goff_b[(d * 2 * K + 2 * k) * plane + p] = m * grad_y(t, s);
+          goff_b[(d * 2 * K + 2 * k + 1) * plane + p] = m * grad_x(t, s);
+          if (gmask_b) gmask_b[(d * K + k) * plane + p] = sampled_value(t, s);
+        }
+      }
+    }
+  }
+}
+
+// Tensors wrapping raw buffers, for at::mm_out (no ownership, no copies).
+template <typename T>
+at::Tensor wrap(const T* ptr, at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& opts) {
+  return at::from_blob(const_cast<T*>(ptr), sizes, strides, opts);
+}
+
+template <typename T>
+void forward_impl(const Geometry& g, const at::Tensor& input, const T* offset, const T* mask, const T* weight_p,
+                  const T* bias, const T* residual, bool relu, T* out) {
+  const int64_t C = g.channels, K = g.taps(), Cg = g.in_per_group(), Cout = g.out_channels,
+                Coutg = g.out_per_group(), plane = g.out_plane(), HW = g.height * g.width;
+  const int64_t P = tile_positions(g), tiles = ceil_div(plane, P), chunk = images_per_chunk(g);
+  const auto opts = input.options();
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t nb = std::min(chunk, g.batch - b0);
+    const at::Tensor nhwc = input.narrow(0, b0, nb).permute({0, 2, 3, 1}).contiguous();
+    const T* nhwc_p = nhwc.data_ptr<T>();
+    at::parallel_for(0, nb * tiles, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlasGuard sequential_blas;
+      std::vector<T> col(static_cast<size_t>(P * C * K));
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bl = item / tiles, b = b0 + bl;
+        const int64_t p0 = (item - bl * tiles) * P, np = std::min(P, plane - p0);
+        sample_tile<T>(g, nhwc_p + bl * HW * C, offset + b * 2 * g.deform_groups * K * plane,
+                       mask ? mask + b * g.deform_groups * K * plane : nullptr, p0, np, col.data());
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          auto og = wrap<T>(out + (b * Cout + grp * Coutg) * plane + p0, {Coutg, np}, {plane, 1}, opts);
+          at::mm_out(og, wrap<T>(weight_p + grp * Coutg * K * Cg, {Coutg, K * Cg}, {K * Cg, 1}, opts),
+                     wrap<T>(col.data() + grp * K * Cg, {K * Cg, np}, {1, C * K}, opts));
+        }
+        if (bias || residual || relu) {
+          for (int64_t o = 0; o < Cout; ++o) {
+            T* row = out + (b * Cout + o) * plane + p0;
+            const T bo = bias ? bias[o] : T(0);
+            const T* res = residual ? residual + (b * Cout + o) * plane + p0 : nullptr;
+            for (int64_t pl = 0; pl < np; ++pl) {
+              T v = row[pl] + bo;
+              if (res) v += res[pl];
+              row[pl] = (relu && !(v > T(0))) ? T(0) : v;
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+void backward_impl(const Geometry& g, const at::Tensor& input, const T* grad, const T* offset, const T* mask,
+                   const T* weight_p, at::Tensor* grad_input, T* grad_offset, T* grad_mask, T* gw_acc) {
+  const int64_t C = g.channels, K = g.taps(), Cg = g.in_per_group(), Cout = g.out_channels,
+                Coutg = g.out_per_group(), plane = g.out_plane(), HW = g.height * g.width;
+  const int64_t P = tile_positions(g), tiles = ceil_div(plane, P), chunk = images_per_chunk(g);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const bool need_cols_grad = grad_input != nullptr || grad_offset != nullptr;
+  const auto opts = input.options();
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t nb = std::min(chunk, g.batch - b0);
+    const at::Tensor nhwc = input.narrow(0, b0, nb).permute({0, 2, 3, 1}).contiguous();
+    const T* nhwc_p = nhwc.data_ptr<T>();
+    // Splits per image: enough work items for every thread, each with its own accumulator.
+    const int64_t splits = nb >= threads ? 1 : std::min(tiles, ceil_div(threads, nb));
+    at::Tensor gin;
+    if (grad_input) gin = at::zeros({nb * splits, g.height, g.width, C}, opts);
+    T* gin_p = grad_input ? gin.data_ptr<T>() : nullptr;
+    at::parallel_for(0, nb * splits, 1, [&](int64_t begin, int64_t end) {
+      const SequentialBlasGuard sequential_blas;
+      std::vector<T> col(static_cast<size_t>(P * C * K));
+      std::vector<T> gcol(need_cols_grad ? static_cast<size_t>(P * C * K) : 0);
+      T* gw = gw_acc ? gw_acc + at::get_thread_num() * Cout * K * Cg : nullptr;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bl = item / splits, s = item - bl * splits, b = b0 + bl;
+        const T* img = nhwc_p + bl * HW * C;
+        const T* off_b = offset + b * 2 * g.deform_groups * K * plane;
+        const T* mask_b = mask ? mask + b * g.deform_groups * K * plane : nullptr;
+        const T* grad_b = grad + b * Cout * plane;
+        for (int64_t tile = s * tiles / splits; tile < (s + 1) * tiles / splits; ++tile) {
+          const int64_t p0 = tile * P, np = std::min(P, plane - p0);
+          if (gw) {
+            sample_tile<T>(g, img, off_b, mask_b, p0, np, col.data());
+            for (int64_t grp = 0; grp < g.groups; ++grp) {
+              auto gwg = wrap<T>(gw + grp * Coutg * K * Cg, {Coutg, K * Cg}, {K * Cg, 1}, opts);
+              gwg.addmm_(wrap<T>(grad_b + grp * Coutg * plane + p0, {Coutg, np}, {plane, 1}, opts),
+                         wrap<T>(col.data() + grp * K * Cg, {np, K * Cg}, {C * K, 1}, opts));
+            }
+          }
+          if (need_cols_grad) {
+            for (int64_t grp = 0; grp < g.groups; ++grp) {
+              auto gcg = wrap<T>(gcol.data() + grp * K * Cg, {np, K * Cg}, {C * K, 1}, opts);
+              at::mm_out(gcg, wrap<T>(grad_b + grp * Coutg * plane + p0, {np, Coutg}, {1, plane}, opts),
+                         wrap<T>(weight_p + grp * Coutg * K * Cg, {Coutg, K * Cg}, {K * Cg, 1}, opts));
+            }
+            scatter_tile<T>(g, img, off_b, mask_b, p0, np, gcol.data(), gin_p ? gin_p + item * HW * C : nullptr,
+                            grad_offset ? grad_offset + b * 2 * g.deform_groups * K * plane : nullptr,
+                            grad_mask ? grad_mask + b * g.deform_groups * K * plane : nullptr);
+          }
+        }
+      }
+    });
+    if (grad_input) {
+      const at::Tensor summed = splits == 1 ? gin : gin.view({nb, splits, g.height, g.width, C}).sum(1);
+      grad_input->narrow(0, b0, nb).copy_(summed.view({nb, g.height, g.width, C}).permute({0, 3, 1, 2}));
+    }
+  }
+}
+
+bool is_reduced_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
+
+at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
+                             const std::optional<at::Tensor>& residual, int64_t stride_h, int64_t stride_w,
+                             int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, bool relu) {
+  const Geometry g = check_args(input, offset, weight, bias, mask, residual, stride_h, stride_w, pad_h, pad_w, dil_h,
+                                dil_w, "deform_conv2d");
+  if (is_reduced_float(input)) {  // half / bfloat16 on the CPU: computed in float
+    return deform_conv2d_cpu(input.to(at::kFloat), offset.to(at::kFloat), weight.to(at::kFloat), to_float(bias),
+                             to_float(mask), to_float(residual), stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, relu)
+        .to(input.scalar_type());
+  }
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  if (out.numel() == 0) return out;
+  const auto input_c = input.contiguous(), offset_c = offset.contiguous();
+  const auto weight_p = weight.permute({0, 2, 3, 1}).contiguous();  // [C_out, kh, kw, C_in / groups]
+  const auto mask_c = mask ? mask->contiguous() : at::Tensor();
+  const auto bias_c = bias ? bias->contiguous() : at::Tensor();
+  const auto residual_c = residual ? residual->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
+    forward_impl<scalar_t>(g, input_c, offset_c.data_ptr<scalar_t>(),
+                           mask ? mask_c.data_ptr<scalar_t>() : nullptr, weight_p.data_ptr<scalar_t>(),
+                           bias ? bias_c.data_ptr<scalar_t>() : nullptr,
+                           residual ? residual_c.data_ptr<scalar_t>() : nullptr, relu, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
+    const std::optional<at::Tensor>& mask, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+    int64_t dil_h, int64_t dil_w, bool need_input, bool need_offset_mask, bool need_weight) {
+  const char* op = "deform_conv2d_backward";
+  const Geometry g = check_args(input, offset, weight, std::nullopt, mask, std::nullopt, stride_h, stride_w, pad_h,
+                                pad_w, dil_h, dil_w, op);
+  check_same(grad, "grad", input, op);
+  check_shape(grad, "grad", {g.batch, g.out_channels, g.out_h, g.out_w}, "the output's shape", op);
+  if (is_reduced_float(input)) {
+    auto r = deform_conv2d_backward_cpu(grad.to(at::kFloat), input.to(at::kFloat), offset.to(at::kFloat),
+                                        weight.to(at::kFloat), to_float(mask), stride_h, stride_w, pad_h, pad_w,
+                                        dil_h, dil_w, need_input, need_offset_mask, need_weight);
+    const auto dt = input.scalar_type();
+    return {std::get<0>(r).to(dt), std::get<1>(r).to(dt), std::get<2>(r).to(dt), std::get<3>(r).to(dt)};
+  }
+  const auto empty = at::empty({0}, input.options());
+  at::Tensor grad_input = need_input ? at::zeros_like(input, at::MemoryFormat::Contiguous) : empty;
+  at::Tensor grad_offset = need_offset_mask ? at::zeros_like(offset, at::MemoryFormat::Contiguous) : empty;
+  at::Tensor grad_mask = (need_offset_mask && mask) ? at::zeros_like(*mask, at::MemoryFormat::Contiguous) : empty;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor gw_acc = need_weight ? at::zeros({threads, g.out_channels, g.taps() * g.in_per_group()}, input.options())
+                                  : empty;
+  if (g.batch > 0 && g.out_channels > 0 && (need_input || need_offset_mask || need_weight)) {
+    const auto input_c = input.contiguous(), offset_c = offset.contiguous(), grad_c = grad.contiguous();
+    const auto weight_p = weight.permute({0, 2, 3, 1}).contiguous();
+    const auto mask_c = mask ? mask->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
+      backward_impl<scalar_t>(g, input_c, grad_c.data_ptr<scalar_t>(), offset_c.data_ptr<scalar_t>(),
+                              mask ? mask_c.data_ptr<scalar_t>() : nullptr, weight_p.data_ptr<scalar_t>(),
+                              need_input ? &grad_input : nullptr,
+                              need_offset_mask ? grad_offset.data_ptr<scalar_t>() : nullptr,
+                              (need_offset_mask && mask) ? grad_mask.data_ptr<scalar_t>() : nullptr,
+                              need_weight ? gw_acc.data_ptr<scalar_t>() : nullptr);
+    });
+  }
+  at::Tensor grad_weight = empty;
+  if (need_weight) {
+    grad_weight = gw_acc.sum(0)
+                      .view({g.out_channels, g.kernel_h, g.kernel_w, g.in_per_group()})
+                      .permute({0, 3, 1, 2})
+                      .contiguous();
+  }
+  return {grad_input, grad_offset, grad_mask, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynamask, CPU, m) {
+  m.impl("deform_conv2d", &deform_conv2d_cpu);
+  m.impl("deform_conv2d_backward", &deform_conv2d_backward_cpu);
+}
+
+}  // namespace deform_conv
+}  // namespace dynamask

@@ -1,0 +1,274 @@
+"""dynamask.ops.deform_conv2d against torchvision, F.conv2d, our pure-PyTorch reference, gradcheck
+and opcheck; CUDA tests are marked and skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import dynamask.ops as ops
+from dynamask.ops._reference.deform_conv2d import deform_conv2d_reference
+
+
+def _make(B, C, C_out, H, W, k=(3, 3), stride=1, pad=1, dil=1, groups=1, dg=1, mask=True, bias=True,
+          offset_scale=1.0, dtype=torch.float64, device="cpu"):
+    kh, kw = k
+    s, p, d = (stride, stride) if isinstance(stride, int) else stride, (pad, pad), (dil, dil)
+    out_h = (H + 2 * p[0] - (d[0] * (kh - 1) + 1)) // s[0] + 1
+    out_w = (W + 2 * p[1] - (d[1] * (kw - 1) + 1)) // s[1] + 1
+    g = dict(dtype=dtype, device=device)
+    t = {
+        "input": torch.randn(B, C, H, W, **g),
+        "offset": torch.randn(B, 2 * dg * kh * kw, out_h, out_w, **g) * offset_scale,
+        "weight": torch.randn(C_out, C // groups, kh, kw, **g),
+        "bias": torch.randn(C_out, **g) if bias else None,
+        "mask": torch.rand(B, dg * kh * kw, out_h, out_w, **g) if mask else None,
+    }
+    kwargs = dict(stride=s, padding=p, dilation=d)
+    return t, kwargs
+
+
+def _grads(fn, tensors, kwargs, seed=1, **extra):
+    leaves = {n: v.detach().clone().requires_grad_() for n, v in tensors.items() if v is not None}
+    args = {n: leaves.get(n) for n in tensors}
+    out = fn(args["input"], args["offset"], args["weight"], args["bias"], mask=args["mask"], **kwargs, **extra)
+    gen = torch.Generator(device=out.device).manual_seed(seed)
+    go = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+    grads = torch.autograd.grad(out, list(leaves.values()), go, allow_unused=True) if out.numel() else [
+        torch.zeros_like(v) for v in leaves.values()]
+    return out, dict(zip(leaves, grads))
+
+
+def _tv(input, offset, weight, bias, mask=None, stride=1, padding=0, dilation=1):
+    return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+CASES = [
+    # B, C, C_out, H, W, kernel, stride, pad, dil, groups, dg, mask, bias, offset_scale
+    (0, 6, 4, 7, 7, (3, 3), 1, 1, 1, 1, 1, True, True, 1.0),
+    (1, 5, 7, 9, 8, (3, 3), 1, 1, 1, 1, 1, False, False, 2.0),
+    (7, 6, 10, 11, 9, (3, 3), 2, 1, 1, 2, 2, True, True, 3.0),
+    (33, 4, 6, 6, 7, (3, 3), 1, 2, 2, 1, 2, True, False, 1.0),
+    (3, 6, 6, 9, 8, (3, 3), 1, 2, 2, 3, 2, False, True, 10.0),  # runs split by weight groups
+    (2, 12, 8, 8, 10, (2, 3), (2, 1), 0, 1, 2, 3, True, True, 1.5),  # non-square kernel, stride
+    (2, 10, 6, 6, 6, (3, 3), 1, 1, 1, 2, 1, True, True, 40.0),  # samples far outside the input
+    (4, 3, 5, 5, 5, (1, 1), 1, 0, 1, 1, 3, True, True, 0.7),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-C{c[1]}-g{c[9]}-dg{c[10]}-s{c[6]}-d{c[8]}")
+def test_matches_torchvision_values_and_grads(case):
+    B, C, C_out, H, W, k, s, p, d, groups, dg, mask, bias, scale = case
+    t, kw = _make(B, C, C_out, H, W, k, s, p, d, groups, dg, mask, bias, scale)
+    out, grads = _grads(ops.deform_conv2d, t, kw)
+    out_tv, grads_tv = _grads(_tv, t, kw)
+    assert out.shape == out_tv.shape
+    torch.testing.assert_close(out, out_tv, rtol=1e-10, atol=1e-10)
+    for name in grads_tv:
+        torch.testing.assert_close(grads[name], grads_tv[name], rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+
+def test_float32_matches_torchvision():
+    t, kw = _make(5, 16, 8, 12, 12, dg=2, dtype=torch.float32)
+    out, grads = _grads(ops.deform_conv2d, t, kw)
+    out_tv, grads_tv = _grads(_tv, t, kw)
+    torch.testing.assert_close(out, out_tv, rtol=1e-4, atol=1e-4)
+    for name in grads_tv:
+        torch.testing.assert_close(grads[name], grads_tv[name], rtol=1e-3, atol=1e-3, msg=f"grad of {name}")
+
+
+def test_large_prime_batch():
+    t, kw = _make(1031, 1, 2, 3, 3, dg=1, dtype=torch.float64)
+    out, grads = _grads(ops.deform_conv2d, t, kw)
+    out_tv, grads_tv = _grads(_tv, t, kw)
+    torch.testing.assert_close(out, out_tv)
+    for name in grads_tv:
+        torch.testing.assert_close(grads[name], grads_tv[name], msg=f"grad of {name}")
+
+
+def test_batch_zero_is_empty():
+    t, kw = _make(0, 4, 6, 8, 8, stride=2)
+    out = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **kw)
+    assert out.shape == (0, 6, 4, 4)
+
+
+def test_batched_equals_single():
+    t, kw = _make(5, 6, 4, 9, 9, dg=2, groups=2)
+    out = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **kw)
+    for b in range(5):
+        one = ops.deform_conv2d(t["input"][b:b + 1], t["offset"][b:b + 1], t["weight"], t["bias"],
+                                mask=t["mask"][b:b + 1], **kw)
+        torch.testing.assert_close(out[b:b + 1], one, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride,dil,groups", [(1, 1, 1), (2, 1, 2), (1, 2, 1)])
+def test_zero_offsets_equal_conv2d(stride, dil, groups):
+    t, kw = _make(3, 8, 6, 10, 11, stride=stride, dil=dil, groups=groups, dg=2, mask=False)
+    out = ops.deform_conv2d(t["input"], torch.zeros_like(t["offset"]), t["weight"], t["bias"], **kw)
+    ref = F.conv2d(t["input"], t["weight"], t["bias"], groups=groups, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_matches_pure_pytorch_reference():
+    t, kw = _make(3, 6, 4, 8, 7, groups=2, dg=3, offset_scale=2.0)
+    res = torch.randn(3, 4, 8, 7, dtype=torch.float64)
+    out, grads = _grads(ops.deform_conv2d, {**t, "residual": None}, kw, residual=res, activation="relu")
+    ref, grads_ref = _grads(deform_conv2d_reference, {**t, "residual": None}, kw, residual=res, activation="relu")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-8, atol=1e-8, msg=f"grad of {name}")
+
+
+def test_residual_and_relu_epilogue():
+    t, kw = _make(4, 6, 6, 7, 7, dg=2)
+    leaves = {n: v.clone().requires_grad_() for n, v in t.items()}
+    res = torch.randn(4, 6, 7, 7, dtype=torch.float64, requires_grad=True)
+    out = ops.deform_conv2d(leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], mask=leaves["mask"],
+                            residual=res, activation="relu", **kw)
+    ref = torch.relu(_tv(leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], leaves["mask"], **kw) + res)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert (out == 0).any() and (out > 0).any()
+    go = torch.randn_like(out)
+    inputs = [*leaves.values(), res]
+    for a, b, name in zip(torch.autograd.grad(out, inputs, go), torch.autograd.grad(ref, inputs, go),
+                          [*leaves, "residual"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+
+def test_gradcheck_float64():
+    t, kw = _make(2, 4, 4, 5, 5, groups=2, dg=2, offset_scale=1.3)
+    res = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    leaves = [t["input"], t["offset"], t["weight"], t["bias"], t["mask"]]
+    for v in leaves:
+        v.requires_grad_()
+
+    def fn(x, off, w, b, m, r):
+        return ops.deform_conv2d(x, off, w, b, mask=m, residual=r, **kw)
+
+    assert torch.autograd.gradcheck(fn, (*leaves, res), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_gradcheck_relu_no_mask():
+    t, kw = _make(1, 2, 2, 4, 4, dg=1, mask=False, offset_scale=0.8)
+    x, off, w, b = (t[n].requires_grad_() for n in ("input", "offset", "weight", "bias"))
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.deform_conv2d(*a, activation="relu", **kw), (x, off, w, b), eps=1e-6, atol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    t, kw = _make(3, 8, 6, 9, 9, dg=2, dtype=torch.float64)
+    nc = {
+        "input": t["input"].to(memory_format=torch.channels_last),
+        "offset": t["offset"].transpose(2, 3).contiguous().transpose(2, 3),
+        "weight": t["weight"].to(memory_format=torch.channels_last),
+        "bias": torch.stack([t["bias"], t["bias"]], 1)[:, 0],
+        "mask": t["mask"].transpose(0, 1).contiguous().transpose(0, 1),
+    }
+    assert not any(v.is_contiguous() for v in nc.values())
+    out, grads = _grads(ops.deform_conv2d, nc, kw)
+    ref, grads_ref = _grads(ops.deform_conv2d, t, kw)
+    torch.testing.assert_close(out, ref)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], msg=f"grad of {name}")
+
+
+def test_half_and_autocast_on_cpu():
+    t, kw = _make(2, 4, 4, 6, 6, dtype=torch.float32)
+    ref = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **kw)
+    half = ops.deform_conv2d(*(t[n].bfloat16() for n in ("input", "offset", "weight", "bias")),
+                             mask=t["mask"].bfloat16(), **kw)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), ref, rtol=0.05, atol=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.deform_conv2d(*(t[n].bfloat16() for n in ("input", "offset", "weight", "bias")),
+                                mask=t["mask"], **kw)
+    assert out.dtype == torch.float32
+
+
+def test_bad_inputs_raise_clear_errors():
+    t, kw = _make(2, 4, 4, 6, 6)
+    x, off, w, b, m = (t[n] for n in ("input", "offset", "weight", "bias", "mask"))
+    with pytest.raises(ValueError, match="offset must have 2 \\* kh \\* kw \\* deform_groups channels"):
+        ops.deform_conv2d(x, off[:, :17], w, b, mask=m, **kw)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        ops.deform_conv2d(x, off, w, b, mask=m[:, :5], **kw)
+    with pytest.raises(ValueError, match="offset must have shape"):
+        ops.deform_conv2d(x, off[:, :, :5], w, b, mask=m, **kw)
+    with pytest.raises(ValueError, match="weight has dtype"):
+        ops.deform_conv2d(x, off, w.float(), b, mask=m, **kw)
+    with pytest.raises(ValueError, match="not a multiple of deform_groups"):
+        ops.deform_conv2d(x[:, :3], off.repeat(1, 2, 1, 1)[:, :54], w[:, :3], b, **kw)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        ops.deform_conv2d(x, off, w, b, mask=m, residual=torch.zeros(2, 4, 5, 5, dtype=x.dtype), **kw)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.deform_conv2d(x, off, w, b[:3], mask=m, **kw)
+    with pytest.raises(ValueError, match="input must be"):
+        ops.deform_conv2d(x[0], off, w, b, **kw)
+    with pytest.raises(ValueError, match="activation"):
+        ops.deform_conv2d(x, off, w, b, activation="gelu", **kw)
+    with pytest.raises(ValueError, match="on meta but input is on cpu"):
+        ops.deform_conv2d(x, off.to("meta"), w, b, **kw)
+
+
+def test_opcheck():
+    t, kw = _make(1, 4, 2, 3, 3, groups=2, dg=2)
+    res = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    for v in (t["input"], t["offset"], t["weight"], t["mask"]):
+        v.requires_grad_()
+    args = (t["input"], t["offset"], t["weight"], t["bias"], t["mask"], res, 1, 1, 1, 1, 1, 1, True)
+    torch.library.opcheck(torch.ops.dynamask.deform_conv2d.default, args)
+
+
+# ----------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES[:6], ids=lambda c: f"B{c[0]}-g{c[9]}-dg{c[10]}")
+def test_cuda_matches_cpu(case):
+    B, C, C_out, H, W, k, s, p, d, groups, dg, mask, bias, scale = case
+    t, kw = _make(B, C, C_out, H, W, k, s, p, d, groups, dg, mask, bias, scale)
+    out, grads = _grads(ops.deform_conv2d, t, kw)
+    tc = {n: (v.cuda() if v is not None else None) for n, v in t.items()}
+    out_c, grads_c = _grads(ops.deform_conv2d, tc, kw)
+    torch.testing.assert_close(out_c.cpu(), out, rtol=1e-9, atol=1e-9)
+    for name in grads:
+        torch.testing.assert_close(grads_c[name].cpu(), grads[name], rtol=1e-8, atol=1e-8, msg=f"grad of {name}")
+
+
+@pytest.mark.cuda
+def test_cuda_epilogue_prime_batch_and_stream():
+    t, kw = _make(37, 16, 16, 14, 14, dg=1, dtype=torch.float32, device="cuda")
+    res = torch.randn(37, 16, 14, 14, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        out = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], residual=res,
+                                activation="relu", **kw)
+    stream.synchronize()
+    ref = torch.relu(_tv(t["input"], t["offset"], t["weight"], t["bias"], t["mask"], **kw) + res)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_half():
+    t, kw = _make(4, 16, 8, 12, 12, dg=2, dtype=torch.float32, device="cuda")
+    ref = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **kw)
+    half = {n: v.half().requires_grad_() for n, v in t.items()}
+    out = ops.deform_conv2d(half["input"], half["offset"], half["weight"], half["bias"], mask=half["mask"], **kw)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.1)
+    out.float().sum().backward()
+    assert all(torch.isfinite(v.grad).all() for v in half.values())
+
+
+@pytest.mark.cuda
+def test_cuda_gradcheck_and_empty():
+    t, kw = _make(2, 4, 4, 5, 5, groups=2, dg=2, offset_scale=1.3, device="cuda")
+    leaves = [t[n].requires_grad_() for n in ("input", "offset", "weight", "bias", "mask")]
+    assert torch.autograd.gradcheck(lambda x, o, w, b, m: ops.deform_conv2d(x, o, w, b, mask=m, **kw), leaves,
+                                    eps=1e-6, atol=1e-5)
+    e, kw = _make(0, 4, 4, 6, 6, device="cuda")
+    assert ops.deform_conv2d(e["input"], e["offset"], e["weight"], e["bias"], mask=e["mask"], **kw).shape == (0, 4, 6, 6)
+    with pytest.raises(ValueError, match="is on cpu but input is on cuda"):
+        ops.deform_conv2d(t["input"].detach(), t["offset"].detach().cpu(), t["weight"].detach(), **kw)
