@@ -1,7 +1,5 @@
 #!/usr/bin/env bash
-# The main job. Until the training demo lands it runs the kernel benchmarks on this machine.
+# The main job: shapes data -> train a small DynaMask under a time cap -> evaluate -> runs/demo/report.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p runs/demo
-.venv/bin/python benchmarks/roi_align.py --out runs/demo/roi_align.md
-echo "table written to runs/demo/roi_align.md"
+.venv/bin/python scripts/demo.py

@@ -1,0 +1,109 @@
+"""The main job: generate the shapes data set, train a small DynaMask on it under a time cap, evaluate
+it, and write runs/demo/report.md (AP table, per-category resolution plot, FLOPs, overlays).
+
+Sizes come from the environment so that a quick smoke run is possible:
+DEMO_MINUTES (training cap, default 15), DEMO_TRAIN / DEMO_VAL (images, 800 / 100), DEMO_SIZE (px, 160).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "runs", "demo")
+MINUTES = float(os.environ.get("DEMO_MINUTES", "15"))
+N_TRAIN = int(os.environ.get("DEMO_TRAIN", "800"))
+N_VAL = int(os.environ.get("DEMO_VAL", "100"))
+SIZE = int(os.environ.get("DEMO_SIZE", "160"))
+ARCH_KWARGS = {
+    "depth": 18, "num_classes": 8, "trunk_channels": 128, "stage_channels": [64, 32, 16], "mask_roi_size": 14,
+    "min_size": SIZE, "max_size": SIZE, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 128,
+    "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
+    "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 30,
+}
+
+
+def run(args: list[str]) -> None:
+    print("$", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "dynamask", *args], check=True, cwd=ROOT)
+
+
+def main() -> int:
+    t0 = time.time()
+    os.makedirs(OUT, exist_ok=True)
+    data = os.path.join(OUT, "data")
+    if not os.path.exists(os.path.join(data, "annotations", "val.json")):
+        run(["shapes", "--out", data, "--train", str(N_TRAIN), "--val", str(N_VAL), "--size", str(SIZE), "--seed", "0"])
+    train_dir = os.path.join(OUT, "train")
+    run(["train", "--data", data, "--out", train_dir, "--arch", "dynamask_resnet_fpn",
+         "--arch-kwargs", json.dumps(ARCH_KWARGS), "--epochs", "6", "--pretrain-epochs", "3", "--batch-size", "4",
+         "--lr", "0.02", "--warmup-iters", "100", "--lr-steps", "5", "--time-limit", str(MINUTES), "--no-progress"])
+    eval_dir = os.path.join(OUT, "eval")
+    run(["eval", os.path.join(train_dir, "last.pth"), "--data", data, "--out", eval_dir, "--no-progress"])
+    write_report(data, train_dir, eval_dir, time.time() - t0)
+    print(f"report: {os.path.join(OUT, 'report.md')}")
+    return 0
+
+
+def write_report(data: str, train_dir: str, eval_dir: str, seconds: float) -> None:
+    sys.path.insert(0, ROOT)
+    from dynamask import flops
+    from dynamask.data import CocoDetection
+    from dynamask.engine.checkpoint import model_from_checkpoint
+    from dynamask.engine.evaluate import format_metrics
+    from dynamask.viz import save_overlay
+
+    with open(os.path.join(eval_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    model, ckpt = model_from_checkpoint(os.path.join(train_dir, "last.pth"))
+    model.eval()
+    gmacs = flops.mask_head_gmacs(model)
+    val = CocoDetection(os.path.join(data, "val"), os.path.join(data, "annotations", "val.json"))
+    overlays = []
+    with torch.no_grad():
+        for i in range(min(4, len(val))):
+            image, _ = val[i]
+            out = model([image])[0]
+            overlays.append(save_overlay(image, out, os.path.join(OUT, f"overlay_{i}.png")))
+    lines = [
+        "# DynaMask demo report",
+        "",
+        "What this is: a **small** DynaMask (ResNet-18-FPN, narrow mask head, random initialisation) trained for "
+        f"{MINUTES:g} minutes at most on a synthetic shapes data set generated here ({N_TRAIN} training and "
+        f"{N_VAL} validation images of {SIZE} px). It shows the pipeline and the method's routing on data with "
+        "smooth and finely detailed objects; its numbers say nothing about COCO.",
+        "",
+        f"Trained {ckpt.get('iteration', '?')} iterations ({ckpt.get('epoch', '?')} epochs) on "
+        f"{'a GPU' if torch.cuda.is_available() else 'the CPU'}; whole job {seconds / 60:.1f} minutes.",
+        "",
+        "## Accuracy (validation split, %)",
+        "",
+        format_metrics(metrics),
+        "## Mask-head cost (cumulative GMAC per RoI at each resolution, this model)",
+        "",
+        "| " + " | ".join(f"{r}²" for r in gmacs) + " |",
+        "|" + "---|" * len(gmacs),
+        "| " + " | ".join(f"{g:.4f}" for g in gmacs.values()) + " |",
+        "",
+        f"MSM: {flops.msm_gmacs(model):.4f} GMAC per RoI.",
+        "",
+        "## Chosen resolutions per category",
+        "",
+        "![resolutions](eval/resolution.png)" if os.path.exists(os.path.join(eval_dir, "resolution.png")) else "(no detections)",
+        "",
+        "## Examples (colour = resolution the instance was segmented at)",
+        "",
+    ]
+    lines += [f"![overlay {i}]({os.path.basename(p)})" for i, p in enumerate(overlays)]
+    with open(os.path.join(OUT, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
