@@ -13,40 +13,23 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from dynamask.ops import cuda_available, paste_masks, paste_masks_rle
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import interleaved_medians, markdown_table  # noqa: E402
+
+from dynamask.ops import cuda_available, paste_masks, paste_masks_rle  # noqa: E402
 
 IMAGE = (800, 1216)
 NUM_MASKS = 100
 TABLE9_MIX = {14: 0.35, 28: 0.34, 56: 0.21, 112: 0.10}
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], device: str, reps: int) -> dict[str, float]:
-    """One warm-up call each, then `reps` rounds of every callable in turn; median seconds each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def make_boxes(n: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -78,11 +61,6 @@ def coco_encode(canvases: torch.Tensor) -> list[dict]:
     """pycocotools' encode of [N, H, W] binary canvases (the usual evaluation path)."""
     arr = canvases.to("cpu", torch.uint8).numpy()
     return mask_util.encode(np.asfortranarray(arr.transpose(1, 2, 0)))
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def main() -> None:

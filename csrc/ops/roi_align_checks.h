@@ -33,6 +33,44 @@ inline void check_rois_and_levels(at::TensorList features, const at::Tensor& roi
   }
 }
 
+inline void check_stages(at::TensorList features, const at::Tensor& rois, at::IntArrayRef stage_levels,
+                  at::IntArrayRef stage_sizes, at::IntArrayRef stage_counts, const char* op) {
+  const auto S = stage_levels.size();
+  TORCH_CHECK_VALUE(stage_sizes.size() == S && stage_counts.size() == S, op,
+                    ": stage_levels, stage_sizes and stage_counts must have the same length");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(S) <= kMaxLevels, op, ": at most ", kMaxLevels, " stages, got ", S);
+  for (size_t j = 0; j < S; ++j) {
+    TORCH_CHECK_VALUE(stage_levels[j] >= 0 && stage_levels[j] < static_cast<int64_t>(features.size()), op,
+                      ": stage ", j, " names level ", stage_levels[j], " but there are ", features.size(), " levels");
+    TORCH_CHECK_VALUE(stage_sizes[j] > 0, op, ": stage ", j, " has output size ", stage_sizes[j],
+                      "; it must be positive");
+    TORCH_CHECK_VALUE(stage_counts[j] >= 0 && stage_counts[j] <= rois.size(0), op, ": stage ", j, " has count ",
+                      stage_counts[j], " but there are ", rois.size(0), " rois");
+  }
+}
+
+// All argument checks of roi_align_multilevel that do not read the data.
+inline void check_multilevel_args(at::TensorList features, const at::Tensor& rois,
+                                  const c10::optional<at::Tensor>& levels, at::ArrayRef<double> spatial_scales,
+                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, const char* op) {
+  check_rois_and_levels(features, rois, spatial_scales, op);
+  if (levels.has_value()) {
+    TORCH_CHECK_VALUE(levels->scalar_type() == at::kLong && levels->dim() == 1 && levels->size(0) == rois.size(0),
+                      op, ": levels must be an int64 tensor of shape [R] = [", rois.size(0), "], got ",
+                      levels->scalar_type(), " of shape ", levels->sizes());
+    TORCH_CHECK_VALUE(levels->device() == rois.device(), op, ": levels is on ", levels->device(),
+                      " but rois is on ", rois.device());
+  }
+  TORCH_CHECK_VALUE(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive, got (", pooled_h, ", ",
+                    pooled_w, ")");
+  TORCH_CHECK_VALUE(sampling_ratio >= 0, op, ": sampling_ratio must be >= 0, got ", sampling_ratio);
+  const int64_t C = features[0].size(1);
+  for (size_t l = 1; l < features.size(); ++l) {
+    TORCH_CHECK_VALUE(features[l].size(1) == C, op, ": all levels must have the same channel count; features[0] has ",
+                      C, " but features[", l, "] has ", features[l].size(1));
+  }
+}
+
 // Full data checks (CPU): every box finite, every batch index an integer in [0, batch_size).
 template <typename T>
 void check_roi_values_cpu(const T* rois, int64_t num_rois, int64_t batch_size, const char* op) {

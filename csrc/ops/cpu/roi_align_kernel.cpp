@@ -265,15 +265,6 @@ std::vector<int64_t> roi_levels_cpu(const at::Tensor& rois, const c10::optional<
   return out;
 }
 
-void check_levels_arg(const c10::optional<at::Tensor>& levels, const at::Tensor& rois, const char* op) {
-  if (!levels.has_value()) return;
-  TORCH_CHECK_VALUE(levels->scalar_type() == at::kLong && levels->dim() == 1 && levels->size(0) == rois.size(0),
-                    op, ": levels must be an int64 tensor of shape [R] = [", rois.size(0), "], got ",
-                    levels->scalar_type(), " of shape ", levels->sizes());
-  TORCH_CHECK_VALUE(levels->device() == rois.device(), op, ": levels is on ", levels->device(),
-                    " but rois is on ", rois.device());
-}
-
 std::vector<at::Tensor> to_nhwc(at::TensorList features) {
   std::vector<at::Tensor> out;
   out.reserve(features.size());
@@ -285,16 +276,8 @@ at::Tensor roi_align_multilevel_cpu(at::TensorList features, const at::Tensor& r
                                     const c10::optional<at::Tensor>& levels, at::ArrayRef<double> spatial_scales,
                                     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   const char* op = "roi_align_multilevel";
-  check_rois_and_levels(features, rois, spatial_scales, op);
-  check_levels_arg(levels, rois, op);
-  TORCH_CHECK_VALUE(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive, got (", pooled_h, ", ",
-                    pooled_w, ")");
-  TORCH_CHECK_VALUE(sampling_ratio >= 0, op, ": sampling_ratio must be >= 0, got ", sampling_ratio);
+  check_multilevel_args(features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio, op);
   const int64_t C = features[0].size(1);
-  for (size_t l = 1; l < features.size(); ++l) {
-    TORCH_CHECK_VALUE(features[l].size(1) == C, op, ": all levels must have the same channel count; features[0] has ",
-                      C, " but features[", l, "] has ", features[l].size(1));
-  }
   const auto rois_c = rois.contiguous();
   const int64_t R = rois.size(0);
   auto out = at::empty({R, C, pooled_h, pooled_w}, features[0].options());  // every bin is written
@@ -347,22 +330,6 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cpu(
     for (auto& g : gl) result.push_back(g.permute({0, 3, 1, 2}).to(grad.scalar_type()).contiguous());
   });
   return result;
-}
-
-void check_stages(at::TensorList features, const at::Tensor& rois, at::IntArrayRef stage_levels,
-                  at::IntArrayRef stage_sizes, at::IntArrayRef stage_counts, const char* op) {
-  const auto S = stage_levels.size();
-  TORCH_CHECK_VALUE(stage_sizes.size() == S && stage_counts.size() == S, op,
-                    ": stage_levels, stage_sizes and stage_counts must have the same length");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(S) <= kMaxLevels, op, ": at most ", kMaxLevels, " stages, got ", S);
-  for (size_t j = 0; j < S; ++j) {
-    TORCH_CHECK_VALUE(stage_levels[j] >= 0 && stage_levels[j] < static_cast<int64_t>(features.size()), op,
-                      ": stage ", j, " names level ", stage_levels[j], " but there are ", features.size(), " levels");
-    TORCH_CHECK_VALUE(stage_sizes[j] > 0, op, ": stage ", j, " has output size ", stage_sizes[j],
-                      "; it must be positive");
-    TORCH_CHECK_VALUE(stage_counts[j] >= 0 && stage_counts[j] <= rois.size(0), op, ": stage ", j, " has count ",
-                      stage_counts[j], " but there are ", rois.size(0), " rois");
-  }
 }
 
 std::vector<at::Tensor> roi_align_stages_cpu(at::TensorList features, const at::Tensor& rois,

@@ -44,6 +44,15 @@ __device__ inline void check_roi(const T* roi, int64_t batch_size) {
   for (int k = 1; k < 5; ++k) CUDA_KERNEL_ASSERT(::isfinite(static_cast<Acc>(roi[k])) && "rois must be finite");
 }
 
+template <typename T>
+__device__ inline RoiGeometry<at::opmath_type<T>> geometry_of(const T* roi, double scale, int64_t pooled_h,
+                                                              int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  using Acc = at::opmath_type<T>;
+  const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
+                      static_cast<Acc>(roi[4])};
+  return roi_geometry<Acc>(box, static_cast<Acc>(scale), pooled_h, pooled_w, sampling_ratio, aligned);
+}
+
 // Value of one output bin: the shared arithmetic, reading an NCHW plane.
 template <typename T, typename Acc>
 __device__ inline Acc pool_bin(const T* plane, int64_t height, int64_t width, const RoiGeometry<Acc>& g,
@@ -97,9 +106,7 @@ __global__ void multilevel_forward_kernel(int64_t total, Table<T> tab, const T* 
     const T* roi = rois + r * 5;
     check_roi(roi, batch_size);
     const int64_t l = level_of(roi, levels, r, k_min, tab.num);
-    const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
-                        static_cast<Acc>(roi[4])};
-    const auto g = roi_geometry<Acc>(box, static_cast<Acc>(tab.scale[l]), pooled_h, pooled_w, sampling_ratio, aligned);
+    const auto g = geometry_of(roi, tab.scale[l], pooled_h, pooled_w, sampling_ratio, aligned);
     const int64_t H = tab.height[l], W = tab.width[l], b = static_cast<int64_t>(roi[0]);
     const T* plane = tab.data[l] + (b * channels + c) * H * W;
     out[i] = static_cast<T>(pool_bin<T, Acc>(plane, H, W, g, ph, pw));
@@ -117,9 +124,7 @@ __global__ void multilevel_backward_kernel(int64_t total, Table<T> tab, const T*
     const T* roi = rois + r * 5;
     check_roi(roi, batch_size);
     const int64_t l = level_of(roi, levels, r, k_min, tab.num);
-    const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
-                        static_cast<Acc>(roi[4])};
-    const auto g = roi_geometry<Acc>(box, static_cast<Acc>(tab.scale[l]), pooled_h, pooled_w, sampling_ratio, aligned);
+    const auto g = geometry_of(roi, tab.scale[l], pooled_h, pooled_w, sampling_ratio, aligned);
     const int64_t H = tab.height[l], W = tab.width[l], b = static_cast<int64_t>(roi[0]);
     unpool_bin<T, Acc>(tab.data[l] + (b * channels + c) * H * W, H, W, g, ph, pw, static_cast<Acc>(grad[i]));
   }
@@ -154,9 +159,7 @@ __global__ void stages_forward_kernel(int64_t total, Table<T> tab, const T* rois
     const int64_t l = tab.level[s.j], S = tab.size[s.j], C = tab.channels[l];
     const T* roi = rois + s.r * 5;
     check_roi(roi, batch_size);
-    const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
-                        static_cast<Acc>(roi[4])};
-    const auto g = roi_geometry<Acc>(box, static_cast<Acc>(tab.scale[l]), S, S, sampling_ratio, aligned);
+    const auto g = geometry_of(roi, tab.scale[l], S, S, sampling_ratio, aligned);
     const int64_t H = tab.height[l], W = tab.width[l], b = static_cast<int64_t>(roi[0]);
     const T* plane = tab.data[l] + (b * C + s.c) * H * W;
     tab.out[s.j][s.local] = static_cast<T>(pool_bin<T, Acc>(plane, H, W, g, s.ph, s.pw));
@@ -172,9 +175,7 @@ __global__ void stages_backward_kernel(int64_t total, Table<T> tab, const T* roi
     const int64_t l = tab.level[s.j], S = tab.size[s.j], C = tab.channels[l];
     const T* roi = rois + s.r * 5;
     check_roi(roi, batch_size);
-    const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
-                        static_cast<Acc>(roi[4])};
-    const auto g = roi_geometry<Acc>(box, static_cast<Acc>(tab.scale[l]), S, S, sampling_ratio, aligned);
+    const auto g = geometry_of(roi, tab.scale[l], S, S, sampling_ratio, aligned);
     const int64_t H = tab.height[l], W = tab.width[l], b = static_cast<int64_t>(roi[0]);
     unpool_bin<T, Acc>(tab.data[l] + (b * C + s.c) * H * W, H, W, g, s.ph, s.pw,
                        static_cast<Acc>(tab.out[s.j][s.local]));
@@ -196,15 +197,9 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
                                      const c10::optional<at::Tensor>& levels, at::ArrayRef<double> spatial_scales,
                                      int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   const char* op = "roi_align_multilevel";
-  check_rois_and_levels(features, rois, spatial_scales, op);
-  check_common_cuda(rois, levels, op);
-  TORCH_CHECK_VALUE(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive");
-  TORCH_CHECK_VALUE(sampling_ratio >= 0, op, ": sampling_ratio must be >= 0, got ", sampling_ratio);
+  check_multilevel_args(features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio, op);
+  TORCH_CHECK_VALUE(rois.is_cuda(), op, ": rois must be a CUDA tensor here");
   const int64_t C = features[0].size(1);
-  for (size_t l = 1; l < features.size(); ++l) {
-    TORCH_CHECK_VALUE(features[l].size(1) == C, op, ": all levels must have the same channel count; features[0] has ",
-                      C, " but features[", l, "] has ", features[l].size(1));
-  }
   c10::cuda::CUDAGuard guard(rois.device());
   const int64_t R = rois.size(0);
   auto out = at::empty({R, C, pooled_h, pooled_w}, features[0].options());
@@ -279,21 +274,14 @@ std::vector<at::Tensor> roi_align_stages_cuda(at::TensorList features, const at:
   const char* op = "roi_align_stages";
   check_rois_and_levels(features, rois, spatial_scales, op);
   check_common_cuda(rois, c10::nullopt, op);
+  check_stages(features, rois, stage_levels, stage_sizes, stage_counts, op);
   const auto S = stage_levels.size();
-  TORCH_CHECK_VALUE(stage_sizes.size() == S && stage_counts.size() == S, op,
-                    ": stage_levels, stage_sizes and stage_counts must have the same length");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(S) <= kMaxLevels, op, ": at most ", kMaxLevels, " stages, got ", S);
   TORCH_CHECK_VALUE(sampling_ratio >= 0, op, ": sampling_ratio must be >= 0, got ", sampling_ratio);
   c10::cuda::CUDAGuard guard(rois.device());
   std::vector<at::Tensor> feats;
   for (const auto& f : features) feats.push_back(f.contiguous());
   std::vector<at::Tensor> outs;
   for (size_t j = 0; j < S; ++j) {
-    TORCH_CHECK_VALUE(stage_levels[j] >= 0 && stage_levels[j] < static_cast<int64_t>(features.size()), op,
-                      ": stage ", j, " names level ", stage_levels[j], " but there are ", features.size(), " levels");
-    TORCH_CHECK_VALUE(stage_sizes[j] > 0, op, ": stage ", j, " has output size ", stage_sizes[j]);
-    TORCH_CHECK_VALUE(stage_counts[j] >= 0 && stage_counts[j] <= rois.size(0), op, ": stage ", j, " has count ",
-                      stage_counts[j], " but there are ", rois.size(0), " rois");
     const auto& f = feats[stage_levels[j]];
     outs.push_back(at::empty({stage_counts[j], f.size(1), stage_sizes[j], stage_sizes[j]}, f.options()));
   }
