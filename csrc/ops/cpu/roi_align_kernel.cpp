@@ -58,6 +58,28 @@ struct RoiTaps {
     for (int64_t pw = 0; pw < pooled_w; ++pw)
       for (int64_t ix = 0; ix < gw; ++ix) xs[pw * gw + ix] = axis_tap(sample_x(g, pw, ix), width);
   }
+
+  // The 2-D taps of bin (ph, pw): offsets into a channels-last image of C channels, weights times `scale`.
+  void bin_taps(int64_t ph, int64_t pw, int64_t width, int64_t C, Acc scale, std::vector<int64_t>& pos,
+                std::vector<Acc>& w) const {
+    const int64_t gh = std::max<int64_t>(g.grid_h, 0), gw = std::max<int64_t>(g.grid_w, 0);
+    pos.clear();
+    w.clear();
+    for (int64_t iy = 0; iy < gh; ++iy) {
+      const auto& ay = ys[ph * gh + iy];
+      if (!ay.valid) continue;
+      for (int64_t ix = 0; ix < gw; ++ix) {
+        const auto& ax = xs[pw * gw + ix];
+        if (!ax.valid) continue;
+        BilinearTaps<Acc> t;
+        combine_taps(ay, ax, width, t);
+        for (int k = 0; k < 4; ++k) {
+          pos.push_back(t.pos[k] * C);
+          w.push_back(t.w[k] * scale);
+        }
+      }
+    }
+  }
 };
 
 // out[c] = sum_t w[t] * src[pos[t] + c] for c < n, channels in register-sized chunks so the
@@ -109,7 +131,6 @@ void pool_one_roi(const LevelNHWC<T>& lv, const T* roi /* 5 values */, int64_t p
                   std::vector<Acc>& row) {
   taps.compute(roi, lv.scale, lv.height, lv.width, pooled_h, pooled_w, sampling_ratio, aligned);
   const auto& g = taps.g;
-  const int64_t gh = std::max<int64_t>(g.grid_h, 0), gw = std::max<int64_t>(g.grid_w, 0);
   const int64_t C = lv.channels, nc = c1 - c0, plane = pooled_h * pooled_w;
   const T* img = lv.data + static_cast<int64_t>(roi[0]) * lv.height * lv.width * C + c0;
   row.assign(pooled_w * nc, Acc(0));
@@ -118,22 +139,7 @@ void pool_one_roi(const LevelNHWC<T>& lv, const T* roi /* 5 values */, int64_t p
   for (int64_t ph = 0; ph < pooled_h; ++ph) {
     for (int64_t pw = 0; pw < pooled_w; ++pw) {
       // All taps of this bin first, then one pass over the channels with the accumulators in registers.
-      tap_pos.clear();
-      tap_w.clear();
-      for (int64_t iy = 0; iy < gh; ++iy) {
-        const auto& ay = taps.ys[ph * gh + iy];
-        if (!ay.valid) continue;
-        for (int64_t ix = 0; ix < gw; ++ix) {
-          const auto& ax = taps.xs[pw * gw + ix];
-          if (!ax.valid) continue;
-          BilinearTaps<Acc> t;
-          combine_taps(ay, ax, lv.width, t);
-          for (int k = 0; k < 4; ++k) {
-            tap_pos.push_back(t.pos[k] * C);
-            tap_w.push_back(t.w[k] * g.inv_count);
-          }
-        }
-      }
+      taps.bin_taps(ph, pw, lv.width, C, g.inv_count, tap_pos, tap_w);
       accumulate_taps<T, Acc>(row.data() + pw * nc, img, tap_pos.data(), tap_w.data(),
                               static_cast<int64_t>(tap_pos.size()), nc);
     }
@@ -153,7 +159,6 @@ void unpool_one_roi(Acc* grad_img /* [H, W, C] of the RoI's image */, int64_t he
                     int64_t c1, RoiTaps<Acc>& taps, std::vector<Acc>& row) {
   taps.compute(roi, scale, height, width, pooled_h, pooled_w, sampling_ratio, aligned);
   const auto& g = taps.g;
-  const int64_t gh = std::max<int64_t>(g.grid_h, 0), gw = std::max<int64_t>(g.grid_w, 0);
   const int64_t nc = c1 - c0, plane = pooled_h * pooled_w;
   Acc* gimg = grad_img + c0;
   row.resize(pooled_w * nc);
@@ -166,22 +171,7 @@ void unpool_one_roi(Acc* grad_img /* [H, W, C] of the RoI's image */, int64_t he
       for (int64_t pw = 0; pw < pooled_w; ++pw) row[pw * nc + c] = static_cast<Acc>(src[pw]) * g.inv_count;
     }
     for (int64_t pw = 0; pw < pooled_w; ++pw) {
-      tap_pos.clear();
-      tap_w.clear();
-      for (int64_t iy = 0; iy < gh; ++iy) {
-        const auto& ay = taps.ys[ph * gh + iy];
-        if (!ay.valid) continue;
-        for (int64_t ix = 0; ix < gw; ++ix) {
-          const auto& ax = taps.xs[pw * gw + ix];
-          if (!ax.valid) continue;
-          BilinearTaps<Acc> t;
-          combine_taps(ay, ax, width, t);
-          for (int k = 0; k < 4; ++k) {
-            tap_pos.push_back(t.pos[k] * C);
-            tap_w.push_back(t.w[k]);
-          }
-        }
-      }
+      taps.bin_taps(ph, pw, width, C, Acc(1), tap_pos, tap_w);
       scatter_taps<Acc>(gimg, row.data() + pw * nc, tap_pos.data(), tap_w.data(),
                         static_cast<int64_t>(tap_pos.size()), nc);
     }
