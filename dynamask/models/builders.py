@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, _validate_trainable_layers
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _validate_trainable_layers
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops import misc as misc_nn_ops
 
 from dynamask.models.detector import DynaMaskRCNN
@@ -69,12 +70,29 @@ def load_torchvision_maskrcnn(model: DynaMaskRCNN, state: str | os.PathLike | St
     return sorted(picked)
 
 
+def _resnet_fpn(body: resnet.ResNet, trainable_layers: int, out_channels: int) -> BackboneWithFPN:
+    """torchvision's ``_resnet_fpn_extractor`` (same freezing rule and module names, so torchvision
+    weights load) with the FPN width as an argument instead of the fixed 256."""
+    if out_channels <= 0:
+        raise ValueError(f"fpn_channels must be positive, got {out_channels}")
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for name, parameter in body.named_parameters():
+        if not name.startswith(tuple(layers_to_train)):
+            parameter.requires_grad_(False)
+    return_layers = {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)}
+    stage2 = body.inplanes // 8
+    in_channels_list = [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)]
+    return BackboneWithFPN(body, return_layers, in_channels_list, out_channels, extra_blocks=LastLevelMaxPool())
+
+
 def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str | os.PathLike | StateDict | None = None,
                         weights_backbone: str | os.PathLike | StateDict | None = None,
                         trainable_backbone_layers: int | None = None,
                         torchvision_weights: str | os.PathLike | StateDict | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
-                        mask_roi_size: int = 14, **kwargs: Any) -> DynaMaskRCNN:
+                        mask_roi_size: int = 14, fpn_channels: int = 256, **kwargs: Any) -> DynaMaskRCNN:
     """A DynaMask detector on a ResNet-{18, 34, 50, 101} FPN.
 
     Args:
@@ -88,6 +106,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
         stage_channels: widths of the 28/56/112 stages ((128, 64, 32)).
         mask_roi_size: side of the RoI feature (14, the paper); the stages double it. Only tests and
             demos change it (e.g. 7 → 7/14/28/56, a quarter of the CPU time).
+        fpn_channels: width of the FPN levels, which the RPN, box head, MSM and mask head read (256;
+            torchvision's value). Demo models use 128.
         **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (``min_size``, ``max_size``,
             ``box_score_thresh``, ``rpn_*``, ``edge_weight``, ``budget_weight``, ``target_gmacs``,
             ``gumbel_tau``, ``mask_policy``, ...).
@@ -102,7 +122,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
     body = RESNETS[depth](weights=None, norm_layer=norm_layer)
     if weights_backbone is not None:
         body.load_state_dict(_load(weights_backbone, "weights_backbone"))
-    backbone = _resnet_fpn_extractor(body, trainable)
+    backbone = _resnet_fpn(body, trainable, fpn_channels)
     head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
                         stage_channels=tuple(stage_channels), roi_size=mask_roi_size)
     msm = MaskSwitchModule(in_channels=backbone.out_channels, in_size=mask_roi_size)

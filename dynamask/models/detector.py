@@ -23,17 +23,24 @@ from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
 
 
-def default_anchor_generator() -> AnchorGenerator:
-    """torchvision's FPN anchors: sizes 32–512 (one per level), ratios 0.5/1/2."""
-    return AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+DEFAULT_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
+
+
+def default_anchor_generator(sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES) -> AnchorGenerator:
+    """FPN anchors, one size per level (torchvision's 32–512 by default), ratios 0.5/1/2."""
+    if len(sizes) != 5:
+        raise ValueError(f"anchor_sizes needs one size per FPN level (5: P2-P6), got {len(sizes)}")
+    return AnchorGenerator(tuple((int(s),) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
 
 
 class DynaMaskRCNN(GeneralizedRCNN):
     """Mask R-CNN with the DynaMask mask branch.
 
     Args:
-        backbone: a ResNet-FPN (``out_channels`` = 256, levels "0".."3" + "pool").
+        backbone: a ResNet-FPN (any ``out_channels``, levels "0".."3" + "pool").
         num_classes: including background.
+        anchor_sizes: one anchor size per level P2–P6 when ``rpn_anchor_generator`` is None (torchvision's
+            32–512; scale them down with the images, e.g. 16–256 for 128-px images).
         mask_head: the dual-level FPN head (default widths when None).
         msm: the Mask Switch Module (default when None).
         edge_weight, budget_weight, target_gmacs, gumbel_tau, mask_policy, mask_training: see
@@ -47,7 +54,8 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  min_size: int | Sequence[int] = 800, max_size: int = 1333,
                  image_mean: list[float] | None = None, image_std: list[float] | None = None,
                  # RPN
-                 rpn_anchor_generator: AnchorGenerator | None = None, rpn_head: nn.Module | None = None,
+                 rpn_anchor_generator: AnchorGenerator | None = None,
+                 anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES, rpn_head: nn.Module | None = None,
                  rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
                  rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
                  rpn_nms_thresh: float = 0.7, rpn_fg_iou_thresh: float = 0.7, rpn_bg_iou_thresh: float = 0.3,
@@ -55,6 +63,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  rpn_score_thresh: float = 0.0,
                  # box branch
                  box_head: nn.Module | None = None, box_predictor: nn.Module | None = None,
+                 box_representation_size: int = 1024,
                  box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                  box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
@@ -65,7 +74,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
                  mask_training: str = "pretrain", **kwargs) -> None:
         out_channels = backbone.out_channels
-        anchors = default_anchor_generator() if rpn_anchor_generator is None else rpn_anchor_generator
+        anchors = default_anchor_generator(anchor_sizes) if rpn_anchor_generator is None else rpn_anchor_generator
         rpn = RegionProposalNetwork(
             anchors, RPNHead(out_channels, anchors.num_anchors_per_location()[0]) if rpn_head is None else rpn_head,
             rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image, rpn_positive_fraction,
@@ -77,8 +86,9 @@ class DynaMaskRCNN(GeneralizedRCNN):
         box_pool = MultiLevelRoIPool(output_size=7, sampling_ratio=2, aligned=False)
         roi_heads = DynaMaskRoIHeads(
             box_roi_pool=box_pool,
-            box_head=TwoMLPHead(out_channels * 7 * 7, 1024) if box_head is None else box_head,
-            box_predictor=FastRCNNPredictor(1024, num_classes) if box_predictor is None else box_predictor,
+            box_head=(TwoMLPHead(out_channels * 7 * 7, box_representation_size) if box_head is None else box_head),
+            box_predictor=(FastRCNNPredictor(box_representation_size, num_classes) if box_predictor is None
+                           else box_predictor),
             fg_iou_thresh=box_fg_iou_thresh, bg_iou_thresh=box_bg_iou_thresh,
             batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
             bbox_reg_weights=bbox_reg_weights, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
