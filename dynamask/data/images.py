@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dynamask.data.coco import _to_rgb_array
+from dynamask.data.coco import _to_rgb_array, read_rgb_array
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
@@ -29,12 +29,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            array = _to_rgb_array(img)
-    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(f"{path}: cannot read image ({exc})") from exc
-    return _uint8_to_tensor(array)
+    return _uint8_to_tensor(read_rgb_array(path))
 
 
 def to_image_tensor(image: ImageInput) -> torch.Tensor:
@@ -54,7 +49,14 @@ def to_image_tensor(image: ImageInput) -> torch.Tensor:
 
 def _uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
     """``[H, W, 3]`` uint8 -> ``[3, H, W]`` float32 / 255 (the same arithmetic as CocoDetection)."""
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
+    return _from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    # np.asarray(pil_image) is read-only, and torch.from_numpy warns about sharing such memory: copy it
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, order="C")
+    return torch.from_numpy(array)
 
 
 def _array_to_tensor(a: np.ndarray) -> torch.Tensor:
@@ -70,7 +72,7 @@ def _array_to_tensor(a: np.ndarray) -> torch.Tensor:
         return _uint8_to_tensor(np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a)
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"a numpy image must be uint8 (0..255) or float (0..1), got dtype {a.dtype}")
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(2, 0, 1)
+    t = _from_numpy(a.astype(np.float32, copy=False)).permute(2, 0, 1)
     _check_unit_range(t, "numpy")
     if t.shape[0] == 1:
         return t.expand(3, -1, -1).contiguous()
