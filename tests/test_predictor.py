@@ -112,7 +112,7 @@ def test_every_input_form_gives_the_same_image(image_dir, tmp_path):
 def test_input_forms_give_identical_results(predictor, image_dir):
     path = str(image_dir / "img1.png")
     rgb = np.asarray(Image.open(path))
-    results = predictor([path, Image.open(path), rgb, torch.from_numpy(rgb).permute(2, 0, 1).contiguous()])
+    results = predictor([path, Image.open(path), rgb, torch.tensor(rgb).permute(2, 0, 1).contiguous()])
     assert len(results) == 4 and len(results[0]) > 0
     for r in results[1:]:
         _same(results[0], r)
@@ -219,3 +219,87 @@ def test_cuda_matches_cpu(ckpt, image_dir):
             if not amp:  # float16 may reorder near-equal random scores; float32 must agree closely
                 assert len(a) == len(b)
                 assert torch.allclose(a.scores, b.scores, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def test_cli_infer_writes_overlays_and_coco_results(ckpt, image_dir, tmp_path, capsys):
+    import json
+
+    from pycocotools.coco import COCO
+
+    from dynamask.cli import main
+
+    extra = tmp_path / "extra.jpg"
+    Image.fromarray(_image(9, size=(80, 100))).save(extra)
+    out = tmp_path / "out"
+    assert main(["infer", str(image_dir), str(extra), "--weights", ckpt, "--out", str(out), "--score-thresh", "0.0",
+                 "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0
+    files = [str(image_dir / f"img{i}.png") for i in range(3)] + [str(extra)]  # folder sorted, then the file
+    assert json.load(open(out / "images.json")) == {str(i): f for i, f in enumerate(files, start=1)}
+    assert "4 images" in capsys.readouterr().out
+    for name in ("img0", "img1", "img2", "extra"):
+        with Image.open(out / f"{name}.png") as overlay:
+            assert overlay.format == "PNG" and overlay.size[0] > 100
+    results = json.load(open(out / "results.json"))
+    # the same dicts as the Python API gives, numbered in the order processed
+    api = Predictor(ckpt, device="cpu", score_thresh=0.0)(files)
+    expected = [d for i, r in enumerate(api, start=1) for d in r.to_coco(i)]
+    assert len(results) == len(expected) > 0
+    for got, want in zip(results, expected):
+        assert got["image_id"] == want["image_id"] and got["category_id"] == want["category_id"]
+        assert got["segmentation"] == want["segmentation"] and got["mask_resolution"] == want["mask_resolution"]
+        assert got["bbox"] == pytest.approx(want["bbox"], abs=1e-3) and got["score"] == pytest.approx(want["score"])
+    assert {r["category_id"] for r in results} <= {10, 20}
+    # loads into pycocotools against a ground-truth file of the same images
+    sizes = [(96, 128)] * 3 + [(80, 100)]
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i, "file_name": f, "height": h, "width": w}
+                             for i, (f, (h, w)) in enumerate(zip(files, sizes), start=1)],
+                  "annotations": [], "categories": [{"id": c, "name": n} for c, n in LABEL_MAP.values()]}
+    gt.createIndex()
+    dt = gt.loadRes(str(out / "results.json"))
+    assert len(dt.anns) == len(results)
+    ann = dt.anns[1]
+    assert dt.annToMask(ann).shape == sizes[ann["image_id"] - 1]
+    # a higher threshold keeps only the scores above it
+    cut = sorted(r["score"] for r in results)[len(results) // 2]
+    assert main(["infer", str(extra), "--weights", ckpt, "--out", str(tmp_path / "high"), "--score-thresh", str(cut),
+                 "--no-progress"]) == 0
+    high = json.load(open(tmp_path / "high" / "results.json"))
+    assert all(r["score"] >= cut for r in high)
+    assert len(high) == sum(1 for r in results if r["image_id"] == 4 and r["score"] >= cut)
+
+
+def test_cli_infer_errors_name_the_file(ckpt, image_dir, tmp_path, capsys):
+    from dynamask.cli import main
+
+    def run(*args):
+        return main(["infer", *args, "--out", str(tmp_path / "o"), "--no-progress"])
+
+    text = tmp_path / "readme.txt"
+    text.write_text("hello")
+    assert run(str(text), "--weights", ckpt) == 1
+    assert "readme.txt: cannot read image" in capsys.readouterr().err
+    assert run(str(tmp_path / "gone.png"), "--weights", ckpt) == 1
+    err = capsys.readouterr().err
+    assert "image not found" in err and "gone.png" in err
+    assert run(str(image_dir), "--weights", str(tmp_path / "none.pth")) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    other = str(tmp_path / "mrcnn_like.pth")
+    save_checkpoint(other, arch=make_arch("detr_r50"), label_map=LABEL_MAP, model=torch.nn.Linear(2, 2))
+    assert run(str(image_dir), "--weights", other) == 1
+    assert "mrcnn_like.pth: unknown architecture 'detr_r50'" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        run(str(empty), "--weights", ckpt)
+    assert exc.value.code == 2 and "empty: no image files" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # overlays would overwrite the inputs
+        main(["infer", str(image_dir), "--weights", ckpt, "--out", str(image_dir), "--no-progress"])
+    assert exc.value.code == 2 and "would overwrite the input" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run(str(image_dir), "--weights", ckpt, "--batch-size", "0")
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:  # --weights is required
+        run(str(image_dir))
+    assert exc.value.code == 2
