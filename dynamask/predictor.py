@@ -58,6 +58,11 @@ class Instances:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    def __repr__(self) -> str:  # the masks alone would fill a screen
+        res = None if self.mask_resolution is None else self.mask_resolution.tolist()
+        return (f"Instances(image_size={self.image_size}, n={len(self)}, category_ids={self.category_ids.tolist()}, "
+                f"scores={[round(float(s), 3) for s in self.scores]}, mask_resolution={res})")
+
     def to_coco(self, image_id: int) -> list[dict[str, Any]]:
         """COCO result dicts (``image_id, category_id, bbox`` xywh, ``score``, ``segmentation`` RLE,
         ``mask_resolution``) for :meth:`pycocotools.coco.COCO.loadRes` or a ``results.json``."""
