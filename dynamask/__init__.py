@@ -4,4 +4,13 @@ from dynamask import _extension  # noqa: F401  (loads the kernels first, with a 
 from dynamask import ops
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["Instances", "Predictor", "ops", "__version__"]
+
+
+def __getattr__(name: str):
+    # The Predictor pulls in the model, the engine and pycocotools; `import dynamask` stays cheap.
+    if name in ("Instances", "Predictor"):
+        from dynamask import predictor
+
+        return getattr(predictor, name)
+    raise AttributeError(f"module 'dynamask' has no attribute {name!r}")

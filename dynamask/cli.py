@@ -1,9 +1,10 @@
-"""The ``dynamask`` command: ``shapes``, ``train``, ``eval`` (and ``infer``, see the hook below).
+"""The ``dynamask`` command: ``shapes``, ``train``, ``eval``, ``infer``.
 
     dynamask shapes --out data/shapes --train 2000 --val 200 --size 192 --seed 0
     dynamask train --data data/shapes --out runs/x --arch dynamask_resnet_fpn --arch-kwargs '{"depth": 18}'
     torchrun --nproc-per-node 2 -m dynamask train ...        (DDP: one process per GPU, or gloo on CPU)
     dynamask eval runs/x/last.pth --data data/shapes --out runs/x/eval
+    dynamask infer photos/ extra.jpg --weights runs/x/last.pth --out runs/x/infer
 """
 
 from __future__ import annotations
@@ -214,16 +215,85 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- infer
-# HOOK (infer): `dynamask infer` belongs to the Predictor's author. Replace the body of _infer_parser with
-# the real arguments and point set_defaults(func=...) at the real command; keep the subcommand name.
 def _infer_parser(sub) -> None:
-    p = sub.add_parser("infer", help="run a checkpoint on images (not in this build yet)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("infer", help="run a checkpoint on images: overlays coloured by mask resolution, results.json")
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders (their image files, sorted)")
+    p.add_argument("--weights", required=True, help="a dynamask checkpoint, e.g. runs/x/last.pth")
+    p.add_argument("--out", required=True, help="folder for one overlay PNG per image, results.json, images.json")
+    p.add_argument("--score-thresh", type=float, default=0.5, help="drop detections scoring below (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
+    p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: a GPU when present, else cpu)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_infer)
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    raise CliError("`dynamask infer` is not available in this build yet")
+    from tqdm import tqdm
+
+    from dynamask.predictor import Predictor
+    from dynamask.viz import save_overlay
+
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be at least 1")
+    files = _image_files(args.images)
+    overlays = _overlay_paths(files, args.out)
+    predictor = Predictor(args.weights, device=args.device, batch_size=args.batch_size, amp=args.amp,
+                          score_thresh=args.score_thresh)
+    os.makedirs(args.out, exist_ok=True)
+    # The inputs come from no COCO file, so the images are numbered 1..N in the order processed.
+    results: list[dict[str, Any]] = []
+    with tqdm(total=len(files), desc="infer", disable=args.no_progress, dynamic_ncols=True) as bar:
+        for image_id, (image, inst) in enumerate(predictor.stream(files), start=1):
+            results += inst.to_coco(image_id)
+            output = {"boxes": inst.boxes, "scores": inst.scores, "masks": inst.masks[:, None].float(),
+                      "mask_resolution": inst.mask_resolution}
+            save_overlay(image, output, overlays[image_id - 1], score_thresh=0.0,  # already thresholded
+                         title=os.path.basename(files[image_id - 1]))
+            bar.update(1)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(args.out, "images.json"), "w") as f:
+        json.dump({str(i): path for i, path in enumerate(files, start=1)}, f, indent=1)
+    print(f"{len(files)} images, {len(results)} instances: overlays, results.json and images.json in {args.out}")
+    return 0
+
+
+def _image_files(items: Sequence[str]) -> list[str]:
+    """The files named, and the image files inside the folders named (sorted), in the order given."""
+    from dynamask.data.images import IMAGE_EXTENSIONS, is_image_file
+
+    files: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, n) for n in os.listdir(item)
+                           if is_image_file(n) and os.path.isfile(os.path.join(item, n)))
+            if not found:
+                raise CliError(f"{item}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
+            files += found
+        elif os.path.isfile(item):
+            files.append(item)  # named explicitly: taken whatever its ending, and refused if unreadable
+        else:
+            raise FileNotFoundError(f"image not found: {item}")
+    return files
+
+
+def _overlay_paths(files: Sequence[str], out: str) -> list[str]:
+    """``OUT/<stem>.png`` per image; ``<stem>_<image id>.png`` where stems repeat. Never an input file."""
+    inputs = {os.path.realpath(f) for f in files}
+    used: set[str] = set()
+    paths = []
+    for image_id, f in enumerate(files, start=1):
+        stem = os.path.splitext(os.path.basename(f))[0]
+        name, k = f"{stem}.png", image_id
+        while name in used:
+            name, k = f"{stem}_{k}.png", k + len(files)
+        used.add(name)
+        path = os.path.join(out, name)
+        if os.path.realpath(path) in inputs:
+            raise CliError(f"the overlay of {f} would overwrite the input {path}; choose another --out")
+        paths.append(path)
+    return paths
 
 
 # --------------------------------------------------------------------------------------------- main

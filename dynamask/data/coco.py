@@ -97,11 +97,7 @@ class CocoDetection(torch.utils.data.Dataset):
         path = self.image_path(index)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{self.ann_file}: image {self.ids[index]} refers to a missing file {path}")
-        try:
-            with Image.open(path) as img:
-                array = _to_rgb_array(img)
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read image ({exc})") from exc
+        array = read_rgb_array(path)
         info = self.coco.imgs[self.ids[index]]
         h, w = array.shape[:2]
         if ("height" in info and int(info["height"]) != h) or ("width" in info and int(info["width"]) != w):
@@ -167,6 +163,15 @@ def _quiet_coco(ann_file: str) -> COCO:
 
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(ann_file)
+
+
+def read_rgb_array(path: str) -> np.ndarray:
+    """``[H, W, 3]`` uint8 of an existing image file; a file PIL cannot decode is a ValueError naming it."""
+    try:
+        with Image.open(path) as img:
+            return _to_rgb_array(img)
+    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: cannot read image ({exc})") from exc
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
