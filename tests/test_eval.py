@@ -132,3 +132,12 @@ def test_evaluate_runs_a_model(shapes, tmp_path):
     m = evaluate(_Oracle(shapes), shapes, costs=COSTS, out_dir=str(tmp_path), progress=False, batch_size=2)
     assert m["segm"]["AP"] == pytest.approx(1.0) and m["bbox"]["AP"] == pytest.approx(1.0)
     assert m["mask_gmac_per_instance"] == pytest.approx(0.62)
+
+
+def test_resolution_columns_follow_the_model():
+    """A demo model at 7/14/28/56 gets those columns, not DynaMask's default 14/28/56/112."""
+    results = [{"category_id": 1, "score": 0.9, "mask_resolution": 7},
+               {"category_id": 1, "score": 0.9, "mask_resolution": 56}]
+    dist = resolution_distribution(results, {1: "ellipse"}, resolutions=(7, 14, 28, 56))
+    assert dist["resolutions"] == [7, 14, 28, 56]
+    assert dist["overall"] == {7: 1, 14: 0, 28: 0, 56: 1}

@@ -79,3 +79,30 @@ def test_total_loss_halves_on_a_tiny_fixed_set():
         opt.step()
         history.append(float(total))
     assert sum(history[-3:]) / 3 < 0.5 * history[0], history
+
+
+def test_mask_rois_per_image_caps_the_mask_branch(monkeypatch):
+    """With the cap, the mask head sees at most cap positives per image, a subset of all positives."""
+    torch.manual_seed(0)
+    model = tiny_model(box_batch_size_per_image=64).train()
+    heads = model.roi_heads
+    seen = []
+    original = heads.mask_losses
+
+    def spy(features, proposals, matched_idxs, image_shapes, targets):
+        seen.append([p.clone() for p in proposals])
+        return original(features, proposals, matched_idxs, image_shapes, targets)
+
+    monkeypatch.setattr(heads, "mask_losses", spy)
+    images, targets = synthetic_batch()
+    for cap in (None, 2):
+        heads.mask_rois_per_image = cap
+        torch.manual_seed(1)  # the same proposals and samples for both runs
+        sum(model(images, targets).values()).backward()
+    full, capped = seen
+    assert any(len(p) > 2 for p in full)  # the cap has something to cut
+    for f, c in zip(full, capped):
+        assert len(c) == min(2, len(f))
+        assert all((f == row).all(1).any() for row in c)  # a subset of the positives
+    with pytest.raises(ValueError, match="mask_rois_per_image"):
+        tiny_model(mask_rois_per_image=0)

@@ -89,7 +89,9 @@ def evaluate_results(
         metrics[kind], text = coco_metrics(coco_gt, results, kind)
         texts.append(f"== {kind} ==\n{text}")
     cat_names = {int(c["id"]): str(c["name"]) for c in coco_gt.loadCats(coco_gt.getCatIds())}
-    dist = resolution_distribution(results, cat_names, score_threshold=score_threshold)
+    # A mapping of costs names the model's resolutions (e.g. 7/14/28/56 for a demo model).
+    known = sorted(int(r) for r in costs) if isinstance(costs, Mapping) else None
+    dist = resolution_distribution(results, cat_names, score_threshold=score_threshold, resolutions=known)
     metrics["resolution"] = dist
     metrics["mask_gmac_per_instance"] = mean_mask_gmac(dist, costs) if costs is not None else None
     if out_dir is not None:

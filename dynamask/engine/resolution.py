@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 RESOLUTIONS = (14, 28, 56, 112)
 
@@ -13,6 +13,7 @@ def resolution_distribution(
     cat_names: Mapping[int, str],
     *,
     score_threshold: float = 0.5,
+    resolutions: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Counts of chosen mask resolutions per category, over detections scoring at least ``score_threshold``.
 
@@ -20,11 +21,13 @@ def resolution_distribution(
         results: COCO result dicts with ``category_id``, ``score`` and ``mask_resolution`` (see
             :func:`dynamask.engine.coco_eval.output_to_results`); ``None`` resolutions are skipped.
         cat_names: COCO category id -> name.
+        resolutions: the model's resolutions (every one gets a column, chosen or not); DynaMask's
+            14/28/56/112 when None.
     Returns ``{"resolutions": [...], "per_category": {name: {res: count}}, "overall": {res: count},
     "instances": n}``; every category of ``cat_names`` appears, resolutions in ascending order.
     """
     seen = sorted({int(r["mask_resolution"]) for r in results if r.get("mask_resolution") is not None})
-    resolutions = sorted(set(RESOLUTIONS) | set(seen))
+    resolutions = sorted(set(RESOLUTIONS if resolutions is None else resolutions) | set(seen))
     per_cat: dict[str, Counter] = {name: Counter() for name in cat_names.values()}
     overall: Counter = Counter()
     for r in results:

@@ -43,7 +43,8 @@ class DynaMaskRCNN(GeneralizedRCNN):
             32–512; scale them down with the images, e.g. 16–256 for 128-px images).
         mask_head: the dual-level FPN head (default widths when None).
         msm: the Mask Switch Module (default when None).
-        edge_weight, budget_weight, target_gmacs, gumbel_tau, mask_policy, mask_training: see
+        edge_weight, budget_weight, target_gmacs, gumbel_tau, mask_policy, mask_training,
+            mask_rois_per_image: see
             :class:`~dynamask.models.roi_heads.DynaMaskRoIHeads`.
         The other arguments are torchvision's ``FasterRCNN`` ones, with its defaults; extra ``**kwargs``
         go to ``GeneralizedRCNNTransform`` as in torchvision.
@@ -72,7 +73,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  mask_head: DynaMaskHead | None = None, msm: MaskSwitchModule | None = None,
                  edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
                  gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
-                 mask_training: str = "pretrain", **kwargs) -> None:
+                 mask_training: str = "pretrain", mask_rois_per_image: int | None = None, **kwargs) -> None:
         out_channels = backbone.out_channels
         anchors = default_anchor_generator(anchor_sizes) if rpn_anchor_generator is None else rpn_anchor_generator
         rpn = RegionProposalNetwork(
@@ -98,6 +99,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
             mask_roi_pool=MultiLevelRoIPool(output_size=14, sampling_ratio=2, aligned=True),
             edge_weight=edge_weight, budget_weight=budget_weight, target_gmacs=target_gmacs,
             gumbel_tau=gumbel_tau, mask_policy=mask_policy, mask_training=mask_training,
+            mask_rois_per_image=mask_rois_per_image,
         )
         transform = GeneralizedRCNNTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
                                              image_std or [0.229, 0.224, 0.225], **kwargs)

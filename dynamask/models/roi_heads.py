@@ -83,6 +83,9 @@ class DynaMaskRoIHeads(RoIHeads):
             RoI (None = no budget term). gumbel_tau: τ.
         mask_policy: inference routing ("msm", "size", 14/28/56/112 or a callable).
         mask_training: "pretrain" or "dynamic".
+        mask_rois_per_image: at most this many positive RoIs per image (a random subset) train the mask
+            branch; None trains it on every positive, as Mask R-CNN and the paper do. A speed knob for
+            small CPU runs: the mask head's cost grows with the positives while the box branch learns.
     """
 
     def __init__(self, *, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module,
@@ -92,7 +95,7 @@ class DynaMaskRoIHeads(RoIHeads):
                  mask_head: DynaMaskHead, msm: MaskSwitchModule, mask_roi_pool: MultiLevelRoIPool,
                  edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
                  gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
-                 mask_training: str = "pretrain") -> None:
+                 mask_training: str = "pretrain", mask_rois_per_image: int | None = None) -> None:
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
                          detections_per_img)
@@ -105,6 +108,9 @@ class DynaMaskRoIHeads(RoIHeads):
         self.gumbel_tau = float(gumbel_tau)
         self.mask_policy = mask_policy
         self.mask_training = mask_training
+        if mask_rois_per_image is not None and mask_rois_per_image < 1:
+            raise ValueError(f"mask_rois_per_image must be None or >= 1, got {mask_rois_per_image}")
+        self.mask_rois_per_image = mask_rois_per_image
 
     # -- settings ---------------------------------------------------------------------------------
     @property
@@ -153,7 +159,7 @@ class DynaMaskRoIHeads(RoIHeads):
             assert targets is not None
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
             losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
-            pos = [torch.where(lab > 0)[0] for lab in labels]
+            pos = [self._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
             mask_proposals = [p[i] for p, i in zip(proposals, pos)]
             pos_matched = [m[i] for m, i in zip(matched_idxs, pos)]
             losses.update(self.mask_losses(features, mask_proposals, pos_matched, image_shapes, targets))
@@ -163,6 +169,14 @@ class DynaMaskRoIHeads(RoIHeads):
         result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
         self.predict_masks(features, result, image_shapes)
         return result, {}
+
+    def _subsample_positives(self, pos: Tensor) -> Tensor:
+        """A random subset of at most ``mask_rois_per_image`` of the positive indices ``[P]`` (sorted)."""
+        cap = self.mask_rois_per_image
+        if cap is None or pos.numel() <= cap:
+            return pos
+        keep = torch.randperm(pos.numel(), device=pos.device)[:cap]
+        return pos[keep.sort().values]
 
     def _pool_masks(self, features: dict[str, Tensor], boxes: list[Tensor],
                     image_shapes: list[tuple[int, int]]) -> tuple[Tensor, list[Tensor], list[float], Tensor]:
