@@ -107,13 +107,21 @@ struct Geometry {
 
 // Sample position of tap k (row-major over the kernel) at output (oy, ox) of one deform group.
 // offset_at: pointer to offset[b, d * 2K, 0, 0]; mask_at: mask[b, d * K, 0, 0] or nullptr.
+// The same with the tap's kernel row i and column j (k = i * kernel_w + j) and the output position
+// p = oy * out_w + ox already known: CPU loops keep them as counters instead of dividing per tap.
+template <typename T>
+DYNAMASK_INLINE void tap_position_ij(const Geometry& g, const T* offset_at, int64_t k, int64_t i, int64_t j,
+                                     int64_t p, int64_t oy, int64_t ox, T& y, T& x) {
+  const int64_t plane = g.out_plane();
+  y = sample_coord<T>(oy, g.stride_h, g.pad_h, i, g.dil_h, offset_at[(2 * k) * plane + p]);
+  x = sample_coord<T>(ox, g.stride_w, g.pad_w, j, g.dil_w, offset_at[(2 * k + 1) * plane + p]);
+}
+
 template <typename T>
 DYNAMASK_INLINE void tap_position(const Geometry& g, const T* offset_at, int64_t k, int64_t oy, int64_t ox,
                                   T& y, T& x) {
-  const int64_t plane = g.out_plane(), p = oy * g.out_w + ox;
   const int64_t i = k / g.kernel_w, j = k - i * g.kernel_w;
-  y = sample_coord<T>(oy, g.stride_h, g.pad_h, i, g.dil_h, offset_at[(2 * k) * plane + p]);
-  x = sample_coord<T>(ox, g.stride_w, g.pad_w, j, g.dil_w, offset_at[(2 * k + 1) * plane + p]);
+  tap_position_ij(g, offset_at, k, i, j, oy * g.out_w + ox, oy, ox, y, x);
 }
 
 }  // namespace deform_conv

@@ -70,17 +70,34 @@ class SequentialBlasGuard {
   int previous_ = 0;  // 0 restores the global setting
 };
 
-// Channel run [c, end) of deform group d that stays inside one weight group; calls f(grp, c, end).
-template <typename F>
-inline void for_each_channel_run(const Geometry& g, int64_t d, F&& f) {
-  const int64_t Cd = g.in_per_deform_group(), Cg = g.in_per_group();
-  const int64_t c_end = (d + 1) * Cd;
-  for (int64_t c = d * Cd; c < c_end;) {
-    const int64_t grp = c / Cg;
-    const int64_t run_end = std::min(c_end, (grp + 1) * Cg);
-    f(grp, c, run_end);
-    c = run_end;
+// The channel runs [begin, end) of each deform group that stay inside one weight group, computed once
+// per tile so the per-tap loops do no division: run r of deform group d is runs[first[d] + r].
+struct ChannelRuns {
+  struct Run {
+    int64_t grp, begin, end;
+  };
+  std::vector<Run> runs;
+  std::vector<int64_t> first;
+
+  explicit ChannelRuns(const Geometry& g) {
+    const int64_t Cd = g.in_per_deform_group(), Cg = g.in_per_group();
+    for (int64_t d = 0; d < g.deform_groups; ++d) {
+      first.push_back(static_cast<int64_t>(runs.size()));
+      const int64_t c_end = (d + 1) * Cd;
+      for (int64_t c = d * Cd; c < c_end;) {
+        const int64_t grp = c / Cg, run_end = std::min(c_end, (grp + 1) * Cg);
+        runs.push_back({grp, c, run_end});
+        c = run_end;
+      }
+    }
+    first.push_back(static_cast<int64_t>(runs.size()));
   }
+};
+
+// Calls f(grp, c, end) for each channel run of deform group d.
+template <typename F>
+inline void for_each_channel_run(const ChannelRuns& cr, int64_t d, F&& f) {
+  for (int64_t r = cr.first[d]; r < cr.first[d + 1]; ++r) f(cr.runs[r].grp, cr.runs[r].begin, cr.runs[r].end);
 }
 
 // col[pl, grp, k, c - grp*Cg] = mask * bilinear(input[c], sample(p0 + pl, k)) for one image.
@@ -88,15 +105,19 @@ inline void for_each_channel_run(const Geometry& g, int64_t d, F&& f) {
 template <typename T>
 void sample_tile(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np, T* col) {
   const int64_t C = g.channels, K = g.taps(), Cg = g.in_per_group(), plane = g.out_plane();
-  for (int64_t pl = 0; pl < np; ++pl) {
-    const int64_t p = p0 + pl, oy = p / g.out_w, ox = p - oy * g.out_w;
+  const ChannelRuns runs(g);
+  int64_t oy = p0 / g.out_w, ox = p0 - oy * g.out_w;
+  // (oy, ox) advance with pl, row by row (no division per position).
+  for (int64_t pl = 0; pl < np; ++pl, ox = (ox + 1 == g.out_w) ? (++oy, 0) : ox + 1) {
+    const int64_t p = p0 + pl;
     T* colrow = col + pl * C * K;
     for (int64_t d = 0; d < g.deform_groups; ++d) {
       const T* off_d = off_b + d * 2 * K * plane;
       const T* mask_d = mask_b ? mask_b + d * K * plane : nullptr;
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t i = 0, k = 0; i < g.kernel_h; ++i)
+      for (int64_t j = 0; j < g.kernel_w; ++j, ++k) {
         T y, x;
-        tap_position(g, off_d, k, oy, ox, y, x);
+        tap_position_ij(g, off_d, k, i, j, p, oy, ox, y, x);
         Taps<T> t;
         deform_taps(y, x, g.height, g.width, t);
         const T m = mask_d ? mask_d[k * plane + p] : T(1);
@@ -106,7 +127,7 @@ void sample_tile(const Geometry& g, const T* img, const T* off_b, const T* mask_
         const T* __restrict__ s2 = img + t.pos[2] * C;
         const T* __restrict__ s3 = img + t.pos[3] * C;
         const bool zero = w0 == T(0) && w1 == T(0) && w2 == T(0) && w3 == T(0);
-        for_each_channel_run(g, d, [&](int64_t grp, int64_t c, int64_t end) {
+        for_each_channel_run(runs, d, [&](int64_t grp, int64_t c, int64_t end) {
           T* __restrict__ dst = colrow + (grp * K + k) * Cg - grp * Cg;
           if (zero) {
             std::fill(dst + c, dst + end, T(0));
@@ -126,15 +147,19 @@ void scatter_tile(const Geometry& g, const T* img, const T* off_b, const T* mask
                   const T* gcol, T* gin, T* goff_b, T* gmask_b) {
   const int64_t C = g.channels, K = g.taps(), Cg = g.in_per_group(), plane = g.out_plane();
   constexpr int L = 8;  // lanes of the partial sums, so the channel dot products vectorise
-  for (int64_t pl = 0; pl < np; ++pl) {
-    const int64_t p = p0 + pl, oy = p / g.out_w, ox = p - oy * g.out_w;
+  const ChannelRuns runs(g);
+  int64_t oy = p0 / g.out_w, ox = p0 - oy * g.out_w;
+  // (oy, ox) advance with pl, row by row (no division per position).
+  for (int64_t pl = 0; pl < np; ++pl, ox = (ox + 1 == g.out_w) ? (++oy, 0) : ox + 1) {
+    const int64_t p = p0 + pl;
     const T* gcolrow = gcol + pl * C * K;
     for (int64_t d = 0; d < g.deform_groups; ++d) {
       const T* off_d = off_b + d * 2 * K * plane;
       const T* mask_d = mask_b ? mask_b + d * K * plane : nullptr;
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t i = 0, k = 0; i < g.kernel_h; ++i)
+      for (int64_t j = 0; j < g.kernel_w; ++j, ++k) {
         T y, x;
-        tap_position(g, off_d, k, oy, ox, y, x);
+        tap_position_ij(g, off_d, k, i, j, p, oy, ox, y, x);
         Taps<T> t;
         const bool any = deform_taps(y, x, g.height, g.width, t);
         const T m = mask_d ? mask_d[k * plane + p] : T(1);
@@ -153,7 +178,7 @@ void scatter_tile(const Geometry& g, const T* img, const T* off_b, const T* mask
         const T* __restrict__ v2 = img + t.pos[2] * C;
         const T* __restrict__ v3 = img + t.pos[3] * C;
         T a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
-        for_each_channel_run(g, d, [&](int64_t grp, int64_t c, int64_t end) {
+        for_each_channel_run(runs, d, [&](int64_t grp, int64_t c, int64_t end) {
           const T* __restrict__ gc = gcolrow + (grp * K + k) * Cg - grp * Cg;
           if (goff_b) {
             int64_t cc = c;
