@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup_env.sh
 
 # The main job.
-demo: setup
+demo:
 	bash scripts/demo.sh
 
 test: setup
