@@ -79,6 +79,8 @@ def test_resolution_distribution_and_cost(shapes, tmp_path):
         assert os.path.getsize(tmp_path / name) > 0
     assert json.load(open(tmp_path / "metrics.json"))["segm"]["AP"] == pytest.approx(1.0)
     assert "| segm | 100.0" in format_metrics(m)
+    # metrics.json read back (str keys) formats the same as the in-memory metrics
+    assert format_metrics(json.load(open(tmp_path / "metrics.json"))) == format_metrics(m)
     low = resolution_distribution([dict(r, score=0.1) for r in results], {1: "ellipse"}, score_threshold=0.5)
     assert low["instances"] == 0 and mean_mask_gmac(low, COSTS) is None
     with pytest.raises(KeyError, match="resolution 112"):

@@ -139,9 +139,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             lines.append(f"| {kind} | " + " | ".join("–" if v < 0 else f"{100 * v:.1f}" for v in vals) + " |")
     dist = metrics.get("resolution")
     if dist and dist["instances"]:
-        res = dist["resolutions"]
+        res = [int(r) for r in dist["resolutions"]]
         lines += ["", "| category | " + " | ".join(f"{r}²" for r in res) + " |", "|---|" + "---|" * len(res)]
         for name, counts in list(dist["per_category"].items()) + [("all", dist["overall"])]:
+            counts = {int(r): n for r, n in counts.items()}  # metrics.json read back has str keys
             total = sum(counts.values())
             cells = [f"{100 * counts[r] / total:.0f}%" if total else "–" for r in res]
             lines.append(f"| {name} (n={total}) | " + " | ".join(cells) + " |")
