@@ -38,6 +38,13 @@ inline int64_t images_per_chunk(const Geometry& g) {
   return std::max<int64_t>(1, std::min<int64_t>(g.batch, (int64_t(1) << 23) / image));
 }
 
+// Images whose sampled columns feed one 1x1-convolution call in the forward: at most 4M column
+// elements (16 MB in float) at once, and at least one image.
+inline int64_t images_per_gemm(const Geometry& g) {
+  const int64_t image = std::max<int64_t>(1, g.channels * g.taps() * g.out_plane());
+  return std::max<int64_t>(1, std::min<int64_t>(g.batch, (int64_t(1) << 22) / image));
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
@@ -238,44 +245,58 @@ at::Tensor wrap(const T* ptr, at::IntArrayRef sizes, at::IntArrayRef strides, co
   return at::from_blob(const_cast<T*>(ptr), sizes, strides, opts);
 }
 
+// Forward: a bounded chunk of images is sampled (in parallel over tiles of positions) into a
+// channels-last columns tensor [images, out_h, out_w, groups * kh*kw * C/groups], which IS the input
+// of a grouped 1x1 convolution with the weight [C_out, kh*kw * C/groups, 1, 1] and the bias: torch's
+// convolution (oneDNN on x86) runs that GEMM about twice as fast as a BLAS sgemm call per tile on the
+// CPUs we measured (AMD EPYC: 250 vs 468 ms for the 100x128x28x28 layer). The residual and ReLU are
+// applied while copying the result into the output.
 template <typename T>
-void forward_impl(const Geometry& g, const at::Tensor& input, const T* offset, const T* mask, const T* weight_p,
-                  const T* bias, const T* residual, bool relu, T* out) {
-  const int64_t C = g.channels, K = g.taps(), Cg = g.in_per_group(), Cout = g.out_channels,
-                Coutg = g.out_per_group(), plane = g.out_plane(), HW = g.height * g.width;
+void forward_impl(const Geometry& g, const at::Tensor& input, const T* offset, const T* mask, const at::Tensor& weight_p,
+                  const at::Tensor& bias, const T* residual, bool relu, at::Tensor& out) {
+  const int64_t C = g.channels, K = g.taps(), Cout = g.out_channels, plane = g.out_plane(), HW = g.height * g.width;
   const int64_t P = tile_positions(g), tiles = ceil_div(plane, P), chunk = images_per_chunk(g);
-  const auto opts = input.options();
+  const int64_t per_gemm = images_per_gemm(g);
+  const at::Tensor w1x1 = weight_p.view({Cout, K * g.in_per_group(), 1, 1});
+  T* out_p = out.data_ptr<T>();
+  // One columns buffer for every chunk: fresh pages would cost a page fault per 4 KB each time.
+  const at::Tensor cols_buffer = at::empty({per_gemm, g.out_h, g.out_w, C * K}, input.options());
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t nb = std::min(chunk, g.batch - b0);
     const at::Tensor nhwc = input.narrow(0, b0, nb).permute({0, 2, 3, 1}).contiguous();
     const T* nhwc_p = nhwc.data_ptr<T>();
-    at::parallel_for(0, nb * tiles, 1, [&](int64_t begin, int64_t end) {
-      const SequentialBlasGuard sequential_blas;
-      std::vector<T> col(static_cast<size_t>(P * C * K));
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t bl = item / tiles, b = b0 + bl;
-        const int64_t p0 = (item - bl * tiles) * P, np = std::min(P, plane - p0);
-        sample_tile<T>(g, nhwc_p + bl * HW * C, offset + b * 2 * g.deform_groups * K * plane,
-                       mask ? mask + b * g.deform_groups * K * plane : nullptr, p0, np, col.data());
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          auto og = wrap<T>(out + (b * Cout + grp * Coutg) * plane + p0, {Coutg, np}, {plane, 1}, opts);
-          at::mm_out(og, wrap<T>(weight_p + grp * Coutg * K * Cg, {Coutg, K * Cg}, {K * Cg, 1}, opts),
-                     wrap<T>(col.data() + grp * K * Cg, {K * Cg, np}, {1, C * K}, opts));
+    for (int64_t c0 = 0; c0 < nb; c0 += per_gemm) {
+      const int64_t nc = std::min(per_gemm, nb - c0);
+      const at::Tensor cols = cols_buffer.narrow(0, 0, nc);
+      T* cols_p = cols.data_ptr<T>();
+      at::parallel_for(0, nc * tiles, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t il = item / tiles, bl = c0 + il, b = b0 + bl;
+          const int64_t p0 = (item - il * tiles) * P, np = std::min(P, plane - p0);
+          sample_tile<T>(g, nhwc_p + bl * HW * C, offset + b * 2 * g.deform_groups * K * plane,
+                         mask ? mask + b * g.deform_groups * K * plane : nullptr, p0, np,
+                         cols_p + (il * plane + p0) * C * K);
         }
-        if (bias || residual || relu) {
-          for (int64_t o = 0; o < Cout; ++o) {
-            T* row = out + (b * Cout + o) * plane + p0;
-            const T bo = bias ? bias[o] : T(0);
-            const T* res = residual ? residual + (b * Cout + o) * plane + p0 : nullptr;
-            for (int64_t pl = 0; pl < np; ++pl) {
-              T v = row[pl] + bo;
-              if (res) v += res[pl];
-              row[pl] = (relu && !(v > T(0))) ? T(0) : v;
-            }
+      });
+      const at::Tensor y = at::conv2d(cols.permute({0, 3, 1, 2}), w1x1,
+                                      bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+                                      at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0}, at::IntArrayRef{1, 1}, g.groups)
+                               .contiguous();
+      const T* y_p = y.data_ptr<T>();
+      const int64_t first = b0 + c0;
+      at::parallel_for(0, nc * Cout, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {  // row = (image in the chunk, output channel)
+          const T* src = y_p + row * plane;
+          T* dst = out_p + (first * Cout + row) * plane;
+          const T* res = residual ? residual + (first * Cout + row) * plane : nullptr;
+          for (int64_t p = 0; p < plane; ++p) {
+            T v = src[p];
+            if (res) v += res[p];
+            dst[p] = (relu && !(v > T(0))) ? T(0) : v;
           }
         }
-      }
-    });
+      });
+    }
   }
 }
 
@@ -366,9 +387,8 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset, 
   const auto residual_c = residual ? residual->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
     forward_impl<scalar_t>(g, input_c, offset_c.data_ptr<scalar_t>(),
-                           mask ? mask_c.data_ptr<scalar_t>() : nullptr, weight_p.data_ptr<scalar_t>(),
-                           bias ? bias_c.data_ptr<scalar_t>() : nullptr,
-                           residual ? residual_c.data_ptr<scalar_t>() : nullptr, relu, out.data_ptr<scalar_t>());
+                           mask ? mask_c.data_ptr<scalar_t>() : nullptr, weight_p, bias_c,
+                           residual ? residual_c.data_ptr<scalar_t>() : nullptr, relu, out);
   });
   return out;
 }
