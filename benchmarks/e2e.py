@@ -58,16 +58,20 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and ops.cuda_available() else "cpu")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, as the bars)")
+    ap.add_argument("--size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"),
+                    help="image size (default 800 1216, the bars' size; smaller for a smoke run)")
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args()
     dev = args.device
     if dev == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    images = [torch.rand(3, 800, 1216, device=dev) for _ in range(args.images)]
+    h, w = args.size
+    images = [torch.rand(3, h, w, device=dev) for _ in range(args.images)]
 
-    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **COMMON).to(dev).eval()
-    ours = dynamask_resnet50_fpn(**COMMON).to(dev).eval()
+    sizes = dict(min_size=min(h, w), max_size=max(h, w))  # no resizing: both models see the images as given
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **COMMON, **sizes).to(dev).eval()
+    ours = dynamask_resnet50_fpn(**COMMON, **sizes).to(dev).eval()
     # The same backbone, RPN and box head weights, so both see the same proposals and detections.
     shared = {k: v for k, v in tv.state_dict().items() if k.startswith(("backbone.", "rpn.", "roi_heads.box_"))}
     ours.load_state_dict(shared, strict=False)
@@ -92,7 +96,7 @@ def main() -> None:
     rows = []
     for name, t in med.items():
         rows.append([name, ms(t), f"{args.images / t:.3f}", f"{t / base:.2f}", "/".join(map(str, counts[name]))])
-    title = (f"End-to-end inference, {args.images} images of 800×1216 per batch, ResNet-50-FPN, random weights, "
+    title = (f"End-to-end inference, {args.images} images of {h}×{w} per batch, ResNet-50-FPN, random weights, "
              f"{DETECTIONS} detections per image; {device_name(dev)}; torch {torch.__version__}; "
              f"median of {args.reps} interleaved runs.")
     table = markdown_table(["model / routing", "median per batch", "images/s", "time ÷ torchvision", "detections"],
