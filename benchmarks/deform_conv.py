@@ -124,6 +124,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="batch 8 instead of 100, one repeat")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--sizes", type=int, nargs="+", help="only the shapes of these spatial sizes (28 56 112)")
     parser.add_argument("--_memory-case", dest="memory_case", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -134,6 +135,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     shapes = [(8, c, s) for _, c, s in SHAPES] if args.quick else SHAPES
+    if args.sizes:
+        shapes = [shape for shape in shapes if shape[2] in args.sizes]
     repeats = 1 if args.quick else args.repeats
     if args.device == "cuda":
         where = torch.cuda.get_device_name()
