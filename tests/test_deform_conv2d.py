@@ -55,6 +55,12 @@ CASES = [
     (2, 12, 8, 8, 10, (2, 3), (2, 1), 0, 1, 2, 3, True, True, 1.5),  # non-square kernel, stride
     (2, 10, 6, 6, 6, (3, 3), 1, 1, 1, 2, 1, True, True, 40.0),  # samples far outside the input
     (4, 3, 5, 5, 5, (1, 1), 1, 0, 1, 1, 3, True, True, 0.7),
+    # one weight group and one deform group with 4/8/16/32/64 channels: the compile-time-width loops
+    (3, 8, 8, 9, 9, (3, 3), 1, 1, 1, 1, 1, True, True, 2.0),
+    (2, 16, 5, 7, 6, (3, 3), 1, 1, 1, 1, 1, False, True, 40.0),  # samples far outside the input
+    (2, 32, 4, 8, 7, (3, 3), 2, 1, 1, 1, 1, True, False, 1.0),
+    (5, 4, 3, 6, 6, (3, 3), 1, 0, 1, 1, 1, True, True, 0.5),  # samples on the border: clamped corners
+    (1, 64, 6, 5, 5, (3, 3), 1, 1, 1, 1, 1, True, True, 1.0),
 ]
 
 
@@ -137,8 +143,9 @@ def test_residual_and_relu_epilogue():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
 
 
-def test_gradcheck_float64():
-    t, kw = _make(2, 4, 4, 5, 5, groups=2, dg=2, offset_scale=1.3)
+@pytest.mark.parametrize("C,groups,dg", [(4, 2, 2), (8, 1, 1)], ids=["generic", "fixed-width"])
+def test_gradcheck_float64(C, groups, dg):
+    t, kw = _make(2, C, 4, 5, 5, groups=groups, dg=dg, offset_scale=1.3)
     res = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     leaves = [t["input"], t["offset"], t["weight"], t["bias"], t["mask"]]
     for v in leaves:

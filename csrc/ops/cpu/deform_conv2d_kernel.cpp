@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "ops/deform_conv2d_checks.h"
@@ -239,6 +240,158 @@ void scatter_tile(const Geometry& g, const T* img, const T* off_b, const T* mask
   }
 }
 
+// The same two loops for the layers the FAM uses (one weight group, one deform group) with the channel
+// count known at compile time: the channel loops then unroll and vectorise, the partial sums stay in
+// registers, and no channel runs are looked up. With 8-32 channels the generic loops spent most of a
+// tap's time on that bookkeeping (32x8x56x56 backward: 128 ms, against 8 ms for a dense conv).
+// dst[c] = w0 s0[c] + w1 s1[c] + w2 s2[c] + w3 s3[c]. The restrict-qualified parameters (kept through
+// inlining, unlike restrict locals) are what lets the compiler vectorise the channel loop.
+template <typename T, int CC>
+inline void bilinear_row(T* __restrict__ dst, const T* __restrict__ s0, const T* __restrict__ s1,
+                         const T* __restrict__ s2, const T* __restrict__ s3, T w0, T w1, T w2, T w3) {
+  for (int c = 0; c < CC; ++c) dst[c] = w0 * s0[c] + w1 * s1[c] + w2 * s2[c] + w3 * s3[c];
+}
+
+// s[i] = sum_c gc[c] * vi[c] for the four corners, in 8 lanes so that the sums vectorise.
+template <typename T, int CC>
+inline void corner_dots(const T* __restrict__ gc, const T* __restrict__ v0, const T* __restrict__ v1,
+                        const T* __restrict__ v2, const T* __restrict__ v3, T s[4]) {
+  constexpr int L = CC < 8 ? CC : 8;
+  T a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
+  for (int c0 = 0; c0 < CC; c0 += L) {
+    for (int l = 0; l < L; ++l) {
+      const T gv = gc[c0 + l];
+      a0[l] += gv * v0[c0 + l];
+      a1[l] += gv * v1[c0 + l];
+      a2[l] += gv * v2[c0 + l];
+      a3[l] += gv * v3[c0 + l];
+    }
+  }
+  s[0] = s[1] = s[2] = s[3] = T(0);
+  for (int l = 0; l < L; ++l) {
+    s[0] += a0[l];
+    s[1] += a1[l];
+    s[2] += a2[l];
+    s[3] += a3[l];
+  }
+}
+
+template <typename T, int CC>
+void sample_tile_fixed(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np,
+                       T* col) {
+  const int64_t K = g.taps(), plane = g.out_plane();
+  int64_t oy = p0 / g.out_w, ox = p0 - oy * g.out_w;
+  for (int64_t pl = 0; pl < np; ++pl, ox = (ox + 1 == g.out_w) ? (++oy, 0) : ox + 1) {
+    const int64_t p = p0 + pl;
+    T* colrow = col + pl * CC * K;
+    for (int64_t i = 0, k = 0; i < g.kernel_h; ++i)
+    for (int64_t j = 0; j < g.kernel_w; ++j, ++k) {
+      T y, x;
+      tap_position_ij(g, off_b, k, i, j, p, oy, ox, y, x);
+      Taps<T> t;
+      deform_taps(y, x, g.height, g.width, t);
+      const T m = mask_b ? mask_b[k * plane + p] : T(1);
+      const T w0 = t.w[0] * m, w1 = t.w[1] * m, w2 = t.w[2] * m, w3 = t.w[3] * m;
+      T* __restrict__ dst = colrow + k * CC;
+      if (w0 == T(0) && w1 == T(0) && w2 == T(0) && w3 == T(0)) {
+        for (int c = 0; c < CC; ++c) dst[c] = T(0);
+        continue;
+      }
+      bilinear_row<T, CC>(dst, img + t.pos[0] * CC, img + t.pos[1] * CC, img + t.pos[2] * CC, img + t.pos[3] * CC,
+                          w0, w1, w2, w3);
+    }
+  }
+}
+
+// d[c] += w * gc[c]: one corner at a time, so corners that coincide (clamped at the border) still add
+// sequentially while each loop vectorises.
+template <typename T, int CC>
+inline void add_scaled(T* __restrict__ d, T w, const T* __restrict__ gc) {
+  for (int c = 0; c < CC; ++c) d[c] += w * gc[c];
+}
+
+template <typename T, int CC>
+void scatter_tile_fixed(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np,
+                        const T* gcol, T* gin, T* goff_b, T* gmask_b) {
+  const int64_t K = g.taps(), plane = g.out_plane();
+  int64_t oy = p0 / g.out_w, ox = p0 - oy * g.out_w;
+  for (int64_t pl = 0; pl < np; ++pl, ox = (ox + 1 == g.out_w) ? (++oy, 0) : ox + 1) {
+    const int64_t p = p0 + pl;
+    const T* gcolrow = gcol + pl * CC * K;
+    for (int64_t i = 0, k = 0; i < g.kernel_h; ++i)
+    for (int64_t j = 0; j < g.kernel_w; ++j, ++k) {
+      T y, x;
+      tap_position_ij(g, off_b, k, i, j, p, oy, ox, y, x);
+      Taps<T> t;
+      const bool any = deform_taps(y, x, g.height, g.width, t);
+      const T m = mask_b ? mask_b[k * plane + p] : T(1);
+      if (!any) {
+        if (goff_b) {
+          goff_b[(2 * k) * plane + p] = T(0);
+          goff_b[(2 * k + 1) * plane + p] = T(0);
+        }
+        if (gmask_b) gmask_b[k * plane + p] = T(0);
+        continue;
+      }
+      const T* __restrict__ gc = gcolrow + k * CC;
+      if (goff_b) {
+        T s[4];
+        corner_dots<T, CC>(gc, img + t.pos[0] * CC, img + t.pos[1] * CC, img + t.pos[2] * CC, img + t.pos[3] * CC, s);
+        goff_b[(2 * k) * plane + p] = m * grad_y(t, s);
+        goff_b[(2 * k + 1) * plane + p] = m * grad_x(t, s);
+        if (gmask_b) gmask_b[k * plane + p] = sampled_value(t, s);
+      }
+      if (gin != nullptr) {
+        const T w0 = t.w[0] * m, w1 = t.w[1] * m, w2 = t.w[2] * m, w3 = t.w[3] * m;
+        if (!(w0 == T(0) && w1 == T(0) && w2 == T(0) && w3 == T(0))) {
+          add_scaled<T, CC>(gin + t.pos[0] * CC, w0, gc);
+          add_scaled<T, CC>(gin + t.pos[1] * CC, w1, gc);
+          add_scaled<T, CC>(gin + t.pos[2] * CC, w2, gc);
+          add_scaled<T, CC>(gin + t.pos[3] * CC, w3, gc);
+        }
+      }
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, CC>) with CC = the channel count when the layer has one weight
+// group and one deform group and C is one of the widths with a specialised loop, else CC = 0 (generic).
+template <typename F>
+inline void with_channel_specialisation(const Geometry& g, F&& f) {
+  if (g.groups == 1 && g.deform_groups == 1) {
+    switch (g.channels) {
+      case 4: return f(std::integral_constant<int, 4>());
+      case 8: return f(std::integral_constant<int, 8>());
+      case 16: return f(std::integral_constant<int, 16>());
+      case 32: return f(std::integral_constant<int, 32>());
+      case 64: return f(std::integral_constant<int, 64>());
+      default: break;
+    }
+  }
+  f(std::integral_constant<int, 0>());
+}
+
+// The tile loops, specialised or generic.
+template <typename T, int CC>
+inline void sample_any(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np,
+                       T* col) {
+  if constexpr (CC > 0) {
+    sample_tile_fixed<T, CC>(g, img, off_b, mask_b, p0, np, col);
+  } else {
+    sample_tile<T>(g, img, off_b, mask_b, p0, np, col);
+  }
+}
+
+template <typename T, int CC>
+inline void scatter_any(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np,
+                        const T* gcol, T* gin, T* goff_b, T* gmask_b) {
+  if constexpr (CC > 0) {
+    scatter_tile_fixed<T, CC>(g, img, off_b, mask_b, p0, np, gcol, gin, goff_b, gmask_b);
+  } else {
+    scatter_tile<T>(g, img, off_b, mask_b, p0, np, gcol, gin, goff_b, gmask_b);
+  }
+}
+
 // Tensors wrapping raw buffers, for at::mm_out (no ownership, no copies).
 template <typename T>
 at::Tensor wrap(const T* ptr, at::IntArrayRef sizes, at::IntArrayRef strides, const at::TensorOptions& opts) {
@@ -269,14 +422,17 @@ void forward_impl(const Geometry& g, const at::Tensor& input, const T* offset, c
       const int64_t nc = std::min(per_gemm, nb - c0);
       const at::Tensor cols = cols_buffer.narrow(0, 0, nc);
       T* cols_p = cols.data_ptr<T>();
-      at::parallel_for(0, nc * tiles, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t item = begin; item < end; ++item) {
-          const int64_t il = item / tiles, bl = c0 + il, b = b0 + bl;
-          const int64_t p0 = (item - il * tiles) * P, np = std::min(P, plane - p0);
-          sample_tile<T>(g, nhwc_p + bl * HW * C, offset + b * 2 * g.deform_groups * K * plane,
-                         mask ? mask + b * g.deform_groups * K * plane : nullptr, p0, np,
-                         cols_p + (il * plane + p0) * C * K);
-        }
+      with_channel_specialisation(g, [&](auto cc) {
+        constexpr int CC = decltype(cc)::value;
+        at::parallel_for(0, nc * tiles, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t il = item / tiles, bl = c0 + il, b = b0 + bl;
+            const int64_t p0 = (item - il * tiles) * P, np = std::min(P, plane - p0);
+            sample_any<T, CC>(g, nhwc_p + bl * HW * C, offset + b * 2 * g.deform_groups * K * plane,
+                              mask ? mask + b * g.deform_groups * K * plane : nullptr, p0, np,
+                              cols_p + (il * plane + p0) * C * K);
+          }
+        });
       });
       const at::Tensor y = at::conv2d(cols.permute({0, 3, 1, 2}), w1x1,
                                       bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
@@ -318,6 +474,8 @@ void backward_impl(const Geometry& g, const at::Tensor& input, const T* grad, co
     at::Tensor gin;
     if (grad_input) gin = at::zeros({nb * splits, g.height, g.width, C}, opts);
     T* gin_p = grad_input ? gin.data_ptr<T>() : nullptr;
+    with_channel_specialisation(g, [&](auto cc) {
+    constexpr int CC = decltype(cc)::value;
     at::parallel_for(0, nb * splits, 1, [&](int64_t begin, int64_t end) {
       const SequentialBlasGuard sequential_blas;
       std::vector<T> col(static_cast<size_t>(P * C * K));
@@ -332,7 +490,7 @@ void backward_impl(const Geometry& g, const at::Tensor& input, const T* grad, co
         for (int64_t tile = s * tiles / splits; tile < (s + 1) * tiles / splits; ++tile) {
           const int64_t p0 = tile * P, np = std::min(P, plane - p0);
           if (gw) {
-            sample_tile<T>(g, img, off_b, mask_b, p0, np, col.data());
+            sample_any<T, CC>(g, img, off_b, mask_b, p0, np, col.data());
             for (int64_t grp = 0; grp < g.groups; ++grp) {
               auto gwg = wrap<T>(gw + grp * Coutg * K * Cg, {Coutg, K * Cg}, {K * Cg, 1}, opts);
               gwg.addmm_(wrap<T>(grad_b + grp * Coutg * plane + p0, {Coutg, np}, {plane, 1}, opts),
@@ -345,12 +503,13 @@ void backward_impl(const Geometry& g, const at::Tensor& input, const T* grad, co
               at::mm_out(gcg, wrap<T>(grad_b + grp * Coutg * plane + p0, {np, Coutg}, {1, plane}, opts),
                          wrap<T>(weight_p + grp * Coutg * K * Cg, {Coutg, K * Cg}, {K * Cg, 1}, opts));
             }
-            scatter_tile<T>(g, img, off_b, mask_b, p0, np, gcol.data(), gin_p ? gin_p + item * HW * C : nullptr,
-                            grad_offset ? grad_offset + b * 2 * g.deform_groups * K * plane : nullptr,
-                            grad_mask ? grad_mask + b * g.deform_groups * K * plane : nullptr);
+            scatter_any<T, CC>(g, img, off_b, mask_b, p0, np, gcol.data(), gin_p ? gin_p + item * HW * C : nullptr,
+                              grad_offset ? grad_offset + b * 2 * g.deform_groups * K * plane : nullptr,
+                              grad_mask ? grad_mask + b * g.deform_groups * K * plane : nullptr);
           }
         }
       }
+    });
     });
     if (grad_input) {
       const at::Tensor summed = splits == 1 ? gin : gin.view({nb, splits, g.height, g.width, C}).sum(1);
