@@ -190,6 +190,98 @@ def test_backward_matches_torchvision():
     assert got[3] is None or torch.count_nonzero(got[3]) == 0
 
 
+
+def extreme_rois():
+    """Boxes that stress the separable passes: wider/taller than the map, partly outside, thin (one
+    feature row or column: x pass first), tall and narrow (y pass first), tiny, inverted, and many
+    boxes on the same few rows."""
+    H, W = IMAGE
+    boxes = [
+        [0, -80, -60, W + 90, H + 70],  # larger than the image on every side
+        [1, -30, 40, W + 30, 41],  # wider than the map, under one feature row
+        [0, 40, -50, 41.5, H + 50],  # taller than the map, one column wide
+        [1, 100, 10, 104, 250],  # tall and narrow
+        [0, W - 10, H - 10, W + 40, H + 40],  # over the bottom-right corner
+        [1, -40, -40, 6, 6],  # over the top-left corner
+        [0, 50.2, 60.7, 50.3, 60.9],  # tiny
+        [1, 90, 90, 30, 30],  # inverted
+        [0, W + 10, 20, W + 60, 60],  # wholly right of the map
+    ]
+    boxes += [[b % 2, 7.0 * i, 100.0, 7.0 * i + 60, 103.0] for b, i in enumerate(range(12))]  # same rows
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [0, 1, 3])
+def test_stages_extreme_rois_equal_roi_align(aligned, sampling_ratio):
+    """Adaptive sampling (0) gives grids of dozens of samples per bin on the large boxes. Gradients
+    are compared in float64: they sum hundreds of overlapping samples, where float32 rounding of any
+    summation order (torchvision's included) exceeds 1e-5."""
+    feats = pyramid(n=2, channels=[3, 5, 2, 4])
+    rois = torch.cat([extreme_rois(), random_rois(6, 2)])
+    n = rois.shape[0]
+    stages = [(3, 5, n), (2, 14, n), (1, 27, n), (0, 56, n)]
+    outs = roi_align_stages(feats, rois, stages, SCALES, sampling_ratio, aligned)
+    for (l, s, _), o in zip(stages, outs):
+        torch.testing.assert_close(o, roi_align(feats[l], rois, s, SCALES[l], sampling_ratio, aligned), rtol=1e-5, atol=1e-5)
+    feats = [f.double().requires_grad_() for f in feats]
+    rois = rois.double()
+    outs = roi_align_stages(feats, rois, stages, SCALES, sampling_ratio, aligned)
+    ref_feats = [f.detach().clone().requires_grad_() for f in feats]
+    ref = [roi_align(ref_feats[l], rois, s, SCALES[l], sampling_ratio, aligned) for l, s, _ in stages]
+    grads_out = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, feats, grads_out)
+    exp = torch.autograd.grad(ref, ref_feats, grads_out)
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_multilevel_extreme_rois_equal_reference(sampling_ratio):
+    feats = pyramid(n=2, dtype=torch.float64)
+    rois = extreme_rois().double()
+    for size in [(3, 11), (16, 4)]:
+        out = roi_align_multilevel(feats, rois, size, SCALES, sampling_ratio, True)
+        exp = roi_align_multilevel_reference(feats, rois, size, SCALES, sampling_ratio, True)
+        torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_extreme_rois():
+    """float64 gradcheck of the backward on boxes beyond the map, thin and tall boxes, large grids."""
+    feats = [torch.randn(2, c, 9 // 2**k + 1, 11 // 2**k + 1, dtype=torch.float64, requires_grad=True) for k, c in enumerate([2, 1])]
+    # level 0 is 10x12 at scale 1/4 (image 40x48), level 1 5x6 at 1/8
+    rois = torch.tensor(
+        [[0, -20.0, -10.0, 60.0, 50.0], [1, -5.0, 13.0, 50.0, 14.5], [0, 9.0, -8.0, 12.0, 45.0], [1, 30.0, 30.0, 48.0, 40.0]],
+        dtype=torch.float64,
+    )
+    stages = [(1, 3, 4), (0, 7, 4), (0, 2, 2)]
+    for sr in (0, 3):
+        for aligned in (True, False):
+            assert torch.autograd.gradcheck(
+                lambda *f: tuple(roi_align_stages(list(f), rois, stages, SCALES[:2], sr, aligned)), feats
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_precision(dtype):
+    """Half inputs accumulate in float: results match float32 on the same (rounded) inputs to the
+    output's rounding."""
+    feats = [f.to(dtype).float() for f in pyramid(n=2)]
+    rois = torch.cat([random_rois(20, 2), extreme_rois()]).to(dtype).float()
+    half = [f.to(dtype).requires_grad_() for f in feats]
+    out = roi_align_multilevel(half, rois.to(dtype), 7, SCALES, 2, False)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), roi_align_multilevel(feats, rois, 7, SCALES, 2, False), rtol=2e-2, atol=3e-2)
+    outs = roi_align_stages(half, rois.to(dtype), [(0, 28, 30)], SCALES)
+    full = [f.clone().requires_grad_() for f in feats]
+    ref = roi_align_stages(full, rois, [(0, 28, 30)], SCALES)
+    torch.testing.assert_close(outs[0].float(), ref[0], rtol=2e-2, atol=3e-2)
+    g = torch.randn_like(ref[0])
+    (gh,) = torch.autograd.grad(outs, half[:1], [g.to(dtype)])
+    (gf,) = torch.autograd.grad(ref, full[:1], [g])
+    assert gh.dtype == dtype
+    torch.testing.assert_close(gh.float(), gf, rtol=2e-2, atol=3e-2)
+
 def test_empty_inputs():
     feats = pyramid(n=2)
     rois = torch.zeros(0, 5)

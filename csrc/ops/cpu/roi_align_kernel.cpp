@@ -1,16 +1,27 @@
 // CPU kernels of the batched RoIAlign ops.
 //
-// Features are read channels-last (one [H, W, C] image at a time), so each bilinear tap is a
-// contiguous, vectorisable axpy over a block of channels, and the tap positions and weights of a
-// bin are computed once and reused for every channel of the block. Work is split over
-// (RoI, channel block) in the forward and over channel blocks in the backward, which makes the
-// backward's scatter-add race-free (two threads never touch the same channel) and deterministic.
+// Bilinear RoIAlign is separable. With torchvision's border rules a sample counts only when both its
+// y and its x coordinate are on the map, and its weight is wy * wx, so one bin of one channel is
+//   out[ph, pw] = sum_y Wy[ph, y] * sum_x Wx[pw, x] * f[y, x]
+// where Wy (1 / sample count folded in) and Wx are sparse: each bin has a few taps per axis, computed
+// once per RoI (RoiTaps). Each channel plane of the NCHW input (read in place, no layout copy) is then
+// pooled in two passes, in whichever order does fewer multiply-adds for this RoI:
+//   x first: rows[k, pw] = sum_x Wx[pw, x] f[y_k, x] for the rows y_k that the y taps read, then
+//            out[ph, :] = sum_k Wy[ph, y_k] rows[k, :]        (axpys along pw)
+//   y first: cols[ph, x] = sum_y Wy[ph, y] f[y, x] over the columns the x taps read (axpys along x),
+//            then out[ph, pw] = sum_x Wx[pw, x] cols[ph, x]
+// Both write out[c, ph, :] contiguously in the [R, C, ph, pw] layout. The backward runs the same
+// passes transposed. Forward work items are (channel block, RoI chunk), each writing its own outputs;
+// the backward splits channels over threads, so its scatter-adds are race-free and deterministic.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "ops/roi_align_checks.h"
@@ -20,211 +31,349 @@ namespace dynamask {
 namespace roi_align {
 namespace {
 
-// One pyramid level, channels-last.
+// One pyramid level, NCHW contiguous (data is null for the backward's shape-only use).
 template <typename T>
-struct LevelNHWC {
+struct Level {
   const T* data;
   int64_t height, width, channels;
   double scale;
 };
 
-// Channel blocks: multiples of 8 (one AVX register of floats), at least 4 per thread when the
-// channel count allows, so narrow levels (32 channels) still keep every thread busy.
-inline int64_t channel_block(int64_t channels) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t block = (channels + 4 * threads - 1) / (4 * threads);
-  block = std::max<int64_t>(8, (block + 7) / 8 * 8);
-  return std::min(block, std::max<int64_t>(channels, 1));
-}
-
-// The per-axis sample taps of one RoI: grid_h samples for each output row, grid_w for each column.
-// Computed once per RoI, then combined into 2-D taps by a product (bilinear is separable).
+// The taps of one axis of one RoI: bin b reads positions idx[begin[b] .. begin[b + 1]) with weights w
+// (two taps per valid sample; a tap on the position of the previous one is merged into it).
 template <typename Acc>
-struct RoiTaps {
-  RoiGeometry<Acc> g;
-  std::vector<AxisTap<Acc>> ys, xs;  // [pooled_h * grid_h], [pooled_w * grid_w]
+struct AxisTaps {
+  std::vector<int64_t> begin;  // [bins + 1]
+  std::vector<int64_t> idx;    // [taps]
+  std::vector<Acc> w;          // [taps]
+  int64_t lo = 0, hi = -1;     // smallest and largest position read
 
-  template <typename T>
-  void compute(const T* roi, double scale, int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w,
-               int64_t sampling_ratio, bool aligned) {
-    const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
-                        static_cast<Acc>(roi[4])};
-    g = roi_geometry<Acc>(box, static_cast<Acc>(scale), pooled_h, pooled_w, sampling_ratio, aligned);
-    const int64_t gh = std::max<int64_t>(g.grid_h, 0), gw = std::max<int64_t>(g.grid_w, 0);
-    ys.resize(pooled_h * gh);
-    xs.resize(pooled_w * gw);
-    for (int64_t ph = 0; ph < pooled_h; ++ph)
-      for (int64_t iy = 0; iy < gh; ++iy) ys[ph * gh + iy] = axis_tap(sample_y(g, ph, iy), height);
-    for (int64_t pw = 0; pw < pooled_w; ++pw)
-      for (int64_t ix = 0; ix < gw; ++ix) xs[pw * gw + ix] = axis_tap(sample_x(g, pw, ix), width);
+  int64_t taps() const { return static_cast<int64_t>(idx.size()); }
+
+  // sample(b, i): coordinate of sample i of bin b; size: the map's extent on this axis.
+  template <typename SampleFn>
+  void build(int64_t bins, int64_t grid, int64_t size, Acc scale, const SampleFn& sample) {
+    begin.assign(1, 0);
+    idx.clear();
+    w.clear();
+    for (int64_t b = 0; b < bins; ++b) {
+      const size_t first = idx.size();
+      for (int64_t i = 0; i < grid; ++i) {
+        const AxisTap<Acc> t = axis_tap(sample(b, i), size);
+        if (!t.valid) continue;
+        add(first, t.lo, t.w_lo * scale);
+        add(first, t.hi, t.w_hi * scale);
+      }
+      begin.push_back(static_cast<int64_t>(idx.size()));
+    }
+    lo = idx.empty() ? 0 : *std::min_element(idx.begin(), idx.end());
+    hi = idx.empty() ? -1 : *std::max_element(idx.begin(), idx.end());
   }
 
-  // The 2-D taps of bin (ph, pw): offsets into a channels-last image of C channels, weights times `scale`.
-  void bin_taps(int64_t ph, int64_t pw, int64_t width, int64_t C, Acc scale, std::vector<int64_t>& pos,
-                std::vector<Acc>& w) const {
-    const int64_t gh = std::max<int64_t>(g.grid_h, 0), gw = std::max<int64_t>(g.grid_w, 0);
-    pos.clear();
-    w.clear();
-    for (int64_t iy = 0; iy < gh; ++iy) {
-      const auto& ay = ys[ph * gh + iy];
-      if (!ay.valid) continue;
-      for (int64_t ix = 0; ix < gw; ++ix) {
-        const auto& ax = xs[pw * gw + ix];
-        if (!ax.valid) continue;
-        BilinearTaps<Acc> t;
-        combine_taps(ay, ax, width, t);
-        for (int k = 0; k < 4; ++k) {
-          pos.push_back(t.pos[k] * C);
-          w.push_back(t.w[k] * scale);
-        }
-      }
+ private:
+  void add(size_t first, int64_t pos, Acc weight) {
+    if (idx.size() > first && idx.back() == pos) {
+      w.back() += weight;
+    } else {
+      idx.push_back(pos);
+      w.push_back(weight);
     }
   }
 };
 
-// out[c] = sum_t w[t] * src[pos[t] + c] for c < n, channels in register-sized chunks so the
-// accumulators stay in registers across all taps (the compiler unrolls the fixed-size inner loop).
-template <typename T, typename Acc>
-inline void accumulate_taps(Acc* __restrict out, const T* __restrict src, const int64_t* __restrict pos,
-                            const Acc* __restrict w, int64_t ntaps, int64_t n) {
-  constexpr int64_t kChunk = 16;
-  int64_t c = 0;
-  for (; c + kChunk <= n; c += kChunk) {
-    Acc a[kChunk] = {};
-    for (int64_t t = 0; t < ntaps; ++t) {
-      const T* s = src + pos[t] + c;
-      const Acc wt = w[t];
-      for (int64_t j = 0; j < kChunk; ++j) a[j] += wt * static_cast<Acc>(s[j]);
-    }
-    for (int64_t j = 0; j < kChunk; ++j) out[c + j] = a[j];
-  }
-  for (; c < n; ++c) {
-    Acc a = 0;
-    for (int64_t t = 0; t < ntaps; ++t) a += w[t] * static_cast<Acc>(src[pos[t] + c]);
-    out[c] = a;
-  }
-}
-
-// dst[pos[t] + c] += w[t] * g[c] for all taps t and c < n (the transpose of accumulate_taps).
+// Both axes' taps of one RoI on one level, plus the distinct rows the y taps read (for x-first).
 template <typename Acc>
-inline void scatter_taps(Acc* __restrict dst, const Acc* __restrict g, const int64_t* __restrict pos,
-                         const Acc* __restrict w, int64_t ntaps, int64_t n) {
-  constexpr int64_t kChunk = 16;
-  int64_t c = 0;
-  for (; c + kChunk <= n; c += kChunk) {
-    Acc gc[kChunk];
-    for (int64_t j = 0; j < kChunk; ++j) gc[j] = g[c + j];
-    for (int64_t t = 0; t < ntaps; ++t) {
-      Acc* d = dst + pos[t] + c;
-      const Acc wt = w[t];
-      for (int64_t j = 0; j < kChunk; ++j) d[j] += wt * gc[j];
+struct RoiTaps {
+  int64_t pooled_h = 0, pooled_w = 0;
+  AxisTaps<Acc> y, x;
+  std::vector<int64_t> rows;  // distinct feature rows read, ascending
+  std::vector<int64_t> slot;  // [y taps]: index into rows of each y tap
+
+  template <typename T>
+  void compute(const T* roi /* batch, x1, y1, x2, y2 */, double scale, int64_t height, int64_t width, int64_t ph,
+               int64_t pw, int64_t sampling_ratio, bool aligned) {
+    const Acc box[4] = {static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
+                        static_cast<Acc>(roi[4])};
+    const RoiGeometry<Acc> g = roi_geometry<Acc>(box, static_cast<Acc>(scale), ph, pw, sampling_ratio, aligned);
+    pooled_h = ph;
+    pooled_w = pw;
+    // A non-positive adaptive grid (inverted box) has no samples.
+    const int64_t gh = std::max<int64_t>(g.grid_h, 0), gw = std::max<int64_t>(g.grid_w, 0);
+    y.build(ph, gh, height, g.inv_count, [&](int64_t b, int64_t i) { return sample_y(g, b, i); });
+    x.build(pw, gw, width, Acc(1), [&](int64_t b, int64_t i) { return sample_x(g, b, i); });
+    std::vector<int64_t> mark(std::max<int64_t>(y.hi - y.lo + 1, 0), -1);  // row -> slot
+    for (int64_t r : y.idx) mark[r - y.lo] = 0;
+    rows.clear();
+    for (int64_t r = y.lo; r <= y.hi; ++r) {
+      if (mark[r - y.lo] < 0) continue;
+      mark[r - y.lo] = static_cast<int64_t>(rows.size());
+      rows.push_back(r);
     }
+    slot.resize(y.idx.size());
+    for (size_t j = 0; j < y.idx.size(); ++j) slot[j] = mark[y.idx[j] - y.lo];
   }
-  for (; c < n; ++c)
-    for (int64_t t = 0; t < ntaps; ++t) dst[pos[t] + c] += w[t] * g[c];
+
+  bool empty() const { return y.idx.empty() || x.idx.empty(); }
+
+  // Elements of scratch the plane functions need: rows and one accumulator row, or cols.
+  int64_t scratch_size(bool x_first) const {
+    return x_first ? (static_cast<int64_t>(rows.size()) + 1) * pooled_w : pooled_h * columns();
+  }
+  int64_t columns() const { return x.hi - x.lo + 1; }
+
+  // Multiply-adds per channel of the two pass orders; the axpy passes count 1/4 (SIMD width).
+  bool x_first() const {
+    const int64_t nx = x.taps(), ny = y.taps(), nrows = static_cast<int64_t>(rows.size());
+    return 4 * nrows * nx + ny * pooled_w <= ny * columns() + 4 * pooled_h * nx;
+  }
+};
+
+// dst[i] += a * src[i] for i < n.
+template <typename Acc, typename S>
+inline void axpy(Acc* __restrict dst, Acc a, const S* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += a * static_cast<Acc>(src[i]);
 }
 
-// out[c, ph, pw] for channels [c0, c1) of one RoI on one level. row: [pooled_w, c1 - c0] scratch.
+// out[i] = sum_{j < N} w[j] * rows[j][i] for i < n, in one pass.
+template <int N, typename Acc, typename S, typename D>
+inline void sum_rows(D* __restrict out, const S* const* rows, const Acc* w, int64_t n) {
+  const S* r[N];
+  Acc wj[N];
+  for (int j = 0; j < N; ++j) r[j] = rows[j], wj[j] = w[j];
+  for (int64_t i = 0; i < n; ++i) {
+    Acc a = wj[0] * static_cast<Acc>(r[0][i]);
+    for (int j = 1; j < N; ++j) a += wj[j] * static_cast<Acc>(r[j][i]);
+    out[i] = static_cast<D>(a);
+  }
+}
+
+// out[i] = sum_{j < taps} w[j] * row(j)[i] for i < n: one pass over out for up to four taps (two
+// samples per bin), else summed in acc [n].
+template <typename Acc, typename D, typename RowFn>
+inline void weighted_rows(D* out, const Acc* w, int64_t taps, int64_t n, const RowFn& row, Acc* acc) {
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(row(0))>>;
+  const S* r[4];
+  for (int64_t j = 0; j < std::min<int64_t>(taps, 4); ++j) r[j] = row(j);
+  switch (taps) {
+    case 0: std::fill(out, out + n, D(0)); return;
+    case 1: sum_rows<1>(out, r, w, n); return;
+    case 2: sum_rows<2>(out, r, w, n); return;
+    case 3: sum_rows<3>(out, r, w, n); return;
+    case 4: sum_rows<4>(out, r, w, n); return;
+    default: break;
+  }
+  sum_rows<4>(acc, r, w, n);
+  for (int64_t j = 4; j < taps; ++j) axpy(acc, w[j], row(j), n);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<D>(acc[i]);
+}
+
+// dst[g][p] = sum over the x taps of bin p of w * src[g][idx - base], for G rows at once: the rows share
+// the taps and their independent sums hide the add latency of these short scalar loops.
+template <int G, typename Acc, typename S, typename D>
+inline void gather_rows(const S* const* src, D* const* dst, const AxisTaps<Acc>& x, int64_t pw, int64_t base) {
+  const int64_t* idx = x.idx.data();
+  const Acc* w = x.w.data();
+  for (int64_t p = 0; p < pw; ++p) {
+    Acc a[G] = {};
+    for (int64_t j = x.begin[p]; j < x.begin[p + 1]; ++j) {
+      const int64_t i = idx[j] - base;
+      for (int g = 0; g < G; ++g) a[g] += w[j] * static_cast<Acc>(src[g][i]);
+    }
+    for (int g = 0; g < G; ++g) dst[g][p] = static_cast<D>(a[g]);
+  }
+}
+
+// The transpose of gather_rows: dst[g][idx - base] += w * src[g][p].
+template <int G, typename Acc, typename S>
+inline void scatter_rows(const S* const* src, Acc* const* dst, const AxisTaps<Acc>& x, int64_t pw, int64_t base) {
+  const int64_t* idx = x.idx.data();
+  const Acc* w = x.w.data();
+  for (int64_t p = 0; p < pw; ++p) {
+    Acc v[G];
+    for (int g = 0; g < G; ++g) v[g] = static_cast<Acc>(src[g][p]);
+    for (int64_t j = x.begin[p]; j < x.begin[p + 1]; ++j)
+      for (int g = 0; g < G; ++g) dst[g][idx[j] - base] += w[j] * v[g];
+  }
+}
+
+// Runs gather_rows (scatter = false) or scatter_rows over rows [0, n) in groups of four; src(k) and
+// dst(k) point at row k, whose first element is feature column `base`.
+template <bool scatter, typename Acc, typename SrcFn, typename DstFn>
+inline void x_pass(int64_t n, const AxisTaps<Acc>& x, int64_t pw, int64_t base, const SrcFn& src, const DstFn& dst) {
+  auto run = [&](auto group, int64_t k) {
+    constexpr int G = decltype(group)::value;
+    std::array<decltype(src(0)), G> s;
+    std::array<decltype(dst(0)), G> d;
+    for (int g = 0; g < G; ++g) s[g] = src(k + g), d[g] = dst(k + g);
+    if constexpr (scatter) {
+      scatter_rows<G>(s.data(), d.data(), x, pw, base);
+    } else {
+      gather_rows<G>(s.data(), d.data(), x, pw, base);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) run(std::integral_constant<int, 4>{}, k);
+  for (; k < n; ++k) run(std::integral_constant<int, 1>{}, k);
+}
+
+// ---- forward: one channel plane of one RoI. plane: [H, W] of the RoI's image; out: [ph, pw].
+
+// rows[k, pw] = sum_x Wx f[y_k, x]; out[ph, :] = sum_k Wy rows[k, :]. buf: [(rows + 1) * pw].
 template <typename T, typename Acc>
-void pool_one_roi(const LevelNHWC<T>& lv, const T* roi /* 5 values */, int64_t pooled_h, int64_t pooled_w,
-                  int64_t sampling_ratio, bool aligned, int64_t c0, int64_t c1, T* out_roi, RoiTaps<Acc>& taps,
-                  std::vector<Acc>& row) {
-  taps.compute(roi, lv.scale, lv.height, lv.width, pooled_h, pooled_w, sampling_ratio, aligned);
-  const auto& g = taps.g;
-  const int64_t C = lv.channels, nc = c1 - c0, plane = pooled_h * pooled_w;
-  const T* img = lv.data + static_cast<int64_t>(roi[0]) * lv.height * lv.width * C + c0;
-  row.assign(pooled_w * nc, Acc(0));
-  std::vector<int64_t> tap_pos;
-  std::vector<Acc> tap_w;
-  for (int64_t ph = 0; ph < pooled_h; ++ph) {
-    for (int64_t pw = 0; pw < pooled_w; ++pw) {
-      // All taps of this bin first, then one pass over the channels with the accumulators in registers.
-      taps.bin_taps(ph, pw, lv.width, C, g.inv_count, tap_pos, tap_w);
-      accumulate_taps<T, Acc>(row.data() + pw * nc, img, tap_pos.data(), tap_w.data(),
-                              static_cast<int64_t>(tap_pos.size()), nc);
-    }
-    // [pw, c] -> out[c, ph, pw]: contiguous writes along pw.
-    for (int64_t c = 0; c < nc; ++c) {
-      T* dst = out_roi + (c0 + c) * plane + ph * pooled_w;
-      for (int64_t pw = 0; pw < pooled_w; ++pw) dst[pw] = static_cast<T>(row[pw * nc + c]);
-    }
+void pool_plane_x_first(const RoiTaps<Acc>& t, const T* plane, int64_t width, Acc* buf, T* out) {
+  const int64_t pw = t.pooled_w, nrows = static_cast<int64_t>(t.rows.size());
+  x_pass<false>(
+      nrows, t.x, pw, 0, [&](int64_t k) { return plane + t.rows[k] * width; },
+      [&](int64_t k) { return buf + k * pw; });
+  const auto& y = t.y;
+  for (int64_t h = 0; h < t.pooled_h; ++h) {
+    const int64_t j0 = y.begin[h];
+    weighted_rows(
+        out + h * pw, y.w.data() + j0, y.begin[h + 1] - j0, pw,
+        [&](int64_t j) -> const Acc* { return buf + t.slot[j0 + j] * pw; }, buf + nrows * pw);
   }
 }
 
-// grad_img[y, x, c] += ... for channels [c0, c1) of one RoI (the transpose of pool_one_roi).
+// cols[ph, x] = sum_y Wy f[y, x]; out[ph, pw] = sum_x Wx cols[ph, x]. buf: [ph * columns].
 template <typename T, typename Acc>
-void unpool_one_roi(Acc* grad_img /* [H, W, C] of the RoI's image */, int64_t height, int64_t width,
-                    int64_t C, double scale, const T* roi, const T* grad_roi /* [C, ph, pw] */,
-                    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned, int64_t c0,
-                    int64_t c1, RoiTaps<Acc>& taps, std::vector<Acc>& row) {
-  taps.compute(roi, scale, height, width, pooled_h, pooled_w, sampling_ratio, aligned);
-  const auto& g = taps.g;
-  const int64_t nc = c1 - c0, plane = pooled_h * pooled_w;
-  Acc* gimg = grad_img + c0;
-  row.resize(pooled_w * nc);
-  std::vector<int64_t> tap_pos;
-  std::vector<Acc> tap_w;
-  for (int64_t ph = 0; ph < pooled_h; ++ph) {
-    // out[c, ph, :] -> row[pw, c], pre-scaled by 1 / count.
-    for (int64_t c = 0; c < nc; ++c) {
-      const T* src = grad_roi + (c0 + c) * plane + ph * pooled_w;
-      for (int64_t pw = 0; pw < pooled_w; ++pw) row[pw * nc + c] = static_cast<Acc>(src[pw]) * g.inv_count;
-    }
-    for (int64_t pw = 0; pw < pooled_w; ++pw) {
-      taps.bin_taps(ph, pw, width, C, Acc(1), tap_pos, tap_w);
-      scatter_taps<Acc>(gimg, row.data() + pw * nc, tap_pos.data(), tap_w.data(),
-                        static_cast<int64_t>(tap_pos.size()), nc);
-    }
+void pool_plane_y_first(const RoiTaps<Acc>& t, const T* plane, int64_t width, Acc* buf, T* out) {
+  const int64_t pw = t.pooled_w, ncols = t.columns();
+  const auto& y = t.y;
+  for (int64_t h = 0; h < t.pooled_h; ++h) {
+    const int64_t j0 = y.begin[h];
+    Acc* cols = buf + h * ncols;
+    weighted_rows(
+        cols, y.w.data() + j0, y.begin[h + 1] - j0, ncols,
+        [&](int64_t j) -> const T* { return plane + y.idx[j0 + j] * width + t.x.lo; }, cols);
   }
+  x_pass<false>(
+      t.pooled_h, t.x, pw, t.x.lo, [&](int64_t h) -> const Acc* { return buf + h * ncols; },
+      [&](int64_t h) { return out + h * pw; });
 }
 
-// Pools rois[0:num_rois] into out [num_rois, C, ph, pw]; the level of RoI r is
-// roi_levels[r] (or fixed_level when roi_levels is null).
+// ---- backward: the transposes. grad: [ph, pw] of one RoI and channel; gplane: [H, W] accumulator.
+
+template <typename T, typename Acc>
+void unpool_plane_x_first(const RoiTaps<Acc>& t, const T* grad, Acc* gplane, int64_t width, Acc* buf) {
+  const int64_t pw = t.pooled_w, nrows = static_cast<int64_t>(t.rows.size());
+  std::fill(buf, buf + nrows * pw, Acc(0));
+  for (int64_t h = 0; h < t.pooled_h; ++h)
+    for (int64_t j = t.y.begin[h]; j < t.y.begin[h + 1]; ++j) axpy(buf + t.slot[j] * pw, t.y.w[j], grad + h * pw, pw);
+  x_pass<true>(
+      nrows, t.x, pw, 0, [&](int64_t k) -> const Acc* { return buf + k * pw; },
+      [&](int64_t k) { return gplane + t.rows[k] * width; });
+}
+
+template <typename T, typename Acc>
+void unpool_plane_y_first(const RoiTaps<Acc>& t, const T* grad, Acc* gplane, int64_t width, Acc* buf) {
+  const int64_t pw = t.pooled_w, ncols = t.columns();
+  std::fill(buf, buf + t.pooled_h * ncols, Acc(0));
+  x_pass<true>(
+      t.pooled_h, t.x, pw, t.x.lo, [&](int64_t h) { return grad + h * pw; },
+      [&](int64_t h) { return buf + h * ncols; });
+  for (int64_t h = 0; h < t.pooled_h; ++h)
+    for (int64_t j = t.y.begin[h]; j < t.y.begin[h + 1]; ++j)
+      axpy(gplane + t.y.idx[j] * width + t.x.lo, t.y.w[j], buf + h * ncols, ncols);
+}
+
+// The taps of rois[0:num_rois] on their levels (roi_levels[r], or fixed_level when null), computed
+// once per call and shared by all threads.
+template <typename T, typename Acc = at::opmath_type<T>>
+std::vector<RoiTaps<Acc>> all_roi_taps(const std::vector<Level<T>>& levels, const int64_t* roi_levels,
+                                       int64_t fixed_level, const T* rois, int64_t num_rois, int64_t pooled_h,
+                                       int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  std::vector<RoiTaps<Acc>> taps(num_rois);
+  at::parallel_for(0, num_rois, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const auto& lv = levels[roi_levels ? roi_levels[r] : fixed_level];
+      taps[r].compute(rois + r * 5, lv.scale, lv.height, lv.width, pooled_h, pooled_w, sampling_ratio, aligned);
+    }
+  });
+  return taps;
+}
+
+// Scratch of at least n elements.
+template <typename Acc>
+Acc* scratch(std::vector<Acc>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// Loops are channel-outer, RoI-inner: all RoIs of an image read one channel plane while it is in
+// cache, instead of every RoI fetching short row runs from C planes far apart (a cache and TLB miss
+// per row).
+
+// Pools rois[0:num_rois] into out [num_rois, C, ph, pw]; the level of RoI r is roi_levels[r] (or
+// fixed_level when roi_levels is null). Work items are (channel block, RoI chunk); every item writes
+// its own outputs.
 template <typename T>
-void pool_rois(const std::vector<LevelNHWC<T>>& levels, const int64_t* roi_levels, int64_t fixed_level,
-               const T* rois, int64_t num_rois, int64_t channels, int64_t pooled_h, int64_t pooled_w,
-               int64_t sampling_ratio, bool aligned, T* out) {
+void pool_rois(const std::vector<Level<T>>& levels, const int64_t* roi_levels, int64_t fixed_level, const T* rois,
+               int64_t num_rois, int64_t channels, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
+               bool aligned, T* out) {
   using Acc = at::opmath_type<T>;
   if (num_rois == 0 || channels == 0) return;
-  // Whole channel rows per RoI when there are enough RoIs to keep every thread busy (taps are then
-  // computed once per RoI); otherwise split the channels too.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block = num_rois >= 4 * threads ? channels : channel_block(channels);
-  const int64_t nblocks = (channels + block - 1) / block;
-  const int64_t roi_stride = channels * pooled_h * pooled_w;
-  at::parallel_for(0, num_rois * nblocks, 1, [&](int64_t begin, int64_t end) {
-    RoiTaps<Acc> taps;
-    std::vector<Acc> row;
+  const auto taps = all_roi_taps(levels, roi_levels, fixed_level, rois, num_rois, pooled_h, pooled_w,
+                                 sampling_ratio, aligned);
+  const int64_t items = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t cblocks = std::min(channels, items), rchunks = std::min(num_rois, (items + cblocks - 1) / cblocks);
+  const int64_t cblock = (channels + cblocks - 1) / cblocks, rchunk = (num_rois + rchunks - 1) / rchunks;
+  const int64_t plane = pooled_h * pooled_w;
+  at::parallel_for(0, cblocks * rchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> buf;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / nblocks, c0 = (i % nblocks) * block, c1 = std::min(channels, c0 + block);
-      const auto& lv = levels[roi_levels ? roi_levels[r] : fixed_level];
-      pool_one_roi<T, Acc>(lv, rois + r * 5, pooled_h, pooled_w, sampling_ratio, aligned, c0, c1,
-                           out + r * roi_stride, taps, row);
+      const int64_t c0 = (i / rchunks) * cblock, c1 = std::min(channels, c0 + cblock);
+      const int64_t r0 = (i % rchunks) * rchunk, r1 = std::min(num_rois, r0 + rchunk);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const auto& t = taps[r];
+          T* o = out + (r * channels + c) * plane;
+          if (t.empty()) {
+            std::fill(o, o + plane, T(0));
+            continue;
+          }
+          const auto& lv = levels[roi_levels ? roi_levels[r] : fixed_level];
+          const int64_t hw = lv.height * lv.width;
+          const T* f = lv.data + (static_cast<int64_t>(rois[r * 5]) * channels + c) * hw;
+          const bool x_first = t.x_first();
+          Acc* b = scratch(buf, t.scratch_size(x_first));
+          if (x_first) {
+            pool_plane_x_first(t, f, lv.width, b, o);
+          } else {
+            pool_plane_y_first(t, f, lv.width, b, o);
+          }
+        }
+      }
     }
   });
 }
 
+// grad_levels[l] += the transpose of pool_rois for grad [num_rois, C, ph, pw]. Threads own channel
+// ranges and walk all RoIs, so no two threads add into the same plane.
 template <typename T, typename Acc>
-void unpool_rois(const std::vector<Acc*>& grad_levels, const std::vector<LevelNHWC<T>>& shapes,
-                 const int64_t* roi_levels, int64_t fixed_level, const T* rois, int64_t num_rois,
-                 int64_t channels, const T* grad, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio,
-                 bool aligned) {
+void unpool_rois(const std::vector<Acc*>& grad_levels, const std::vector<Level<T>>& shapes,
+                 const int64_t* roi_levels, int64_t fixed_level, const T* rois, int64_t num_rois, int64_t channels,
+                 const T* grad, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   if (num_rois == 0 || channels == 0) return;
-  const int64_t block = channel_block(channels);
-  const int64_t nblocks = (channels + block - 1) / block;
-  const int64_t roi_stride = channels * pooled_h * pooled_w;
-  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-    RoiTaps<Acc> taps;
-    std::vector<Acc> row;
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t c0 = blk * block, c1 = std::min(channels, c0 + block);
+  const auto taps = all_roi_taps(shapes, roi_levels, fixed_level, rois, num_rois, pooled_h, pooled_w,
+                                 sampling_ratio, aligned);
+  const int64_t plane = pooled_h * pooled_w;
+  at::parallel_for(0, channels, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<Acc> buf;
+    for (int64_t c = c0; c < c1; ++c) {
       for (int64_t r = 0; r < num_rois; ++r) {
+        const auto& t = taps[r];
+        if (t.empty()) continue;
         const int64_t l = roi_levels ? roi_levels[r] : fixed_level;
-        const auto& lv = shapes[l];
-        const int64_t b = static_cast<int64_t>(rois[r * 5]);
-        unpool_one_roi<T, Acc>(grad_levels[l] + b * lv.height * lv.width * channels, lv.height, lv.width,
-                               channels, lv.scale, rois + r * 5, grad + r * roi_stride, pooled_h, pooled_w,
-                               sampling_ratio, aligned, c0, c1, taps, row);
+        const int64_t hw = shapes[l].height * shapes[l].width;
+        Acc* gplane = grad_levels[l] + (static_cast<int64_t>(rois[r * 5]) * channels + c) * hw;
+        const T* g = grad + (r * channels + c) * plane;
+        const bool x_first = t.x_first();
+        Acc* b = scratch(buf, t.scratch_size(x_first));
+        if (x_first) {
+          unpool_plane_x_first(t, g, gplane, shapes[l].width, b);
+        } else {
+          unpool_plane_y_first(t, g, gplane, shapes[l].width, b);
+        }
       }
     }
   });
@@ -255,10 +404,26 @@ std::vector<int64_t> roi_levels_cpu(const at::Tensor& rois, const c10::optional<
   return out;
 }
 
-std::vector<at::Tensor> to_nhwc(at::TensorList features) {
+// Zeroed gradient accumulators [N, C_l, H_l, W_l] in the op-math type, one per level.
+template <typename T, typename Acc = at::opmath_type<T>>
+std::vector<at::Tensor> grad_accumulators(int64_t batch_size, at::IntArrayRef channels, at::IntArrayRef heights,
+                                          at::IntArrayRef widths, const at::TensorOptions& options,
+                                          std::vector<Acc*>& ptrs, std::vector<Level<T>>& shapes,
+                                          at::ArrayRef<double> scales) {
+  std::vector<at::Tensor> acc;
+  for (size_t l = 0; l < scales.size(); ++l) {
+    const int64_t c = channels.size() == 1 ? channels[0] : channels[l];
+    acc.push_back(at::zeros({batch_size, c, heights[l], widths[l]}, options.dtype(c10::CppTypeToScalarType<Acc>::value)));
+    ptrs.push_back(acc.back().data_ptr<Acc>());
+    shapes.push_back({nullptr, heights[l], widths[l], c, scales[l]});
+  }
+  return acc;
+}
+
+// The accumulators in the features' dtype (no copy when that is the op-math type).
+std::vector<at::Tensor> cast_grads(const std::vector<at::Tensor>& acc, at::ScalarType dtype) {
   std::vector<at::Tensor> out;
-  out.reserve(features.size());
-  for (const auto& f : features) out.push_back(f.permute({0, 2, 3, 1}).contiguous());
+  for (const auto& g : acc) out.push_back(g.to(dtype));
   return out;
 }
 
@@ -275,10 +440,11 @@ at::Tensor roi_align_multilevel_cpu(at::TensorList features, const at::Tensor& r
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "roi_align_multilevel_cpu", [&] {
     check_roi_values_cpu<scalar_t>(rois_c.data_ptr<scalar_t>(), R, features[0].size(0), op);
     const auto roi_levels = roi_levels_cpu<scalar_t>(rois_c, levels, spatial_scales, op);
-    const auto nhwc = to_nhwc(features);
-    std::vector<LevelNHWC<scalar_t>> lv;
-    for (size_t l = 0; l < nhwc.size(); ++l) {
-      lv.push_back({nhwc[l].data_ptr<scalar_t>(), nhwc[l].size(1), nhwc[l].size(2), C, spatial_scales[l]});
+    std::vector<at::Tensor> nchw;
+    std::vector<Level<scalar_t>> lv;
+    for (size_t l = 0; l < features.size(); ++l) {
+      nchw.push_back(features[l].contiguous());
+      lv.push_back({nchw[l].data_ptr<scalar_t>(), nchw[l].size(2), nchw[l].size(3), C, spatial_scales[l]});
     }
     pool_rois<scalar_t>(lv, roi_levels.data(), 0, rois_c.data_ptr<scalar_t>(), R, C, pooled_h, pooled_w,
                         sampling_ratio, aligned, out.data_ptr<scalar_t>());
@@ -302,22 +468,17 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cpu(
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_multilevel_backward_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<Acc>::value;
-    std::vector<at::Tensor> gl;
     std::vector<Acc*> gp;
-    std::vector<LevelNHWC<scalar_t>> shapes;
-    for (int64_t l = 0; l < L; ++l) {
-      gl.push_back(at::zeros({batch_size, heights[l], widths[l], channels}, grad.options().dtype(acc_type)));
-      gp.push_back(gl.back().data_ptr<Acc>());
-      shapes.push_back({nullptr, heights[l], widths[l], channels, spatial_scales[l]});
-    }
+    std::vector<Level<scalar_t>> shapes;
+    const auto acc = grad_accumulators<scalar_t>(batch_size, {channels}, heights, widths, grad.options(), gp, shapes,
+                                                 spatial_scales);
     if (R > 0) {
       check_roi_values_cpu<scalar_t>(rois_c.data_ptr<scalar_t>(), R, batch_size, op);
       const auto roi_levels = roi_levels_cpu<scalar_t>(rois_c, levels, spatial_scales, op);
       unpool_rois<scalar_t, Acc>(gp, shapes, roi_levels.data(), 0, rois_c.data_ptr<scalar_t>(), R, channels,
                                  grad_c.data_ptr<scalar_t>(), ph, pw, sampling_ratio, aligned);
     }
-    for (auto& g : gl) result.push_back(g.permute({0, 3, 1, 2}).to(grad.scalar_type()).contiguous());
+    result = cast_grads(acc, grad.scalar_type());
   });
   return result;
 }
@@ -343,9 +504,9 @@ std::vector<at::Tensor> roi_align_stages_cpu(at::TensorList features, const at::
     for (size_t j = 0; j < stage_levels.size(); ++j) {
       if (stage_counts[j] == 0) continue;
       const int64_t l = stage_levels[j];
-      const auto nhwc = features[l].permute({0, 2, 3, 1}).contiguous();
-      const int64_t C = nhwc.size(3);
-      std::vector<LevelNHWC<scalar_t>> lv{{nhwc.data_ptr<scalar_t>(), nhwc.size(1), nhwc.size(2), C, spatial_scales[l]}};
+      const auto f = features[l].contiguous();
+      const int64_t C = f.size(1);
+      std::vector<Level<scalar_t>> lv{{f.data_ptr<scalar_t>(), f.size(2), f.size(3), C, spatial_scales[l]}};
       pool_rois<scalar_t>(lv, nullptr, 0, rois_c.data_ptr<scalar_t>(), stage_counts[j], C, stage_sizes[j],
                           stage_sizes[j], sampling_ratio, aligned, outs[j].data_ptr<scalar_t>());
     }
@@ -367,15 +528,10 @@ std::vector<at::Tensor> roi_align_stages_backward_cpu(
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "roi_align_stages_backward_cpu", [&] {
     using Acc = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<Acc>::value;
-    std::vector<at::Tensor> gl;
     std::vector<Acc*> gp;
-    std::vector<LevelNHWC<scalar_t>> shapes;
-    for (int64_t l = 0; l < L; ++l) {
-      gl.push_back(at::zeros({batch_size, heights[l], widths[l], channels[l]}, rois.options().dtype(acc_type)));
-      gp.push_back(gl.back().data_ptr<Acc>());
-      shapes.push_back({nullptr, heights[l], widths[l], channels[l], spatial_scales[l]});
-    }
+    std::vector<Level<scalar_t>> shapes;
+    const auto acc = grad_accumulators<scalar_t>(batch_size, channels, heights, widths, rois.options(), gp, shapes,
+                                                 spatial_scales);
     for (size_t j = 0; j < grads.size(); ++j) {
       const auto g = grads[j].contiguous();
       const int64_t n = g.size(0), l = stage_levels[j];
@@ -386,7 +542,7 @@ std::vector<at::Tensor> roi_align_stages_backward_cpu(
       unpool_rois<scalar_t, Acc>(gp, shapes, nullptr, l, rois_c.data_ptr<scalar_t>(), n, channels[l],
                                  g.data_ptr<scalar_t>(), g.size(2), g.size(3), sampling_ratio, aligned);
     }
-    for (auto& g : gl) result.push_back(g.permute({0, 3, 1, 2}).to(rois.scalar_type()).contiguous());
+    result = cast_grads(acc, rois.scalar_type());
   });
   return result;
 }
