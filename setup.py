@@ -12,6 +12,7 @@ importable at build time, so install with ``pip install --no-build-isolation .``
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -71,6 +72,14 @@ def _extensions():
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     extra = {"cxx": ["-O3"]}
+    link_args = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for splits work over threads only in code compiled with OpenMP: without this
+        # flag its `#pragma omp parallel` is ignored and every CPU kernel runs on one thread. The
+        # extension then needs libgomp.so.1, which resolves to the copy torch has already loaded
+        # (one OpenMP runtime, so torch.set_num_threads governs our kernels too).
+        extra["cxx"].append("-fopenmp")
+        link_args.append("-fopenmp")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         sources += _sources("csrc/ops/cuda/*.cu")
@@ -88,6 +97,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra,
+            extra_link_args=link_args,
         )
     ]
 
