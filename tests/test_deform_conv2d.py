@@ -181,6 +181,27 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(grads[name], grads_ref[name], msg=f"grad of {name}")
 
 
+@pytest.mark.parametrize("C,groups,dg", [(6, 2, 2), (16, 1, 1)], ids=["generic", "fixed-width"])
+def test_channels_last_input_gives_channels_last_output(C, groups, dg):
+    """The CPU kernel reads a channels-last input in place and writes a channels-last output (the
+    r-FPN stages run channels-last): values and gradients equal torchvision's on the NCHW tensors, with
+    several images per 1x1-convolution call, and a residual in either layout."""
+    t, kw = _make(5, C, 8, 9, 8, groups=groups, dg=dg, offset_scale=2.0)
+    cl = dict(t, input=t["input"].contiguous(memory_format=torch.channels_last))
+    for res in (torch.randn(5, 8, 9, 8, dtype=torch.float64),
+                torch.randn(5, 8, 9, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)):
+        out, grads = _grads(ops.deform_conv2d, cl, kw, residual=res, activation="relu")
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        ref, grads_ref = _grads(lambda *a, **k: torch.relu(_tv(*a, **k) + res), t, kw)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        for name in grads_ref:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+    x = cl["input"].clone().requires_grad_()
+    off, w = t["offset"].clone().requires_grad_(), t["weight"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: ops.deform_conv2d(*a, mask=t["mask"], **kw), (x, off, w),
+                                    eps=1e-6, atol=1e-5, fast_mode=True)
+
+
 def test_half_and_autocast_on_cpu():
     t, kw = _make(2, 4, 4, 6, 6, dtype=torch.float32)
     ref = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **kw)

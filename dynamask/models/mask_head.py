@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -112,6 +113,12 @@ class DynaMaskHead(nn.Module):
         scales = [float(spatial_scales[self.stage_levels[s - 1]]) for s in active]
         stages = [(j, self.resolutions[s], int(reach[s])) for j, s in enumerate(active)]
         crops = ops.roi_align_stages(projected, rois, stages, scales, sampling_ratio=2, aligned=True)
+        if x.device.type == "cpu":
+            # The stages run channels-last on the CPU: oneDNN's convolutions with 18 output channels (the
+            # offset convs) run ~1.7x faster on NHWC, and the deformable conv samples NHWC and returns
+            # NHWC, so no layer copies its input to another layout.
+            x = x.contiguous(memory_format=torch.channels_last)
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         for s in range(1, self.num_resolutions):
             n = int(reach[s])
             if n == 0:

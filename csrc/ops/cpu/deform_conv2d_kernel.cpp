@@ -403,10 +403,13 @@ at::Tensor wrap(const T* ptr, at::IntArrayRef sizes, at::IntArrayRef strides, co
 // of a grouped 1x1 convolution with the weight [C_out, kh*kw * C/groups, 1, 1] and the bias: torch's
 // convolution (oneDNN on x86) runs that GEMM about twice as fast as a BLAS sgemm call per tile on the
 // CPUs we measured (AMD EPYC: 250 vs 468 ms for the 100x128x28x28 layer). The residual and ReLU are
-// applied while copying the result into the output.
+// applied while copying the result into the output. out (and residual) are NCHW, or channels-last
+// when the input is: a channels-last input needs no layout copy for the sampler, and the 1x1
+// convolution's output is then copied into out without a transposition.
 template <typename T>
 void forward_impl(const Geometry& g, const at::Tensor& input, const T* offset, const T* mask, const at::Tensor& weight_p,
                   const at::Tensor& bias, const T* residual, bool relu, at::Tensor& out) {
+  const bool channels_last = out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous();
   const int64_t C = g.channels, K = g.taps(), Cout = g.out_channels, plane = g.out_plane(), HW = g.height * g.width;
   const int64_t P = tile_positions(g), tiles = ceil_div(plane, P), chunk = images_per_chunk(g);
   const int64_t per_gemm = images_per_gemm(g);
@@ -436,10 +439,24 @@ void forward_impl(const Geometry& g, const at::Tensor& input, const T* offset, c
       });
       const at::Tensor y = at::conv2d(cols.permute({0, 3, 1, 2}), w1x1,
                                       bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
-                                      at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0}, at::IntArrayRef{1, 1}, g.groups)
-                               .contiguous();
-      const T* y_p = y.data_ptr<T>();
+                                      at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0}, at::IntArrayRef{1, 1}, g.groups);
       const int64_t first = b0 + c0;
+      if (channels_last) {
+        // y is channels-last already, like out: the epilogue is one elementwise pass.
+        const at::Tensor y_cl = y.contiguous(at::MemoryFormat::ChannelsLast);
+        const T* y_p = y_cl.data_ptr<T>();
+        const int64_t offset0 = first * plane * Cout, n = nc * plane * Cout;
+        at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            T v = y_p[i];
+            if (residual) v += residual[offset0 + i];
+            out_p[offset0 + i] = (relu && !(v > T(0))) ? T(0) : v;
+          }
+        });
+        continue;
+      }
+      const at::Tensor y_nchw = y.contiguous();
+      const T* y_p = y_nchw.data_ptr<T>();
       at::parallel_for(0, nc * Cout, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {  // row = (image in the chunk, output channel)
           const T* src = y_p + row * plane;
@@ -537,15 +554,19 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset, 
                              to_float(mask), to_float(residual), stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, relu)
         .to(input.scalar_type());
   }
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  // Channels-last in, channels-last out (the r-FPN stages run channels-last on the CPU).
+  const auto format = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast && g.out_channels > 1
+                          ? at::MemoryFormat::ChannelsLast
+                          : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   if (out.numel() == 0) return out;
-  const auto input_c = input.contiguous(), offset_c = offset.contiguous();
+  const auto offset_c = offset.contiguous();  // the input is read through an NHWC view (copied only if not one)
   const auto weight_p = weight.permute({0, 2, 3, 1}).contiguous();  // [C_out, kh, kw, C_in / groups]
   const auto mask_c = mask ? mask->contiguous() : at::Tensor();
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
-  const auto residual_c = residual ? residual->contiguous() : at::Tensor();
+  const auto residual_c = residual ? residual->contiguous(format) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
-    forward_impl<scalar_t>(g, input_c, offset_c.data_ptr<scalar_t>(),
+    forward_impl<scalar_t>(g, input, offset_c.data_ptr<scalar_t>(),
                            mask ? mask_c.data_ptr<scalar_t>() : nullptr, weight_p, bias_c,
                            residual ? residual_c.data_ptr<scalar_t>() : nullptr, relu, out);
   });
@@ -576,11 +597,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
   at::Tensor gw_acc = need_weight ? at::zeros({threads, g.out_channels, g.taps() * g.in_per_group()}, input.options())
                                   : empty;
   if (g.batch > 0 && g.out_channels > 0 && (need_input || need_offset_mask || need_weight)) {
-    const auto input_c = input.contiguous(), offset_c = offset.contiguous(), grad_c = grad.contiguous();
+    // The input is read through an NHWC view (no copy when it is channels-last).
+    const auto offset_c = offset.contiguous(), grad_c = grad.contiguous();
     const auto weight_p = weight.permute({0, 2, 3, 1}).contiguous();
     const auto mask_c = mask ? mask->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
-      backward_impl<scalar_t>(g, input_c, grad_c.data_ptr<scalar_t>(), offset_c.data_ptr<scalar_t>(),
+      backward_impl<scalar_t>(g, input, grad_c.data_ptr<scalar_t>(), offset_c.data_ptr<scalar_t>(),
                               mask ? mask_c.data_ptr<scalar_t>() : nullptr, weight_p.data_ptr<scalar_t>(),
                               need_input ? &grad_input : nullptr,
                               need_offset_mask ? grad_offset.data_ptr<scalar_t>() : nullptr,
