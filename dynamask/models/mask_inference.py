@@ -110,9 +110,19 @@ def paste_instance_masks(detection: dict[str, Tensor], image_size: tuple[int, in
     if boxes.shape[0] == 0:
         detection["masks"] = boxes.new_zeros((0, 1, h, w), dtype=torch.float32)
         return detection
-    perm, _ = ops.group_by_resolution(index, len(resolutions))
-    pasted = ops.paste_masks(list(reversed(parts)), boxes[perm], (h, w), threshold=None)  # [N, H, W]
-    masks = torch.empty_like(pasted)
-    masks[perm] = pasted
-    detection["masks"] = masks[:, None]
+    # paste_masks takes groups of masks in the order of the boxes, each group of one resolution; the
+    # runs of consecutive detections with the same resolution are such groups (views into parts), so
+    # the canvases come out in detection order and are never permuted (100 canvases of 800x1216 are
+    # 390 MB: a scatter copy of them cost ~0.2 s).
+    groups: list[Tensor] = []
+    taken = [0] * len(parts)
+    run_start = 0
+    kinds = index.tolist()
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[run_start]:
+            k, n = kinds[run_start], i - run_start
+            groups.append(parts[k][taken[k]:taken[k] + n])
+            taken[k] += n
+            run_start = i
+    detection["masks"] = ops.paste_masks(groups, boxes, (h, w), threshold=None)[:, None]  # [N, 1, H, W]
     return detection
