@@ -61,24 +61,41 @@ def test_training_image_with_no_objects():
 
 @pytest.mark.slow
 def test_total_loss_halves_on_a_tiny_fixed_set():
+    """The total loss, measured before and after training with the same three seeds (so the same random
+    proposal sampling), at least halves in 60 steps on one image.
+
+    The per-step training losses are a poor measure: on one image they jump by ±40% from step to step
+    (box regression grows as proposals become positives, and the sampled RoIs change), so a mean of the
+    last three steps crossed the bar or not depending on float differences of 1e-6 in any kernel (it
+    did when the CPU kernels started running multi-threaded). Measured here: 2.61 → 0.82 and
+    3.15 → 0.74 after 60 steps for two model seeds."""
     torch.manual_seed(0)
     model = tiny_model().train()
     images, targets = synthetic_batch()
     images, targets = images[:1], targets[:1]  # one image, two objects: a CPU-second per step
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=2e-4)
-    history = []
-    # 40 steps: the trajectory on one image is noisy (box regression grows as proposals become
-    # positives), and float differences of 1e-6 in a kernel shift it; at 24 steps it sat on the bar.
-    for _ in range(40):
+
+    def mean_loss() -> float:
+        rng = torch.get_rng_state()
+        values = []
+        with torch.no_grad():
+            for seed in (101, 102, 103):
+                torch.manual_seed(seed)
+                values.append(float(sum(model(images, targets).values())))
+        torch.set_rng_state(rng)
+        return sum(values) / len(values)
+
+    before = mean_loss()
+    for _ in range(60):
         losses = model(images, targets)
         total = sum(losses.values())
         opt.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
-        history.append(float(total))
-    assert sum(history[-3:]) / 3 < 0.5 * history[0], history
+    after = mean_loss()
+    assert after < 0.5 * before, (before, after)
 
 
 def test_mask_rois_per_image_caps_the_mask_branch(monkeypatch):
