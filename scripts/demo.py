@@ -40,7 +40,7 @@ ARCH_KWARGS = {
     "min_size": SIZE, "max_size": SIZE, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 128,
     "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 200,
     "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 30,
-    "mask_rois_per_image": 8, "target_gmacs": 0.022,
+    "mask_rois_per_image": 24, "target_gmacs": 0.022,
 }
 
 
