@@ -40,7 +40,7 @@ ARCH_KWARGS = {
     "min_size": SIZE, "max_size": SIZE, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 128,
     "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 200,
     "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 30,
-    "mask_rois_per_image": 24, "target_gmacs": 0.022,
+    "mask_rois_per_image": 8, "target_gmacs": 0.022,
 }
 
 
@@ -61,7 +61,7 @@ def main() -> int:
     run(["train", "--data", data, "--out", train_dir, "--arch", "dynamask_resnet_fpn",
          "--arch-kwargs", json.dumps(ARCH_KWARGS), "--epochs", str(EPOCHS), "--pretrain-epochs", str(PRETRAIN_EPOCHS),
          "--batch-size", "4", "--lr", "0.02", "--warmup-iters", "100", "--lr-steps", *map(str, LR_STEPS),
-         "--clip-grad-norm", "10", "--workers", "1", "--time-limit", str(MINUTES), *progress])
+         "--clip-grad-norm", "10", "--workers", "0", "--time-limit", str(MINUTES), *progress])
     eval_dir = os.path.join(train_dir, "eval")  # `train --data` evaluates the val split when it stops
     write_report(data, train_dir, eval_dir, time.time() - t0)
     print(f"report: {os.path.join(OUT, 'report.md')}")
