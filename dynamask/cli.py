@@ -91,6 +91,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
                    help="first epochs with every resolution supervised and no mask switch")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per process")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer,
+                   help="sgd (default, with --momentum) or adamw (faster from random initialisation)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -128,7 +130,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         train_images=train_images, train_ann=train_ann, out_dir=args.out, arch=args.arch,
         arch_kwargs=args.arch_kwargs, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
-        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor, lr_steps=tuple(args.lr_steps),
         gamma=args.gamma, clip_grad_norm=args.clip_grad_norm, amp=not args.no_amp, workers=args.workers,
         flip_prob=args.flip_prob, resize=tuple(args.resize) if args.resize else None, max_size=args.max_size,

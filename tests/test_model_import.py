@@ -77,3 +77,15 @@ def test_own_weights_round_trip(tmp_path):
     for k, v in a.state_dict().items():
         if "num_batches_tracked" not in k:
             assert torch.equal(own[k], v), k
+
+
+def test_fpn_norm_adds_group_norm_and_refuses_torchvision_weights(torchvision_model):
+    from model_helpers import TINY
+
+    model = dynamask_resnet_fpn(**dict(TINY, fpn_norm=True, fpn_channels=64))
+    norms = [m for m in model.backbone.fpn.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 8 and all(n.num_groups == 32 and n.num_channels == 64 for n in norms)  # 4 inner + 4 layer
+    plain = dynamask_resnet_fpn(**dict(TINY, fpn_channels=64))
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.backbone.fpn.modules())
+    with pytest.raises(ValueError, match="fpn_norm"):
+        dynamask_resnet_fpn(depth=50, fpn_norm=True, torchvision_weights=torchvision_model.state_dict())

@@ -390,3 +390,33 @@ def test_cuda_opcheck_and_empty():
     torch.library.opcheck(torch.ops.dynamask.roi_align_multilevel, (feats, rois, None, SCALES, 3, 3, 2, False))
     torch.library.opcheck(torch.ops.dynamask.roi_align_stages, (feats, rois, [2, 0], [2, 4], [1, 2], SCALES, 2, True))
     assert roi_align_multilevel(feats, rois[:0], 7, SCALES).shape == (0, 3, 7, 7)
+
+
+@pytest.mark.parametrize("canonical_scale", [224.0, 56.0, 37.5])
+def test_pooler_canonical_scale_equals_torchvision(canonical_scale):
+    # the model's pooler with a smaller canonical box (small images) maps levels as torchvision's
+    # MultiScaleRoIAlign(canonical_scale=...) does, zero-area boxes included (inverted boxes are left
+    # out: torchvision takes the square root of their negative area)
+    from dynamask.models.roi_heads import MultiLevelRoIPool
+
+    feats = pyramid(n=3)
+    rois = torch.cat([random_rois(40, 3), boundary_rois()[:6]])
+    rois = rois[torch.argsort(rois[:, 0], stable=True)]
+    names = ["p2", "p3", "p4", "p5"]
+    fdict = OrderedDict(zip(names, feats))
+    ours = MultiLevelRoIPool(featmap_names=names, output_size=7, sampling_ratio=2, aligned=False,
+                             canonical_scale=canonical_scale)
+    peer = MultiScaleRoIAlign(names, 7, 2, canonical_scale=int(canonical_scale) if canonical_scale == int(canonical_scale)
+                              else canonical_scale)
+    expected = peer(fdict, as_boxlists(rois, 3), [IMAGE] * 3)
+    torch.testing.assert_close(ours(fdict, as_boxlists(rois, 3), [IMAGE] * 3), expected, rtol=1e-5, atol=1e-5)
+    if canonical_scale != 224.0:  # and it differs from the default mapping on these boxes
+        assert not torch.allclose(ours(fdict, as_boxlists(rois, 3), [IMAGE] * 3),
+                                  peer.__class__(names, 7, 2)(fdict, as_boxlists(rois, 3), [IMAGE] * 3))
+
+
+def test_pooler_rejects_bad_canonical_scale():
+    from dynamask.models.roi_heads import MultiLevelRoIPool
+
+    with pytest.raises(ValueError, match="canonical_scale"):
+        MultiLevelRoIPool(canonical_scale=0)

@@ -102,3 +102,17 @@ def test_cli_shapes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["shapes", "--out", str(tmp_path), "--size", "8"])
     assert "--size >= 32" in capsys.readouterr().err
+
+
+def test_rings_stay_wide_enough_on_small_images():
+    # a ring of the smallest radius a 128-px image draws (0.08 * 128) keeps a band of MIN_RING_WIDTH px:
+    # its area is that of the annulus, not of the one-pixel outline that r * 0.1 alone would give
+    from dynamask.data.shapes import MIN_RING_WIDTH, _draw_mask, _shape_polygons
+
+    r = 0.08 * 128
+    annulus = np.pi * (r ** 2 - (r - MIN_RING_WIDTH) ** 2)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        outers, holes = _shape_polygons(rng, "ring", 32.0, 32.0, r)
+        area = _draw_mask((64, 64), outers, holes).sum()
+        assert 0.8 * annulus <= area <= 1.5 * annulus, area  # a band, with its hole open

@@ -150,6 +150,17 @@ def test_resume_refuses_another_architecture(shapes, tmp_path):
         BUILDERS.pop("other", None)
 
 
+def test_adamw_trains_and_resume_refuses_another_optimizer(shapes, tmp_path):
+    r = train(_cfg(shapes, tmp_path, optimizer="adamw", lr=1e-3, max_iters=2))
+    assert r["iteration"] == 2
+    state = load_checkpoint(os.path.join(tmp_path, "last.pth"))["optimizer"]["state"]
+    assert all("exp_avg_sq" in s for s in state.values()) and len(state) > 0  # Adam's moments were saved
+    with pytest.raises(ValueError, match="--optimizer adamw, not sgd"):
+        train(_cfg(shapes, tmp_path, resume="auto"))
+    with pytest.raises(ValueError, match="optimizer must be"):
+        train(_cfg(shapes, tmp_path / "x", optimizer="adam"))
+
+
 def test_lr_schedule():
     kw = dict(warmup_iters=10, warmup_factor=0.1, milestones=[20, 30], gamma=0.1)
     assert lr_factor(0, **kw) == pytest.approx(0.1)

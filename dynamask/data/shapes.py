@@ -35,6 +35,7 @@ CATEGORIES: list[tuple[int, str, str]] = [
     (7, "blob", "hard"),
 ]
 SPLITS = {"train": 0, "val": 1}
+MIN_RING_WIDTH = 2.5  # pixels
 
 
 @dataclass
@@ -91,7 +92,9 @@ def _shape_polygons(rng: np.random.Generator, name: str, cx: float, cy: float, r
         return [ring_points(radii, angles)], [ring_points(np.full_like(t, hole), t)]
     if name == "ring":
         t = np.linspace(0, 2 * np.pi, 96, endpoint=False)
-        width = r * rng.uniform(0.1, 0.2)
+        # relative width, but never under 2.5 px: at 128-px images r * 0.1 is one pixel, a band that no
+        # mask (and no annotation tool) can outline, which made every ring of a small image unlearnable
+        width = max(r * rng.uniform(0.1, 0.2), MIN_RING_WIDTH)
         return [ring_points(np.full_like(t, r), t)], [ring_points(np.full_like(t, r - width), t)]
     if name == "blob":
         t = np.linspace(0, 2 * np.pi, 160, endpoint=False)
@@ -159,7 +162,7 @@ def render_image(
         # radius log-uniform from small to large objects
         r = float(np.exp(rng.uniform(np.log(0.05 * size), np.log(0.3 * size))))
         if name == "ring":
-            r = max(r, 0.08 * size)  # a ring must stay at least a couple of pixels wide
+            r = max(r, 0.08 * size)  # with MIN_RING_WIDTH, keeps the hole clearly open
         cx, cy = rng.uniform(r * 0.6, w - r * 0.6), rng.uniform(r * 0.6, h - r * 0.6)
         outers, holes = _shape_polygons(rng, name, cx, cy, r)
         full = _draw_mask((h, w), outers, holes)

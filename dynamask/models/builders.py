@@ -16,6 +16,7 @@ and BatchNorm is ordinary; with any weights, FrozenBatchNorm and 3 trainable lay
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -70,9 +71,11 @@ def load_torchvision_maskrcnn(model: DynaMaskRCNN, state: str | os.PathLike | St
     return sorted(picked)
 
 
-def _resnet_fpn(body: resnet.ResNet, trainable_layers: int, out_channels: int) -> BackboneWithFPN:
+def _resnet_fpn(body: resnet.ResNet, trainable_layers: int, out_channels: int,
+                fpn_norm: bool = False) -> BackboneWithFPN:
     """torchvision's ``_resnet_fpn_extractor`` (same freezing rule and module names, so torchvision
-    weights load) with the FPN width as an argument instead of the fixed 256."""
+    weights load) with the FPN width as an argument instead of the fixed 256, and optionally GroupNorm
+    (32 groups) after each FPN convolution."""
     if out_channels <= 0:
         raise ValueError(f"fpn_channels must be positive, got {out_channels}")
     layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
@@ -84,7 +87,9 @@ def _resnet_fpn(body: resnet.ResNet, trainable_layers: int, out_channels: int) -
     return_layers = {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)}
     stage2 = body.inplanes // 8
     in_channels_list = [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)]
-    return BackboneWithFPN(body, return_layers, in_channels_list, out_channels, extra_blocks=LastLevelMaxPool())
+    norm = functools.partial(nn.GroupNorm, min(32, out_channels)) if fpn_norm else None
+    return BackboneWithFPN(body, return_layers, in_channels_list, out_channels, extra_blocks=LastLevelMaxPool(),
+                           norm_layer=norm)
 
 
 def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str | os.PathLike | StateDict | None = None,
@@ -92,7 +97,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
                         trainable_backbone_layers: int | None = None,
                         torchvision_weights: str | os.PathLike | StateDict | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
-                        mask_roi_size: int = 14, fpn_channels: int = 256, **kwargs: Any) -> DynaMaskRCNN:
+                        mask_roi_size: int = 14, fpn_channels: int = 256, fpn_norm: bool = False,
+                        **kwargs: Any) -> DynaMaskRCNN:
     """A DynaMask detector on a ResNet-{18, 34, 50, 101} FPN.
 
     Args:
@@ -108,6 +114,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
             demos change it (e.g. 7 → 7/14/28/56, a quarter of the CPU time).
         fpn_channels: width of the FPN levels, which the RPN, box head, MSM and mask head read (256;
             torchvision's value). Demo models use 128.
+        fpn_norm: GroupNorm in the FPN (False: torchvision's FPN, whose weights then load). Training from
+            scratch converges faster with it ("Rethinking ImageNet Pre-training", He et al. 2019).
         **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (``min_size``, ``max_size``,
             ``box_score_thresh``, ``rpn_*``, ``edge_weight``, ``budget_weight``, ``target_gmacs``,
             ``gumbel_tau``, ``mask_policy``, ...).
@@ -122,7 +130,9 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
     body = RESNETS[depth](weights=None, norm_layer=norm_layer)
     if weights_backbone is not None:
         body.load_state_dict(_load(weights_backbone, "weights_backbone"))
-    backbone = _resnet_fpn(body, trainable, fpn_channels)
+    if fpn_norm and torchvision_weights is not None:
+        raise ValueError("fpn_norm=True has no torchvision weights to import (torchvision's FPN has no norm)")
+    backbone = _resnet_fpn(body, trainable, fpn_channels, fpn_norm)
     head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
                         stage_channels=tuple(stage_channels), roi_size=mask_roi_size)
     msm = MaskSwitchModule(in_channels=backbone.out_channels, in_size=mask_roi_size)

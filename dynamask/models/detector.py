@@ -41,6 +41,8 @@ class DynaMaskRCNN(GeneralizedRCNN):
         num_classes: including background.
         anchor_sizes: one anchor size per level P2–P6 when ``rpn_anchor_generator`` is None (torchvision's
             32–512; scale them down with the images, e.g. 16–256 for 128-px images).
+        roi_canonical_scale: box side that the RoI poolers send to P4 (FPN's 224 for ~800-px images;
+            scale it with the images, e.g. 56 for 128-px images, so larger objects read deeper levels).
         mask_head: the dual-level FPN head (default widths when None).
         msm: the Mask Switch Module (default when None).
         edge_weight, budget_weight, target_gmacs, gumbel_tau, mask_policy, mask_training,
@@ -70,6 +72,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
                  bbox_reg_weights: tuple[float, float, float, float] | None = None,
                  # mask branch
+                 roi_canonical_scale: float = 224.0,
                  mask_head: DynaMaskHead | None = None, msm: MaskSwitchModule | None = None,
                  edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
                  gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
@@ -84,7 +87,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
             rpn_nms_thresh, score_thresh=rpn_score_thresh,
         )
         mask_head = DynaMaskHead(in_channels=out_channels) if mask_head is None else mask_head
-        box_pool = MultiLevelRoIPool(output_size=7, sampling_ratio=2, aligned=False)
+        box_pool = MultiLevelRoIPool(output_size=7, sampling_ratio=2, aligned=False, canonical_scale=roi_canonical_scale)
         roi_heads = DynaMaskRoIHeads(
             box_roi_pool=box_pool,
             box_head=(TwoMLPHead(out_channels * 7 * 7, box_representation_size) if box_head is None else box_head),
@@ -96,7 +99,8 @@ class DynaMaskRCNN(GeneralizedRCNN):
             detections_per_img=box_detections_per_img,
             mask_head=mask_head,
             msm=(MaskSwitchModule(in_channels=out_channels, in_size=mask_head.resolutions[0]) if msm is None else msm),
-            mask_roi_pool=MultiLevelRoIPool(output_size=14, sampling_ratio=2, aligned=True),
+            mask_roi_pool=MultiLevelRoIPool(output_size=14, sampling_ratio=2, aligned=True,
+                                            canonical_scale=roi_canonical_scale),
             edge_weight=edge_weight, budget_weight=budget_weight, target_gmacs=target_gmacs,
             gumbel_tau=gumbel_tau, mask_policy=mask_policy, mask_training=mask_training,
             mask_rois_per_image=mask_rois_per_image,

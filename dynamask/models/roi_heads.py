@@ -43,31 +43,49 @@ class MultiLevelRoIPool(nn.Module):
     """Drop-in for torchvision's ``MultiScaleRoIAlign`` on :func:`dynamask.ops.roi_align_multilevel`.
 
     Same inputs and levels (LevelMapper, canonical 224 at P4) and scales inferred the same way, so with
-    ``aligned=False`` its output equals torchvision's.
+    ``aligned=False`` and the default ``canonical_scale`` its output equals torchvision's.
 
     Args:
         featmap_names: names of the pyramid levels in the feature dict, finest first.
         output_size: S. sampling_ratio: samples per bin and axis. aligned: half-pixel shift.
+        canonical_scale: box side (image pixels) that goes to P4; a box of side s goes to level
+            ``floor(4 + log2(s / canonical_scale))``. 224 is FPN's value for ~800-px images; on small
+            images every object falls below it and lands on P2, so a smaller value spreads them over
+            the pyramid (deeper, more semantic features for larger objects).
     """
 
     def __init__(self, *, featmap_names: Sequence[str] = ("0", "1", "2", "3"), output_size: int = 7,
-                 sampling_ratio: int = 2, aligned: bool = False) -> None:
+                 sampling_ratio: int = 2, aligned: bool = False, canonical_scale: float = 224.0) -> None:
         super().__init__()
+        if not canonical_scale > 0:
+            raise ValueError(f"canonical_scale must be positive, got {canonical_scale}")
         self.featmap_names = list(featmap_names)
         self.output_size = (output_size, output_size)
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.canonical_scale = float(canonical_scale)
 
     def levels(self, features: dict[str, Tensor]) -> list[Tensor]:
         return [features[name] for name in self.featmap_names]
+
+    def roi_levels(self, rois: Tensor, scales: Sequence[float]) -> Tensor | None:
+        """``[R]`` int64 level index per RoI, or None when the kernel's built-in rule (224) applies."""
+        if self.canonical_scale == 224.0:
+            return None
+        k_min, k_max = -math.log2(scales[0]), -math.log2(scales[-1])
+        side = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).clamp(min=0).sqrt()
+        # same eps as the kernel's LevelMapper; a zero-area box gets -inf → the finest level
+        k = torch.floor(4 + torch.log2(side / self.canonical_scale) + 1e-6)
+        return (k.clamp(min=k_min, max=k_max) - k_min).to(torch.int64)
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
         """features: name → ``[N, C, H_l, W_l]``; boxes: per image ``[n_i, 4]`` → ``[R, C, S, S]``."""
         feats = self.levels(features)
         scales = infer_scales(feats, image_shapes)
-        return ops.roi_align_multilevel(feats, to_rois(boxes), self.output_size, scales,
-                                        sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+        rois = to_rois(boxes)
+        return ops.roi_align_multilevel(feats, rois, self.output_size, scales, sampling_ratio=self.sampling_ratio,
+                                        aligned=self.aligned, levels=self.roi_levels(rois, scales))
 
 
 class DynaMaskRoIHeads(RoIHeads):
@@ -184,9 +202,9 @@ class DynaMaskRoIHeads(RoIHeads):
         scales = infer_scales(levels, image_shapes)
         rois = to_rois(boxes)
         size = self.mask_head.resolutions[0]
-        roi_features = ops.roi_align_multilevel(levels, rois, size, scales,
-                                                sampling_ratio=self.dyn_mask_roi_pool.sampling_ratio,
-                                                aligned=self.dyn_mask_roi_pool.aligned)
+        pool = self.dyn_mask_roi_pool
+        roi_features = ops.roi_align_multilevel(levels, rois, size, scales, sampling_ratio=pool.sampling_ratio,
+                                                aligned=pool.aligned, levels=pool.roi_levels(rois, scales))
         return roi_features, levels, scales, rois
 
     def mask_losses(self, features: dict[str, Tensor], proposals: list[Tensor], matched_idxs: list[Tensor],
