@@ -406,13 +406,12 @@ def test_pooler_canonical_scale_equals_torchvision(canonical_scale):
     fdict = OrderedDict(zip(names, feats))
     ours = MultiLevelRoIPool(featmap_names=names, output_size=7, sampling_ratio=2, aligned=False,
                              canonical_scale=canonical_scale)
-    peer = MultiScaleRoIAlign(names, 7, 2, canonical_scale=int(canonical_scale) if canonical_scale == int(canonical_scale)
-                              else canonical_scale)
-    expected = peer(fdict, as_boxlists(rois, 3), [IMAGE] * 3)
-    torch.testing.assert_close(ours(fdict, as_boxlists(rois, 3), [IMAGE] * 3), expected, rtol=1e-5, atol=1e-5)
+    boxes, shapes = as_boxlists(rois, 3), [IMAGE] * 3
+    got = ours(fdict, boxes, shapes)
+    expected = MultiScaleRoIAlign(names, 7, 2, canonical_scale=canonical_scale)(fdict, boxes, shapes)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     if canonical_scale != 224.0:  # and it differs from the default mapping on these boxes
-        assert not torch.allclose(ours(fdict, as_boxlists(rois, 3), [IMAGE] * 3),
-                                  peer.__class__(names, 7, 2)(fdict, as_boxlists(rois, 3), [IMAGE] * 3))
+        assert not torch.allclose(got, MultiScaleRoIAlign(names, 7, 2)(fdict, boxes, shapes))
 
 
 def test_pooler_rejects_bad_canonical_scale():
