@@ -42,6 +42,27 @@ def synthetic_batch(seed: int = 0, size: tuple[int, int] = (64, 80)) -> tuple[li
     return images, targets
 
 
+def pair_detections(a: dict, b: dict) -> list[int]:
+    """For each detection of ``a`` (``boxes [N, 4]``, ``scores [N]``, ``labels [N]``), the index of the
+    same-label detection of ``b`` nearest in box and score, each used once.
+
+    Two runs that sum in another order (batching pads images, another CPU vectorises differently,
+    another implementation of the same op) agree to float noise, which can swap two near-equal scores
+    in the score-sorted output: compare detections by pairing, not by position."""
+    assert len(a["scores"]) == len(b["scores"]), (len(a["scores"]), len(b["scores"]))
+    taken: set[int] = set()
+    pairs = []
+    for i in range(len(a["scores"])):
+        same = [j for j in (b["labels"] == a["labels"][i]).nonzero()[:, 0].tolist() if j not in taken]
+        assert same, f"detection {i} (label {int(a['labels'][i])}) has no partner"
+        dist = [float((b["boxes"][j] - a["boxes"][i]).abs().max() + (b["scores"][j] - a["scores"][i]).abs())
+                for j in same]
+        j = same[min(range(len(same)), key=dist.__getitem__)]
+        taken.add(j)
+        pairs.append(j)
+    return pairs
+
+
 class MacCounter:
     """Counts multiply-accumulates of Conv2d / Linear / DeformConv2d modules with forward hooks."""
 

@@ -9,7 +9,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
-from model_helpers import TINY, one_thread  # noqa: F401
+from model_helpers import TINY, one_thread, pair_detections  # noqa: F401
 from PIL import Image
 
 from dynamask import Predictor
@@ -31,6 +31,17 @@ def _image(seed: int, size=(96, 128)) -> np.ndarray:
     img[(yy - h // 2) ** 2 + (xx - w // 3) ** 2 < (h // 4) ** 2] = (230, 40, 40)
     img[10:40, w - 50:w - 15] = (30, 220, 60)
     return img
+
+
+def _cut_between(scores) -> float:
+    """A score threshold halfway across the widest gap between two consecutive scores, with detections on
+    both sides. A threshold equal to one of the scores would let float noise (batching pads images; another
+    CPU sums in another order) decide on which side that detection falls."""
+    s = sorted(float(x) for x in scores)
+    assert len(s) >= 2, "need two scores to put a threshold between"
+    gap, i = max((s[i + 1] - s[i], i) for i in range(len(s) - 1))
+    assert gap > 1e-4, f"scores too close to separate from float noise: widest gap {gap:.2e}"
+    return (s[i] + s[i + 1]) / 2
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +95,9 @@ def test_path_equals_the_models_own_output(ckpt, predictor, image_dir):
                                  "counts": coco[0]["segmentation"]["counts"].encode()})
     assert np.array_equal(decoded.astype(bool), r.masks[0].numpy())
     # the score threshold drops exactly the detections below it
-    cut = float(r.scores[len(r) // 2])
-    high = Predictor(ckpt, device="cpu", score_thresh=cut)(path)
-    assert torch.equal(high.scores, r.scores[r.scores >= cut]) and len(high) < len(r)
+    cut = _cut_between(r.scores)
+    high = Predictor(ckpt, device="cpu", score_thresh=cut, batch_size=1)(path)
+    assert torch.equal(high.scores, r.scores[r.scores >= cut]) and 0 < len(high) < len(r)
 
 
 def test_every_input_form_gives_the_same_image(image_dir, tmp_path):
@@ -133,10 +144,8 @@ def test_batching_gives_the_same_results(ckpt, image_dir):
         # a batched convolution may sum in another order (float noise ~1e-5), which can swap two
         # near-equal scores: pair each detection with the same-label one nearest in box and score
         assert len(a) == len(b) > 0
-        for i in range(len(a)):
-            same_label = (b.labels == a.labels[i]).nonzero()[:, 0]
-            dist = (b.boxes[same_label] - a.boxes[i]).abs().amax(1) + (b.scores[same_label] - a.scores[i]).abs()
-            j = int(same_label[dist.argmin()])
+        pairs = pair_detections(vars(a), vars(b))
+        for i, j in enumerate(pairs):
             assert torch.allclose(a.boxes[i], b.boxes[j], atol=1e-3) and abs(a.scores[i] - b.scores[j]) < 1e-4
             assert a.mask_resolution[i] == b.mask_resolution[j] and a.category_ids[i] == b.category_ids[j]
             assert (a.masks[i] != b.masks[j]).float().mean() < 1e-3
@@ -261,13 +270,17 @@ def test_cli_infer_writes_overlays_and_coco_results(ckpt, image_dir, tmp_path, c
     assert len(dt.anns) == len(results)
     ann = dt.anns[1]
     assert dt.annToMask(ann).shape == sizes[ann["image_id"] - 1]
-    # a higher threshold keeps only the scores above it
-    cut = sorted(r["score"] for r in results)[len(results) // 2]
-    assert main(["infer", str(extra), "--weights", ckpt, "--out", str(tmp_path / "high"), "--score-thresh", str(cut),
-                 "--no-progress"]) == 0
+    # a higher threshold keeps only the scores above it, and loses none of them: the same images in the same
+    # batches (so the same arithmetic), and a threshold well away from every score
+    cut = _cut_between(r["score"] for r in results)
+    assert main(["infer", str(image_dir), str(extra), "--weights", ckpt, "--out", str(tmp_path / "high"),
+                 "--score-thresh", str(cut), "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0
     high = json.load(open(tmp_path / "high" / "results.json"))
-    assert all(r["score"] >= cut for r in high)
-    assert len(high) == sum(1 for r in results if r["image_id"] == 4 and r["score"] >= cut)
+    kept = [r for r in results if r["score"] >= cut]
+    assert 0 < len(high) == len(kept) < len(results)
+    for got, want in zip(high, kept):
+        assert got["image_id"] == want["image_id"] and got["score"] == pytest.approx(want["score"])
+        assert got["segmentation"] == want["segmentation"]
 
 
 def test_cli_infer_errors_name_the_file(ckpt, image_dir, tmp_path, capsys):
