@@ -7,7 +7,9 @@ CUDA kernels are built when a GPU and nvcc are present, or when forced:
     DYNAMASK_SKIP_EXT=1    build nothing (editable install over kernels already built in place)
 
 ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default 7.5 through 9.0). torch must be
-importable at build time, so install with ``pip install --no-build-isolation .``.
+importable at build time: ``pip install .`` gets it from pyproject.toml's build requirements (an
+isolated build against the pinned torch); ``pip install --no-build-isolation .`` builds against the
+torch already installed.
 """
 
 import glob
@@ -21,7 +23,8 @@ try:
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # pragma: no cover - only hit when torch is missing at build time
     raise SystemExit(
-        "dynamask needs torch at build time. Install torch first, then build without isolation:\n"
+        "dynamask needs torch at build time. `pip install .` installs it from pyproject.toml's build\n"
+        "requirements; when building without isolation, install torch first:\n"
         "    pip install torch==2.14.1 torchvision==0.29.1\n"
         "    pip install --no-build-isolation .\n"
         f"({exc})"
@@ -58,6 +61,11 @@ def _cuda_wheel_includes() -> list[str]:
     return [d for d in dirs if os.path.exists(os.path.join(d, "cusparse.h"))]
 
 
+def _torch_release() -> str:
+    """The torch this build compiles against, without a local tag (2.14.1+cu130 -> 2.14.1)."""
+    return torch.__version__.split("+")[0]
+
+
 def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
@@ -85,7 +93,9 @@ def _extensions():
         sources += _sources("csrc/ops/cuda/*.cu")
         define_macros.append(("WITH_CUDA", None))
         include_dirs += _cuda_wheel_includes()
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        # -fmad=false: no fused multiply-adds, so the arithmetic shared with the CPU kernels
+        # (csrc/ops/*_common.h) rounds on the GPU exactly as it does on the CPU, where the tests run.
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-fmad=false"]
         ext = CUDAExtension
     else:
         ext = CppExtension
@@ -108,7 +118,9 @@ setup(
     description="DynaMask instance segmentation with dynamic mask resolution, on C++/CUDA kernels",
     packages=find_packages(include=["dynamask", "dynamask.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "torchvision", "numpy", "pycocotools", "tqdm", "matplotlib"],
+    # The kernels load only into the torch they were compiled against: pin it (pip then picks the
+    # torchvision built for that torch).
+    install_requires=[f"torch=={_torch_release()}", "torchvision", "numpy", "pycocotools", "tqdm", "matplotlib"],
     extras_require={"dev": ["pytest", "expecttest", "hypothesis", "ninja", "pybind11"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -37,10 +37,13 @@ struct Taps {
 };
 
 // Returns false when no corner lies on the map (then every weight and valid flag is 0). NaN
-// coordinates land there too.
+// coordinates land there too: a NaN offset samples zero and gets a zero gradient (torchvision
+// propagates the NaN instead).
 template <typename T>
 DYNAMASK_INLINE bool deform_taps(T y, T x, int64_t height, int64_t width, Taps<T>& t) {
-  if (!(y >= T(-1) && y < static_cast<T>(height) && x >= T(-1) && x < static_cast<T>(width))) {
+  // An empty map (height or width 0) has no corner to read: then nothing is read, not even position 0.
+  if (!(height > 0 && width > 0 && y >= T(-1) && y < static_cast<T>(height) && x >= T(-1) &&
+        x < static_cast<T>(width))) {
     for (int i = 0; i < 4; ++i) {
       t.pos[i] = 0;
       t.w[i] = T(0);

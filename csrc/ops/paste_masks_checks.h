@@ -39,10 +39,13 @@ inline int64_t check_inputs(at::TensorList masks, const at::Tensor& boxes, int64
 
 inline void check_boxes_finite_cpu(const float* boxes, int64_t n, const char* op) {
   for (int64_t i = 0; i < n; ++i) {
+    const float* b = boxes + i * 4;
     for (int k = 0; k < 4; ++k) {
-      TORCH_CHECK_VALUE(std::isfinite(boxes[i * 4 + k]), op, ": boxes[", i, "] has a non-finite coordinate (",
-                        boxes[i * 4 + k], ")");
+      TORCH_CHECK_VALUE(std::isfinite(b[k]), op, ": boxes[", i, "] has a non-finite coordinate (", b[k],
+                        ") in float32");
     }
+    TORCH_CHECK_VALUE(std::isfinite(b[2] - b[0]) && std::isfinite(b[3] - b[1]), op, ": boxes[", i, "] = (", b[0],
+                      ", ", b[1], ", ", b[2], ", ", b[3], ") is too large: its width or height overflows float32");
   }
 }
 

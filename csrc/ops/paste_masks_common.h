@@ -34,7 +34,9 @@ DYNAMASK_INLINE AxisSpan axis_span(float a1, float a2, int64_t mask_size, int64_
   s.lo = 0;
   s.hi = 0;
   const float len = a2 - a1;
-  if (!(len > 0.f) || mask_size <= 0) return s;
+  // Non-finite coordinates, and a finite box whose length overflows float32 (e.g. -3e38 to 3e38),
+  // paste nothing: the CPU kernel refuses them first (check_boxes_cpu), the CUDA one leaves them empty.
+  if (!(len > 0.f) || !(len <= 3.4028234e38f) || mask_size <= 0) return s;
   s.scale = static_cast<float>(mask_size) / len;
   const float half_cell = 0.5f * len / static_cast<float>(mask_size);
   const float ext = static_cast<float>(extent);

@@ -4,6 +4,8 @@
 // and are device-side asserts inside the CUDA kernels so the CUDA forward path never syncs.
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 #include "ops/roi_align_common.h"
 
 namespace dynamask {
@@ -28,8 +30,8 @@ inline void check_rois_and_levels(at::TensorList features, const at::Tensor& roi
                       f.scalar_type(), " but rois has dtype ", rois.scalar_type(), "; they must match");
     TORCH_CHECK_VALUE(f.size(0) == n, op, ": features[", l, "] has batch size ", f.size(0),
                       " but features[0] has ", n);
-    TORCH_CHECK_VALUE(spatial_scales[l] > 0, op, ": spatial_scales[", l, "] must be positive, got ",
-                      spatial_scales[l]);
+    TORCH_CHECK_VALUE(spatial_scales[l] > 0 && std::isfinite(spatial_scales[l]), op, ": spatial_scales[", l,
+                      "] must be positive and finite, got ", spatial_scales[l]);
   }
 }
 
@@ -76,6 +78,7 @@ template <typename T>
 void check_roi_values_cpu(const T* rois, int64_t num_rois, int64_t batch_size, const char* op) {
   for (int64_t r = 0; r < num_rois; ++r) {
     const T* roi = rois + r * 5;
+    if (roi_is_valid(roi, batch_size)) continue;  // the CUDA kernels' rule; below, what is wrong
     const double b = static_cast<double>(roi[0]);
     TORCH_CHECK_VALUE(b >= 0 && b < static_cast<double>(batch_size) && b == std::floor(b), op, ": rois[", r,
                       ", 0] (batch index) is ", b, " but must be an integer in [0, ", batch_size, ")");

@@ -88,7 +88,8 @@ struct AxisTap {
 template <typename T>
 DYNAMASK_INLINE AxisTap<T> axis_tap(T v, int64_t size) {
   AxisTap<T> a;
-  a.valid = !(v < T(-1) || v > static_cast<T>(size));
+  // An empty map (size 0) has nothing to read: every sample is off it. torchvision reads index -1 there.
+  a.valid = size > 0 && !(v < T(-1) || v > static_cast<T>(size));
   if (!a.valid) {
     a.lo = a.hi = 0;
     a.w_lo = a.w_hi = T(0);
@@ -134,6 +135,22 @@ DYNAMASK_INLINE bool bilinear_taps(T y, T x, int64_t height, int64_t width, Bili
   const AxisTap<T> ax = axis_tap(x, width);
   if (!(ay.valid && ax.valid)) return false;
   combine_taps(ay, ax, width, t);
+  return true;
+}
+
+// Finite without <cmath>'s host-only std::isfinite: inf - inf and NaN - NaN are NaN.
+DYNAMASK_INLINE bool finite_(double v) { return v - v == 0.0; }
+
+// Whether a RoI can be pooled: its batch index an integer in [0, batch_size), its box finite. The CPU
+// kernels raise for a RoI that is not; the CUDA kernels pool it to zeros (no device-side assert, which
+// would leave the CUDA context unusable), and dynamask.ops.full_checks() raises before the launch.
+template <typename T>
+DYNAMASK_INLINE bool roi_is_valid(const T* roi /* batch, x1, y1, x2, y2 */, int64_t batch_size) {
+  const double b = static_cast<double>(roi[0]);
+  if (!(b >= 0.0 && b < static_cast<double>(batch_size) && b == floor_(b))) return false;
+  for (int k = 1; k < 5; ++k) {
+    if (!finite_(static_cast<double>(roi[k]))) return false;
+  }
   return true;
 }
 

@@ -5,6 +5,7 @@ Each op has a CPU and a CUDA kernel, autograd where training needs it, a fake ke
 """
 
 from dynamask._extension import _C
+from dynamask.ops.checks import full_checks, full_checks_enabled, set_full_checks
 from dynamask.ops.deform_conv import deform_conv2d
 from dynamask.ops.group_by_resolution import group_by_resolution
 from dynamask.ops.paste_masks import paste_masks, paste_masks_rle
@@ -19,9 +20,12 @@ def cuda_available() -> bool:
 __all__ = [
     "cuda_available",
     "deform_conv2d",
+    "full_checks",
+    "full_checks_enabled",
     "group_by_resolution",
     "paste_masks",
     "paste_masks_rle",
     "roi_align_multilevel",
     "roi_align_stages",
+    "set_full_checks",
 ]

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 
+try:  # Tensor.suggest_memory_format's Python twin, safe on fake and symbolic tensors
+    from torch._prims_common import suggest_memory_format
+except ImportError:  # pragma: no cover - older torch
+
+    def suggest_memory_format(x):
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return torch.channels_last if cl else torch.contiguous_format
+
 _ops = torch.ops.dynamask
 
 
@@ -18,7 +26,17 @@ def _deform_conv2d_fake(input, offset, weight, bias, mask, residual, stride_h, s
     torch._check(weight.dim() == 4, lambda: "deform_conv2d: weight must be [C_out, C_in / groups, kh, kw]")
     out_h = _out_size(input.shape[2], weight.shape[2], stride_h, pad_h, dilation_h)
     out_w = _out_size(input.shape[3], weight.shape[3], stride_w, pad_w, dilation_w)
-    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+    shape = (input.shape[0], weight.shape[0], out_h, out_w)
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input, weight))
+
+
+def _output_format(input, weight) -> torch.memory_format:
+    """The layout the real kernels return: the CPU kernel keeps a channels-last input channels-last (the
+    r-FPN stages run that way), unless there is a single output channel, where both layouts coincide;
+    the CUDA kernel always returns a contiguous output."""
+    if input.device.type == "cpu" and weight.shape[0] > 1 and suggest_memory_format(input) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @torch.library.register_fake("dynamask::deform_conv2d_backward")

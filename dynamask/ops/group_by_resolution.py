@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from dynamask.ops import _group_by_resolution_registrations  # noqa: F401  (fake kernel)
+from dynamask.ops import checks
 
 
 def group_by_resolution(choice: Tensor, num_resolutions: int) -> tuple[Tensor, Tensor]:
@@ -28,8 +29,11 @@ def group_by_resolution(choice: Tensor, num_resolutions: int) -> tuple[Tensor, T
     Raises:
         ValueError: ``choice`` is not a 1-D int64 tensor, ``num_resolutions`` is not positive, or (on
             the CPU) a choice lies outside ``[0, num_resolutions)``; the message names the value. On
-            CUDA that last check is a device-side assert, so the call never waits on the host.
+            CUDA such a RoI goes last in ``perm`` and is not counted (``counts.sum() < R``), so the call
+            never waits on the host, unless :func:`dynamask.ops.full_checks` is on.
     """
     if not isinstance(choice, Tensor):
         raise TypeError(f"choice must be a [R] int64 tensor, got {type(choice).__name__}")
+    if checks.full_checks_enabled() and choice.dtype == torch.int64:
+        checks.check_choice("group_by_resolution", choice, int(num_resolutions))
     return torch.ops.dynamask.group_by_resolution(choice, int(num_resolutions))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from dynamask.ops import _paste_masks_registrations  # noqa: F401  (fake kernels)
+from dynamask.ops import checks
 
 
 def _mask_groups(masks: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -50,10 +51,17 @@ def paste_masks(
 
     Returns:
         ``[N, H, W]``, bool or float32, on the boxes' device.
+
+    Raises:
+        ValueError: on the CPU, a box with a non-finite coordinate (in float32) or whose width or
+            height overflows float32. On CUDA such a box pastes nothing instead, unless
+            :func:`dynamask.ops.full_checks` is on.
     """
     groups = _mask_groups(masks)
     H, W = _image_size(image_size)
     thr = None if threshold is None else float(threshold)
+    if checks.full_checks_enabled() and isinstance(boxes, Tensor):
+        checks.check_paste_boxes("paste_masks", boxes)
     return torch.ops.dynamask.paste_masks(groups, boxes, H, W, thr)
 
 

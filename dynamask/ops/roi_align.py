@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from dynamask.ops import _roi_align_registrations  # noqa: F401  (autograd, autocast, fake kernels)
+from dynamask.ops import checks
 
 
 def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
@@ -88,6 +89,11 @@ def roi_align_multilevel(
 
     Returns:
         ``[R, C, S_h, S_w]``, in the order of ``rois``.
+
+    Raises:
+        ValueError: on the CPU, a batch index that is not an integer in ``[0, N)``, a non-finite box or
+            a level out of range. On CUDA such a RoI pools to zeros instead, unless
+            :func:`dynamask.ops.full_checks` is on (see :mod:`dynamask.ops.checks`).
     """
     feats = _as_features(features)
     rois_t = _as_rois(rois)
@@ -97,6 +103,10 @@ def roi_align_multilevel(
     if levels is None:
         _check_power_of_two_scales(spatial_scales)
     ph, pw = _pair(output_size)
+    if checks.full_checks_enabled():
+        checks.check_rois("roi_align_multilevel", rois_t, feats[0].shape[0])
+        if levels is not None:
+            checks.check_levels("roi_align_multilevel", levels, len(feats))
     return torch.ops.dynamask.roi_align_multilevel(
         feats, rois_t, levels, [float(s) for s in spatial_scales], ph, pw, int(sampling_ratio), bool(aligned)
     )
@@ -135,6 +145,8 @@ def roi_align_stages(
         levels.append(int(stage[0]))
         sizes.append(int(stage[1]))
         counts.append(int(stage[2]))
+    if checks.full_checks_enabled():
+        checks.check_rois("roi_align_stages", rois_t, feats[0].shape[0], max(counts, default=0))
     return list(
         torch.ops.dynamask.roi_align_stages(
             feats, rois_t, levels, sizes, counts, [float(s) for s in spatial_scales], int(sampling_ratio), bool(aligned)

@@ -9,7 +9,10 @@
 // the ReLU. Backward recomputes the columns, accumulates grad_weight, and scatters W^T @ grad into
 // grad_input (atomics) and into grad_offset / grad_mask (a thread per sample, no atomics). The
 // per-sample arithmetic is the same header the CPU kernel uses. Everything runs on the current
-// stream under a device guard, and nothing waits on the host.
+// stream under a device guard, and nothing waits on the host. Half and bfloat16 inputs are computed
+// in float and rounded once at the end, as on the CPU (half columns would round the samples, the
+// GEMM's output and the epilogue's sum, each once). grad_input's atomics make it non-deterministic:
+// the backward calls alertNotDeterministic when it is asked for.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
@@ -152,12 +155,25 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
+bool is_reduced_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
+
 at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mask,
                               const std::optional<at::Tensor>& residual, int64_t stride_h, int64_t stride_w,
                               int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, bool relu) {
   const Geometry g = check_args(input, offset, weight, bias, mask, residual, stride_h, stride_w, pad_h, pad_w, dil_h,
                                 dil_w, "deform_conv2d");
+  if (is_reduced_float(input)) {
+    return deform_conv2d_cuda(input.to(at::kFloat), offset.to(at::kFloat), weight.to(at::kFloat), to_float(bias),
+                              to_float(mask), to_float(residual), stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, relu)
+        .to(input.scalar_type());
+  }
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (out.numel() == 0) return out;
@@ -205,6 +221,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backwar
                                 pad_w, dil_h, dil_w, op);
   check_same(grad, "grad", input, op);
   check_shape(grad, "grad", {g.batch, g.out_channels, g.out_h, g.out_w}, "the output's shape", op);
+  if (is_reduced_float(input)) {
+    auto r = deform_conv2d_backward_cuda(grad.to(at::kFloat), input.to(at::kFloat), offset.to(at::kFloat),
+                                         weight.to(at::kFloat), to_float(mask), stride_h, stride_w, pad_h, pad_w,
+                                         dil_h, dil_w, need_input, need_offset_mask, need_weight);
+    const auto dt = input.scalar_type();
+    return {std::get<0>(r).to(dt), std::get<1>(r).to(dt), std::get<2>(r).to(dt), std::get<3>(r).to(dt)};
+  }
+  if (need_input) at::globalContext().alertNotDeterministic("deform_conv2d_backward_cuda (grad of input)");
   const c10::cuda::CUDAGuard device_guard(input.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto acc_type = at::toOpMathType(input.scalar_type());

@@ -5,8 +5,10 @@
 // paste_masks_common.h, so the sampling work is proportional to the boxes' areas. The table of
 // resolution groups (data pointer, first mask, mask size) travels by value in the kernel arguments,
 // so masks of every resolution are pasted by one launch without a host-to-device copy; more than
-// kMaxGroups groups, or more than 65535 masks, take several launches. Non-finite boxes trip a
-// device-side assert, so nothing here waits on the host.
+// kMaxGroups groups, or more than 65535 masks, take several launches. Nothing waits on the host, and
+// nothing asserts on the device (which would leave the CUDA context unusable): a box that the CPU
+// kernel refuses (a non-finite coordinate, a width or height that overflows float32) pastes nothing
+// here; dynamask.ops.full_checks() raises for it before the launch instead.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -43,8 +45,6 @@ __global__ void paste_kernel(GroupTable<T> groups, int64_t mask_begin, const flo
   const int64_t S = groups.size[g];
   const T* mask = groups.data[g] + (n - groups.first[g]) * S * S;
   const float* b = boxes + n * 4;
-  CUDA_KERNEL_ASSERT(::isfinite(b[0]) && ::isfinite(b[1]) && ::isfinite(b[2]) && ::isfinite(b[3]) &&
-                     "paste_masks: boxes must be finite");
   const AxisSpan sx = axis_span(b[0], b[2], S, width), sy = axis_span(b[1], b[3], S, height);
   Out* row = out + (n * height + y) * width;
   const Out fill = Output<Out>::of(0.f, threshold);

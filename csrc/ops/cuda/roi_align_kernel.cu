@@ -1,8 +1,11 @@
 // CUDA kernels of the batched RoIAlign ops: one launch covers all RoIs of all levels (forward
 // and backward of roi_align_multilevel) or all stages (roi_align_stages). The level / stage tables
-// travel by value in the kernel arguments; the backward scatters with atomics. Checks that read the
-// data (batch index in range, finite boxes, level index) are device-side asserts, so nothing here
-// waits on the host.
+// travel by value in the kernel arguments; the backward scatters with atomics into float accumulators
+// (half and bfloat16 too, as the CPU kernels do), and so calls alertNotDeterministic. Nothing here
+// reads the data on the host, so nothing waits on it; and no device-side assert can leave the CUDA
+// context unusable: a RoI the CPU kernels refuse (batch index not an integer in [0, N), a box not
+// finite, a given level out of range) pools to zeros here and gets no gradient.
+// dynamask.ops.full_checks() raises for such input before the launch instead.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
@@ -37,14 +40,6 @@ struct Table {
 };
 
 template <typename T>
-__device__ inline void check_roi(const T* roi, int64_t batch_size) {
-  using Acc = at::opmath_type<T>;
-  const Acc b = static_cast<Acc>(roi[0]);
-  CUDA_KERNEL_ASSERT(b >= Acc(0) && b < static_cast<Acc>(batch_size) && "rois batch index out of range");
-  for (int k = 1; k < 5; ++k) CUDA_KERNEL_ASSERT(::isfinite(static_cast<Acc>(roi[k])) && "rois must be finite");
-}
-
-template <typename T>
 __device__ inline RoiGeometry<at::opmath_type<T>> geometry_of(const T* roi, double scale, int64_t pooled_h,
                                                               int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   using Acc = at::opmath_type<T>;
@@ -69,8 +64,8 @@ __device__ inline Acc pool_bin(const T* plane, int64_t height, int64_t width, co
   return sum * g.inv_count;
 }
 
-template <typename T, typename Acc>
-__device__ inline void unpool_bin(T* grad_plane, int64_t height, int64_t width, const RoiGeometry<Acc>& g,
+template <typename Acc>
+__device__ inline void unpool_bin(Acc* grad_plane, int64_t height, int64_t width, const RoiGeometry<Acc>& g,
                                   int64_t ph, int64_t pw, Acc grad) {
   const Acc gv = grad * g.inv_count;
   for (int64_t iy = 0; iy < g.grid_h; ++iy) {
@@ -78,7 +73,7 @@ __device__ inline void unpool_bin(T* grad_plane, int64_t height, int64_t width, 
     for (int64_t ix = 0; ix < g.grid_w; ++ix) {
       BilinearTaps<Acc> t;
       if (!bilinear_taps(y, sample_x(g, pw, ix), height, width, t)) continue;
-      for (int k = 0; k < 4; ++k) gpuAtomicAdd(grad_plane + t.pos[k], static_cast<T>(t.w[k] * gv));
+      for (int k = 0; k < 4; ++k) gpuAtomicAdd(grad_plane + t.pos[k], t.w[k] * gv);
     }
   }
 }
@@ -88,11 +83,17 @@ __device__ inline int64_t level_of(const T* roi, const int64_t* levels, int64_t 
   using Acc = at::opmath_type<T>;
   if (levels != nullptr) {
     const int64_t l = levels[r];
-    CUDA_KERNEL_ASSERT(l >= 0 && l < num_levels && "levels index out of range");
-    return l;
+    return (l >= 0 && l < num_levels) ? l : -1;  // -1: pooled to zeros
   }
   return fpn_level<Acc>(static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
                         static_cast<Acc>(roi[4]), k_min, k_min + num_levels - 1);
+}
+
+// Whether RoI r can be pooled, and on which level (l < 0: it cannot).
+template <typename T>
+__device__ inline int64_t valid_level(const T* roi, const int64_t* levels, int64_t r, int64_t k_min, int num_levels,
+                                      int64_t batch_size) {
+  return roi_is_valid(roi, batch_size) ? level_of(roi, levels, r, k_min, num_levels) : -1;
 }
 
 template <typename T>
@@ -104,8 +105,11 @@ __global__ void multilevel_forward_kernel(int64_t total, Table<T> tab, const T* 
     const int64_t pw = i % pooled_w, ph = (i / pooled_w) % pooled_h, c = (i / pooled_w / pooled_h) % channels;
     const int64_t r = i / pooled_w / pooled_h / channels;
     const T* roi = rois + r * 5;
-    check_roi(roi, batch_size);
-    const int64_t l = level_of(roi, levels, r, k_min, tab.num);
+    const int64_t l = valid_level(roi, levels, r, k_min, tab.num, batch_size);
+    if (l < 0) {
+      out[i] = T(0);
+      continue;
+    }
     const auto g = geometry_of(roi, tab.scale[l], pooled_h, pooled_w, sampling_ratio, aligned);
     const int64_t H = tab.height[l], W = tab.width[l], b = static_cast<int64_t>(roi[0]);
     const T* plane = tab.data[l] + (b * channels + c) * H * W;
@@ -114,7 +118,8 @@ __global__ void multilevel_forward_kernel(int64_t total, Table<T> tab, const T* 
 }
 
 template <typename T>
-__global__ void multilevel_backward_kernel(int64_t total, Table<T> tab, const T* rois, const int64_t* levels,
+__global__ void multilevel_backward_kernel(int64_t total, Table<at::opmath_type<T>> tab, const T* rois,
+                                           const int64_t* levels,
                                            int64_t k_min, int64_t batch_size, int64_t channels, int64_t pooled_h,
                                            int64_t pooled_w, int64_t sampling_ratio, bool aligned, const T* grad) {
   using Acc = at::opmath_type<T>;
@@ -122,11 +127,11 @@ __global__ void multilevel_backward_kernel(int64_t total, Table<T> tab, const T*
     const int64_t pw = i % pooled_w, ph = (i / pooled_w) % pooled_h, c = (i / pooled_w / pooled_h) % channels;
     const int64_t r = i / pooled_w / pooled_h / channels;
     const T* roi = rois + r * 5;
-    check_roi(roi, batch_size);
-    const int64_t l = level_of(roi, levels, r, k_min, tab.num);
+    const int64_t l = valid_level(roi, levels, r, k_min, tab.num, batch_size);
+    if (l < 0) continue;
     const auto g = geometry_of(roi, tab.scale[l], pooled_h, pooled_w, sampling_ratio, aligned);
     const int64_t H = tab.height[l], W = tab.width[l], b = static_cast<int64_t>(roi[0]);
-    unpool_bin<T, Acc>(tab.data[l] + (b * channels + c) * H * W, H, W, g, ph, pw, static_cast<Acc>(grad[i]));
+    unpool_bin<Acc>(tab.data[l] + (b * channels + c) * H * W, H, W, g, ph, pw, static_cast<Acc>(grad[i]));
   }
 }
 
@@ -158,7 +163,10 @@ __global__ void stages_forward_kernel(int64_t total, Table<T> tab, const T* rois
     const auto s = stage_index(tab, i);
     const int64_t l = tab.level[s.j], S = tab.size[s.j], C = tab.channels[l];
     const T* roi = rois + s.r * 5;
-    check_roi(roi, batch_size);
+    if (!roi_is_valid(roi, batch_size)) {
+      tab.out[s.j][s.local] = T(0);
+      continue;
+    }
     const auto g = geometry_of(roi, tab.scale[l], S, S, sampling_ratio, aligned);
     const int64_t H = tab.height[l], W = tab.width[l], b = static_cast<int64_t>(roi[0]);
     const T* plane = tab.data[l] + (b * C + s.c) * H * W;
@@ -167,19 +175,25 @@ __global__ void stages_forward_kernel(int64_t total, Table<T> tab, const T* rois
 }
 
 template <typename T>
-__global__ void stages_backward_kernel(int64_t total, Table<T> tab, const T* rois, int64_t batch_size,
+__global__ void stages_backward_kernel(int64_t total, Table<at::opmath_type<T>> tab, const T* rois, int64_t batch_size,
                                        int64_t sampling_ratio, bool aligned) {
   using Acc = at::opmath_type<T>;
   for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
     const auto s = stage_index(tab, i);
     const int64_t l = tab.level[s.j], S = tab.size[s.j], C = tab.channels[l];
     const T* roi = rois + s.r * 5;
-    check_roi(roi, batch_size);
+    if (!roi_is_valid(roi, batch_size)) continue;
     const auto g = geometry_of(roi, tab.scale[l], S, S, sampling_ratio, aligned);
     const int64_t H = tab.height[l], W = tab.width[l], b = static_cast<int64_t>(roi[0]);
-    unpool_bin<T, Acc>(tab.data[l] + (b * C + s.c) * H * W, H, W, g, s.ph, s.pw,
-                       static_cast<Acc>(tab.out[s.j][s.local]));
+    unpool_bin<Acc>(tab.data[l] + (b * C + s.c) * H * W, H, W, g, s.ph, s.pw, tab.out[s.j][s.local]);
   }
+}
+
+// The float accumulators in the gradient's dtype (no copy when that is the op-math type).
+std::vector<at::Tensor> cast_all(const std::vector<at::Tensor>& acc, at::ScalarType dtype) {
+  std::vector<at::Tensor> out;
+  for (const auto& g : acc) out.push_back(g.to(dtype));
+  return out;
 }
 
 void check_common_cuda(const at::Tensor& rois, const c10::optional<at::Tensor>& levels, const char* op) {
@@ -239,21 +253,30 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
   TORCH_CHECK_VALUE(L <= kMaxLevels && static_cast<int64_t>(heights.size()) == L &&
                         static_cast<int64_t>(widths.size()) == L,
                     op, ": heights/widths must have one entry per level");
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels, op,
+                    ": grad must be [R, C, ph, pw] = [", rois.size(0), ", ", channels, ", ph, pw], got shape ",
+                    grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == rois.device(), op, ": grad is on ", grad.device(), " but rois is on ",
+                    rois.device());
   c10::cuda::CUDAGuard guard(rois.device());
+  at::globalContext().alertNotDeterministic("roi_align_multilevel_backward_cuda");
+  // Accumulated in the op-math type (float for half and bfloat16), cast once at the end, as on the CPU.
+  const auto acc_options = grad.options().dtype(at::toOpMathType(grad.scalar_type()));
   std::vector<at::Tensor> grads;
-  for (int64_t l = 0; l < L; ++l) grads.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, grad.options()));
+  for (int64_t l = 0; l < L; ++l) grads.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, acc_options));
   const int64_t total = grad.numel();
-  if (total == 0) return grads;
+  if (total == 0) return cast_all(grads, grad.scalar_type());
   const auto grad_c = grad.contiguous();
   const auto rois_c = rois.contiguous();
   at::Tensor levels_c = levels.has_value() ? levels->contiguous() : at::Tensor();
   const int64_t k_min = static_cast<int64_t>(std::lround(-std::log2(spatial_scales[0])));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_multilevel_backward_cuda", [&] {
-    Table<scalar_t> tab{};
+    using Acc = at::opmath_type<scalar_t>;
+    Table<Acc> tab{};
     tab.num = static_cast<int>(L);
     for (int l = 0; l < tab.num; ++l) {
-      tab.data[l] = grads[l].data_ptr<scalar_t>();
+      tab.data[l] = grads[l].data_ptr<Acc>();
       tab.height[l] = heights[l];
       tab.width[l] = widths[l];
       tab.scale[l] = spatial_scales[l];
@@ -264,7 +287,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
         batch_size, channels, grad.size(2), grad.size(3), sampling_ratio, aligned, grad_c.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return grads;
+  return cast_all(grads, grad.scalar_type());
 }
 
 std::vector<at::Tensor> roi_align_stages_cuda(at::TensorList features, const at::Tensor& rois,
@@ -327,19 +350,33 @@ std::vector<at::Tensor> roi_align_stages_backward_cuda(
                         static_cast<int64_t>(heights.size()) == L && static_cast<int64_t>(widths.size()) == L,
                     op, ": channels/heights/widths must have one entry per level");
   c10::cuda::CUDAGuard guard(rois.device());
+  at::globalContext().alertNotDeterministic("roi_align_stages_backward_cuda");
+  // Accumulated in the op-math type (float for half and bfloat16), cast once at the end, as on the CPU;
+  // the incoming gradients are read in that type too.
+  const auto acc_type = at::toOpMathType(rois.scalar_type());
   std::vector<at::Tensor> result;
   for (int64_t l = 0; l < L; ++l) {
-    result.push_back(at::zeros({batch_size, channels[l], heights[l], widths[l]}, rois.options()));
+    result.push_back(at::zeros({batch_size, channels[l], heights[l], widths[l]}, rois.options().dtype(acc_type)));
   }
   std::vector<at::Tensor> gs;
-  for (const auto& g : grads) gs.push_back(g.contiguous());
+  for (size_t j = 0; j < grads.size(); ++j) {
+    const auto& g = grads[j];
+    if (g.numel() > 0) {
+      TORCH_CHECK_VALUE(g.dim() == 4 && g.size(0) <= rois.size(0) && g.size(2) == g.size(3), op, ": grads[", j,
+                        "] must be [count, C, S, S] with count <= ", rois.size(0), ", got shape ", g.sizes());
+      TORCH_CHECK_VALUE(g.device() == rois.device(), op, ": grads[", j, "] is on ", g.device(), " but rois is on ",
+                        rois.device());
+    }
+    gs.push_back(g.to(acc_type).contiguous());
+  }
   const auto rois_c = rois.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "roi_align_stages_backward_cuda", [&] {
-    Table<scalar_t> tab{};
+    using Acc = at::opmath_type<scalar_t>;
+    Table<Acc> tab{};
     tab.num = static_cast<int>(gs.size());
     for (int64_t l = 0; l < L; ++l) {
-      tab.data[l] = result[l].data_ptr<scalar_t>();
+      tab.data[l] = result[l].data_ptr<Acc>();
       tab.channels[l] = channels[l];
       tab.height[l] = heights[l];
       tab.width[l] = widths[l];
@@ -351,7 +388,7 @@ std::vector<at::Tensor> roi_align_stages_backward_cuda(
       tab.level[j] = stage_levels[j];
       const bool empty = gs[j].dim() != 4 || gs[j].numel() == 0;
       tab.size[j] = empty ? 1 : gs[j].size(2);
-      tab.out[j] = empty ? nullptr : gs[j].data_ptr<scalar_t>();
+      tab.out[j] = empty ? nullptr : gs[j].data_ptr<Acc>();
       if (!empty) {
         TORCH_CHECK_VALUE(gs[j].size(1) == channels[stage_levels[j]], op, ": grads[", j, "] has ", gs[j].size(1),
                           " channels, expected ", channels[stage_levels[j]]);
@@ -364,7 +401,7 @@ std::vector<at::Tensor> roi_align_stages_backward_cuda(
         total, tab, rois_c.data_ptr<scalar_t>(), batch_size, sampling_ratio, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return result;
+  return cast_all(result, rois.scalar_type());
 }
 
 }  // namespace

@@ -56,7 +56,8 @@ def deform_conv2d_reference(
     Cd = C // dg
     planes = input.reshape(B, dg, Cd, H * W)
     cols = input.new_zeros((B, dg, Cd, K * L))
-    for dy, dx, wgt in ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx), (1, 0, ly * (1 - lx)), (1, 1, ly * lx)):
+    corners = ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx), (1, 0, ly * (1 - lx)), (1, 1, ly * lx))
+    for dy, dx, wgt in corners if H * W > 0 else ():  # an empty map has no corner: every column is 0
         yy, xx = y0 + dy, x0 + dx
         valid = inside & (yy >= 0) & (yy <= H - 1) & (xx >= 0) & (xx <= W - 1)
         idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).nan_to_num(0).long().view(B, dg, 1, K * L)

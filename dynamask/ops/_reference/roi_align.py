@@ -11,6 +11,8 @@ from torch import Tensor
 def _bilinear(plane: Tensor, y: Tensor, x: Tensor) -> Tensor:
     """plane [C, H, W]; y, x: sample coordinates of the same shape [...] -> [C, ...]."""
     C, H, W = plane.shape
+    if H == 0 or W == 0:  # an empty map has nothing to sample
+        return plane.new_zeros((C, *y.shape))
     outside = (y < -1.0) | (y > H) | (x < -1.0) | (x > W)
     y = y.clamp(min=0)
     x = x.clamp(min=0)
