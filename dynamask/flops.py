@@ -1,6 +1,6 @@
 """Analytic multiply-accumulate counts of the DynaMask mask branch, from the layer shapes.
 
-Counting rule (DESIGN.md §3): MACs of convolutions (a deformable conv counts as the dense conv of the
+Counting rule (docs/method.md §3): MACs of convolutions (a deformable conv counts as the dense conv of the
 same shape; its sampling is not counted), linear layers and the mask predictor used at inference; not
 counted: activations, upsampling, the training-only edge predictors. The MSM is counted separately, and
 so is the per-image work (the 1×1 projections of P4/P3/P2 to the stage widths).

@@ -18,7 +18,7 @@ def test_default_widths_within_paper_budget():
         assert g[s] <= bound * 1.02, (s, g[s])
     assert g[14] < g[28] < g[56] < g[112]
     assert flops.msm_gmacs(MaskSwitchModule()) <= 0.02
-    # DESIGN.md's worked budget (mask predictor only; edge predictors are training-only)
+    # the worked budget of docs/method.md §3 (mask predictor only; edge predictors are training-only)
     assert g[112] == pytest.approx(1.2859, abs=1e-3)
     assert flops.per_image_gmacs(head, (800, 1216)) == pytest.approx(0.8716, abs=1e-3)
 

@@ -1,6 +1,6 @@
 """COCO-format data: the dataset, its transforms, and the synthetic "shapes" generator.
 
-Nothing here imports the model: data loading stands on its own (DESIGN.md §1).
+Nothing here imports the model: data loading stands on its own (docs/method.md §1).
 """
 
 from dynamask.data.coco import CocoDetection, collate_fn

@@ -73,7 +73,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.cat_ids: list[int] = [int(c["id"]) for c in cats]
         self.cat_names: list[str] = [str(c.get("name", c["id"])) for c in cats]
         self.cat_id_to_label: dict[int, int] = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
-        # contiguous label -> (COCO category id, name); what checkpoints store (DESIGN.md §5)
+        # contiguous label -> (COCO category id, name); what checkpoints store (docs/method.md §2)
         self.label_map: dict[int, tuple[int, str]] = {
             i + 1: (cid, name) for i, (cid, name) in enumerate(zip(self.cat_ids, self.cat_names))
         }

@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md §5): one ``torch.save``d dict of plain types and tensors, written atomically.
+"""Checkpoints (docs/method.md §2): one ``torch.save``d dict of plain types and tensors, written atomically.
 
 Keys: ``format_version``, ``arch`` (``{"name": builder name, "kwargs": {...}}``), ``label_map`` (contiguous
 label -> (COCO category id, name)), ``model`` (state dict), and for training runs ``optimizer``,

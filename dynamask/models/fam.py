@@ -1,6 +1,6 @@
 """Feature Aggregation Module (FAM) of the r-FPN stages, and the deformable-conv layer it is built on.
 
-DESIGN.md §3 fixes the FAM as: offset conv 1 on ``concat(L↑, P̃)`` → deformable conv 1 on ``L↑`` with
+docs/method.md §3 fixes the FAM as: offset conv 1 on ``concat(L↑, P̃)`` → deformable conv 1 on ``L↑`` with
 ``P̃`` added as the residual, then ReLU (one fused ``dynamask.ops.deform_conv2d`` call) → offset conv 2
 on that fused feature → deformable conv 2, ReLU. One deform group, 3×3 kernels everywhere.
 """

@@ -1,6 +1,6 @@
 """The dual-level FPN mask head: a 14×14 trunk and three r-FPN stages (28, 56, 112).
 
-Layers at the default widths (C_k = 256, 128, 64, 32 at S_k = 14, 28, 56, 112; DESIGN.md §3):
+Layers at the default widths (C_k = 256, 128, 64, 32 at S_k = 14, 28, 56, 112; docs/method.md §3):
 
 - ``trunk``: 2 × (Conv2d 256→256 3×3, ReLU) at 14×14 → ``L_tiny``.
 - stage s = 1, 2, 3 (→ 28, 56, 112), fusing the i-FPN level P4, P3, P2 respectively:
@@ -115,7 +115,8 @@ class DynaMaskHead(nn.Module):
         crops = ops.roi_align_stages(projected, rois, stages, scales, sampling_ratio=2, aligned=True)
         if x.device.type == "cpu":
             # The stages run channels-last on the CPU: oneDNN's convolutions with 18 output channels (the
-            # offset convs) run ~1.7x faster on NHWC, and the deformable conv samples NHWC and returns
+            # offset convs) ran faster on NHWC (benchmarks/results/mask_head_cpu.md), and the deformable
+            # conv samples NHWC and returns
             # NHWC, so no layer copies its input to another layout.
             x = x.contiguous(memory_format=torch.channels_last)
             crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]

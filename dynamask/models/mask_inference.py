@@ -1,6 +1,6 @@
 """Mask-branch inference as pure functions: routing policy → dispatcher → per-instance masks → paste.
 
-Flow (DESIGN.md §3): a policy picks a resolution index per RoI; :func:`dynamask.ops.group_by_resolution`
+Flow (docs/method.md §3): a policy picks a resolution index per RoI; :func:`dynamask.ops.group_by_resolution`
 sorts the RoIs by descending choice, so stage s of the head runs on a contiguous prefix; each RoI's mask
 leaves the head at its own resolution and is pasted into the image by :func:`dynamask.ops.paste_masks`.
 """
@@ -19,7 +19,7 @@ Policy = Union[str, int, Callable[[Tensor, list[Tensor], list[tuple[int, int]]],
 
 
 def size_policy(boxes: Tensor, num_resolutions: int = 4) -> Tensor:
-    """The paper's Eq. 8 as DESIGN.md §3 reads it: ``clamp(floor(3 + log2(sqrt(wh) / 224)), 0, K-1)``.
+    """The paper's Eq. 8 as docs/method.md §3 reads it: ``clamp(floor(3 + log2(sqrt(wh) / 224)), 0, K-1)``.
 
     Args:
         boxes: ``[R, 4]`` in the network's input frame.

@@ -1,4 +1,4 @@
-"""Mask-branch losses of DynaMask as pure functions (DESIGN.md §3 "Rules that the paper leaves open").
+"""Mask-branch losses of DynaMask as pure functions (docs/method.md §3 "Rules that the paper leaves open").
 
 Terms, each returned under its own key and already weighted (the detector's total loss is the sum):
 

@@ -1,6 +1,6 @@
 """Mask Switch Module (MSM): predicts one of K mask resolutions per RoI from its 14×14 RoI feature.
 
-Layers (DESIGN.md §3; ≈0.008 GMAC per RoI at the defaults, see :func:`dynamask.flops.msm_gmacs`):
+Layers (docs/method.md §3; ≈0.008 GMAC per RoI at the defaults, see :func:`dynamask.flops.msm_gmacs`):
 SE block (global average pool → FC 256→16 → ReLU → FC 16→256 → sigmoid → channel scale) →
 3×3 conv 256→64 stride 2 (14→7), ReLU → 3×3 conv 64→16, ReLU → flatten (16·7·7 = 784) →
 FC 784→256, ReLU → FC 256→K logits.

@@ -1,12 +1,13 @@
 // CPU kernels of the fused deformable convolution.
 //
-// Never a whole-batch columns buffer: images are taken a bounded chunk at a time (copied
-// channels-last, so each bilinear corner is a contiguous run of channels), and work is split over
-// (image, tile of output positions). Each tile samples into a small thread-local columns buffer
-// [positions, groups, kh*kw, C_in/groups], whose group slices feed torch's BLAS (at::mm_out on
-// tensors wrapping the buffers) with the output written in place, then the epilogue (bias,
-// residual, ReLU) runs on the tile while it is in cache. The corners and weights of a sample are
-// computed once per (position, tap, deform group) and reused for all the group's channels.
+// Never a whole-batch columns buffer: images are taken a bounded chunk at a time (read through an
+// NHWC view, copied only when the input is not channels-last, so each bilinear corner is a contiguous
+// run of channels). Forward: tiles of output positions of a group of images are sampled in parallel
+// into one reused channels-last columns tensor [images, out_h, out_w, groups * kh*kw * C/groups],
+// which is the input of a grouped 1x1 convolution (torch's, oneDNN on x86) with the bias; the
+// residual and ReLU are applied while that result is copied into the output (NCHW, or channels-last
+// for a channels-last input). The corners and weights of a sample are computed once per (position,
+// tap, deform group) and reused for all the group's channels.
 //
 // Backward recomputes a tile's columns, accumulates grad_weight per thread, multiplies grad by the
 // weight into a second tile buffer and scatters it: into grad_input (each work item owns one image's
@@ -244,7 +245,7 @@ void scatter_tile(const Geometry& g, const T* img, const T* off_b, const T* mask
 // The same two loops for the layers the FAM uses (one weight group, one deform group) with the channel
 // count known at compile time: the channel loops then unroll and vectorise, the partial sums stay in
 // registers, and no channel runs are looked up. With 8-32 channels the generic loops spent most of a
-// tap's time on that bookkeeping (32x8x56x56 backward: 128 ms, against 8 ms for a dense conv).
+// tap's time on that bookkeeping (see benchmarks/results/deform_conv_cpu.md, "Design measurements").
 // dst[c] = w0 s0[c] + w1 s1[c] + w2 s2[c] + w3 s3[c]. The restrict-qualified parameters (kept through
 // inlining, unlike restrict locals) are what lets the compiler vectorise the channel loop.
 template <typename T, int CC>
@@ -436,8 +437,8 @@ at::Tensor wrap(const T* ptr, at::IntArrayRef sizes, at::IntArrayRef strides, co
 // Forward: a bounded chunk of images is sampled (in parallel over tiles of positions) into a
 // channels-last columns tensor [images, out_h, out_w, groups * kh*kw * C/groups], which IS the input
 // of a grouped 1x1 convolution with the weight [C_out, kh*kw * C/groups, 1, 1] and the bias: torch's
-// convolution (oneDNN on x86) runs that GEMM about twice as fast as a BLAS sgemm call per tile on the
-// CPUs we measured (AMD EPYC: 250 vs 468 ms for the 100x128x28x28 layer). The residual and ReLU are
+// convolution (oneDNN on x86) ran that GEMM about twice as fast as a BLAS sgemm call per tile
+// (benchmarks/results/deform_conv_cpu.md, "Design measurements"). The residual and ReLU are
 // applied while copying the result into the output. out (and residual) are NCHW, or channels-last
 // when the input is: a channels-last input needs no layout copy for the sampler, and the 1x1
 // convolution's output is then copied into out without a transposition.
