@@ -190,7 +190,9 @@ def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], N
     from tqdm import tqdm
 
     from dynamask.data import collate_fn
+    from dynamask.engine.train_checks import check_config
 
+    check_config(cfg)  # before any work: numbers in range, device present, out_dir writable
     device = _device(cfg)
     created_group = dist_utils.init_from_env(device.type)
     try:
@@ -209,6 +211,11 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
 
     dataset = _dataset(cfg)
     label_map = dataset.label_map
+    val = None
+    if cfg.val_ann and is_main:  # opened (and checked) now, not after the training
+        from dynamask.data import CocoDetection
+
+        val = CocoDetection(cfg.val_images, cfg.val_ann)
     if ckpt is not None:
         if ckpt["arch"]["name"] != cfg.arch:
             raise ValueError(f"{resume_path}: checkpoint is of architecture {ckpt['arch']['name']!r}, not {cfg.arch!r}")
@@ -284,6 +291,10 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     def save(ep: int) -> str | None:
         if not is_main:
             return None
+        # a non-finite lr or gradient can leave NaN weights behind a finite last loss: never save those
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise NonFiniteLossError(f"non-finite weights at iteration {iteration}; not saved. Training stopped; "
+                                     f"last good checkpoint: {last_good or 'none (no checkpoint was written yet)'}")
         return save_checkpoint(
             ckpt_path, arch=arch, label_map=label_map, model=model, optimizer=optimizer, scheduler=scheduler,
             scaler=scaler, epoch=ep, iteration=iteration, rng=rng_state(), extra=extra,
@@ -295,6 +306,8 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     last_good = resume_path  # the checkpoint a non-finite loss leaves in place
     if is_main and resume_path is None and os.path.isfile(ckpt_path):
         print(f"warning: starting a new run; {ckpt_path} of an earlier run will be overwritten (--resume continues it)")
+    if cfg.max_iters is not None and iteration >= cfg.max_iters:  # resumed at the cap: no step to take
+        stop_reason = "max_iters"
     with _StopRequests() as stops:
         while epoch < cfg.epochs and stop_reason is None:
             if hasattr(model, "mask_training"):
@@ -380,10 +393,8 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
                               "stop_reason": stop_reason}
     # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted)
     if (status == "done" or stop_reason in ("time limit", "max_iters")) and is_main and cfg.val_ann:
-        from dynamask.data import CocoDetection
         from dynamask.engine.evaluate import evaluate
 
-        val = CocoDetection(cfg.val_images, cfg.val_ann)
         result["metrics"] = evaluate(model, val, device=device, costs=cfg.mask_costs,
                                      out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress)
     if dist_utils.is_distributed():
