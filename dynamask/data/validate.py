@@ -10,7 +10,8 @@ segmentation size other than its image's.
 Degenerate polygons (fewer than 3 points, e.g. ``[[]]``) are dropped, not refused, as detectron2 does:
 annotation tools write them for clicks that enclose nothing. An annotation left with no polygon is removed
 from the dataset, and with it from the ground truth that evaluation reads (pycocotools cannot evaluate it);
-the caller reports how many were dropped.
+the caller reports how many were dropped. A missing ``iscrowd`` is filled in as 0 and a missing ``area``
+as the segmentation's pixel count, since pycocotools' evaluation needs both.
 """
 
 from __future__ import annotations
@@ -123,11 +124,31 @@ def check_coco(data: Any) -> CocoCheck:
         elif seg is not None and seg != []:
             problems.append(f"{where}: segmentation must be a list of polygons or an RLE dict, "
                             f"got {type(seg).__name__}")
+        if not problems:  # pycocotools' evaluation reads both; annotation tools often leave them out
+            ann.setdefault("iscrowd", 0)
+            if ann.get("area") is None:
+                ann["area"] = _area(ann, sizes.get(ann["image_id"], (None, None)))
         kept.append(ann)
     problems += _duplicates(ann_ids, "annotation")
     if check.dropped:
         data["annotations"] = kept
     return check
+
+
+def _area(ann: dict, image_size: tuple[Any, Any]) -> float:
+    """The segmentation's pixel count, as COCO's ``area`` is (the box's area without a segmentation)."""
+    import pycocotools.mask as mask_utils
+
+    seg, (h, w) = ann.get("segmentation"), image_size
+    if isinstance(seg, dict):
+        h, w = seg["size"]
+        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else {
+            "counts": seg["counts"].encode("ascii"), "size": [h, w]}
+        return float(mask_utils.area(rle))
+    if isinstance(seg, list) and seg and h is not None and w is not None:
+        return float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(seg, h, w))))
+    bbox = ann.get("bbox") or [0, 0, 0, 0]
+    return float(bbox[2] * bbox[3])
 
 
 def _check_polygons(seg: list, where: str, problems: list[str]) -> list | None:
