@@ -193,7 +193,7 @@ def _eval_parser(sub) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from dynamask.checks import check_device, check_output_dir
+    from dynamask.checks import check_device, check_mask_costs, check_output_dir
     from dynamask.data import CocoDetection
     from dynamask.engine.checkpoint import model_from_checkpoint
     from dynamask.engine.evaluate import evaluate, format_metrics
@@ -217,7 +217,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     saved = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
     if saved != dataset.label_map:
         raise CliError(f"{args.checkpoint} was trained on categories {saved}, but {ann} has {dataset.label_map}")
-    cli_checks.check_mask_costs(args.mask_costs, model)
+    check_mask_costs(args.mask_costs, model)
     arch = ckpt["arch"]
     costs = args.mask_costs or _model_mask_costs(arch["name"], arch.get("kwargs", {}))
     metrics = evaluate(

@@ -8,8 +8,6 @@ import os
 import signal
 from typing import Any, Mapping
 
-import torch
-
 # Files `dynamask infer` writes whole; an earlier run's are removed first so none is mixed with a new run.
 INFER_RESULT_FILES = ("results.json", "images.json", "skipped.json")
 
@@ -34,29 +32,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def model_resolutions(model: torch.nn.Module) -> list[int] | None:
-    """The mask resolutions a model reports (DynaMask's 14/28/56/112, a fixed-resolution model's one)."""
-    head = getattr(getattr(model, "roi_heads", None), "mask_head", None)
-    if head is not None and hasattr(head, "resolutions"):
-        return [int(r) for r in head.resolutions]
-    fixed = getattr(model, "fixed_mask_resolution", None)
-    return None if fixed is None else [int(fixed)]
-
-
-def check_mask_costs(costs: Mapping[int, float] | None, model: torch.nn.Module, *, flag: str = "--mask-costs") -> None:
-    """Every resolution the model can report has a finite, non-negative cost (else the report fails at the
-    end of the evaluation, after running the whole dataset)."""
-    if costs is None:
-        return
-    bad = {r: c for r, c in costs.items() if not (math.isfinite(c) and c >= 0)}
-    if bad:
-        raise ValueError(f"{flag}: costs must be finite and >= 0, got {bad}")
-    wanted = model_resolutions(model)
-    missing = [r for r in wanted or [] if r not in costs]
-    if missing:
-        raise ValueError(f"{flag}: no cost for resolution(s) {missing}; this model segments at {wanted}")
 
 
 def remove_old_results(out: str) -> None:

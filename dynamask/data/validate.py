@@ -99,11 +99,11 @@ def check_coco(data: Any) -> CocoCheck:
             continue
         ann_ids.append(ann["id"])
         where = f"annotation {ann['id']}"
-        if ann.get("image_id") not in sizes:
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in sizes:
             problems.append(f"{where}: unknown image_id {ann.get('image_id')!r}")
         else:
             where += f" of image {ann['image_id']}"
-        if ann.get("category_id") not in known_cats:
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in known_cats:
             problems.append(f"{where}: unknown category_id {ann.get('category_id')!r}")
         bbox = ann.get("bbox")
         if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
@@ -120,7 +120,8 @@ def check_coco(data: Any) -> CocoCheck:
                 ann["segmentation"] = kept_polygons
                 check.trimmed.append(ann["id"])
         elif isinstance(seg, dict):
-            _check_rle(seg, sizes.get(ann.get("image_id"), (None, None)), where, problems)
+            image_size = sizes.get(ann["image_id"], (None, None)) if _is_int(ann.get("image_id")) else (None, None)
+            _check_rle(seg, image_size, where, problems)
         elif seg is not None and seg != []:
             problems.append(f"{where}: segmentation must be a list of polygons or an RLE dict, "
                             f"got {type(seg).__name__}")

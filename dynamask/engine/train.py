@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dynamask.checks import check_mask_costs
 from dynamask.engine import distributed as dist_utils
 from dynamask.engine.checkpoint import (
     build_model,
@@ -216,6 +217,8 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
         from dynamask.data import CocoDetection
 
         val = CocoDetection(cfg.val_images, cfg.val_ann)
+        if len(val) == 0:
+            raise ValueError(f"{cfg.val_ann}: no images to evaluate")
     if ckpt is not None:
         if ckpt["arch"]["name"] != cfg.arch:
             raise ValueError(f"{resume_path}: checkpoint is of architecture {ckpt['arch']['name']!r}, not {cfg.arch!r}")
@@ -235,6 +238,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(arch).to(device)
+    check_mask_costs(cfg.mask_costs, model, flag="mask_costs")  # the final report needs every resolution
 
     seeded = _SeededSamples(dataset, cfg.seed)
     sampler = _ResumableSampler(seeded, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
