@@ -221,6 +221,17 @@ def test_7_missing_image_files_are_found_when_the_data_opens(tmp_path):
     os.remove(os.path.join(img_dir, "b.png"))
     with pytest.raises(ValueError, match=r"ann.json: 1 problem: image 2 refers to a missing file .*b\.png"):
         CocoDetection(img_dir, ann)
+    # one summary names every problem, the missing file with the others
+    data = json.load(open(ann))
+    data["annotations"][1]["category_id"] = 9
+    json.dump(data, open(ann, "w"))
+    with pytest.raises(ValueError, match=r"ann.json: 2 problems: image 2 refers to a missing file .*b\.png; .*unknown category_id 9"):
+        CocoDetection(img_dir, ann)
+    data["annotations"][1]["category_id"] = 1
+    json.dump(data, open(ann, "w"))
+    (tmp_path / "nowhere").mkdir()  # the wrong folder: one problem, not one per image
+    with pytest.raises(ValueError, match=r"1 problem: none of the 2 image files is in .*nowhere \(e.g. image 1: "):
+        CocoDetection(str(tmp_path / "nowhere"), ann)
     steps = []
     cfg = TrainConfig(img_dir, ann, str(tmp_path / "run"), arch="maskrcnn_resnet_fpn", arch_kwargs=MRCNN,
                       workers=0, progress=False, batch_size=1)

@@ -70,7 +70,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ann_file = ann_file
         self.transforms = transforms
         self.include_crowd = include_crowd
-        self.coco, self.dropped_annotations = _checked_coco(ann_file)
+        self.coco, self.dropped_annotations = _checked_coco(ann_file, image_dir)
 
         cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
         if drop_background:
@@ -84,16 +84,6 @@ class CocoDetection(torch.utils.data.Dataset):
         }
         self._all_cat_ids = set(self.coco.getCatIds())
         self.ids: list[int] = sorted(self.coco.imgs.keys())
-        self._check_image_files()
-
-    def _check_image_files(self) -> None:
-        """Every image file exists (found now, not when a run draws it); one error lists the missing ones."""
-        missing = []
-        for index, image_id in enumerate(self.ids):
-            path = self.image_path(index)
-            if not os.path.isfile(path):
-                missing.append(f"image {image_id} refers to a missing file {path}")
-        raise_problems(self.ann_file, missing)
 
     @property
     def num_classes(self) -> int:
@@ -177,7 +167,7 @@ def _quiet_coco(ann_file: str) -> COCO:
         return COCO(ann_file)
 
 
-def _checked_coco(ann_file: str) -> tuple[COCO, list[Any]]:
+def _checked_coco(ann_file: str, image_dir: str | None = None) -> tuple[COCO, list[Any]]:
     """The file as a pycocotools ``COCO``, checked whole first (``dynamask.data.validate``); returns it and
     the ids of annotations dropped for having only degenerate polygons (reported here as a warning)."""
     import json
@@ -188,7 +178,7 @@ def _checked_coco(ann_file: str) -> tuple[COCO, list[Any]]:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{ann_file}: not a readable COCO annotation file ({type(exc).__name__}: {exc})") from exc
-    check = check_coco(data)
+    check = check_coco(data, image_dir)
     raise_problems(ann_file, check.problems)
     if check.dropped or check.trimmed:
         warnings.warn(

@@ -5,7 +5,7 @@ when an item is read) and returns every problem found; :func:`raise_problems` tu
 naming the file. Refused: duplicate image, category or annotation ids (pycocotools keeps the last of each,
 silently pairing one image's annotations with another's file), annotations of an unknown image or
 category, malformed boxes and segmentations, RLE counts that are negative or of the wrong total, a
-segmentation size other than its image's.
+segmentation size other than its image's, image files that do not exist.
 
 Degenerate polygons (fewer than 3 points, e.g. ``[[]]``) are dropped, not refused, as detectron2 does:
 annotation tools write them for clicks that enclose nothing. An annotation left with no polygon is removed
@@ -17,6 +17,7 @@ as the segmentation's pixel count, since pycocotools' evaluation needs both.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,9 @@ def _duplicates(ids: list[Any], what: str) -> list[str]:
     return [f"duplicate {what} id {i!r} ({n} entries)" for i, n in Counter(ids).items() if n > 1]
 
 
-def check_coco(data: Any) -> CocoCheck:
-    """Check a parsed COCO dict in place; degenerate polygons are removed from ``data``.
+def check_coco(data: Any, image_dir: str | None = None) -> CocoCheck:
+    """Check a parsed COCO dict in place; degenerate polygons are removed from ``data``. With ``image_dir``,
+    every image's ``file_name`` must exist there (found now, not when a run draws it).
 
     Returns the problems (each naming the image, category or annotation) and the ids of what was dropped.
     """
@@ -82,6 +84,8 @@ def check_coco(data: Any) -> CocoCheck:
                 problems.append(f"{where}: {dim} must be a positive integer, got {img[dim]!r}")
         sizes[img["id"]] = (img.get("height"), img.get("width"))
     problems += _duplicates(image_ids, "image")
+    if image_dir is not None:
+        problems += _missing_files(data["images"], image_dir)
 
     cat_ids = []
     for k, cat in enumerate(data["categories"]):
@@ -134,6 +138,16 @@ def check_coco(data: Any) -> CocoCheck:
     if check.dropped:
         data["annotations"] = kept
     return check
+
+
+def _missing_files(images: list, image_dir: str) -> list[str]:
+    named = [(img["id"], os.path.join(image_dir, img["file_name"])) for img in images
+             if isinstance(img, dict) and isinstance(img.get("file_name"), str)]
+    missing = [(i, path) for i, path in named if not os.path.isfile(path)]
+    if len(missing) > 1 and len(missing) == len(named):  # the wrong folder, most likely
+        return [f"none of the {len(named)} image files is in {image_dir} (e.g. image {missing[0][0]}: "
+                f"{missing[0][1]})"]
+    return [f"image {i} refers to a missing file {path}" for i, path in missing]
 
 
 def _area(ann: dict, image_size: tuple[Any, Any]) -> float:
