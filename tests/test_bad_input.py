@@ -329,36 +329,31 @@ def test_11_targets_must_agree_with_their_image():
 
 
 # ------------------------------------------------------------------ errors a user can act on
-def test_devices_and_out_file_are_named_before_any_work(shapes, tiny_ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--device", "tpu", "device 'tpu' is not a device; use cpu, cuda or cuda:N"),
+    ("--device", "cuda", "device 'cuda': no CUDA GPU is available here"),
+    ("--out", "note.txt", "note.txt: exists and is not a folder"),
+])
+def test_devices_and_out_file_are_named_before_any_work(shapes, tiny_ckpt, tmp_path, capsys, flag, value, message):
     from dynamask.cli import main
 
-    a_file = tmp_path / "note.txt"
-    a_file.write_text("x")
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    (tmp_path / "note.txt").write_text("x")
+    if flag == "--out":
+        value = str(tmp_path / value)
     val_img, val_ann = split_paths(shapes, "val")
-    runs = {
-        "tpu": ["--device", "tpu"],
-        "cuda": ["--device", "cuda"],
-        "out is a file": ["--out", str(a_file)],
+    commands = {
+        "eval": ["eval", tiny_ckpt, "--images", val_img, "--ann", val_ann],
+        "infer": ["infer", val_img, "--weights", tiny_ckpt],
+        "train": ["train", "--data", shapes, "--arch", "maskrcnn_resnet_fpn", "--arch-kwargs", json.dumps(MRCNN),
+                  "--workers", "0"],
     }
-    for what, flags in runs.items():
-        if what == "cuda" and torch.cuda.is_available():
-            continue
-        expected = {"tpu": "--device 'tpu' is not a device; use cpu, cuda or cuda:N",
-                    "cuda": "--device 'cuda': no CUDA GPU is available here",
-                    "out is a file": "note.txt: exists and is not a folder"}[what]
-        commands = [["eval", tiny_ckpt, "--images", val_img, "--ann", val_ann, "--no-progress"],
-                    ["infer", val_img, "--weights", tiny_ckpt, "--no-progress"]]
-        for argv in commands:
-            if "--out" not in flags:
-                argv = argv + ["--out", str(tmp_path / "o")]
-            assert main(argv + flags) == 1, (what, argv[0])
-            err = capsys.readouterr().err.strip()
-            assert expected in err and "\n" not in err and "Traceback" not in err, (what, argv[0], err)
-        cfg_flags = ["--out", str(tmp_path / "t")] + flags if "--out" not in flags else flags
-        assert main(["train", "--data", shapes, "--arch", "maskrcnn_resnet_fpn", "--arch-kwargs", json.dumps(MRCNN),
-                     "--workers", "0", "--no-progress"] + cfg_flags) == 1
+    for name, argv in commands.items():
+        out = [] if flag == "--out" else ["--out", str(tmp_path / name)]
+        assert main(argv + out + [flag, value, "--no-progress"]) == 1, name
         err = capsys.readouterr().err.strip()
-        assert ("device 'tpu'" in err or "device 'cuda'" in err or "note.txt" in err) and "\n" not in err
+        assert err.startswith(f"dynamask {name}: error: ") and message in err and "\n" not in err, (name, err)
 
 
 def test_decompression_bomb_and_negative_rle_counts_are_named(tmp_path, monkeypatch):
