@@ -205,7 +205,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         raise CliError("give --data DIR or both --images and --ann")
     # everything is checked before the dataset is run: a failure after it would lose the whole run
-    device = check_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(args.device)
     if args.workers < 0:
         raise CliError(f"--workers must be >= 0, got {args.workers}")
     if args.out:
@@ -218,6 +218,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if saved != dataset.label_map:
         raise CliError(f"{args.checkpoint} was trained on categories {saved}, but {ann} has {dataset.label_map}")
     check_mask_costs(args.mask_costs, model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     arch = ckpt["arch"]
     costs = args.mask_costs or _model_mask_costs(arch["name"], arch.get("kwargs", {}))
     metrics = evaluate(

@@ -120,10 +120,7 @@ def evaluate(
     progress: bool = True,
     default_resolution: int | None = None,
 ) -> dict[str, Any]:
-    """Run ``model`` over ``dataset`` and evaluate (see :func:`run_model` and :func:`evaluate_results`).
-    A dataset with no images is refused: its AP would read 0 as if the model had found nothing."""
-    if len(dataset) == 0:
-        raise ValueError(f"{getattr(dataset, 'ann_file', 'the dataset')}: no images to evaluate")
+    """Run ``model`` over ``dataset`` and evaluate (see :func:`run_model` and :func:`evaluate_results`)."""
     results = run_model(
         model, dataset, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
         default_resolution=default_resolution,

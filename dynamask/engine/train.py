@@ -191,9 +191,10 @@ def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], N
     from tqdm import tqdm
 
     from dynamask.data import collate_fn
-    from dynamask.engine.train_checks import check_config
+    from dynamask.engine.train_checks import check_config, check_val_data
 
     check_config(cfg)  # before any work: numbers in range, device present, out_dir writable
+    check_val_data(cfg)  # the split evaluated at the end, checked now rather than after the training
     device = _device(cfg)
     created_group = dist_utils.init_from_env(device.type)
     try:
@@ -212,13 +213,6 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
 
     dataset = _dataset(cfg)
     label_map = dataset.label_map
-    val = None
-    if cfg.val_ann and is_main:  # opened (and checked) now, not after the training
-        from dynamask.data import CocoDetection
-
-        val = CocoDetection(cfg.val_images, cfg.val_ann)
-        if len(val) == 0:
-            raise ValueError(f"{cfg.val_ann}: no images to evaluate")
     if ckpt is not None:
         if ckpt["arch"]["name"] != cfg.arch:
             raise ValueError(f"{resume_path}: checkpoint is of architecture {ckpt['arch']['name']!r}, not {cfg.arch!r}")
@@ -238,7 +232,6 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = build_model(arch).to(device)
-    check_mask_costs(cfg.mask_costs, model, flag="mask_costs")  # the final report needs every resolution
 
     seeded = _SeededSamples(dataset, cfg.seed)
     sampler = _ResumableSampler(seeded, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
@@ -250,6 +243,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     iters_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
     if iters_per_epoch == 0:
         raise ValueError(f"{cfg.train_ann}: no training images")
+    check_mask_costs(cfg.mask_costs, model, flag="mask_costs")  # the final report needs every resolution
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
@@ -397,8 +391,10 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
                               "stop_reason": stop_reason}
     # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted)
     if (status == "done" or stop_reason in ("time limit", "max_iters")) and is_main and cfg.val_ann:
+        from dynamask.data import CocoDetection
         from dynamask.engine.evaluate import evaluate
 
+        val = CocoDetection(cfg.val_images, cfg.val_ann)
         result["metrics"] = evaluate(model, val, device=device, costs=cfg.mask_costs,
                                      out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress)
     if dist_utils.is_distributed():

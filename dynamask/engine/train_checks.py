@@ -46,3 +46,14 @@ def check_config(cfg: "TrainConfig") -> None:
             check_number(cost, f"mask_costs[{res}]", low=0)
     check_device(cfg.device, name="device")
     check_output_dir(cfg.out_dir, name="out_dir")
+
+
+def check_val_data(cfg: "TrainConfig") -> None:
+    """Open the validation split (which checks the whole annotation file and its images) and refuse one
+    with no images, whose AP would read 0; evaluation opens it again when training ends."""
+    if not cfg.val_ann:
+        return
+    from dynamask.data import CocoDetection
+
+    if len(CocoDetection(cfg.val_images, cfg.val_ann)) == 0:
+        raise ValueError(f"{cfg.val_ann}: no images to evaluate")

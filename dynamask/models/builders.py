@@ -17,6 +17,7 @@ and BatchNorm is ordinary; with any weights, FrozenBatchNorm and 3 trainable lay
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -122,11 +123,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
             ``gumbel_tau``, ``mask_policy``, ...).
     """
     # a misspelt argument (min_szie) would otherwise fall through **kwargs and leave the default in place
-    builder_args = {"depth", "num_classes", "weights", "weights_backbone", "trainable_backbone_layers",
-                    "torchvision_weights", "trunk_channels", "stage_channels", "mask_roi_size", "fpn_channels",
-                    "fpn_norm"}
-    check_kwargs(kwargs, (valid_kwargs() - {"backbone", "mask_head", "msm"}) | builder_args,
-                 where="dynamask_resnet_fpn")
+    own = set(inspect.signature(dynamask_resnet_fpn).parameters) - {"kwargs"}  # only suggested: never in kwargs
+    check_kwargs(kwargs, (valid_kwargs() - {"backbone", "mask_head", "msm"}) | own, where="dynamask_resnet_fpn")
     if depth not in RESNETS:
         raise ValueError(f"depth must be one of {sorted(RESNETS)}, got {depth}")
     if weights is not None:

@@ -82,8 +82,8 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
                  gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
                  mask_training: str = "pretrain", mask_rois_per_image: int | None = None, **kwargs) -> None:
-        check_kwargs(kwargs, valid_kwargs(), where=type(self).__name__)
         out_channels = backbone.out_channels
+        check_kwargs(kwargs, valid_kwargs(), where=type(self).__name__)  # a typo would pass to the transform
         anchors = default_anchor_generator(anchor_sizes) if rpn_anchor_generator is None else rpn_anchor_generator
         rpn = RegionProposalNetwork(
             anchors, RPNHead(out_channels, anchors.num_anchors_per_location()[0]) if rpn_head is None else rpn_head,
