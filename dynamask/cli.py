@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from dynamask import cli_checks
 from dynamask.data.shapes import split_paths
 
 
@@ -35,9 +36,13 @@ def _json_dict(text: str) -> dict[str, Any]:
 def _costs(text: str) -> dict[int, float]:
     """``14=0.23,28=0.52,56=0.85,112=1.29`` -> {14: 0.23, ...}"""
     try:
-        return {int(k): float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+        costs = {int(k): float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected RES=GMAC pairs like 14=0.23,28=0.52, got {text!r}") from exc
+    bad = [f"{k}={v}" for k, v in costs.items() if k < 1 or not (v >= 0 and v != float("inf"))]
+    if bad or not costs:
+        raise argparse.ArgumentTypeError(f"resolutions must be >= 1 and costs finite and >= 0, got {text!r}")
+    return costs
 
 
 def _split_files(args: argparse.Namespace, split: str, images: str | None, ann: str | None) -> tuple[str, str]:
@@ -151,7 +156,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             from dynamask.engine.evaluate import format_metrics
 
             print(format_metrics(result["metrics"]))
-    return 0
+    return cli_checks.train_exit_status(result)
 
 
 def _model_mask_costs(arch: str, kwargs: dict[str, Any]) -> dict[int, float] | None:
@@ -177,7 +182,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--ann")
     p.add_argument("--out", default=None, help="folder for results.json, metrics.json, summary.txt, resolution.png")
     p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=cli_checks.positive_int, default=1)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--mask-costs", type=_costs, default=None, help="e.g. 14=0.23,28=0.52,56=0.85,112=1.29")
     p.add_argument("--no-boundary", action="store_true", help="skip Boundary AP")
@@ -188,6 +193,7 @@ def _eval_parser(sub) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from dynamask.checks import check_device, check_mask_costs, check_output_dir
     from dynamask.data import CocoDetection
     from dynamask.engine.checkpoint import model_from_checkpoint
     from dynamask.engine.evaluate import evaluate, format_metrics
@@ -198,11 +204,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         images, ann = split_paths(args.data, args.split)
     else:
         raise CliError("give --data DIR or both --images and --ann")
+    # everything is checked before the dataset is run: a failure after it would lose the whole run
+    check_device(args.device)
+    if args.workers < 0:
+        raise CliError(f"--workers must be >= 0, got {args.workers}")
+    if args.out:
+        check_output_dir(args.out)
     dataset = CocoDetection(images, ann)
+    if len(dataset) == 0:
+        raise ValueError(f"{ann}: no images to evaluate")
     model, ckpt = model_from_checkpoint(args.checkpoint)
     saved = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
     if saved != dataset.label_map:
         raise CliError(f"{args.checkpoint} was trained on categories {saved}, but {ann} has {dataset.label_map}")
+    check_mask_costs(args.mask_costs, model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     arch = ckpt["arch"]
     costs = args.mask_costs or _model_mask_costs(arch["name"], arch.get("kwargs", {}))
@@ -222,8 +237,11 @@ def _infer_parser(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders (their image files, sorted)")
     p.add_argument("--weights", required=True, help="a dynamask checkpoint, e.g. runs/x/last.pth")
     p.add_argument("--out", required=True, help="folder for one overlay PNG per image, results.json, images.json")
-    p.add_argument("--score-thresh", type=float, default=0.5, help="drop detections scoring below (default 0.5)")
+    p.add_argument("--score-thresh", type=cli_checks.unit_interval, default=0.5,
+                   help="drop detections scoring below, in [0, 1] (default 0.5)")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image (default: report it, skip it, exit status 1)")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: a GPU when present, else cpu)")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--no-progress", action="store_true")
@@ -233,31 +251,61 @@ def _infer_parser(sub) -> None:
 def _cmd_infer(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from dynamask.checks import check_device, check_output_dir
+    from dynamask.data.images import to_image_tensor
     from dynamask.predictor import Predictor
     from dynamask.viz import save_overlay
 
     if args.batch_size < 1:
         raise CliError("--batch-size must be at least 1")
+    check_device(args.device)
     files = _image_files(args.images)
+    check_output_dir(args.out)
     overlays = _overlay_paths(files, args.out)
     predictor = Predictor(args.weights, device=args.device, batch_size=args.batch_size, amp=args.amp,
                           score_thresh=args.score_thresh)
-    os.makedirs(args.out, exist_ok=True)
-    # The inputs come from no COCO file, so the images are numbered 1..N in the order processed.
+    cli_checks.remove_old_results(args.out)
+    # The inputs come from no COCO file: image i of the list (from 1) has id i, whether or not one before it
+    # was skipped, so ids and overlay names stay those of the list given.
     results: list[dict[str, Any]] = []
+    done: list[int] = []  # indices into files of the images read, in order
+    skipped: list[dict[str, str]] = []
     with tqdm(total=len(files), desc="infer", disable=args.no_progress, dynamic_ncols=True) as bar:
-        for image_id, (image, inst) in enumerate(predictor.stream(files), start=1):
-            results += inst.to_coco(image_id)
+
+        def readable():
+            for index, path in enumerate(files):
+                try:
+                    image = to_image_tensor(path)
+                except (ValueError, OSError) as exc:
+                    if args.strict:
+                        raise
+                    skipped.append({"file": path, "error": cli_checks.one_line(exc)})
+                    print(f"dynamask infer: skipped {cli_checks.one_line(exc)}", file=sys.stderr)
+                    bar.update(1)
+                    continue
+                done.append(index)
+                yield image
+
+        for k, (image, inst) in enumerate(predictor.stream(readable())):
+            index = done[k]
+            results += inst.to_coco(index + 1)
             output = {"boxes": inst.boxes, "scores": inst.scores, "masks": inst.masks[:, None].float(),
                       "mask_resolution": inst.mask_resolution}
-            save_overlay(image, output, overlays[image_id - 1], score_thresh=0.0,  # already thresholded
-                         title=os.path.basename(files[image_id - 1]))
+            save_overlay(image, output, overlays[index], score_thresh=0.0,  # already thresholded
+                         title=os.path.basename(files[index]))
             bar.update(1)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f)
     with open(os.path.join(args.out, "images.json"), "w") as f:
-        json.dump({str(i): path for i, path in enumerate(files, start=1)}, f, indent=1)
-    print(f"{len(files)} images, {len(results)} instances: overlays, results.json and images.json in {args.out}")
+        json.dump({str(i + 1): files[i] for i in done}, f, indent=1)
+    print(f"{len(done)} images, {len(results)} instances: overlays, results.json and images.json in {args.out}")
+    if skipped:
+        with open(os.path.join(args.out, "skipped.json"), "w") as f:
+            json.dump(skipped, f, indent=1)
+        names = ", ".join(os.path.basename(s["file"]) for s in skipped)
+        print(f"dynamask infer: skipped {len(skipped)} of {len(files)} images ({names}); listed in "
+              f"{os.path.join(args.out, 'skipped.json')}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -301,12 +349,16 @@ def _overlay_paths(files: Sequence[str], out: str) -> list[str]:
 # --------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamask", description="DynaMask instance segmentation")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _shapes_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
     _infer_parser(sub)
+    for command in sub.choices.values():  # also accepted after the command; SUPPRESS keeps the top-level one
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of internal errors")
     return parser
 
 
@@ -317,9 +369,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CliError as exc:
         parser.error(str(exc))  # exits with status 2
-    except (FileNotFoundError, ValueError, KeyError, FloatingPointError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"dynamask {args.command}: error: {msg}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, FloatingPointError) as exc:  # bad input: its message names it
+        if args.debug:
+            raise
+        print(f"dynamask {args.command}: error: {cli_checks.one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not bad input: one line, the traceback under --debug
+        if args.debug:
+            raise
+        print(f"dynamask {args.command}: internal error: {type(exc).__name__}: {cli_checks.one_line(exc)} "
+              "(run with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from dynamask.checks import check_device, check_number
 from dynamask.data.images import ImageInput, to_image_tensor
 from dynamask.engine.checkpoint import model_from_checkpoint
 from dynamask.engine.coco_eval import output_to_results
@@ -82,8 +83,8 @@ class Predictor:
         device: where the model runs (default: CUDA when present, else CPU).
         batch_size: images per forward pass; images are read lazily, one batch at a time.
         amp: autocast (float16) on CUDA; ignored on the CPU, where it would be slower, not faster.
-        score_thresh: detections scoring below this are dropped.
-        mask_thresh: mask probabilities at or above this are inside the mask.
+        score_thresh: detections scoring below this (in [0, 1]) are dropped.
+        mask_thresh: mask probabilities at or above this (in [0, 1]) are inside the mask.
         cat_ids, category_names: the dataset's category ids / names of labels 1, 2, ... when ``checkpoint``
             is a model (a checkpoint carries its own label map). Default: category id = label.
 
@@ -95,6 +96,9 @@ class Predictor:
                  cat_ids: Sequence[int] | None = None, category_names: Sequence[str] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        check_number(score_thresh, "score_thresh", low=0, high=1)
+        check_number(mask_thresh, "mask_thresh", low=0, high=1)
+        device = check_device(device, name="device")
         if isinstance(checkpoint, nn.Module):
             model, self.label_map = checkpoint, _label_map(cat_ids, category_names)
         elif cat_ids is not None or category_names is not None:

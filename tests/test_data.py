@@ -150,23 +150,22 @@ def test_broken_annotation_names_file_and_annotation(odd_coco, bad, message):
     data["annotations"][0]["id"] = 1234
     with open(ann, "w") as f:
         json.dump(data, f)
-    ds = CocoDetection(img_dir, ann)
-    with pytest.raises(ValueError, match=message) as info:
-        ds[0]
+    with pytest.raises(ValueError, match=message) as info:  # found when the file opens, before any work
+        CocoDetection(img_dir, ann)
     assert "annotation 1234" in str(info.value) and "ann.json" in str(info.value)
 
 
 def test_missing_image_and_size_mismatch(odd_coco):
     img_dir, ann, data, *_ = odd_coco
-    os.remove(os.path.join(img_dir, "gray.png"))
-    ds = CocoDetection(img_dir, ann)
-    with pytest.raises(FileNotFoundError, match="gray.png"):
-        ds[1]
-    data["images"][0]["height"] = H + 3
+    os.rename(os.path.join(img_dir, "gray.png"), os.path.join(img_dir, "gray.keep"))
+    with pytest.raises(ValueError, match="image 1 refers to a missing file .*gray.png"):  # when it opens
+        CocoDetection(img_dir, ann)
+    os.rename(os.path.join(img_dir, "gray.keep"), os.path.join(img_dir, "gray.png"))
+    data["images"][3]["height"] = H + 3  # the image without annotations: its RLE sizes would differ too
     with open(ann, "w") as f:
         json.dump(data, f)
-    with pytest.raises(ValueError, match="rgb.png"):
-        CocoDetection(img_dir, ann)[0]
+    with pytest.raises(ValueError, match="empty.png"):
+        CocoDetection(img_dir, ann)[3]
 
 
 def test_unreadable_annotation_file(tmp_path):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from typing import Any, Callable
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
 from dynamask.data.masks import annotation_to_mask
+from dynamask.data.validate import check_coco, raise_problems
 
 # Category names that annotation tools use for "no object"; such categories get no label.
 BACKGROUND_NAMES = frozenset({"background", "__background__", "_background_", "bg"})
@@ -42,7 +45,12 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Robust to what annotation tools write: ids starting at 0, a background category, missing ``area`` or
     ``iscrowd``, empty images, polygons, compressed and uncompressed RLE. Boxes with no width or height are
-    dropped. Broken annotations raise a ``ValueError`` naming the file and the annotation id.
+    dropped. The whole file is checked when the dataset opens (:mod:`dynamask.data.validate`): duplicate
+    ids, unknown images or categories, malformed boxes or segmentations and missing image files raise one
+    ``ValueError`` naming the file and every problem found. Annotations whose polygons all have fewer than
+    3 points are dropped with a warning (``dataset.dropped_annotations`` lists their ids), from the
+    training targets and from ``dataset.coco``, the ground truth evaluation reads. EXIF orientation is
+    applied: images, boxes and masks refer to the upright image.
     """
 
     def __init__(
@@ -62,10 +70,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ann_file = ann_file
         self.transforms = transforms
         self.include_crowd = include_crowd
-        try:
-            self.coco = _quiet_coco(ann_file)
-        except Exception as exc:  # json errors, missing keys ...
-            raise ValueError(f"{ann_file}: not a readable COCO annotation file ({type(exc).__name__}: {exc})") from exc
+        self.coco, self.dropped_annotations = _checked_coco(ann_file, image_dir)
 
         cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
         if drop_background:
@@ -158,20 +163,54 @@ def collate_fn(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Ten
 
 
 def _quiet_coco(ann_file: str) -> COCO:
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(ann_file)
 
 
+def _checked_coco(ann_file: str, image_dir: str | None = None) -> tuple[COCO, list[Any]]:
+    """The file as a pycocotools ``COCO``, checked whole first (``dynamask.data.validate``); returns it and
+    the ids of annotations dropped for having only degenerate polygons (reported here as a warning)."""
+    import json
+    import warnings
+
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{ann_file}: not a readable COCO annotation file ({type(exc).__name__}: {exc})") from exc
+    check = check_coco(data, image_dir)
+    raise_problems(ann_file, check.problems)
+    if check.dropped or check.trimmed:
+        warnings.warn(
+            f"{ann_file}: dropped {len(check.dropped)} annotations whose polygons all have fewer than 3 points "
+            f"(ids {check.dropped[:10]}{' ...' if len(check.dropped) > 10 else ''}) and degenerate polygons of "
+            f"{len(check.trimmed)} more", UserWarning, stacklevel=3)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco, check.dropped
+
+
 def read_rgb_array(path: str) -> np.ndarray:
-    """``[H, W, 3]`` uint8 of an existing image file; a file PIL cannot decode is a ValueError naming it."""
+    """``[H, W, 3]`` uint8 of an existing image file, turned upright by its EXIF orientation (as phones and
+    image viewers show it); a file PIL cannot decode, or one over PIL's decompression-bomb limit, is a
+    ValueError naming it."""
     try:
         with Image.open(path) as img:
-            return _to_rgb_array(img)
+            return _to_rgb_array(upright(img))
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{path}: image refused as too large ({exc})") from exc
     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: cannot read image ({exc})") from exc
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it: its EXIF orientation applied (``ImageOps.exif_transpose``). Phone
+    photos are stored sideways with an orientation tag; boxes and masks refer to the upright image."""
+    if img.getexif().get(0x0112, 1) in (None, 1):  # 0x0112: Orientation; 1 is upright (no copy made)
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:

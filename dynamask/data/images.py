@@ -4,7 +4,8 @@ torchvision's detection models take.
 Accepted: a path (str / PathLike), a PIL image, a numpy array (``[H, W]`` grayscale, ``[H, W, 1|3|4]``;
 uint8 in 0..255 or float in [0, 1]) or a tensor (``[3, H, W]``, uint8 or float in [0, 1]). Alpha is
 composited over black, as :class:`~dynamask.data.CocoDetection` does for RGBA files, so a file and the
-same pixels in memory give the same tensor.
+same pixels in memory give the same tensor. Files and PIL images are turned upright by their EXIF
+orientation (``PIL.ImageOps.exif_transpose``), so results refer to the image as viewers show it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dynamask.data.coco import _to_rgb_array, read_rgb_array
+from dynamask.data.coco import _to_rgb_array, read_rgb_array, upright
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
@@ -36,8 +37,8 @@ def to_image_tensor(image: ImageInput) -> torch.Tensor:
     """One image of any accepted form as ``[3, H, W]`` float32 in [0, 1] (on the input tensor's device)."""
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
-    if isinstance(image, Image.Image):
-        return _uint8_to_tensor(_to_rgb_array(image))
+    if isinstance(image, Image.Image):  # upright by its EXIF orientation, as a file of it would be read
+        return _uint8_to_tensor(_to_rgb_array(upright(image)))
     if isinstance(image, np.ndarray):
         return _array_to_tensor(image)
     if isinstance(image, torch.Tensor):
@@ -94,6 +95,11 @@ def _tensor_to_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_unit_range(t: torch.Tensor, what: str) -> None:
+    # NaN compares false with every bound, and a NaN pixel spreads through the convolutions until every
+    # score is NaN and no detection survives: refuse it rather than return nothing.
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"a float {what} image must be finite, got {bad} NaN or infinite values")
     # A float image in 0..255 is the usual slip; the model would see it saturated, so say so.
     if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
         raise ValueError(

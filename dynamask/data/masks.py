@@ -53,6 +53,8 @@ def rle_to_mask(rle: dict, height: int, width: int, *, where: str = "annotation"
     if [int(size[0]), int(size[1])] != [height, width]:
         raise ValueError(f"{where}: RLE size {list(size)} differs from the image's [height, width] = {[height, width]}")
     if isinstance(counts, list):  # uncompressed
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise ValueError(f"{where}: uncompressed RLE counts must be non-negative integers")
         if sum(int(c) for c in counts) != height * width:
             raise ValueError(f"{where}: uncompressed RLE counts sum to {sum(counts)}, expected {height * width}")
         rle = mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width)

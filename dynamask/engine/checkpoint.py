@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from dynamask.checks import check_kwargs, parameter_names
+
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "label_map", "model")
 
@@ -54,7 +56,11 @@ def build_model(arch: dict[str, Any]) -> torch.nn.Module:
             f"unknown architecture {name!r}; known builders: {sorted(table)}"
             + ("" if "dynamask_resnet_fpn" in table else " (dynamask.models is not available in this install)")
         )
-    return table[name](**dict(arch.get("kwargs", {})))
+    kwargs = dict(arch.get("kwargs", {}))
+    valid = parameter_names(table[name])  # None: the builder takes **kwargs and checks them itself
+    if valid is not None:
+        check_kwargs(kwargs, valid, where=name)
+    return table[name](**kwargs)
 
 
 def make_arch(name: str, **kwargs: Any) -> dict[str, Any]:
@@ -183,10 +189,16 @@ def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", arch
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable dynamask checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{path}: not a readable dynamask checkpoint ({_load_error(exc)})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        keys = sorted(ckpt, key=str) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a dynamask checkpoint (needs keys {list(REQUIRED_KEYS)}, has {keys})")
+    version = ckpt["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{path}: format_version must be an integer, got {version!r}")
+    if not isinstance(ckpt["arch"], dict) or not isinstance(ckpt["label_map"], dict):
+        raise ValueError(f"{path}: 'arch' and 'label_map' must be dicts, got {type(ckpt['arch']).__name__} "
+                         f"and {type(ckpt['label_map']).__name__}")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise ValueError(
             f"{path}: checkpoint format {ckpt['format_version']} is newer than this dynamask reads ({FORMAT_VERSION})"
@@ -194,6 +206,18 @@ def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", arch
     if arch_name is not None and ckpt["arch"].get("name") != arch_name:
         raise ValueError(f"{path}: checkpoint is of architecture {ckpt['arch'].get('name')!r}, not {arch_name!r}")
     return ckpt
+
+
+def _load_error(exc: Exception) -> str:
+    """What went wrong in ``torch.load``, without torch's hint that ``weights_only=False`` "will likely
+    succeed": for a file of unknown origin that advice runs whatever code the file holds."""
+    lines = []
+    for line in str(exc).splitlines():
+        line = line.replace("WeightsUnpickler error:", "").strip()
+        if line and "weights_only" not in line and not line.startswith(("Please file", "Check the documentation")):
+            lines.append(line)
+    detail = lines[0] if lines else type(exc).__name__
+    return f"{detail}; only tensors and plain values are read from a checkpoint"
 
 
 def model_from_checkpoint(

@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dynamask.checks import check_mask_costs
 from dynamask.engine import distributed as dist_utils
 from dynamask.engine.checkpoint import (
     build_model,
@@ -190,7 +191,10 @@ def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], N
     from tqdm import tqdm
 
     from dynamask.data import collate_fn
+    from dynamask.engine.train_checks import check_config, check_val_data
 
+    check_config(cfg)  # before any work: numbers in range, device present, out_dir writable
+    check_val_data(cfg)  # the split evaluated at the end, checked now rather than after the training
     device = _device(cfg)
     created_group = dist_utils.init_from_env(device.type)
     try:
@@ -239,6 +243,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     iters_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
     if iters_per_epoch == 0:
         raise ValueError(f"{cfg.train_ann}: no training images")
+    check_mask_costs(cfg.mask_costs, model, flag="mask_costs")  # the final report needs every resolution
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
@@ -284,6 +289,10 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     def save(ep: int) -> str | None:
         if not is_main:
             return None
+        # a non-finite lr or gradient can leave NaN weights behind a finite last loss: never save those
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise NonFiniteLossError(f"non-finite weights at iteration {iteration}; not saved. Training stopped; "
+                                     f"last good checkpoint: {last_good or 'none (no checkpoint was written yet)'}")
         return save_checkpoint(
             ckpt_path, arch=arch, label_map=label_map, model=model, optimizer=optimizer, scheduler=scheduler,
             scaler=scaler, epoch=ep, iteration=iteration, rng=rng_state(), extra=extra,
@@ -295,6 +304,8 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     last_good = resume_path  # the checkpoint a non-finite loss leaves in place
     if is_main and resume_path is None and os.path.isfile(ckpt_path):
         print(f"warning: starting a new run; {ckpt_path} of an earlier run will be overwritten (--resume continues it)")
+    if cfg.max_iters is not None and iteration >= cfg.max_iters:  # resumed at the cap: no step to take
+        stop_reason = "max_iters"
     with _StopRequests() as stops:
         while epoch < cfg.epochs and stop_reason is None:
             if hasattr(model, "mask_training"):

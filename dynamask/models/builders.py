@@ -17,6 +17,7 @@ and BatchNorm is ordinary; with any weights, FrozenBatchNorm and 3 trainable lay
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,7 +29,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _valida
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops import misc as misc_nn_ops
 
-from dynamask.models.detector import DynaMaskRCNN
+from dynamask.checks import check_kwargs
+from dynamask.models.detector import DynaMaskRCNN, valid_kwargs
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 
@@ -120,6 +122,9 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
             ``box_score_thresh``, ``rpn_*``, ``edge_weight``, ``budget_weight``, ``target_gmacs``,
             ``gumbel_tau``, ``mask_policy``, ...).
     """
+    # a misspelt argument (min_szie) would otherwise fall through **kwargs and leave the default in place
+    own = set(inspect.signature(dynamask_resnet_fpn).parameters) - {"kwargs"}  # only suggested: never in kwargs
+    check_kwargs(kwargs, (valid_kwargs() - {"backbone", "mask_head", "msm"}) | own, where="dynamask_resnet_fpn")
     if depth not in RESNETS:
         raise ValueError(f"depth must be one of {sorted(RESNETS)}, got {depth}")
     if weights is not None:

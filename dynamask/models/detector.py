@@ -17,13 +17,17 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from dynamask.checks import check_kwargs
 from dynamask.models import mask_inference
+from dynamask.models.inputs import check_images, check_targets
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
 
 
 DEFAULT_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
+# What GeneralizedRCNNTransform takes besides min_size, max_size, image_mean and image_std.
+TRANSFORM_KWARGS = ("size_divisible", "fixed_size", "_skip_resize")
 
 
 def default_anchor_generator(sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES) -> AnchorGenerator:
@@ -49,7 +53,8 @@ class DynaMaskRCNN(GeneralizedRCNN):
             mask_rois_per_image: see
             :class:`~dynamask.models.roi_heads.DynaMaskRoIHeads`.
         The other arguments are torchvision's ``FasterRCNN`` ones, with its defaults; extra ``**kwargs``
-        go to ``GeneralizedRCNNTransform`` as in torchvision.
+        go to ``GeneralizedRCNNTransform`` as in torchvision (``size_divisible``, ``fixed_size``); any other
+        name is refused, naming the closest valid one.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int = 91, *,
@@ -78,6 +83,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
                  mask_training: str = "pretrain", mask_rois_per_image: int | None = None, **kwargs) -> None:
         out_channels = backbone.out_channels
+        check_kwargs(kwargs, valid_kwargs(), where=type(self).__name__)  # a typo would pass to the transform
         anchors = default_anchor_generator(anchor_sizes) if rpn_anchor_generator is None else rpn_anchor_generator
         rpn = RegionProposalNetwork(
             anchors, RPNHead(out_channels, anchors.num_anchors_per_location()[0]) if rpn_head is None else rpn_head,
@@ -129,10 +135,32 @@ class DynaMaskRCNN(GeneralizedRCNN):
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """Training: dict of losses. Eval: per image ``boxes, labels, scores, masks [N,1,H,W],
-        mask_resolution [N]`` in the original image frame."""
+        mask_resolution [N]`` in the original image frame.
+
+        Images must be finite floats in [0, 1] (float16 / bfloat16 ones are converted to the model's
+        dtype); in training, each target's ``masks`` must be ``[N, H, W]`` of its image, one per box.
+        ``model([])`` returns ``[]`` in eval mode.
+        """
+        images = check_images(images, next(self.parameters()).dtype)
+        if self.training:
+            if not images:
+                raise ValueError("training needs at least one image, got an empty list")
+            if targets is not None:
+                check_targets(images, targets, masks=True)
+        elif not images:
+            return []
         out = super().forward(images, targets)
         if self.training:
             return out
         sizes = [tuple(int(v) for v in img.shape[-2:]) for img in images]
         res = self.roi_heads.mask_head.resolutions
         return [mask_inference.paste_instance_masks(det, size, res) for det, size in zip(out, sizes)]
+
+
+def valid_kwargs() -> set[str]:
+    """The keyword arguments :class:`DynaMaskRCNN` takes (its own and the transform's)."""
+    import inspect
+
+    own = {p.name for p in inspect.signature(DynaMaskRCNN.__init__).parameters.values()
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    return own | set(TRANSFORM_KWARGS)

@@ -60,11 +60,16 @@ def choose_resolutions(policy: Policy, *, msm: nn.Module, roi_features: Tensor, 
             raise ValueError(f"a fixed mask_policy must be one of {tuple(resolutions)}, got {policy}")
         return torch.full((r,), list(resolutions).index(policy), dtype=torch.int64, device=device)
     if callable(policy):
-        choice = torch.as_tensor(policy(roi_features, boxes, image_sizes), device=device)
-        if choice.shape != (r,) or choice.dtype != torch.int64:
-            raise ValueError(f"a policy callable must return an int64 tensor of shape [{r}], "
-                             f"got {tuple(choice.shape)} {choice.dtype}")
-        return choice
+        choice = policy(roi_features, boxes, image_sizes)
+        if not isinstance(choice, torch.Tensor) or choice.shape != (r,) or choice.dtype != torch.int64:
+            got = (f"{tuple(choice.shape)} {choice.dtype}" if isinstance(choice, torch.Tensor)
+                   else f"a {type(choice).__name__}")
+            raise ValueError(f"a policy callable must return an int64 tensor of shape [{r}] (resolution indices "
+                             f"in [0, {k})), got {got}")
+        if r and (int(choice.min()) < 0 or int(choice.max()) >= k):
+            raise ValueError(f"a policy callable must return resolution indices in [0, {k}), got values "
+                             f"from {int(choice.min())} to {int(choice.max())}")
+        return choice.to(device)
     raise TypeError(f"mask_policy must be a str, an int or a callable, got {type(policy).__name__}")
 
 

@@ -1,0 +1,125 @@
+"""Up-front checks of what a user passes (keyword arguments, numbers, devices, output folders), each raising
+an error that names the argument at fault, so that bad input fails before any work is done."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+
+class UnknownArgumentError(TypeError, ValueError):
+    """An unknown keyword argument: a ``TypeError``, as Python raises for one, and a ``ValueError``, so that
+    command-line tools report it as bad input."""
+
+
+def check_kwargs(kwargs: Mapping[str, Any], valid: Iterable[str], *, where: str) -> None:
+    """Refuse keyword arguments outside ``valid``, naming the closest valid one (a typo such as ``min_szie``
+    would otherwise be dropped silently, and the default used)."""
+    valid = sorted(set(valid))
+    unknown = [k for k in kwargs if k not in valid]
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    noun = "argument" if len(unknown) == 1 else "arguments"
+    raise UnknownArgumentError(f"{where}() got unexpected keyword {noun} {', '.join(parts)}")
+
+
+def parameter_names(fn: Callable[..., Any]) -> set[str] | None:
+    """The keyword names ``fn`` accepts, or None when it takes ``**kwargs`` (then it checks them itself)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_number(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """``value`` is a finite number (an integer if asked) within the bounds; else a ValueError naming it."""
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    want = "an integer" if integer else "a finite number"
+    if lo and hi:
+        want += f" in {lo}, {hi}"
+    elif lo:
+        want += (" > " if low_open else " >= ") + f"{low:g}"
+    elif hi:
+        want += (" < " if high_open else " <= ") + f"{high:g}"
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number and math.isfinite(value) and (not integer or float(value).is_integer())
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def check_device(device: str | torch.device | None, *, name: str = "--device") -> torch.device | None:
+    """The device ``device`` names, checked to exist here (None stays None: the caller's default)."""
+    if device is None:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device!r}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                             "False); use cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device!r}: this machine has {torch.cuda.device_count()} CUDA devices "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{name} {device!r}: MPS is not available here; use cpu")
+    elif d.type != "cpu":
+        raise ValueError(f"{name} {device!r}: dynamask runs on cpu, cuda or mps, not {d.type}")
+    return d
+
+
+def check_output_dir(path: str, *, name: str = "--out") -> None:
+    """Create ``path`` if needed and prove it writable (a file made and removed), so that a run fails now
+    rather than at its first save, after the work before it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name} {path}: exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"{name} {path}: cannot write there ({exc.strerror or exc})") from exc
+
+
+def model_resolutions(model: torch.nn.Module) -> list[int] | None:
+    """The mask resolutions a model reports (DynaMask's 14/28/56/112, a fixed-resolution model's one)."""
+    head = getattr(getattr(model, "roi_heads", None), "mask_head", None)
+    if head is not None and hasattr(head, "resolutions"):
+        return [int(r) for r in head.resolutions]
+    fixed = getattr(model, "fixed_mask_resolution", None)
+    return None if fixed is None else [int(fixed)]
+
+
+def check_mask_costs(costs: Mapping[int, float] | None, model: torch.nn.Module, *,
+                     flag: str = "--mask-costs") -> None:
+    """Every resolution the model can report has a finite, non-negative cost (else the report fails at the
+    end of the evaluation, after running the whole dataset)."""
+    if costs is None:
+        return
+    bad = {r: c for r, c in costs.items() if not (math.isfinite(c) and c >= 0)}
+    if bad:
+        raise ValueError(f"{flag}: costs must be finite and >= 0, got {bad}")
+    wanted = model_resolutions(model)
+    missing = [r for r in wanted or [] if r not in costs]
+    if missing:
+        raise ValueError(f"{flag}: no cost for resolution(s) {missing}; this model segments at {wanted}")
