@@ -1,6 +1,7 @@
-"""The ``dynamask`` command: ``shapes``, ``train``, ``eval``, ``infer``.
+"""The ``dynamask`` command: ``shapes``, ``convert``, ``train``, ``eval``, ``infer``.
 
     dynamask shapes --out data/shapes --train 2000 --val 200 --size 192 --seed 0
+    dynamask convert cityscapes data/cityscapes --split val --out data/cityscapes/instances_val.json
     dynamask train --data data/shapes --out runs/x --arch dynamask_resnet_fpn --arch-kwargs '{"depth": 18}'
     torchrun --nproc-per-node 2 -m dynamask train ...        (DDP: one process per GPU, or gloo on CPU)
     dynamask eval runs/x/last.pth --data data/shapes --out runs/x/eval
@@ -78,6 +79,34 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- convert
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a dataset's annotations to a COCO instances file")
+    p.add_argument("format", choices=("cityscapes",), help="the dataset's format")
+    p.add_argument("root", help="cityscapes: the folder holding gtFine/ and leftImg8bit/")
+    p.add_argument("--split", choices=("train", "val"), required=True)
+    p.add_argument("--out", required=True, help="the COCO JSON file to write")
+    p.add_argument("--visible", action="store_true",
+                   help="write each instance's visible pixels (later polygons cover earlier ones, as in "
+                        "Cityscapes' instanceIds images) as RLE instead of its polygon")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from dynamask.data.cityscapes import convert_cityscapes, image_root
+
+    try:
+        coco = convert_cityscapes(args.root, args.split, args.out, visible=args.visible)
+    except ImportError as exc:
+        raise CliError(str(exc)) from exc
+    anns = coco["annotations"]
+    crowd = sum(a["iscrowd"] for a in anns)
+    print(f"{len(coco['images'])} images, {len(anns) - crowd} instances and {crowd} crowd regions "
+          f"of {len(coco['categories'])} classes: {args.out}")
+    print(f"image root (--images / --train-images): {image_root(args.root, args.split)}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- train
 def _train_parser(sub) -> None:
     from dynamask.engine.train import TrainConfig
@@ -121,6 +150,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: this process's GPU, else cpu)")
     p.add_argument("--mask-costs", type=_costs, default=None,
                    help="per-resolution mask-head GMAC for the final evaluation, e.g. 14=0.23,28=0.52")
+    p.add_argument("--repeat-factor-sampling", type=float, nargs="?", const=0.001, default=None, metavar="THRESH",
+                   help="LVIS's repeat-factor sampling of images with rare categories (threshold default 0.001)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -143,6 +174,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_iters=args.max_iters, log_every=args.log_every, resume=args.resume, device=args.device,
         progress=not args.no_progress, val_images=val_images, val_ann=val_ann,
         mask_costs=args.mask_costs or _model_mask_costs(args.arch, args.arch_kwargs),
+        repeat_factor_threshold=args.repeat_factor_sampling,
     )
     result = train(cfg)
     from dynamask.engine import distributed
@@ -186,6 +218,12 @@ def _eval_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--mask-costs", type=_costs, default=None, help="e.g. 14=0.23,28=0.52,56=0.85,112=1.29")
     p.add_argument("--no-boundary", action="store_true", help="skip Boundary AP")
+    p.add_argument("--lvis", action="store_true",
+                   help="an LVIS file, scored by LVIS's rules (AP, APr/APc/APf; needs `pip install lvis`)")
+    p.add_argument("--max-dets", type=int, default=None, help="with --lvis: detections per image (default 300)")
+    p.add_argument("--cityscapes-gt", metavar="DIR", default=None,
+                   help="also the official Cityscapes instance evaluation against DIR/<city>/*_gtFine_instanceIds.png "
+                        "(ROOT/gtFine/val; needs `pip install cityscapesscripts`)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -194,7 +232,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from dynamask.checks import check_device, check_mask_costs, check_output_dir
-    from dynamask.data import CocoDetection
+    from dynamask.data.lvis import LvisDetection, open_dataset
     from dynamask.engine.checkpoint import model_from_checkpoint
     from dynamask.engine.evaluate import evaluate, format_metrics
 
@@ -208,11 +246,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.workers < 0:
         raise CliError(f"--workers must be >= 0, got {args.workers}")
+    if args.max_dets is not None and (not args.lvis or args.max_dets < 1):
+        raise CliError("--max-dets needs --lvis and a positive number")
     if args.out:
         check_output_dir(args.out)
-    dataset = CocoDetection(images, ann)
+    dataset = open_dataset(images, ann)
     if len(dataset) == 0:
         raise ValueError(f"{ann}: no images to evaluate")
+    if isinstance(dataset, LvisDetection) != args.lvis:
+        raise CliError(f"{ann} is an LVIS file: evaluate it with --lvis" if not args.lvis else
+                       f"--lvis: {ann} is not an LVIS file (its categories have no frequency)")
     model, ckpt = model_from_checkpoint(args.checkpoint)
     saved = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
     if saved != dataset.label_map:
@@ -221,10 +264,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     arch = ckpt["arch"]
     costs = args.mask_costs or _model_mask_costs(arch["name"], arch.get("kwargs", {}))
-    metrics = evaluate(
-        model, dataset, device=device, costs=costs, out_dir=args.out, boundary=not args.no_boundary,
-        batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress,
-    )
+    try:
+        metrics = evaluate(
+            model, dataset, device=device, costs=costs, out_dir=args.out, boundary=not args.no_boundary,
+            batch_size=args.batch_size, num_workers=args.workers, progress=not args.no_progress,
+            lvis=args.lvis, max_dets=args.max_dets, cityscapes_gt_dir=args.cityscapes_gt,
+        )
+    except ImportError as exc:  # an optional extra (lvis, cityscapesscripts) is missing
+        raise CliError(str(exc)) from exc
     print(format_metrics(metrics))
     if args.out:
         print(f"files in {args.out}")
@@ -353,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _shapes_parser(sub)
+    _convert_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
     _infer_parser(sub)

@@ -6,6 +6,7 @@ them from a model with torchvision's detection contract; ``evaluate`` does both 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -14,7 +15,12 @@ import torch
 from pycocotools.coco import COCO
 
 from dynamask.engine.coco_eval import coco_metrics, output_to_results
-from dynamask.engine.resolution import mean_mask_gmac, plot_resolution_distribution, resolution_distribution
+from dynamask.engine.resolution import (
+    mean_mask_gmac,
+    plot_resolution_distribution,
+    resolution_distribution,
+    shown_categories,
+)
 
 Costs = Mapping[int, float] | Callable[[int], float]
 
@@ -72,22 +78,39 @@ def evaluate_results(
     boundary: bool = True,
     score_threshold: float = 0.5,
     out_dir: str | None = None,
+    lvis_gt: Any = None,
+    max_dets: int | None = None,
+    cityscapes_gt_dir: str | None = None,
 ) -> dict[str, Any]:
     """Metrics of COCO result dicts against ``coco_gt``.
 
     Returns ``{"bbox": {AP...}, "segm": {AP...}, "boundary": {AP...} (if asked), "resolution": distribution,
     "mask_gmac_per_instance": float | None}``. With ``out_dir``, also writes ``results.json``,
     ``metrics.json``, ``summary.txt`` and ``resolution.png`` there.
+
+    With ``lvis_gt`` (an LVIS file's path, or its ``lvis.LVIS``), bbox and segm are scored by LVIS's rules
+    instead (:mod:`dynamask.engine.lvis_eval`: ``max_dets`` per image, default 300, and APr/APc/APf), and
+    there is no Boundary AP. With ``cityscapes_gt_dir`` (``ROOT/gtFine/<split>``), ``"cityscapes"`` holds the
+    official Cityscapes instance evaluation as well (:mod:`dynamask.engine.cityscapes_eval`).
     """
     metrics: dict[str, Any] = {}
     texts = []
-    kinds = ["bbox", "segm"] + (["boundary"] if boundary else [])
+    kinds = ["bbox", "segm"] + (["boundary"] if boundary and lvis_gt is None else [])
     has_masks = all("segmentation" in r for r in results)
     for kind in kinds:
         if kind != "bbox" and not has_masks:
             continue
-        metrics[kind], text = coco_metrics(coco_gt, results, kind)
+        if lvis_gt is not None:
+            from dynamask.engine.lvis_eval import LVIS_MAX_DETS, lvis_metrics
+
+            metrics[kind], text = lvis_metrics(lvis_gt, results, kind, max_dets=max_dets or LVIS_MAX_DETS)
+        else:
+            metrics[kind], text = coco_metrics(coco_gt, results, kind)
         texts.append(f"== {kind} ==\n{text}")
+    if cityscapes_gt_dir is not None:
+        from dynamask.engine.cityscapes_eval import cityscapes_instance_metrics
+
+        metrics["cityscapes"] = cityscapes_instance_metrics(coco_gt, results, cityscapes_gt_dir)
     cat_names = {int(c["id"]): str(c["name"]) for c in coco_gt.loadCats(coco_gt.getCatIds())}
     # A mapping of costs names the model's resolutions (e.g. 7/14/28/56 for a demo model).
     known = sorted(int(r) for r in costs) if isinstance(costs, Mapping) else None
@@ -119,33 +142,65 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = True,
     default_resolution: int | None = None,
+    lvis: bool | None = None,
+    max_dets: int | None = None,
+    cityscapes_gt_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``model`` over ``dataset`` and evaluate (see :func:`run_model` and :func:`evaluate_results`)."""
-    results = run_model(
-        model, dataset, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
-        default_resolution=default_resolution,
-    )
-    return evaluate_results(dataset.coco, results, costs=costs, boundary=boundary, out_dir=out_dir)
+    """Run ``model`` over ``dataset`` and evaluate (see :func:`run_model` and :func:`evaluate_results`).
+
+    ``lvis``: score by LVIS's rules (default: when ``dataset`` is a :class:`dynamask.data.lvis.LvisDetection`);
+    the model then keeps ``max_dets`` detections per image (default 300) while it runs.
+    """
+    from dynamask.data.lvis import LvisDetection
+
+    if lvis is None:
+        lvis = isinstance(dataset, LvisDetection)
+    lvis_gt, limit = None, contextlib.nullcontext()
+    if lvis:
+        from dynamask.engine.lvis_eval import LVIS_MAX_DETS, detections_per_image, load_lvis_gt
+
+        lvis_gt = load_lvis_gt(dataset.ann_file)  # before inference, so that a bad file fails early
+        max_dets = max_dets or LVIS_MAX_DETS
+        limit = detections_per_image(model, max_dets)
+    with limit:
+        results = run_model(
+            model, dataset, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
+            default_resolution=default_resolution,
+        )
+    return evaluate_results(dataset.coco, results, costs=costs, boundary=boundary, out_dir=out_dir,
+                            lvis_gt=lvis_gt, max_dets=max_dets, cityscapes_gt_dir=cityscapes_gt_dir)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A markdown table of the AP metrics (in %) plus the resolution distribution and mask-head cost."""
     from dynamask.engine.coco_eval import STAT_NAMES
 
-    lines = ["| metric | " + " | ".join(STAT_NAMES) + " |", "|---|" + "---|" * len(STAT_NAMES)]
-    for kind in ("bbox", "segm", "boundary"):
-        if kind in metrics:
-            vals = [metrics[kind][k] for k in STAT_NAMES]
-            lines.append(f"| {kind} | " + " | ".join("–" if v < 0 else f"{100 * v:.1f}" for v in vals) + " |")
+    kinds = [k for k in ("bbox", "segm", "boundary") if k in metrics]
+    # LVIS's metrics add the frequency groups (rare, common, frequent)
+    names = list(STAT_NAMES) + [n for n in ("APr", "APc", "APf") if any(n in metrics[k] for k in kinds)]
+
+    def pct(v: float) -> str:
+        return "–" if v < 0 else f"{100 * v:.1f}"
+
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for kind in kinds:
+        lines.append(f"| {kind} | " + " | ".join(pct(metrics[kind].get(k, -1.0)) for k in names) + " |")
+    cs = metrics.get("cityscapes")
+    if cs:
+        lines += ["", f"Cityscapes official instance evaluation: AP {pct(cs['AP'])}, AP50 {pct(cs['AP50'])}"]
     dist = metrics.get("resolution")
     if dist and dist["instances"]:
         res = [int(r) for r in dist["resolutions"]]
         lines += ["", "| category | " + " | ".join(f"{r}²" for r in res) + " |", "|---|" + "---|" * len(res)]
-        for name, counts in list(dist["per_category"].items()) + [("all", dist["overall"])]:
+        shown = shown_categories(dist)
+        for name, counts in [(n, dist["per_category"][n]) for n in shown] + [("all", dist["overall"])]:
             counts = {int(r): n for r, n in counts.items()}  # metrics.json read back has str keys
             total = sum(counts.values())
             cells = [f"{100 * counts[r] / total:.0f}%" if total else "–" for r in res]
             lines.append(f"| {name} (n={total}) | " + " | ".join(cells) + " |")
+        if len(shown) < len(dist["per_category"]):
+            lines.append(f"({len(shown)} of {len(dist['per_category'])} categories, those with the most instances; "
+                         "all in metrics.json)")
     if metrics.get("mask_gmac_per_instance") is not None:
         lines += ["", f"Mean mask-head cost: {metrics['mask_gmac_per_instance']:.3f} GMAC per instance"]
     return "\n".join(lines) + "\n"

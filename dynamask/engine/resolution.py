@@ -67,14 +67,31 @@ def mean_mask_gmac(
     return total / n
 
 
+MAX_SHOWN_CATEGORIES = 40
+
+
+def shown_categories(distribution: dict[str, Any], limit: int = MAX_SHOWN_CATEGORIES) -> list[str]:
+    """The categories a plot or table shows: all of them, or, past ``limit`` (LVIS has 1,203), the ``limit``
+    with the most instances (none without), in the distribution's order."""
+    names = list(distribution["per_category"])
+    if len(names) <= limit:
+        return names
+    count = {n: sum(distribution["per_category"][n].values()) for n in names}
+    keep = set(sorted((n for n in names if count[n]), key=lambda n: -count[n])[:limit])
+    return [n for n in names if n in keep]
+
+
 def plot_resolution_distribution(distribution: dict[str, Any], path: str, *, title: str | None = None) -> str:
-    """A PNG of stacked horizontal bars: per category, the share of each chosen resolution."""
+    """A PNG of stacked horizontal bars: per category, the share of each chosen resolution (at most
+    ``MAX_SHOWN_CATEGORIES`` categories: those with the most instances)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(distribution["per_category"])
+    names = shown_categories(distribution)
+    if title is None and len(names) < len(distribution["per_category"]):
+        title = f"Mask resolution chosen per category ({len(names)} of {len(distribution['per_category'])}, most instances)"
     resolutions = distribution["resolutions"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.6))
     left = [0.0] * len(names)

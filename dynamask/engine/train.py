@@ -75,6 +75,7 @@ class TrainConfig:
     val_images: str | None = None  # evaluate on this split at the end (rank 0)
     val_ann: str | None = None
     mask_costs: dict[int, float] | None = None  # per-resolution mask-head GMAC for the evaluation report
+    repeat_factor_threshold: float | None = None  # LVIS's repeat-factor sampling (0.001 is LVIS's); None: off
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -122,9 +123,11 @@ class _SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        # index may be a sample id i + k * len (the k-th copy of item i in an epoch, see RepeatFactorSampler),
+        # so that each copy gets its own random transform
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % (2**63))
-            return self.dataset[index]
+            return self.dataset[index % len(self.dataset)]
 
 
 class _ResumableSampler(DistributedSampler):
@@ -171,14 +174,15 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def _dataset(cfg: TrainConfig):
-    from dynamask.data import CocoDetection, Compose, RandomHorizontalFlip, Resize
+    from dynamask.data import Compose, RandomHorizontalFlip, Resize
+    from dynamask.data.lvis import open_dataset
 
     transforms = []
     if cfg.resize is not None:
         transforms.append(Resize(tuple(cfg.resize), cfg.max_size))
     if cfg.flip_prob > 0:
         transforms.append(RandomHorizontalFlip(cfg.flip_prob))
-    return CocoDetection(cfg.train_images, cfg.train_ann, Compose(transforms))
+    return open_dataset(cfg.train_images, cfg.train_ann, Compose(transforms))  # COCO or LVIS
 
 
 def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
@@ -234,7 +238,13 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     model = build_model(arch).to(device)
 
     seeded = _SeededSamples(dataset, cfg.seed)
-    sampler = _ResumableSampler(seeded, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    if cfg.repeat_factor_threshold:
+        from dynamask.data.lvis import RepeatFactorSampler, repeat_factors
+
+        sampler = RepeatFactorSampler(repeat_factors(dataset, cfg.repeat_factor_threshold),
+                                      num_replicas=world, rank=rank, seed=cfg.seed)
+    else:
+        sampler = _ResumableSampler(seeded, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader_gen = torch.Generator().manual_seed(cfg.seed)  # keeps the DataLoader off the global RNG
     loader = DataLoader(
         seeded, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, collate_fn=collate_fn,
@@ -391,12 +401,17 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
                               "stop_reason": stop_reason}
     # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted)
     if (status == "done" or stop_reason in ("time limit", "max_iters")) and is_main and cfg.val_ann:
-        from dynamask.data import CocoDetection
+        from dynamask.data.lvis import LvisDetection, open_dataset
         from dynamask.engine.evaluate import evaluate
+        from dynamask.engine.lvis_eval import lvis_available
 
-        val = CocoDetection(cfg.val_images, cfg.val_ann)
-        result["metrics"] = evaluate(model, val, device=device, costs=cfg.mask_costs,
-                                     out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress)
+        val = open_dataset(cfg.val_images, cfg.val_ann)
+        if isinstance(val, LvisDetection) and not lvis_available():
+            print(f"note: {cfg.val_ann} is an LVIS file, which is scored by the lvis package (pip install lvis); "
+                  f"not evaluated. Once it is installed: dynamask eval {ckpt_path} --lvis ...")
+        else:
+            result["metrics"] = evaluate(model, val, device=device, costs=cfg.mask_costs,
+                                         out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress)
     if dist_utils.is_distributed():
         torch.distributed.barrier()
     return result
