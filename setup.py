@@ -121,7 +121,11 @@ setup(
     # The kernels load only into the torch they were compiled against: pin it (pip then picks the
     # torchvision built for that torch).
     install_requires=[f"torch=={_torch_release()}", "torchvision", "numpy", "pycocotools", "tqdm", "matplotlib"],
-    extras_require={"dev": ["pytest", "expecttest", "hypothesis", "ninja", "pybind11"]},
+    extras_require={
+        "dev": ["pytest", "expecttest", "hypothesis", "ninja", "pybind11"],
+        "cityscapes": ["cityscapesscripts"],  # Cityscapes' label table and official instance evaluation
+        "lvis": ["lvis"],  # LVIS's evaluation API (pulls opencv-python)
+    },
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["dynamask=dynamask.cli:main"]},

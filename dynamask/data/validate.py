@@ -78,7 +78,7 @@ def check_coco(data: Any, image_dir: str | None = None) -> CocoCheck:
         image_ids.append(img["id"])
         where = f"image {img['id']}"
         if not isinstance(img.get("file_name"), str) and "coco_url" not in img:
-            problems.append(f"{where} has no 'file_name'")
+            problems.append(f"{where} has no 'file_name' (nor a 'coco_url', which names LVIS images)")
         for dim in ("height", "width"):
             if dim in img and not (_is_int(img[dim]) and img[dim] > 0):
                 problems.append(f"{where}: {dim} must be a positive integer, got {img[dim]!r}")
