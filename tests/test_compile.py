@@ -10,8 +10,6 @@ import pytest
 import torch
 from model_helpers import one_thread, synthetic_batch, tiny_model  # noqa: F401
 
-from dynamask.models.mask_inference import Policy
-
 
 def _paired(eager: dict, compiled: dict) -> None:
     """The same detections, in the same order: discrete outputs equal, continuous ones close.
@@ -34,8 +32,7 @@ def test_compiled_inference_equals_eager():
     images, _ = synthetic_batch()
     images = images[:1]  # one image: Dynamo unrolls the per-image loops, so each image costs tracing time
     compiled = torch.compile(model)
-    policies: list[Policy] = ["msm", 28]
-    for policy in policies:
+    for policy in ("msm", 28):
         model.mask_policy = policy
         with torch.inference_mode():
             eager = model(images)

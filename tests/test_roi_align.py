@@ -429,13 +429,14 @@ def multilevel_terms(feats, rois, levels, size, scales, sampling_ratio, aligned)
     return out
 
 
-def coordinate_slack(feats, rois, scales):
-    """The forward's bound for coordinates rounded in float32: 4 * max|f| * 8 * u32 * (|coord| + 1)."""
+def coordinate_slack(feats, rois, scales, u=U32):
+    """The forward's bound for coordinates rounded in a type of unit roundoff u (float32 by default):
+    4 * max|f| * 8 * u * (|coord| + 1)."""
     coord = float(rois[:, 1:].abs().max()) * max(scales) + 2
-    return 4 * max(float(f.abs().max()) for f in feats) * 8 * U32 * (coord + 1)
+    return 4 * max(float(f.abs().max()) for f in feats) * 8 * u * (coord + 1)
 
 
-def multilevel_bounds(feats, rois, size, sampling_ratio, aligned, u_sum, out_dtype=None, coords=True):
+def multilevel_bounds(feats, rois, size, sampling_ratio, aligned, u_sum, out_dtype=None):
     """(reference, bound) for roi_align_multilevel's forward: float64 torchvision on each RoI's level."""
     levels = fpn_levels_reference(rois, SCALES)
     ref = torch.zeros(rois.shape[0], feats[0].shape[1], size, size, dtype=torch.float64)
@@ -448,7 +449,7 @@ def multilevel_bounds(feats, rois, size, sampling_ratio, aligned, u_sum, out_dty
     h = (rois[:, 4] - rois[:, 2]).abs().max() * SCALES[0] / size  # the largest bin, in P2 pixels
     n = 4 * (sampling_ratio or math.ceil(float(h) + 1)) ** 2 + 1  # terms per output
     rounded = rounding_error(ref, out_dtype) if out_dtype is not None else 0.0
-    bound = 2 * n * u_sum * s + rounded + (coordinate_slack(feats, rois, SCALES) if coords else 0.0)
+    bound = 2 * n * u_sum * s + rounded + coordinate_slack(feats, rois, SCALES, u_sum)
     return levels, ref, bound
 
 
@@ -488,7 +489,7 @@ def test_cuda_equals_cpu(dtype):
             s = roi_align(feats[l].double().abs(), rois[:n].double(), size, SCALES[l], sr, True)
             h = float((rois[:n, 4] - rois[:n, 2]).abs().max()) * SCALES[l] / size
             terms = 4 * (sr or math.ceil(h + 1)) ** 2 + 1
-            assert_within(a, b.double(), 2 * terms * u * s + coordinate_slack(feats, rois, SCALES), f"stage {l}")
+            assert_within(a, b.double(), 2 * terms * u * s + coordinate_slack(feats, rois, SCALES, u), f"stage {l}")
 
     # backward on dyadic boxes: exact coordinates and weights, so only the order of the sums differs
     drois = dyadic_rois(8, 2).to(dtype)
