@@ -2,8 +2,9 @@
 the "msm" routing policy and a fixed resolution (the default inductor backend: it checks each custom
 op's output layout against its fake kernel, which is how a wrong fake kernel showed).
 
-About a minute on one idle core, most of it Dynamo tracing torchvision's detection code and inductor
-compiling the graphs; the second policy recompiles only the mask branch.
+Slow for a test: 2 to 5 minutes on the project's shared 2-core machine, nearly all of it Dynamo tracing
+torchvision's detection code and inductor lowering the ~20 graphs between graph breaks; the second
+policy recompiles only the mask branch. One image keeps it at that.
 """
 
 import pytest

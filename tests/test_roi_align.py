@@ -446,8 +446,8 @@ def multilevel_bounds(feats, rois, size, sampling_ratio, aligned, u_sum, out_dty
         if len(sel):
             ref[sel] = roi_align(f.double(), rois[sel], size, SCALES[l], sampling_ratio, aligned)
             s[sel] = roi_align(f.double().abs(), rois[sel], size, SCALES[l], sampling_ratio, aligned)
-    h = (rois[:, 4] - rois[:, 2]).abs().max() * SCALES[0] / size  # the largest bin, in P2 pixels
-    n = 4 * (sampling_ratio or math.ceil(float(h) + 1)) ** 2 + 1  # terms per output
+    side = (rois[:, 3:5] - rois[:, 1:3]).abs().max() * SCALES[0] / size  # the largest bin side, in P2 pixels
+    n = 4 * (sampling_ratio or math.ceil(float(side) + 1)) ** 2 + 1  # terms per output
     rounded = rounding_error(ref, out_dtype) if out_dtype is not None else 0.0
     bound = 2 * n * u_sum * s + rounded + coordinate_slack(feats, rois, SCALES, u_sum)
     return levels, ref, bound
@@ -487,8 +487,8 @@ def test_cuda_equals_cpu(dtype):
         for (l, size, n), a, b in zip(stages, roi_align_stages(cf, rois.cuda(), stages, SCALES, sr, True),
                                       roi_align_stages(feats, rois, stages, SCALES, sr, True)):
             s = roi_align(feats[l].double().abs(), rois[:n].double(), size, SCALES[l], sr, True)
-            h = float((rois[:n, 4] - rois[:n, 2]).abs().max()) * SCALES[l] / size
-            terms = 4 * (sr or math.ceil(h + 1)) ** 2 + 1
+            side = float((rois[:n, 3:5] - rois[:n, 1:3]).abs().max()) * SCALES[l] / size
+            terms = 4 * (sr or math.ceil(side + 1)) ** 2 + 1
             assert_within(a, b.double(), 2 * terms * u * s + coordinate_slack(feats, rois, SCALES, u), f"stage {l}")
 
     # backward on dyadic boxes: exact coordinates and weights, so only the order of the sums differs
