@@ -280,7 +280,9 @@ def main() -> None:
         if facts.get("stop"):
             return
         c.say("## Build")
-        if "1" in phases or not (c.dry_run or kernels_built()):
+        if "1" in phases or c.dry_run or not kernels_built():
+            if "1" not in phases:
+                c.say("- phase 2 builds first when the CUDA kernels are missing (a fresh machine)")
             if not build(c):
                 return
         else:
