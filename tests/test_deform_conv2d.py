@@ -34,8 +34,10 @@ def _grads(fn, tensors, kwargs, seed=1, **extra):
     leaves = {n: v.detach().clone().requires_grad_() for n, v in tensors.items() if v is not None}
     args = {n: leaves.get(n) for n in tensors}
     out = fn(args["input"], args["offset"], args["weight"], args["bias"], mask=args["mask"], **kwargs, **extra)
-    gen = torch.Generator(device=out.device).manual_seed(seed)
-    go = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+    # Drawn on the CPU and moved: a CUDA generator gives other numbers for the same seed, and a CPU-vs-CUDA
+    # comparison must backpropagate the same upstream gradient on both.
+    gen = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, list(leaves.values()), go, allow_unused=True) if out.numel() else [
         torch.zeros_like(v) for v in leaves.values()]
     return out, dict(zip(leaves, grads))
@@ -250,6 +252,11 @@ def test_opcheck():
 
 
 # ----------------------------------------------------------------------------------------- CUDA
+# float64 CPU-vs-CUDA on identical inputs: the kernels sum the same terms in another order, with fused
+# multiply-adds on the device, so |difference| <= 2 * n * u64 * sum|terms| (u64 = 1.1e-16). Forward:
+# n <= 6 * 9 products per output plus 4 corners, each |term| < 5 * 5 * 10 (weight, input, offsets scaled up
+# to 10 only move the samples): < 1e-11. Gradients: n <= 33 * 36 = 1188 terms (weight), 9 * 121 (input,
+# atomic), each below 4 * 4 * 5: < 8e-9. So 1e-9 and 1e-8; a wrong tap or a lost term is ~1e-1.
 
 
 @pytest.mark.cuda
@@ -258,8 +265,8 @@ def test_cuda_matches_cpu(case):
     B, C, C_out, H, W, k, s, p, d, groups, dg, mask, bias, scale = case
     t, kw = _make(B, C, C_out, H, W, k, s, p, d, groups, dg, mask, bias, scale)
     out, grads = _grads(ops.deform_conv2d, t, kw)
-    tc = {n: (v.cuda() if v is not None else None) for n, v in t.items()}
-    out_c, grads_c = _grads(ops.deform_conv2d, tc, kw)
+    tc = {n: (v.cuda() if v is not None else None) for n, v in t.items()}  # the same numbers, moved
+    out_c, grads_c = _grads(ops.deform_conv2d, tc, kw)  # and the same upstream gradient (drawn on the CPU)
     torch.testing.assert_close(out_c.cpu(), out, rtol=1e-9, atol=1e-9)
     for name in grads:
         torch.testing.assert_close(grads_c[name].cpu(), grads[name], rtol=1e-8, atol=1e-8, msg=f"grad of {name}")
@@ -275,28 +282,133 @@ def test_cuda_epilogue_prime_batch_and_stream():
                                 activation="relu", **kw)
     stream.synchronize()
     ref = torch.relu(_tv(t["input"], t["offset"], t["weight"], t["bias"], t["mask"], **kw) + res)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.cuda
-def test_cuda_half():
-    t, kw = _make(4, 16, 8, 12, 12, dg=2, dtype=torch.float32, device="cuda")
-    ref = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], **kw)
-    half = {n: v.half().requires_grad_() for n, v in t.items()}
-    out = ops.deform_conv2d(half["input"], half["offset"], half["weight"], half["bias"], mask=half["mask"], **kw)
-    assert out.dtype == torch.float16
-    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.1)
-    out.float().sum().backward()
-    assert all(torch.isfinite(v.grad).all() for v in half.values())
+    # float32, two implementations summing n = 16 * 9 products of 4-corner samples, plus bias and residual,
+    # in any order: |difference| <= 2 * n * u32 * sum|terms|, with sum|terms| computed per element on
+    # absolute values (the bilinear weights and the mask are >= 0), plus one rounding of the output.
+    s_abs = _tv(t["input"].abs(), t["offset"], t["weight"].abs(), t["bias"].abs(), t["mask"], **kw) + res.abs()
+    _assert_within(out, ref, 2 * 160 * U32 * s_abs + U32 * ref.abs(), "float32 forward vs torchvision")
 
 
 @pytest.mark.cuda
 def test_cuda_gradcheck_and_empty():
     t, kw = _make(2, 4, 4, 5, 5, groups=2, dg=2, offset_scale=1.3, device="cuda")
     leaves = [t[n].requires_grad_() for n in ("input", "offset", "weight", "bias", "mask")]
+    # The input gradient is scattered with atomic adds, so two backward passes may sum its terms in another
+    # order. Each input pixel gets at most kh * kw * H_out * W_out = 225 terms of one-hot Jacobian rows, each
+    # below |w| * |m| < 5: two float64 orders differ by at most 2 * 225 * u64 * 225 * 5 < 6e-11.
     assert torch.autograd.gradcheck(lambda x, o, w, b, m: ops.deform_conv2d(x, o, w, b, mask=m, **kw), leaves,
-                                    eps=1e-6, atol=1e-5)
+                                    eps=1e-6, atol=1e-5, nondet_tol=1e-10)
     e, kw = _make(0, 4, 4, 6, 6, device="cuda")
     assert ops.deform_conv2d(e["input"], e["offset"], e["weight"], e["bias"], mask=e["mask"], **kw).shape == (0, 4, 6, 6)
     with pytest.raises(ValueError, match="is on cpu but input is on cuda"):
         ops.deform_conv2d(t["input"].detach(), t["offset"].detach().cpu(), t["weight"].detach(), **kw)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_mode_rejects_the_atomic_backward():
+    """The input gradient is built with atomic adds: under torch.use_deterministic_algorithms(True) its
+    backward must raise (as torchvision's does), while the forward stays allowed."""
+    t, kw = _make(2, 4, 4, 6, 6, dtype=torch.float32, device="cuda")
+    x = t["input"].requires_grad_()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = ops.deform_conv2d(x, t["offset"], t["weight"], t["bias"], mask=t["mask"], **kw)
+        with pytest.raises(RuntimeError, match="deterministic"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_cpu_deterministic_mode_allows_backward():
+    """The CPU backward sums in a fixed order: deterministic mode must not reject it."""
+    t, kw = _make(2, 4, 4, 6, 6)
+    x = t["input"].requires_grad_()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        ops.deform_conv2d(x, t["offset"], t["weight"], t["bias"], mask=t["mask"], **kw).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert x.grad is not None
+
+
+# ----------------------------------------------------------------------------------- half precision
+U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff of float32, the accumulation type of half inputs
+
+
+def _assert_within(got, ref, bound, what):
+    """Element-wise |got - ref| <= bound (got is moved to ref's device and dtype)."""
+    err = (got.detach().to(ref.device, ref.dtype) - ref).abs()
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.numel()} elements beyond the bound; worst "
+                           f"error {float(err.max()):.3g}, its bound {float(bound.flatten()[err.argmax()]):.3g}")
+
+
+def _half_case(dtype, device):
+    """Inputs rounded to dtype, their float64 twins (the reference sees exactly the rounded numbers), and
+    an upstream gradient drawn on the CPU, rounded likewise."""
+    t, kw = _make(3, 16, 8, 9, 10, dg=2, offset_scale=2.0)
+    res = torch.randn(3, 8, 9, 10, dtype=torch.float64)
+    # Offsets of whole eighths that are never whole pixels: exact in both dtypes, and no sample lands on a
+    # pixel row or column, where the offset gradient jumps (either one-sided derivative would be right).
+    frac = torch.randint(1, 8, t["offset"].shape, dtype=torch.float64) / 8
+    off = torch.randint(-3, 3, t["offset"].shape, dtype=torch.float64) + frac
+    t = {**t, "offset": off, "residual": res}
+    exact = {n: v.to(dtype).double() for n, v in t.items()}
+    low = {n: v.to(device, dtype) for n, v in exact.items()}
+    go = torch.randn(3, 8, 9, 10, dtype=torch.float64).to(dtype).double()
+    return exact, low, go, kw
+
+
+def _call(fn, t, kw, **overrides):
+    a = {**t, **overrides}
+    return fn(a["input"], a["offset"], a["weight"], a["bias"], mask=a["mask"], residual=a["residual"], **kw)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_forward_and_backward(dtype, device):
+    """Half/bf16 deform conv against the float64 reference of the same rounded inputs.
+
+    Error model (u = the dtype's unit roundoff, 2^-11 for float16, 2^-8 for bfloat16):
+    - forward: the sampled columns may be stored in the dtype (one rounding each: <= u * sum|w * col|), the
+      n = C_in * kh * kw = 144 products and the bias and residual are summed in float32 (<= n * u32 *
+      sum|terms|; 160 >= 144 + 4 corners + 2), and the result is rounded once (<= u * |out|);
+    - backward: likewise, one rounding of the intermediate gradient columns and of each result
+      (2 u * (|ref| + sum|terms|)), and float32 sums of the depths listed below.
+    sum|terms| is computed per element by the reference on absolute values (bilinear weights are >= 0).
+    A float16 sum, or a wrong tap, breaks these bounds by an order of magnitude."""
+    u = torch.finfo(dtype).eps / 2
+    exact, low, go, kw = _half_case(dtype, device)
+    leaves = {n: v.clone().requires_grad_() for n, v in low.items()}
+    out = _call(ops.deform_conv2d, leaves, kw)
+    assert out.dtype == dtype and out.device.type == device
+    ex = {n: v.clone().requires_grad_() for n, v in exact.items()}
+    ref = _call(deform_conv2d_reference, ex, kw)
+    absd = {n: v.abs() for n, v in exact.items()}
+    s_fwd = _call(deform_conv2d_reference, absd, kw, offset=exact["offset"])
+    _assert_within(out, ref, u * ref.abs() + u * s_fwd + 2 * 160 * U32 * s_fwd, f"{dtype} forward")
+
+    got = torch.autograd.grad(out, list(leaves.values()), go.to(device, dtype))
+    exp = torch.autograd.grad(ref, list(ex.values()), go)
+    # sum|terms| of each gradient: the reference's backward on absolute values (offset: see below)
+    ab = {n: v.clone().requires_grad_() for n, v in absd.items()}
+    ab["offset"] = exact["offset"].clone().requires_grad_()
+    s_bwd = dict(zip(ab, torch.autograd.grad(_call(deform_conv2d_reference, ab, kw), list(ab.values()), go.abs())))
+    # The offset gradient sums (x_corner differences) * m * (w . go) over C_in/dg = 8 channels and 4 corners:
+    # |terms| <= 2 max|x| * |m| * sum_c sum_o |w| |go| ; bound it per element with einsum.
+    dg, K = 2, 9
+    B, _, Ho, Wo = go.shape
+    wg = exact["weight"].abs().view(8, dg, 8, K)  # [C_out, dg, C_in/dg, K]
+    a = torch.einsum("odck,bop->bdkp", wg, go.abs().view(B, 8, Ho * Wo))  # sum_c sum_o |w| |go|
+    s_off = 2 * exact["input"].abs().max() * exact["mask"].abs().view(B, dg, K, Ho * Wo) * a
+    s_bwd["offset"] = s_off.view(B, dg, K, 1, Ho, Wo).expand(B, dg, K, 2, Ho, Wo).reshape(B, 2 * dg * K, Ho, Wo)
+    # summation depth of each gradient: the columns' gradient (C_out = 8 terms), then 810 scattered terms
+    # (input), 8 channels x 4 corners (offset, mask), B * H_out * W_out = 270 positions of 4-corner columns
+    # (weight, bias); rounded up
+    terms = {"input": 1024, "offset": 64, "weight": 512, "bias": 512, "mask": 64, "residual": 1}
+    for (name, g), e in zip(zip(leaves, got), exp):
+        assert g.dtype == dtype, name
+        s = s_bwd[name]
+        _assert_within(g, e, 2 * u * (e.abs() + s) + 2 * terms[name] * U32 * s, f"{dtype} grad of {name}")

@@ -1,5 +1,6 @@
 """Batched RoIAlign ops against torchvision, the pure-PyTorch reference and hand-derived values."""
 
+import math
 from collections import OrderedDict
 
 import pytest
@@ -342,45 +343,271 @@ def test_opcheck():
     )
 
 
+# ------------------------------------------------------------------ error bounds (CPU vs CUDA, half)
+# Each comparison below is bounded element by element from an error model, never by a hand-tuned number:
+# - a float sum of n terms in any order is within (n - 1) * u * sum|terms| of the exact sum (u = the unit
+#   roundoff); two orders differ by twice that. sum|terms| is computed: RoIAlign's bilinear weights are
+#   >= 0, so the forward on |features| and the backward of |upstream gradient| give it per element.
+# - a sample coordinate computed in float32 (or with a fused multiply-add on the device) is off by at most
+#   8 * u32 * (|coordinate| + 1) (a handful of roundings), and a bilinear sample moves by at most
+#   2 * max|feature| per pixel along each axis.
+# - a half/bf16 result rounded once more: u_dtype * |result|.
+# The backward passes use "dyadic" boxes, whose every sample coordinate and bilinear weight is exact in
+# float32: then only the summation order differs, and n is the exact count of terms per pixel.
+U32 = torch.finfo(torch.float32).eps / 2
+
+
+def unit_roundoff(dtype):
+    return torch.finfo(dtype).eps / 2
+
+
+def rounding_error(x, dtype):
+    """The most that rounding x to dtype changes it: u * |x|, or half the spacing of the subnormals."""
+    u = unit_roundoff(dtype)
+    return u * x.abs() + u * torch.finfo(dtype).tiny
+
+
+def assert_within(got, ref, bound, what):
+    """Element-wise |got - ref| <= bound (got moved to ref's device and dtype)."""
+    err = (got.detach().to(ref.device, ref.dtype) - ref.detach()).abs()
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.numel()} elements beyond the bound; worst error "
+                           f"{float(err.max()):.3g} where the bound is {float(bound.flatten()[err.argmax()]):.3g}")
+
+
+def dyadic_rois(n_per_image, n_images, seed=0):
+    """Boxes exact in float16 and bfloat16 whose samples are exact in float32 for outputs of 7 * 2^k and
+    sampling ratios of 1, 2 or 4: corners on multiples of 8 px, sides of 56 * m px, so a bin is
+    8 * m / 2^k image px; sqrt(area) is never 56 * 2^j, so no box lies on a level boundary."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(n_images):
+        while sum(r[0] == b for r in rows) < n_per_image:
+            mx, my = (int(v) for v in torch.randint(1, 7, (2,), generator=g))
+            if (mx * my) in (1, 4, 16):
+                continue
+            x1, y1 = (8 * int(v) - 48 for v in torch.randint(0, 40, (2,), generator=g))
+            rows.append([b, x1, y1, x1 + 56 * mx, y1 + 56 * my])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def terms_per_pixel(hw, rois, size, scale, sampling_ratio, aligned):
+    """[H, W]: how many (sample, corner) products each pixel's gradient sums over the given RoIs (all of
+    one image and level), with torchvision's rules (a sample past the last row or column puts two of its
+    corners on it; one more than a pixel outside adds nothing)."""
+    H, W = hw
+    n = torch.zeros(H, W, dtype=torch.float64)
+    off = 0.5 if aligned else 0.0
+    for x1, y1, x2, y2 in (rois[:, 1:].double() * scale - off).tolist():
+        w, h = x2 - x1, y2 - y1
+        if not aligned:
+            w, h = max(w, 1.0), max(h, 1.0)
+        gh = sampling_ratio or math.ceil(h / size)
+        gw = sampling_ratio or math.ceil(w / size)
+        ys = y1 + (torch.arange(size, dtype=torch.float64)[:, None] + (torch.arange(gh) + 0.5)[None] / gh) * h / size
+        xs = x1 + (torch.arange(size, dtype=torch.float64)[:, None] + (torch.arange(gw) + 0.5)[None] / gw) * w / size
+        Y, X = ys.flatten()[:, None].expand(-1, xs.numel()), xs.flatten()[None].expand(ys.numel(), -1)
+        ok = (Y >= -1) & (Y <= H) & (X >= -1) & (X <= W)
+        y0, x0 = Y.clamp(min=0).floor().long().clamp(max=H - 1), X.clamp(min=0).floor().long().clamp(max=W - 1)
+        y1_, x1_ = (y0 + 1).clamp(max=H - 1), (x0 + 1).clamp(max=W - 1)
+        for yy in (y0, y1_):
+            for xx in (x0, x1_):
+                n.view(-1).index_add_(0, (yy * W + xx)[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
+    return n
+
+
+def multilevel_terms(feats, rois, levels, size, scales, sampling_ratio, aligned):
+    """terms_per_pixel for every level and image: a list of [N, 1, H_l, W_l]."""
+    out = []
+    for l, f in enumerate(feats):
+        N, _, H, W = f.shape
+        n = torch.zeros(N, 1, H, W, dtype=torch.float64)
+        for b in range(N):
+            sel = rois[(levels == l) & (rois[:, 0] == b)]
+            n[b, 0] = terms_per_pixel((H, W), sel, size, scales[l], sampling_ratio, aligned)
+        out.append(n)
+    return out
+
+
+def coordinate_slack(feats, rois, scales, u=U32):
+    """The forward's bound for coordinates rounded in a type of unit roundoff u (float32 by default):
+    4 * max|f| * 8 * u * (|coord| + 1)."""
+    coord = float(rois[:, 1:].abs().max()) * max(scales) + 2
+    return 4 * max(float(f.abs().max()) for f in feats) * 8 * u * (coord + 1)
+
+
+def multilevel_bounds(feats, rois, size, sampling_ratio, aligned, u_sum, out_dtype=None):
+    """(reference, bound) for roi_align_multilevel's forward: float64 torchvision on each RoI's level."""
+    levels = fpn_levels_reference(rois, SCALES)
+    ref = torch.zeros(rois.shape[0], feats[0].shape[1], size, size, dtype=torch.float64)
+    s = torch.zeros_like(ref)
+    for l, f in enumerate(feats):
+        sel = (levels == l).nonzero().flatten()
+        if len(sel):
+            ref[sel] = roi_align(f.double(), rois[sel], size, SCALES[l], sampling_ratio, aligned)
+            s[sel] = roi_align(f.double().abs(), rois[sel], size, SCALES[l], sampling_ratio, aligned)
+    side = (rois[:, 3:5] - rois[:, 1:3]).abs().max() * SCALES[0] / size  # the largest bin side, in P2 pixels
+    n = 4 * (sampling_ratio or math.ceil(float(side) + 1)) ** 2 + 1  # terms per output
+    rounded = rounding_error(ref, out_dtype) if out_dtype is not None else 0.0
+    bound = 2 * n * u_sum * s + rounded + coordinate_slack(feats, rois, SCALES, u_sum)
+    return levels, ref, bound
+
+
+def multilevel_grad_reference(feats, rois, size, sampling_ratio, aligned, g):
+    """float64 torchvision on each RoI's level, differentiated: (gradients for g, the same for |g| = the
+    sum|terms| of each pixel, and the number of terms per pixel), one [N, C_l, H_l, W_l] per level."""
+    levels = fpn_levels_reference(rois, SCALES)
+    leaves = [f.detach().double().requires_grad_() for f in feats]
+    out = torch.zeros(rois.shape[0], feats[0].shape[1], size, size, dtype=torch.float64)
+    for l, f in enumerate(leaves):
+        sel = (levels == l).nonzero().flatten()
+        if len(sel):
+            out[sel] = roi_align(f, rois[sel].double(), size, SCALES[l], sampling_ratio, aligned)
+    grads, sums = (
+        [torch.zeros_like(f) if x is None else x for f, x in
+         zip(leaves, torch.autograd.grad(out, leaves, v.double(), retain_graph=True, allow_unused=True))]
+        for v in (g, g.abs()))
+    return grads, sums, multilevel_terms(feats, rois, levels, size, SCALES, sampling_ratio, aligned)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_equals_cpu(dtype):
+    """CPU and CUDA on identical inputs (built on the CPU and moved; upstream gradients drawn on the CPU)."""
+    u = unit_roundoff(dtype)
     feats = pyramid(n=2, dtype=dtype)
     rois = torch.cat([random_rois(40, 2), boundary_rois()]).to(dtype)
-    cf = [f.cuda().requires_grad_() for f in feats]
-    pf = [f.clone().requires_grad_() for f in feats]
+    cf = [f.cuda() for f in feats]
     for sr in (0, 2):
         out_c = roi_align_multilevel(cf, rois.cuda(), 7, SCALES, sr, False)
-        out_p = roi_align_multilevel(pf, rois, 7, SCALES, sr, False)
-        torch.testing.assert_close(out_c.cpu(), out_p)
-        g = torch.randn_like(out_p)
-        gc = torch.autograd.grad(out_c, cf, g.cuda())
-        gp = torch.autograd.grad(out_p, pf, g)
-        for a, b in zip(gc, gp):
-            torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+        out_p = roi_align_multilevel(feats, rois, 7, SCALES, sr, False)
+        _, _, bound = multilevel_bounds(feats, rois.double(), 7, sr, False, u)
+        assert_within(out_c, out_p.double(), bound, f"multilevel forward, sampling_ratio={sr}")
         stages = [(2, 28, 30), (1, 56, 20), (0, 112, 10)]
-        sc = roi_align_stages(cf, rois.cuda(), stages, SCALES, sr, True)
-        sp = roi_align_stages(pf, rois, stages, SCALES, sr, True)
-        for a, b in zip(sc, sp):
-            torch.testing.assert_close(a.cpu(), b)
-        gs = [torch.randn_like(b) for b in sp]
-        gc = torch.autograd.grad(sc, cf[:3], [x.cuda() for x in gs])
-        gp = torch.autograd.grad(sp, pf[:3], gs)
-        for a, b in zip(gc, gp):
-            torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+        for (l, size, n), a, b in zip(stages, roi_align_stages(cf, rois.cuda(), stages, SCALES, sr, True),
+                                      roi_align_stages(feats, rois, stages, SCALES, sr, True)):
+            s = roi_align(feats[l].double().abs(), rois[:n].double(), size, SCALES[l], sr, True)
+            side = float((rois[:n, 3:5] - rois[:n, 1:3]).abs().max()) * SCALES[l] / size
+            terms = 4 * (sr or math.ceil(side + 1)) ** 2 + 1
+            assert_within(a, b.double(), 2 * terms * u * s + coordinate_slack(feats, rois, SCALES, u), f"stage {l}")
+
+    # backward on dyadic boxes: exact coordinates and weights, so only the order of the sums differs
+    drois = dyadic_rois(8, 2).to(dtype)
+    for sr in (1, 2):
+        pf = [f.clone().requires_grad_() for f in feats]
+        gf = [f.cuda().requires_grad_() for f in feats]
+        out_p = roi_align_multilevel(pf, drois, 7, SCALES, sr, True)
+        out_c = roi_align_multilevel(gf, drois.cuda(), 7, SCALES, sr, True)
+        g = torch.randn(out_p.shape, dtype=torch.float64).to(dtype)
+        got = torch.autograd.grad(out_c, gf, g.cuda())
+        exp = torch.autograd.grad(out_p, pf, g)
+        _, s, n = multilevel_grad_reference(feats, drois, 7, sr, True, g)
+        for l, (a, b) in enumerate(zip(got, exp)):
+            assert_within(a, b.double(), 2 * n[l] * u * s[l], f"multilevel grad of level {l}, sr={sr}")
+        stages = [(2, 28, 16), (1, 14, 12), (0, 56, 6)]
+        out_p = roi_align_stages(pf, drois, stages, SCALES, sr, True)
+        out_c = roi_align_stages(gf, drois.cuda(), stages, SCALES, sr, True)
+        gs = [torch.randn(o.shape, dtype=torch.float64).to(dtype) for o in out_p]
+        got = torch.autograd.grad(out_c, gf[:3], [x.cuda() for x in gs])
+        exp = torch.autograd.grad(out_p, pf[:3], gs)
+        for j, (l, size, cnt) in enumerate(stages):  # each stage reads its own level: its gradient alone
+            r = drois[:cnt]
+            s = torch.autograd.grad(roi_align(pf[l].double(), r.double(), size, SCALES[l], sr, True), pf[l],
+                                    gs[j].double().abs())[0]
+            n = torch.stack([terms_per_pixel(feats[l].shape[2:], r[r[:, 0] == b], size, SCALES[l], sr, True)
+                             for b in range(2)])[:, None]
+            assert_within(got[l], exp[l].double(), 2 * n * u * s.double(), f"stage grad of level {l}, sr={sr}")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_forward_against_rounded_reference(dtype, device):
+    """Half/bf16 against float64 torchvision on the same ROUNDED features and boxes (bf16 moves a box near
+    790 px by 2-4 px, enough to change its level: the reference must see the rounded box). Bound: float32
+    sums and coordinates, then one rounding to the dtype (see the error model above)."""
+    feats = [f.to(dtype).double() for f in pyramid(n=2)]
+    rois = torch.cat([random_rois(40, 2), boundary_rois()[:4]]).to(dtype).double()
+    low = [f.to(device, dtype) for f in feats]
+    out = roi_align_multilevel(low, rois.to(device, dtype), 7, SCALES, 2, False)
+    assert out.dtype == dtype and out.device.type == device
+    _, ref, bound = multilevel_bounds(feats, rois, 7, 2, False, U32, out_dtype=dtype)
+    assert_within(out, ref, bound, f"{dtype} multilevel forward")
+    (st,) = roi_align_stages(low, rois.to(device, dtype), [(0, 28, 40)], SCALES)
+    ref = roi_align(feats[0], rois[:40], 28, SCALES[0], 2, True)
+    s = roi_align(feats[0].abs(), rois[:40], 28, SCALES[0], 2, True)
+    assert_within(st, ref, 2 * 17 * U32 * s + rounding_error(ref, dtype) + coordinate_slack(feats, rois, SCALES),
+                  f"{dtype} stage forward")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_backward_against_rounded_reference(dtype, device):
+    """Half/bf16 backward of both ops against the float64 torchvision backward of the same rounded inputs
+    and upstream gradient. Dyadic boxes make every sample exact, so the error is the float32 sum of the n
+    terms of each pixel (<= 2 n u32 sum|terms|, n counted per pixel) and one rounding to the dtype
+    (u |ref|): a sum kept in the dtype instead would be off by about n u sum|terms|."""
+    feats = [f.to(dtype) for f in pyramid(n=2)]
+    rois = dyadic_rois(8, 2).to(dtype)
+    leaves = [f.to(device).requires_grad_() for f in feats]
+    out = roi_align_multilevel(leaves, rois.to(device), 7, SCALES, 2, True)
+    g = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    got = torch.autograd.grad(out, leaves, g.to(device))
+    exp, s, n = multilevel_grad_reference(feats, rois.double(), 7, 2, True, g)  # levels of the exact boxes
+    for l in range(4):
+        assert got[l].dtype == dtype
+        assert_within(got[l], exp[l], rounding_error(exp[l], dtype) + 2 * n[l] * U32 * s[l],
+                      f"{dtype} multilevel grad, level {l}")
+
+    stages = [(2, 14, 16), (0, 28, 10)]
+    outs = roi_align_stages(leaves, rois.to(device), stages, SCALES, 2, True)
+    gs = [torch.randn(o.shape, dtype=torch.float64).to(dtype) for o in outs]
+    got = torch.autograd.grad(outs, [leaves[2], leaves[0]], [x.to(device) for x in gs])
+    for (l, size, cnt), a, gj in zip(stages, got, gs):
+        leaf = feats[l].double().requires_grad_()
+        ref = roi_align(leaf, rois[:cnt].double(), size, SCALES[l], 2, True)
+        (e,) = torch.autograd.grad(ref, leaf, gj.double(), retain_graph=True)
+        (s,) = torch.autograd.grad(ref, leaf, gj.double().abs())
+        r = rois[:cnt].double()
+        n = torch.stack([terms_per_pixel(feats[l].shape[2:], r[r[:, 0] == b], size, SCALES[l], 2, True)
+                         for b in range(2)])[:, None]
+        assert a.dtype == dtype
+        assert_within(a, e, rounding_error(e, dtype) + 2 * n * U32 * s, f"{dtype} stage grad, level {l}")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_precision(dtype):
-    feats = pyramid(n=2)
-    rois = random_rois(40, 2)
-    ref = roi_align_multilevel(feats, rois, 7, SCALES, 2, False)
-    out = roi_align_multilevel([f.cuda().to(dtype) for f in feats], rois.cuda().to(dtype), 7, SCALES, 2, False)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=3e-2)
-    outs = roi_align_stages([f.cuda().to(dtype) for f in feats], rois.cuda().to(dtype), [(0, 28, 40)], SCALES)
-    torch.testing.assert_close(outs[0].float().cpu(), roi_align_stages(feats, rois, [(0, 28, 40)], SCALES)[0], rtol=2e-2, atol=3e-2)
+def test_cuda_deterministic_mode_rejects_the_atomic_backward():
+    """Both backward passes scatter with atomic adds on CUDA: under torch.use_deterministic_algorithms(True)
+    they must raise (as torchvision's RoIAlign does); the forward passes stay allowed."""
+    feats = [f.cuda().requires_grad_() for f in pyramid(n=2)]
+    rois = random_rois(6, 2).cuda()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = roi_align_multilevel(feats, rois, 7, SCALES)
+        with pytest.raises(RuntimeError, match="deterministic"):
+            out.sum().backward()
+        outs = roi_align_stages(feats, rois, [(0, 14, 6)], SCALES)
+        with pytest.raises(RuntimeError, match="deterministic"):
+            outs[0].sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_cpu_deterministic_mode_allows_backward():
+    """The CPU backward passes sum in a fixed order: deterministic mode must not reject them."""
+    feats = [f.requires_grad_() for f in pyramid(n=2)]
+    rois = random_rois(6, 2)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        roi_align_multilevel(feats, rois, 7, SCALES).sum().backward()
+        roi_align_stages(feats, rois, [(0, 14, 6)], SCALES)[0].sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert feats[0].grad is not None
 
 
 @pytest.mark.cuda
