@@ -121,9 +121,18 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoints (last.pth), metrics.csv, eval/")
     p.add_argument("--arch", default=d.arch, help=f"builder name (default {d.arch}); maskrcnn_resnet_fpn is the peer")
     p.add_argument("--arch-kwargs", type=_json_dict, default={}, help="builder keyword arguments as JSON")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--recipe", choices=("paper",), default=None,
+                   help="paper: the paper's ResNet-50-FPN COCO recipe (sizes 640-800/800, max 1333, ImageNet "
+                        "backbone from --backbone-weights); flags given explicitly override it")
+    p.add_argument("--backbone-weights", default=None, metavar="PATH",
+                   help="ImageNet ResNet weights (a local torchvision state dict; nothing is downloaded). "
+                        "--recipe paper default: $TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help=f"dynamic epochs (mask switch trained), counted after --pretrain-epochs (default {d.epochs}); "
+                        "a model without the two phases trains this many epochs")
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
-                   help="first epochs with every resolution supervised and no mask switch")
+                   help="epochs before the dynamic ones, every resolution supervised and no mask switch "
+                        f"(default {d.pretrain_epochs}): a run is pretrain + dynamic epochs, as the paper's 1 + 12")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per process")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer,
                    help="sgd (default, with --momentum) or adamw (faster from random initialisation)")
@@ -132,15 +141,26 @@ def _train_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-iters", type=int, default=d.warmup_iters)
     p.add_argument("--warmup-factor", type=float, default=d.warmup_factor)
-    p.add_argument("--lr-steps", type=int, nargs="*", default=list(d.lr_steps), help="epochs of lr x gamma")
+    p.add_argument("--lr-steps", type=int, nargs="*", default=list(d.lr_steps),
+                   help="lr x gamma after these dynamic epochs (default 8 11: after the pretrain epochs and 8 "
+                        "and 11 dynamic ones); the warm-up starts the run")
     p.add_argument("--gamma", type=float, default=d.gamma)
     p.add_argument("--clip-grad-norm", type=float, default=None)
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes per training process")
     p.add_argument("--flip-prob", type=float, default=d.flip_prob)
     p.add_argument("--resize", type=int, nargs=2, metavar=("LOW", "HIGH"),
-                   help="data-side shorter-side range for multi-scale training")
-    p.add_argument("--max-size", type=int, default=None)
+                   help="multi-scale training: the model draws the shorter side from LOW..HIGH per batch, and "
+                        "uses HIGH at test (paper: 640 800)")
+    p.add_argument("--max-size", type=int, default=None, help="cap of the longer side (the model's max_size)")
+    g = p.add_argument_group("DynaMask's method (the model's defaults, which are the paper's, unless given)")
+    g.add_argument("--target-gmacs", type=float, default=None,
+                   help="C_t, mask-head GMAC per RoI. Default: 0.4/1.40 of the head's top-resolution cost, the "
+                        "paper's 54%%-fewer-FLOPs setting (C_t 0.4 of its 1.40-GMAC head) rescaled to this head")
+    g.add_argument("--no-budget", action="store_true", help="no FLOPs budget term in the dynamic phase")
+    g.add_argument("--budget-weight", type=float, default=None, help="lambda2, weights budget and entropy (0.4)")
+    g.add_argument("--edge-weight", type=float, default=None, help="lambda1, weights the edge loss (0.1)")
+    g.add_argument("--gumbel-tau", type=float, default=None, help="Gumbel-softmax temperature (0.5)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--time-limit", type=float, default=None, help="minutes; then checkpoint and stop")
     p.add_argument("--max-iters", type=int, default=None, help="stop (with a checkpoint) after this many iterations")
@@ -159,6 +179,7 @@ def _train_parser(sub) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from dynamask.engine.train import TrainConfig, train
 
+    _apply_recipe(args)
     train_images, train_ann = _split_files(args, "train", args.train_images, args.train_ann)
     val_images, val_ann = args.val_images, args.val_ann
     if args.data and not (val_images and val_ann) and os.path.isfile(split_paths(args.data, "val")[1]):
@@ -172,14 +193,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flip_prob=args.flip_prob, resize=tuple(args.resize) if args.resize else None, max_size=args.max_size,
         seed=args.seed, time_limit=None if args.time_limit is None else 60.0 * args.time_limit,
         max_iters=args.max_iters, log_every=args.log_every, resume=args.resume, device=args.device,
-        progress=not args.no_progress, val_images=val_images, val_ann=val_ann,
-        mask_costs=args.mask_costs or _model_mask_costs(args.arch, args.arch_kwargs),
+        progress=not args.no_progress, val_images=val_images, val_ann=val_ann, budget=not args.no_budget,
+        target_gmacs=args.target_gmacs, budget_weight=args.budget_weight, edge_weight=args.edge_weight,
+        gumbel_tau=args.gumbel_tau,
+        mask_costs=args.mask_costs,  # None: a DynaMask model's own (dynamask.flops.HeadCosts)
         repeat_factor_threshold=args.repeat_factor_sampling,
     )
     result = train(cfg)
-    from dynamask.engine import distributed
-
-    if distributed.is_main() or "metrics" in result:
+    if _launch_rank() == 0:  # train() has closed the process group by now: torchrun's RANK says who speaks
         print(
             f"{result['status']}: epoch {result['epoch']}, iteration {result['iteration']}, "
             f"checkpoint {result['checkpoint']}"
@@ -191,17 +212,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return cli_checks.train_exit_status(result)
 
 
-def _model_mask_costs(arch: str, kwargs: dict[str, Any]) -> dict[int, float] | None:
-    """Per-resolution cumulative mask-head GMAC of a DynaMask architecture (``dynamask.flops``), computed
-    from the layer shapes of a model built from the same builder arguments; None for other models."""
-    if not arch.startswith("dynamask"):
-        return None
-    from dynamask import flops
-    from dynamask.engine.checkpoint import builders
+def _launch_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("weights", "weights_backbone", "torchvision_weights")}
-    model = builders()[arch](**kwargs)
-    return {int(k): float(v) for k, v in flops.mask_head_gmacs(model).items()}
+
+def _apply_recipe(args: argparse.Namespace) -> None:
+    """``--recipe paper``: the recipe's values for the flags left at their defaults, its ``--arch-kwargs``
+    under the user's, and the ImageNet backbone file (checked before any work); ``--backbone-weights``."""
+    from dynamask.engine import recipe
+
+    if args.recipe == "paper":
+        sub = argparse.ArgumentParser().add_subparsers()
+        _train_parser(sub)
+        defaults = sub.choices["train"]  # a fresh train parser: which flags were left at their defaults
+        if args.arch not in recipe.DYNAMASK_ARCHS:
+            raise CliError(f"--recipe paper trains DynaMask ({', '.join(recipe.DYNAMASK_ARCHS)}), not {args.arch}")
+        in_kwargs = {"resize": "min_size"}  # a recipe flag left out when --arch-kwargs sets the same thing
+        for key, value in recipe.PAPER_RECIPE.items():
+            if key == "arch_kwargs":
+                args.arch_kwargs = {**value, **args.arch_kwargs}
+            elif getattr(args, key) == defaults.get_default(key) and in_kwargs.get(key, key) not in args.arch_kwargs:
+                setattr(args, key, value)
+        if args.backbone_weights is None:
+            args.backbone_weights = recipe.default_backbone_weights()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        warning = recipe.check_paper_batch(args.batch_size, world)
+        if warning and _launch_rank() == 0:
+            print(warning, file=sys.stderr)
+    if args.backbone_weights is not None:
+        if args.arch not in recipe.DYNAMASK_ARCHS:
+            raise CliError(f"--backbone-weights is an argument of DynaMask's builders, not of {args.arch}")
+        if "weights_backbone" in args.arch_kwargs:
+            raise CliError("give the backbone weights once: --backbone-weights or weights_backbone in --arch-kwargs")
+        if not os.path.isfile(args.backbone_weights):
+            raise CliError(f"ImageNet backbone weights not found: {args.backbone_weights}. Nothing is downloaded at "
+                           f"run time: put torchvision's {recipe.RESNET50_IMAGENET_FILE} (from "
+                           f"{recipe.RESNET50_IMAGENET_URL}) there, or pass --backbone-weights PATH")
+        args.arch_kwargs = {**args.arch_kwargs, "weights_backbone": args.backbone_weights}
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -262,8 +309,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise CliError(f"{args.checkpoint} was trained on categories {saved}, but {ann} has {dataset.label_map}")
     check_mask_costs(args.mask_costs, model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    arch = ckpt["arch"]
-    costs = args.mask_costs or _model_mask_costs(arch["name"], arch.get("kwargs", {}))
+    costs = args.mask_costs  # None: a DynaMask model's own (dynamask.flops.HeadCosts), the MSM included
     try:
         metrics = evaluate(
             model, dataset, device=device, costs=costs, out_dir=args.out, boundary=not args.no_boundary,

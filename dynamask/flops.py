@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -99,3 +100,41 @@ def per_image_macs(model: nn.Module, image_size: Sequence[int], stages: Sequence
 def per_image_gmacs(model: nn.Module, image_size: Sequence[int], stages: Sequence[int] | None = None) -> float:
     """:func:`per_image_macs` in GMAC (≈0.87 for an 800×1216 input at the default widths)."""
     return per_image_macs(model, image_size, stages) / 1e9
+
+
+@dataclass(frozen=True)
+class HeadCosts:
+    """What the mask branch of one model costs at inference, in GMAC, for the evaluation reports.
+
+    Attributes:
+        per_roi: resolution → cumulative head cost of one RoI segmented at it (:func:`mask_head_gmacs`).
+        msm: the switch's cost per RoI (0 when a fixed policy routes and the MSM does not run).
+        projections: per r-FPN stage, ``(resolution, GMAC per position of its level, level stride)``: the
+            per-image 1×1 projection that runs when any RoI of the image reaches that resolution.
+    """
+
+    per_roi: dict[int, float]
+    msm: float = 0.0
+    projections: tuple[tuple[int, float, int], ...] = ()
+
+    @classmethod
+    def of(cls, model: nn.Module, *, msm: bool = True) -> "HeadCosts":
+        """The costs of a DynaMask model (``msm``: whether its switch runs, i.e. ``mask_policy == "msm"``)."""
+        head = _find(model, "mask_head")
+        proj = tuple((int(head.resolutions[s]), conv_macs(head.project[s - 1], (1, 1)) / 1e9,
+                      level_strides(head)[s - 1]) for s in range(1, len(head.resolutions)))
+        return cls(per_roi=mask_head_gmacs(head), msm=msm_gmacs(model) if msm else 0.0, projections=proj)
+
+    def image(self, input_size: Sequence[int], resolutions: Sequence[int]) -> tuple[float, float]:
+        """``(per-image part, whole head)`` GMAC of one image whose detections were segmented at
+        ``resolutions`` (one per detection), on a padded network input of ``input_size`` (H, W).
+
+        The per-image part is the projections of the stages some RoI reaches plus the MSM on every RoI;
+        the whole head adds each RoI's cumulative cost. (Images batched together share the projections
+        of the stages any of them reaches, so batched inference can cost more than this.)
+        """
+        h, w = int(input_size[0]), int(input_size[1])
+        top = max(resolutions, default=0)
+        part = self.msm * len(resolutions)
+        part += sum(g * math.ceil(h / t) * math.ceil(w / t) for r, g, t in self.projections if r <= top)
+        return part, part + sum(self.per_roi[int(r)] for r in resolutions)

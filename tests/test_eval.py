@@ -143,3 +143,43 @@ def test_resolution_columns_follow_the_model():
     dist = resolution_distribution(results, {1: "ellipse"}, resolutions=(7, 14, 28, 56))
     assert dist["resolutions"] == [7, 14, 28, 56]
     assert dist["overall"] == {7: 1, 14: 0, 28: 0, 56: 1}
+
+
+def test_cost_report_counts_every_detection_and_the_per_image_work():
+    """Hand-derived: the head segments every kept detection, whatever its score; the MSM runs on each; a
+    stage's projection runs once per image whose RoIs reach it, over its level (ceil(H/t) x ceil(W/t))."""
+    from dynamask.engine.resolution import cost_report
+    from dynamask.flops import HeadCosts
+
+    costs = HeadCosts(per_roi={14: 1.0, 28: 2.0, 56: 4.0}, msm=0.5, projections=((28, 0.01, 16), (56, 0.001, 8)))
+    results = [
+        {"image_id": 1, "score": 0.9, "mask_resolution": 14, "input_size": [64, 96]},
+        {"image_id": 1, "score": 0.1, "mask_resolution": 28, "input_size": [64, 96]},  # low score: still run
+        {"image_id": 2, "score": 0.7, "mask_resolution": 56, "input_size": [40, 40]},
+    ]
+    report = cost_report(results, costs, num_images=3)  # image 3 had no detection
+    assert report["instances"] == 3
+    assert report["mask_gmac_per_instance"] == pytest.approx((1 + 2 + 4) / 3 + 0.5)
+    # image 1 reaches 28: P4 of 64x96 at stride 16 is 4x6; image 2 reaches 56: 3x3 at 16 and 5x5 at 8
+    image1 = 2 * 0.5 + 0.01 * 4 * 6
+    image2 = 1 * 0.5 + 0.01 * 3 * 3 + 0.001 * 5 * 5
+    assert report["per_image_gmac"] == pytest.approx((image1 + image2) / 3)
+    assert report["head_gmac_per_image"] == pytest.approx((image1 + 3 + image2 + 4) / 3)
+    plain = cost_report(results, {14: 1.0, 28: 2.0, 56: 4.0}, num_images=3)  # resolution costs only
+    assert plain["mask_gmac_per_instance"] == pytest.approx(7 / 3) and plain["per_image_gmac"] is None
+
+
+def test_head_costs_of_the_default_head():
+    """The default head at 800x1216: the projections are the ~0.87 GMAC of ``per_image_gmacs``, and
+    one RoI at 112 adds the MSM and its cumulative cost."""
+    from dynamask import flops
+    from dynamask.models.mask_head import DynaMaskHead
+    from dynamask.models.msm import MaskSwitchModule
+
+    model = torch.nn.Module()
+    model.mask_head, model.msm = DynaMaskHead(), MaskSwitchModule()
+    costs = flops.HeadCosts.of(model)
+    part, whole = costs.image((800, 1216), [112])
+    assert part == pytest.approx(flops.per_image_gmacs(model, (800, 1216)) + flops.msm_gmacs(model))
+    assert whole == pytest.approx(part + flops.mask_head_gmacs(model)[112])
+    assert flops.HeadCosts.of(model, msm=False).msm == 0.0

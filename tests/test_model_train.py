@@ -123,3 +123,77 @@ def test_mask_rois_per_image_caps_the_mask_branch(monkeypatch):
         assert all((f == row).all(1).any() for row in c)  # a subset of the positives
     with pytest.raises(ValueError, match="mask_rois_per_image"):
         tiny_model(mask_rois_per_image=0)
+
+
+def test_one_training_step_under_cpu_autocast_bf16(monkeypatch):
+    """Under autocast the MSM's logits reach Gumbel-softmax and every mask-branch loss in float32 (in
+    bfloat16 the Gumbel noise and the entropy's logs are coarse), and the step's gradients are finite."""
+    from dynamask.models import mask_losses
+
+    torch.manual_seed(0)
+    model = tiny_model(target_gmacs=1e-3).train()
+    model.mask_training = "dynamic"
+    seen = []
+    original = mask_losses.gumbel_hard
+    monkeypatch.setattr(mask_losses, "gumbel_hard", lambda logits, tau: (seen.append(logits.dtype), original(logits, tau))[1])
+    images, targets = synthetic_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert seen == [torch.float32]
+    for key in ("loss_mask", "loss_edge", "loss_entropy", "loss_budget"):
+        assert losses[key].dtype == torch.float32, key
+    assert all(math.isfinite(float(v.detach())) for v in losses.values())
+    sum(losses.values()).backward()
+    assert _grad_norm(model.roi_heads.msm) > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_gradients_get_their_parameters_layout():
+    """A 1×1 conv weight ``[O, I, 1, 1]`` can get a channels-last gradient (as from a conv fed
+    channels-last input): strides of size-1 dims differ, autograd keeps it, and DDP would copy it stride by
+    stride into its bucket each step. The hooks give it the parameter's strides, values unchanged."""
+    from dynamask.engine.distributed import match_grad_layouts
+
+    weight = torch.nn.Parameter(torch.rand(4, 8, 1, 1))
+    bias = torch.nn.Parameter(torch.rand(4))
+    module = torch.nn.Module()
+    module.weight, module.bias = weight, bias
+    upstream = torch.empty_strided((4, 8, 1, 1), (8, 1, 8, 8)).copy_(torch.rand(4, 8, 1, 1))  # channels-last
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        ((weight * upstream).sum() + bias.sum()).backward()
+        return weight.grad
+
+    assert step().stride() == upstream.stride() != weight.stride()  # what the hooks are for
+    handles = match_grad_layouts(module)
+    assert len(handles) == 1  # the bias has no size-1 dimension: autograd already copies it when needed
+    grad = step()
+    assert grad.stride() == weight.stride() and torch.equal(grad, upstream)
+
+
+@pytest.mark.cuda
+def test_one_training_step_under_cuda_amp(monkeypatch):
+    """CUDA mixed precision (float16, with a gradient scaler, as the trainer runs it): the MSM's logits
+    and the mask-branch losses are float32, and the unscaled gradients are finite."""
+    from dynamask.models import mask_losses
+
+    torch.manual_seed(0)
+    model = tiny_model(target_gmacs=1e-3).cuda().train()
+    model.mask_training = "dynamic"
+    seen = []
+    original = mask_losses.gumbel_hard
+    monkeypatch.setattr(mask_losses, "gumbel_hard", lambda logits, tau: (seen.append(logits.dtype), original(logits, tau))[1])
+    images, targets = synthetic_batch()
+    images = [im.cuda() for im in images]
+    targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    scaler = torch.amp.GradScaler("cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        losses = model(images, targets)
+    assert seen == [torch.float32]
+    for key in ("loss_mask", "loss_edge", "loss_entropy", "loss_budget"):
+        assert losses[key].dtype == torch.float32, key
+    scaler.scale(sum(losses.values())).backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler.unscale_(opt)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -1,5 +1,6 @@
 """Training with a tiny torchvision Mask R-CNN stand-in: a few CPU iterations, exact resume, non-finite
-loss, a 2-process gloo DDP run, and checkpoints."""
+loss, a 2-process gloo DDP run, and checkpoints; with a tiny DynaMask: the two phases, multi-scale inputs,
+the method's flags and ``--recipe paper`` (DDP cases of DynaMask: test_train_ddp.py)."""
 
 import json
 import os
@@ -13,6 +14,7 @@ from dynamask.data.shapes import generate, split_paths
 from dynamask.engine.checkpoint import (
     BUILDERS,
     build_model,
+    builders,
     load_checkpoint,
     make_arch,
     model_from_checkpoint,
@@ -242,3 +244,132 @@ def test_cli_train_then_eval(shapes, tmp_path, capsys):
         main(["train", "--out", run])  # no data given
     with pytest.raises(SystemExit):
         main(["train", "--data", shapes, "--out", run, "--arch-kwargs", "[1]"])
+
+
+TINY_DYNAMASK = dict(depth=18, trunk_channels=16, stage_channels=[8, 8, 8], mask_roi_size=7, fpn_channels=32,
+                     box_representation_size=64, rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=32,
+                     rpn_pre_nms_top_n_test=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=32,
+                     box_detections_per_img=10)
+
+
+def test_dynamask_trains_across_the_phase_switch_at_many_scales(shapes, tmp_path):
+    """A tiny DynaMask through ``train()``: 1 pretrain epoch, then 2 dynamic ones (2 steps each); the lr
+    step after dynamic epoch 1 falls at step 4; the shorter side is drawn from 48..80 in training and is
+    80 at test; the budget is on by default at the paper's ratio of this head's top cost."""
+    from dynamask import flops
+    from dynamask.engine.recipe import PAPER_TARGET_RATIO
+    from dynamask.models import dynamask_resnet_fpn
+
+    sizes = {"train": [], "eval": []}
+
+    def builder(**kw):
+        model = dynamask_resnet_fpn(**kw)
+        model.transform.register_forward_hook(
+            lambda m, args, out: sizes["train" if m.training else "eval"].extend(out[0].image_sizes))
+        return model
+
+    builders()  # the registry fills on first use: fill it before adding to it
+    BUILDERS["watched_dynamask"] = builder
+    phases = []
+    val_img, val_ann = split_paths(shapes, "val")
+    try:
+        r = train(_cfg(shapes, tmp_path, arch="watched_dynamask", arch_kwargs=TINY_DYNAMASK, pretrain_epochs=1,
+                       epochs=2, batch_size=3, lr_steps=(1,), warmup_iters=1, resize=(48, 80), optimizer="adamw",
+                       lr=1e-4, val_images=val_img, val_ann=val_ann),
+                  on_iteration=lambda it, losses: phases.append("loss_budget" in losses))
+    finally:
+        BUILDERS.pop("watched_dynamask", None)
+    assert r["status"] == "done" and r["epoch"] == 3 and r["iteration"] == 6
+    assert phases == [False, False, True, True, True, True]  # budget and entropy from the dynamic phase on
+    rows = [line.split(",") for line in open(tmp_path / "metrics.csv").read().strip().splitlines()]
+    lr = [float(row[rows[0].index("lr")]) for row in rows[1:]]
+    assert lr == pytest.approx([1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5])  # the lr of the step after each row
+    train_short = [min(s) for s in sizes["train"]]
+    assert all(48 <= s <= 80 for s in train_short) and len(set(train_short)) > 1
+    assert {min(s) for s in sizes["eval"]} == {80} and len(sizes["eval"]) == 2
+    assert r["plan"][0].startswith("schedule: 1 pretrain epoch(s)") and "= 3 epochs of 2 iterations" in r["plan"][0]
+    assert "after dynamic epoch 1 (iteration 4)" in r["plan"][2] and "shorter side 48-80" in r["plan"][3]
+    ckpt = load_checkpoint(r["checkpoint"])
+    kwargs = ckpt["arch"]["kwargs"]
+    assert kwargs["min_size"] == list(range(48, 81))
+    model = dynamask_resnet_fpn(**kwargs)
+    model.load_state_dict(ckpt["model"])
+    top = max(flops.mask_head_gmacs(model).values())
+    assert kwargs["target_gmacs"] == pytest.approx(0.4 / 1.40 * top) and PAPER_TARGET_RATIO == 0.4 / 1.40
+    assert model.roi_heads.target_gmacs == pytest.approx(0.4 / 1.40 * top)
+    # the evaluation's costs: every detection (any score), MSM included; per image over the 2 val images
+    cost = r["metrics"]["mask_cost"]
+    n, msm = cost["instances"], flops.msm_gmacs(model)
+    assert n > 0 and cost["msm_gmac_per_roi"] == pytest.approx(msm)
+    assert min(flops.mask_head_gmacs(model).values()) + msm <= cost["mask_gmac_per_instance"] <= top + msm
+    rois = n * (cost["mask_gmac_per_instance"] - msm)  # the RoIs' own head cost, all images
+    assert cost["head_gmac_per_image"] == pytest.approx(cost["per_image_gmac"] + rois / 2)
+    assert cost["per_image_gmac"] > n * msm / 2  # the projections come on top of the MSM
+
+
+def test_method_flags_reach_the_model_and_conflicts_are_refused(shapes, tmp_path):
+    r = train(_cfg(shapes, tmp_path, arch="dynamask_resnet_fpn", arch_kwargs=TINY_DYNAMASK, pretrain_epochs=0,
+                   epochs=1, max_iters=1, target_gmacs=0.005, budget_weight=0.3, edge_weight=0.2, gumbel_tau=0.7))
+    kw = load_checkpoint(r["checkpoint"])["arch"]["kwargs"]
+    assert (kw["target_gmacs"], kw["budget_weight"], kw["edge_weight"], kw["gumbel_tau"]) == (0.005, 0.3, 0.2, 0.7)
+    from dynamask.engine.recipe import model_kwargs
+
+    none = dict.fromkeys(("target_gmacs", "budget_weight", "edge_weight", "gumbel_tau"))
+    off = model_kwargs("dynamask_resnet_fpn", {"depth": 18}, resize=None, max_size=None, budget=False, settings=none)
+    assert off == {"depth": 18, "target_gmacs": None}  # the trainer then sets no default C_t
+    with pytest.raises(ValueError, match="--no-budget and --target-gmacs contradict"):
+        model_kwargs("dynamask_resnet_fpn", {}, resize=None, max_size=None, budget=False,
+                     settings=dict(none, target_gmacs=0.3))
+    with pytest.raises(ValueError, match=r"budget_weight \(--budget-weight\) given both in --arch-kwargs and as a flag"):
+        train(_cfg(shapes, tmp_path / "x", arch="dynamask_resnet_fpn",
+                   arch_kwargs=dict(TINY_DYNAMASK, budget_weight=0.4), budget_weight=0.5))
+    with pytest.raises(ValueError, match="settings of DynaMask, not of architecture 'maskrcnn_resnet_fpn'"):
+        train(_cfg(shapes, tmp_path / "x", target_gmacs=0.4))
+    with pytest.raises(ValueError, match="a resumed run keeps its settings"):
+        train(_cfg(shapes, tmp_path, arch="dynamask_resnet_fpn", arch_kwargs=TINY_DYNAMASK, resume="auto",
+                   gumbel_tau=0.5))
+
+
+def test_cli_paper_recipe_dry_run(shapes, tmp_path, capsys):
+    """``--recipe paper`` with a tiny model and 1 step: the plan it prints is the paper's schedule; the
+    ImageNet weights come from the file named, and a missing file is refused before any work."""
+    from torchvision.models import resnet18
+
+    from dynamask.cli import main
+
+    weights = str(tmp_path / "resnet18.pth")
+    torch.save(resnet18().state_dict(), weights)
+    tiny = json.dumps(dict(TINY_DYNAMASK, box_detections_per_img=5))
+    run = str(tmp_path / "run")
+    assert main(["train", "--recipe", "paper", "--data", shapes, "--out", run, "--backbone-weights", weights,
+                 "--arch-kwargs", tiny, "--max-iters", "1", "--workers", "0", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "total batch of 16; this run has 2 x 1 = 2" in err
+    assert "1 pretrain epoch(s) (every resolution supervised, no mask switch) + 12 dynamic epoch(s)" in out
+    assert "= 13 epochs of 3 iterations" in out
+    assert "sgd 0.02, linear warm-up over the first 500 iterations from x0.001; x0.1 after dynamic epoch 8 " \
+           "(iteration 27), dynamic epoch 11 (iteration 36)" in out
+    assert "shorter side 640-800 in training (drawn per batch), 800 at test; longer side at most 1333" in out
+    ckpt = load_checkpoint(os.path.join(run, "last.pth"))
+    kw = ckpt["arch"]["kwargs"]
+    assert "weights_backbone" not in kw and kw["frozen_bn"] is True and kw["depth"] == 18  # --arch-kwargs wins
+    model, _ = model_from_checkpoint(os.path.join(run, "last.pth"))  # rebuilds without the weights file
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d)
+    assert not model.backbone.body.layer1[0].conv1.weight.requires_grad  # 3 trainable layers: layer2-4
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "paper", "--data", shapes, "--out", run,
+              "--backbone-weights", str(tmp_path / "missing.pth")])
+    assert "ImageNet backbone weights not found" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_dynamask_trains_on_cuda_with_amp(shapes, tmp_path):
+    """The trainer's CUDA path: float16 autocast and a gradient scaler across the phase switch."""
+    r = train(_cfg(shapes, tmp_path, arch="dynamask_resnet_fpn", arch_kwargs=TINY_DYNAMASK, pretrain_epochs=1,
+                   epochs=1, batch_size=3, amp=True, device="cuda", optimizer="adamw", lr=1e-4))
+    assert r["status"] == "done" and r["iteration"] == 4
+    ckpt = load_checkpoint(r["checkpoint"])
+    assert "scaler" in ckpt and ckpt["scaler"]  # the scaler was enabled and saved
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

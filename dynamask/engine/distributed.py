@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,3 +65,44 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t)
     t /= world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def gather_lists(items: list[Any]) -> list[Any] | None:
+    """Concatenation, in rank order, of every process's list (picklable items) on rank 0; None elsewhere.
+
+    One collective per process, whatever the lengths: the evaluation shards may be uneven.
+    """
+    if not is_distributed() or world_size() == 1:
+        return list(items)
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part] if is_main() else None
+
+
+def _as_param_layout(shape: tuple[int, ...], stride: tuple[int, ...], grad: torch.Tensor) -> torch.Tensor:
+    if grad.stride() == stride or grad.layout != torch.strided:
+        return grad
+    return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def match_grad_layouts(model: torch.nn.Module) -> list[Any]:
+    """Makes every gradient arrive with its parameter's exact strides; returns the hook handles.
+
+    DDP copies each gradient into a bucket view that has the parameter's strides, and warns ("Grad strides
+    do not match bucket view strides") when they differ, as they do for a 1×1 conv fed channels-last
+    input: its weight ``[O, I, 1, 1]`` gets a channels-last gradient, strides (I, 1, I, I) against
+    (I, 1, 1, 1). Autograd accepts that gradient as is (strides of size-1 dimensions do not count in its
+    layout contract), and DDP then takes a slow strided copy each step. Only parameters with a size-1
+    dimension can differ this way (any other mismatch autograd itself copies into the parameter's
+    layout), so only those get a hook, which rewrites a mismatched gradient (tiny: a 1×1 conv's weight).
+    """
+    return [p.register_hook(functools.partial(_as_param_layout, tuple(p.shape), p.stride()))
+            for p in model.parameters() if p.requires_grad and 1 in p.shape]
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) to every process: DDP broadcasts them at the
+    start of each training forward, so after the last one each process holds its own update."""
+    if is_distributed() and world_size() > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)

@@ -16,13 +16,14 @@ from pycocotools.coco import COCO
 
 from dynamask.engine.coco_eval import coco_metrics, output_to_results
 from dynamask.engine.resolution import (
-    mean_mask_gmac,
+    cost_report,
     plot_resolution_distribution,
     resolution_distribution,
     shown_categories,
 )
+from dynamask.flops import HeadCosts
 
-Costs = Mapping[int, float] | Callable[[int], float]
+Costs = HeadCosts | Mapping[int, float] | Callable[[int], float]
 
 
 @torch.no_grad()
@@ -42,7 +43,8 @@ def run_model(
 
     The model is put in eval mode; its outputs are mapped back to each image's size in the annotation file
     and its labels to COCO category ids (``dataset.cat_ids``). Outputs without ``mask_resolution`` count as
-    ``default_resolution`` (default: the model's ``fixed_mask_resolution`` attribute, if any).
+    ``default_resolution`` (default: the model's ``fixed_mask_resolution`` attribute, if any). Each result
+    also holds ``input_size``, the padded network input (H, W) its image was run at (for the cost report).
     """
     from tqdm import tqdm
 
@@ -57,16 +59,34 @@ def run_model(
         subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
     )
     results: list[dict[str, Any]] = []
-    for images, targets in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
-        outputs = model([im.to(device) for im in images])
-        for target, out in zip(targets, outputs):
-            image_id = int(target["image_id"])
-            info = dataset.coco.imgs[image_id]
-            size = (int(info["height"]), int(info["width"])) if "height" in info else None
-            results += output_to_results(
-                image_id, out, dataset.cat_ids, image_size=size, mask_threshold=mask_threshold,
-                default_resolution=default_resolution,
-            )
+    seen: list[list[int]] = []  # the backbone's input [B, 3, H, W]: the padded size, whatever the transform
+    backbone = getattr(model, "backbone", None)
+    hook = None if backbone is None else backbone.register_forward_pre_hook(
+        lambda m, args: seen.append([int(v) for v in args[0].shape[-2:]]))
+    try:
+        for images, targets in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
+            seen.clear()
+            outputs = model([im.to(device) for im in images])
+            results += _batch_results(dataset, targets, outputs, seen[-1] if seen else None, mask_threshold,
+                                      default_resolution)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return results
+
+
+def _batch_results(dataset, targets, outputs, input_size, mask_threshold, default_resolution):
+    results: list[dict[str, Any]] = []
+    for target, out in zip(targets, outputs):
+        image_id = int(target["image_id"])
+        info = dataset.coco.imgs[image_id]
+        size = (int(info["height"]), int(info["width"])) if "height" in info else None
+        found = output_to_results(image_id, out, dataset.cat_ids, image_size=size, mask_threshold=mask_threshold,
+                                  default_resolution=default_resolution)
+        if input_size is not None:
+            for r in found:
+                r["input_size"] = input_size
+        results += found
     return results
 
 
@@ -84,8 +104,9 @@ def evaluate_results(
 ) -> dict[str, Any]:
     """Metrics of COCO result dicts against ``coco_gt``.
 
-    Returns ``{"bbox": {AP...}, "segm": {AP...}, "boundary": {AP...} (if asked), "resolution": distribution,
-    "mask_gmac_per_instance": float | None}``. With ``out_dir``, also writes ``results.json``,
+    Returns ``{"bbox": {AP...}, "segm": {AP...}, "boundary": {AP...} (if asked), "resolution": distribution
+    (detections scoring >= ``score_threshold``), "mask_gmac_per_instance": float | None, "mask_cost": the
+    :func:`~dynamask.engine.resolution.cost_report` over every detection}``. With ``out_dir``, also writes ``results.json``,
     ``metrics.json``, ``summary.txt`` and ``resolution.png`` there.
 
     With ``lvis_gt`` (an LVIS file's path, or its ``lvis.LVIS``), bbox and segm are scored by LVIS's rules
@@ -113,10 +134,14 @@ def evaluate_results(
         metrics["cityscapes"] = cityscapes_instance_metrics(coco_gt, results, cityscapes_gt_dir)
     cat_names = {int(c["id"]): str(c["name"]) for c in coco_gt.loadCats(coco_gt.getCatIds())}
     # A mapping of costs names the model's resolutions (e.g. 7/14/28/56 for a demo model).
-    known = sorted(int(r) for r in costs) if isinstance(costs, Mapping) else None
+    per_roi = costs.per_roi if isinstance(costs, HeadCosts) else costs
+    known = sorted(int(r) for r in per_roi) if isinstance(per_roi, Mapping) else None
     dist = resolution_distribution(results, cat_names, score_threshold=score_threshold, resolutions=known)
     metrics["resolution"] = dist
-    metrics["mask_gmac_per_instance"] = mean_mask_gmac(dist, costs) if costs is not None else None
+    # the head segments every kept detection, whatever its score: its cost is averaged over all of them
+    report = cost_report(results, costs, num_images=len(coco_gt.imgs)) if costs is not None else None
+    metrics["mask_gmac_per_instance"] = report["mask_gmac_per_instance"] if report else None
+    metrics["mask_cost"] = report
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -145,14 +170,23 @@ def evaluate(
     lvis: bool | None = None,
     max_dets: int | None = None,
     cityscapes_gt_dir: str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Run ``model`` over ``dataset`` and evaluate (see :func:`run_model` and :func:`evaluate_results`).
+    ``costs`` default: a DynaMask model's own (:class:`~dynamask.flops.HeadCosts`, with the MSM when it routes).
 
     ``lvis``: score by LVIS's rules (default: when ``dataset`` is a :class:`dynamask.data.lvis.LvisDetection`);
     the model then keeps ``max_dets`` detections per image (default 300) while it runs.
+
+    Under DDP every process must call this: each runs the model on its share of the images (every
+    world-th, so shares differ by one at most), rank 0 gathers the results and returns the metrics; the
+    other processes return None.
     """
     from dynamask.data.lvis import LvisDetection
+    from dynamask.engine import distributed as dist_utils
 
+    heads = getattr(model, "roi_heads", None)
+    if costs is None and hasattr(heads, "mask_head") and hasattr(heads, "msm"):
+        costs = HeadCosts.of(model, msm=heads.mask_policy == "msm")
     if lvis is None:
         lvis = isinstance(dataset, LvisDetection)
     lvis_gt, limit = None, contextlib.nullcontext()
@@ -162,11 +196,16 @@ def evaluate(
         lvis_gt = load_lvis_gt(dataset.ann_file)  # before inference, so that a bad file fails early
         max_dets = max_dets or LVIS_MAX_DETS
         limit = detections_per_image(model, max_dets)
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    indices = list(range(rank, len(dataset), world)) if world > 1 else None
     with limit:
         results = run_model(
             model, dataset, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
-            default_resolution=default_resolution,
+            default_resolution=default_resolution, indices=indices,
         )
+    results = dist_utils.gather_lists(results)
+    if results is None:
+        return None
     return evaluate_results(dataset.coco, results, costs=costs, boundary=boundary, out_dir=out_dir,
                             lvis_gt=lvis_gt, max_dets=max_dets, cityscapes_gt_dir=cityscapes_gt_dir)
 
@@ -201,6 +240,12 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         if len(shown) < len(dist["per_category"]):
             lines.append(f"({len(shown)} of {len(dist['per_category'])} categories, those with the most instances; "
                          "all in metrics.json)")
+    cost = metrics.get("mask_cost") or {}
     if metrics.get("mask_gmac_per_instance") is not None:
-        lines += ["", f"Mean mask-head cost: {metrics['mask_gmac_per_instance']:.3f} GMAC per instance"]
+        msm = " (MSM included)" if cost.get("msm_gmac_per_roi") else ""
+        lines += ["", f"Mask head: {metrics['mask_gmac_per_instance']:.4f} GMAC per instance{msm}, the mean over "
+                      f"all {cost.get('instances', '')} detections it segmented (any score)"]
+    if cost.get("head_gmac_per_image") is not None:
+        lines.append(f"Per image: {cost['per_image_gmac']:.4f} GMAC of projections and MSM; whole mask head "
+                     f"{cost['head_gmac_per_image']:.4f} GMAC")
     return "\n".join(lines) + "\n"

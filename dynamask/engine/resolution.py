@@ -67,6 +67,46 @@ def mean_mask_gmac(
     return total / n
 
 
+def cost_report(results: list[dict[str, Any]], costs: Any, *, num_images: int) -> dict[str, Any]:
+    """Mask-head cost over every detection the head ran on (no score threshold: it segments them all).
+
+    Args:
+        results: COCO result dicts with ``mask_resolution`` (``None``: not costed) and, for the per-image
+            figures, ``input_size`` (the padded network input, H, W; see :func:`dynamask.engine.evaluate.run_model`).
+        costs: a :class:`dynamask.flops.HeadCosts` (all figures, MSM included), or resolution → per-RoI
+            GMAC as a mapping or callable (the per-instance figure only).
+        num_images: images evaluated (those without detections cost nothing and count in the means).
+    Returns ``{"instances", "mask_gmac_per_instance", "msm_gmac_per_roi", "per_image_gmac",
+    "head_gmac_per_image"}``; a figure that cannot be computed is None.
+    """
+    from dynamask.flops import HeadCosts
+
+    costed = [r for r in results if r.get("mask_resolution") is not None]
+    head = costs if isinstance(costs, HeadCosts) else None
+    per_roi = head.per_roi if head is not None else costs
+    cost = per_roi if callable(per_roi) else (lambda r: per_roi[r])
+    msm = head.msm if head is not None else 0.0
+    total = 0.0
+    for r in costed:
+        try:
+            total += float(cost(int(r["mask_resolution"]))) + msm
+        except KeyError as exc:
+            raise KeyError(f"no mask-head cost given for resolution {r['mask_resolution']}") from exc
+    out: dict[str, Any] = {"instances": len(costed), "mask_gmac_per_instance": total / len(costed) if costed else None,
+                           "msm_gmac_per_roi": msm if head is not None else None, "per_image_gmac": None,
+                           "head_gmac_per_image": None}
+    if head is not None and num_images > 0 and all("input_size" in r for r in costed):
+        by_image: dict[Any, list[dict[str, Any]]] = {}
+        for r in costed:
+            by_image.setdefault(r["image_id"], []).append(r)
+        part = whole = 0.0
+        for rs in by_image.values():
+            p, w = head.image(rs[0]["input_size"], [int(r["mask_resolution"]) for r in rs])
+            part, whole = part + p, whole + w
+        out["per_image_gmac"], out["head_gmac_per_image"] = part / num_images, whole / num_images
+    return out
+
+
 MAX_SHOWN_CATEGORIES = 40
 
 

@@ -2,8 +2,9 @@
 
 ``train(TrainConfig(...))`` trains any model built by a registered builder (``dynamask.engine.checkpoint``)
 that follows torchvision's detection contract: ``model(images, targets)`` returns a dict of losses. Models
-with a ``mask_training`` attribute get ``"pretrain"`` for the first ``pretrain_epochs`` epochs, then
-``"dynamic"``.
+with a ``mask_training`` attribute (DynaMask) get ``"pretrain"`` for ``pretrain_epochs`` epochs, then
+``"dynamic"`` for ``epochs`` more, as the paper counts (1 + 12); ``lr_steps`` count dynamic epochs and the
+warm-up starts the run. Other models train ``epochs`` epochs.
 
 Exact resume: a checkpoint holds the model, optimiser, scheduler, grad scaler, RNG states, epoch and
 iteration; the sampler is a function of (seed, epoch) and each sample's augmentation a function of
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dynamask.checks import check_mask_costs
 from dynamask.engine import distributed as dist_utils
+from dynamask.engine import recipe
 from dynamask.engine.checkpoint import (
     build_model,
     load_checkpoint,
@@ -48,8 +50,8 @@ class TrainConfig:
     out_dir: str
     arch: str = "dynamask_resnet_fpn"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # num_classes is filled from the data if absent
-    epochs: int = 12
-    pretrain_epochs: int = 1  # epochs with every resolution supervised (model.mask_training = "pretrain")
+    epochs: int = 12  # dynamic epochs (after the pretrain epochs); all epochs of a model without the phases
+    pretrain_epochs: int = 1  # epochs before those with every resolution supervised (mask_training "pretrain")
     batch_size: int = 2
     optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: Adam with decoupled decay (momentum unused)
     lr: float = 0.02
@@ -57,14 +59,21 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_iters: int = 500
     warmup_factor: float = 0.001
-    lr_steps: tuple[int, ...] = (8, 11)  # epochs at which the lr is multiplied by gamma
+    lr_steps: tuple[int, ...] = (8, 11)  # dynamic epochs after which the lr is multiplied by gamma
     gamma: float = 0.1
     clip_grad_norm: float | None = None
     amp: bool = True  # mixed precision; only on CUDA
     workers: int = 2
     flip_prob: float = 0.5
-    resize: tuple[int, int] | None = None  # data-side shorter-side range (the model's transform resizes too)
-    max_size: int | None = None
+    resize: tuple[int, int] | None = None  # multi-scale: the model draws the shorter side from LOW..HIGH; HIGH at test
+    max_size: int | None = None  # the model's cap on the longer side
+    # DynaMask's method (None: the model's default; see dynamask.engine.recipe). The budget is on unless
+    # budget=False; its default C_t is the paper's 54%-fewer-FLOPs setting rescaled to this head.
+    budget: bool = True
+    target_gmacs: float | None = None  # C_t, GMAC per RoI
+    budget_weight: float | None = None  # lambda2 (0.4)
+    edge_weight: float | None = None  # lambda1 (0.1)
+    gumbel_tau: float | None = None  # tau (0.5)
     seed: int = 0
     time_limit: float | None = None  # seconds of training in this run; then checkpoint and stop
     max_iters: int | None = None  # stop (with a checkpoint) after this many iterations in total
@@ -174,12 +183,10 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def _dataset(cfg: TrainConfig):
-    from dynamask.data import Compose, RandomHorizontalFlip, Resize
+    from dynamask.data import Compose, RandomHorizontalFlip
     from dynamask.data.lvis import open_dataset
 
-    transforms = []
-    if cfg.resize is not None:
-        transforms.append(Resize(tuple(cfg.resize), cfg.max_size))
+    transforms = []  # sizes are the model transform's (multi-scale in training): no resizing here
     if cfg.flip_prob > 0:
         transforms.append(RandomHorizontalFlip(cfg.flip_prob))
     return open_dataset(cfg.train_images, cfg.train_ann, Compose(transforms))  # COCO or LVIS
@@ -215,6 +222,10 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     resume_path = ckpt_path if cfg.resume == "auto" else cfg.resume
     ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
 
+    settings = {k: getattr(cfg, k) for k in recipe.METHOD_SETTINGS}
+    if ckpt is None:  # settings checked before the (possibly long) reading of the annotations
+        kwargs = recipe.model_kwargs(cfg.arch, cfg.arch_kwargs, resize=cfg.resize, max_size=cfg.max_size,
+                                     budget=cfg.budget, settings=settings)
     dataset = _dataset(cfg)
     label_map = dataset.label_map
     if ckpt is not None:
@@ -223,10 +234,14 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
         arch = ckpt["arch"]
         if {int(k): tuple(v) for k, v in ckpt["label_map"].items()} != label_map:
             raise ValueError(f"{resume_path}: checkpoint's label map differs from the categories of {cfg.train_ann}")
+        changed = sorted(k for k, v in settings.items() if v is not None and arch["kwargs"].get(k) != v)
+        if changed:
+            raise ValueError(f"{resume_path}: the run was trained with other {', '.join(changed)} "
+                             f"({ {k: arch['kwargs'].get(k) for k in changed} }); a resumed run keeps its settings")
+        build_arch = arch
     else:
-        kwargs = dict(cfg.arch_kwargs)
         kwargs.setdefault("num_classes", dataset.num_classes)
-        arch = make_arch(cfg.arch, **kwargs)
+        build_arch = make_arch(cfg.arch, **kwargs)
 
     torch.manual_seed(cfg.seed)
     import random
@@ -235,7 +250,17 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = build_model(arch).to(device)
+    model = build_model(build_arch).to(device)
+    heads = getattr(model, "roi_heads", None)
+    if ckpt is None:
+        kwargs = recipe.stored_kwargs(build_arch["kwargs"])
+        if cfg.budget and "target_gmacs" not in kwargs and hasattr(heads, "target_gmacs"):
+            heads.target_gmacs = recipe.default_target_gmacs(model)  # the budget is on by default
+            kwargs["target_gmacs"] = heads.target_gmacs
+        arch = make_arch(cfg.arch, **kwargs)  # what the checkpoint records: rebuilds with no weight file
+    phases = hasattr(model, "mask_training")
+    pretrain_epochs = cfg.pretrain_epochs if phases else 0
+    total_epochs = pretrain_epochs + cfg.epochs
 
     seeded = _SeededSamples(dataset, cfg.seed)
     if cfg.repeat_factor_threshold:
@@ -257,7 +282,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    milestones = [e * iters_per_epoch for e in cfg.lr_steps]
+    milestones = recipe.milestones(cfg.lr_steps, pretrain_epochs=pretrain_epochs, iters_per_epoch=iters_per_epoch)
     schedule = WarmupStepSchedule(cfg.warmup_iters, cfg.warmup_factor, milestones, cfg.gamma)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     use_amp = cfg.amp and device.type == "cuda"
@@ -286,6 +311,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
 
     ddp_model = model
     if world > 1:
+        dist_utils.match_grad_layouts(model)  # no strided copies (and warning) in DDP's gradient buckets
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
@@ -295,6 +321,12 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
         log.truncate_after(iteration)
     tb = tensorboard_writer(os.path.join(cfg.out_dir, "tb")) if is_main else None
     extra = {"iters_per_epoch": iters_per_epoch, "world_size": world, "config": _plain_config(cfg)}
+    plan = recipe.describe_plan(model=model, pretrain_epochs=pretrain_epochs, epochs=cfg.epochs,
+                                iters_per_epoch=iters_per_epoch, batch_size=cfg.batch_size, world=world,
+                                optimizer=cfg.optimizer, lr=cfg.lr, warmup_iters=cfg.warmup_iters,
+                                warmup_factor=cfg.warmup_factor, lr_steps=cfg.lr_steps, gamma=cfg.gamma)
+    if is_main:
+        print("\n".join(plan), flush=True)
 
     def save(ep: int) -> str | None:
         if not is_main:
@@ -317,15 +349,17 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     if cfg.max_iters is not None and iteration >= cfg.max_iters:  # resumed at the cap: no step to take
         stop_reason = "max_iters"
     with _StopRequests() as stops:
-        while epoch < cfg.epochs and stop_reason is None:
-            if hasattr(model, "mask_training"):
-                model.mask_training = "pretrain" if epoch < cfg.pretrain_epochs else "dynamic"
+        while epoch < total_epochs and stop_reason is None:
+            phase = ""
+            if phases:
+                model.mask_training = "pretrain" if epoch < pretrain_epochs else "dynamic"
+                phase = f" ({model.mask_training})"
             offset = iteration - epoch * iters_per_epoch  # batches of this epoch already done (resume)
             sampler.set_epoch(epoch)
             sampler.start = offset * cfg.batch_size
             seeded.epoch = epoch
             ddp_model.train()
-            bar = tqdm(total=iters_per_epoch, initial=offset, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            bar = tqdm(total=iters_per_epoch, initial=offset, desc=f"epoch {epoch + 1}/{total_epochs}{phase}",
                        disable=not (is_main and cfg.progress), dynamic_ncols=True)
             t_last, n_last = time.monotonic(), 0
             for images, targets in loader:
@@ -398,20 +432,25 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     if tb is not None:
         tb.close()
     result: dict[str, Any] = {"status": status, "epoch": epoch, "iteration": iteration, "checkpoint": ckpt_path,
-                              "stop_reason": stop_reason}
-    # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted)
-    if (status == "done" or stop_reason in ("time limit", "max_iters")) and is_main and cfg.val_ann:
+                              "stop_reason": stop_reason, "plan": plan}
+    # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted);
+    # every process evaluates its share of the images, rank 0 gathers them and computes the metrics
+    if (status == "done" or stop_reason in ("time limit", "max_iters")) and cfg.val_ann:
         from dynamask.data.lvis import LvisDetection, open_dataset
         from dynamask.engine.evaluate import evaluate
         from dynamask.engine.lvis_eval import lvis_available
 
         val = open_dataset(cfg.val_images, cfg.val_ann)
         if isinstance(val, LvisDetection) and not lvis_available():
-            print(f"note: {cfg.val_ann} is an LVIS file, which is scored by the lvis package (pip install lvis); "
-                  f"not evaluated. Once it is installed: dynamask eval {ckpt_path} --lvis ...")
+            if is_main:
+                print(f"note: {cfg.val_ann} is an LVIS file, which is scored by the lvis package (pip install lvis); "
+                      f"not evaluated. Once it is installed: dynamask eval {ckpt_path} --lvis ...")
         else:
-            result["metrics"] = evaluate(model, val, device=device, costs=cfg.mask_costs,
-                                         out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress)
+            dist_utils.broadcast_buffers(model)  # every shard evaluated with the checkpoint's statistics
+            metrics = evaluate(model, val, device=device, costs=cfg.mask_costs,
+                               out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress and is_main)
+            if is_main:
+                result["metrics"] = metrics
     if dist_utils.is_distributed():
         torch.distributed.barrier()
     return result

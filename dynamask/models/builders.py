@@ -100,7 +100,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
                         torchvision_weights: str | os.PathLike | StateDict | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
                         mask_roi_size: int = 14, fpn_channels: int = 256, fpn_norm: bool = False,
-                        **kwargs: Any) -> DynaMaskRCNN:
+                        frozen_bn: bool | None = None, **kwargs: Any) -> DynaMaskRCNN:
     """A DynaMask detector on a ResNet-{18, 34, 50, 101} FPN.
 
     Args:
@@ -118,6 +118,9 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
             torchvision's value). Demo models use 128.
         fpn_norm: GroupNorm in the FPN (False: torchvision's FPN, whose weights then load). Training from
             scratch converges faster with it ("Rethinking ImageNet Pre-training", He et al. 2019).
+        frozen_bn: FrozenBatchNorm in the backbone and 3 trainable layers by default, as with weights
+            (None: only when weights are given). A model trained from ImageNet weights records True in its
+            checkpoint, so that it rebuilds without the weights file.
         **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (``min_size``, ``max_size``,
             ``box_score_thresh``, ``rpn_*``, ``edge_weight``, ``budget_weight``, ``target_gmacs``,
             ``gumbel_tau``, ``mask_policy``, ...).
@@ -130,6 +133,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
     if weights is not None:
         weights_backbone = None
     is_trained = weights is not None or weights_backbone is not None or torchvision_weights is not None
+    if frozen_bn is not None:
+        is_trained = frozen_bn
     trainable = _validate_trainable_layers(is_trained, trainable_backbone_layers, 5, 3)
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
     body = RESNETS[depth](weights=None, norm_layer=norm_layer)

@@ -128,15 +128,17 @@ def budget_loss(probs: Tensor, costs: Tensor, target: float) -> Tensor:
 
 
 def resolution_frequencies(probs: Tensor) -> Tensor:
-    """f_k = mean_i p_ik over the RoIs of all processes (differentiable all-reduce under DDP). ``[K]``."""
-    total = probs.sum(dim=0)
-    count = probs.new_tensor(float(probs.shape[0]))
+    """f_k = mean_i p_ik over the RoIs of all processes (differentiable all-reduce under DDP). ``[R, K]`` →
+    ``[K]`` float32; R may be 0 (every process must call this on every step under DDP)."""
+    # one collective for the sums and the count; a process with no RoI (R = 0) still takes part
+    sums = torch.cat([probs.float().sum(dim=0), probs.new_full((1,), float(probs.shape[0]), dtype=torch.float32)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
+        # the differentiable all-reduce (its backward all-reduces the gradient); what PyTorch's deprecation
+        # of torch.distributed.nn.functional.all_reduce points to
+        from torch.distributed._functional_collectives import all_reduce
 
-        total = all_reduce(total)
-        count = all_reduce(count)
-    return total / count.clamp(min=1.0)
+        sums = all_reduce(sums, "sum", dist.group.WORLD)  # waits for the result when it is first used
+    return sums[:-1] / sums[-1].clamp(min=1.0)
 
 
 def entropy_loss(probs: Tensor) -> Tensor:
@@ -158,6 +160,7 @@ def dynamic_losses(mask_logits: Sequence[Tensor], edge_logits: Sequence[Tensor],
     Returns:
         ``loss_mask``, ``loss_edge``, ``loss_entropy`` and, when ``target_gmacs`` is set, ``loss_budget``.
     """
+    msm_logits = msm_logits.float()  # half-precision logits (autocast) would make coarse Gumbel noise
     y = gumbel_hard(msm_logits, tau)  # [R, K]
     lm = torch.stack([per_roi_bce(x, t) for x, t in zip(mask_logits, mask_t)], dim=1)  # [R, K]
     le = torch.stack([per_roi_bce(x, t) for x, t in zip(edge_logits, edge_t)], dim=1)  # [R, K]

@@ -212,30 +212,40 @@ class DynaMaskRoIHeads(RoIHeads):
         """Mask-branch training losses on the positive RoIs (all K stages run on every one)."""
         roi_features, levels, scales, rois = self._pool_masks(features, proposals, image_shapes)
         if rois.shape[0] == 0:
-            return self._zero_mask_losses()
+            return self._zero_mask_losses(roi_features)
         mask_logits, edge_logits = self.mask_head.forward_train(roi_features, levels, scales, rois)
+        # under autocast the logits come in half precision; the losses (and Gumbel noise) run in float
+        mask_logits, edge_logits = [x.float() for x in mask_logits], [x.float() for x in edge_logits]
         mask_t = mask_losses.mask_targets([t["masks"] for t in targets], proposals, matched_idxs,
                                           self.mask_head.resolutions)
         edge_t = [mask_losses.edge_targets(m) for m in mask_t]
         if self.mask_training == "pretrain":
             return mask_losses.pretrain_losses(mask_logits, edge_logits, mask_t, edge_t,
                                                edge_weight=self.edge_weight)
-        msm_logits = self.msm(roi_features.detach())
+        msm_logits = self.msm(roi_features.detach()).float()
         costs = list(mask_head_gmacs(self.mask_head).values())
         return mask_losses.dynamic_losses(mask_logits, edge_logits, mask_t, edge_t, msm_logits,
                                           edge_weight=self.edge_weight, budget_weight=self.budget_weight,
                                           target_gmacs=self.target_gmacs, costs_gmacs=costs, tau=self.gumbel_tau)
 
-    def _zero_mask_losses(self) -> dict[str, Tensor]:
-        """Zero losses still connected to the mask branch's parameters (no positive RoI in the batch)."""
+    def _zero_mask_losses(self, roi_features: Tensor) -> dict[str, Tensor]:
+        """Losses of a batch with no positive RoI (``roi_features [0, C, S, S]``): zeros still connected
+        to the mask branch's parameters, and in the dynamic phase the entropy term all the same.
+
+        The entropy term's frequencies are all-reduced over the processes under DDP, so every process
+        must reach that collective on every step, with or without positives, and its backward too (so the
+        empty probabilities are connected to the graph); here it contributes no RoI (count 0) and
+        receives the other processes' frequencies.
+        """
         zero = sum(p.sum() * 0.0 for p in self.mask_head.parameters())
-        keys = ["loss_mask", "loss_edge"]
+        out = {"loss_mask": zero, "loss_edge": zero}
         if self.mask_training == "dynamic":
             zero = zero + sum(p.sum() * 0.0 for p in self.msm.parameters())
-            keys.append("loss_entropy")
+            probs = roi_features.new_zeros((0, self.msm.num_resolutions), dtype=torch.float32) + zero  # [0, K]
+            out["loss_entropy"] = zero + self.budget_weight * mask_losses.entropy_loss(probs)
             if self.target_gmacs is not None:
-                keys.append("loss_budget")
-        return {k: zero for k in keys}
+                out["loss_budget"] = zero
+        return out
 
     @torch.no_grad()
     def choose(self, roi_features: Tensor, boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
