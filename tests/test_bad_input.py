@@ -285,9 +285,15 @@ def test_9_non_finite_settings_are_refused_and_nan_weights_never_saved(shapes, t
     for name, value, message in [("lr", float("nan"), "lr must be a finite number > 0, got nan"),
                                  ("momentum", 1.5, r"momentum must be a finite number in \[0, 1\)"),
                                  ("gamma", float("inf"), "gamma must be"),
-                                 ("clip_grad_norm", -1.0, "clip_grad_norm must be")]:
+                                 ("clip_grad_norm", -1.0, "clip_grad_norm must be"),
+                                 ("target_gmacs", 0.0, "target_gmacs must be a finite number > 0"),
+                                 ("budget_weight", float("nan"), "budget_weight must be"),
+                                 ("edge_weight", -0.1, "edge_weight must be"),
+                                 ("gumbel_tau", float("inf"), "gumbel_tau must be"),
+                                 ("epochs", 0, "both 0: nothing to train")]:
+        settings = {"epochs": 0, "pretrain_epochs": 0} if name == "epochs" else {name: value}
         with pytest.raises(ValueError, match=message):
-            train(_train_cfg(shapes, tmp_path / name, **{name: value}))
+            train(_train_cfg(shapes, tmp_path / name, **settings))
         assert not os.path.exists(tmp_path / name / "last.pth")
     # weights that turned NaN behind a finite loss are not saved as if all were well
     held = {}
@@ -312,6 +318,12 @@ def test_10_eval_refuses_a_file_with_no_images(tmp_path, capsys):
     code = main(["eval", str(tmp_path / "any.pth"), "--images", img_dir, "--ann", ann, "--device", "cpu",
                  "--no-progress"])
     assert code == 1 and "ann.json: no images to evaluate" in capsys.readouterr().err
+    # and evaluate() called from Python, before the model runs
+    from dynamask.data import CocoDetection
+    from dynamask.engine.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="ann.json: no images to evaluate"):
+        evaluate(tiny_model().eval(), CocoDetection(img_dir, ann), device="cpu", progress=False)
 
 
 # ------------------------------------------------------------------ 11. targets that disagree with the image

@@ -184,6 +184,8 @@ def evaluate(
     from dynamask.data.lvis import LvisDetection
     from dynamask.engine import distributed as dist_utils
 
+    if len(dataset) == 0:  # its AP would read 0.0, as if the model had failed on every image
+        raise ValueError(f"{getattr(dataset, 'ann_file', 'the dataset')}: no images to evaluate")
     heads = getattr(model, "roi_heads", None)
     if costs is None and hasattr(heads, "mask_head") and hasattr(heads, "msm"):
         costs = HeadCosts.of(model, msm=heads.mask_policy == "msm")

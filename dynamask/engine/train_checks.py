@@ -14,8 +14,19 @@ if TYPE_CHECKING:
 
 def check_config(cfg: "TrainConfig") -> None:
     """Raise a ValueError naming the first setting out of range; create and probe ``cfg.out_dir``."""
-    check_number(cfg.epochs, "epochs", low=1, integer=True)
+    # epochs count the dynamic phase after the pretrain epochs: either may be 0, not both
+    check_number(cfg.epochs, "epochs", low=0, integer=True)
     check_number(cfg.pretrain_epochs, "pretrain_epochs", low=0, integer=True)
+    if cfg.epochs + cfg.pretrain_epochs < 1:
+        raise ValueError("epochs and pretrain_epochs are both 0: nothing to train")
+    if cfg.target_gmacs is not None:
+        check_number(cfg.target_gmacs, "target_gmacs", low=0, low_open=True)
+    if cfg.budget_weight is not None:
+        check_number(cfg.budget_weight, "budget_weight", low=0)
+    if cfg.edge_weight is not None:
+        check_number(cfg.edge_weight, "edge_weight", low=0)
+    if cfg.gumbel_tau is not None:
+        check_number(cfg.gumbel_tau, "gumbel_tau", low=0, low_open=True)
     check_number(cfg.batch_size, "batch_size", low=1, integer=True)
     check_number(cfg.lr, "lr", low=0, low_open=True)
     check_number(cfg.momentum, "momentum", low=0, high=1, high_open=True)
