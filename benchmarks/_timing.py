@@ -46,3 +46,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def ms(t: float) -> str:
     return f"{t * 1e3:.1f} ms" if t < 10 else f"{t:.2f} s"
+
+
+def publish(text: str, out: str | None) -> None:
+    """Prints a benchmark's markdown and, when ``out`` is given, writes it there too."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)

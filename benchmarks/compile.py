@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from _timing import interleaved_medians, markdown_table, ms  # noqa: E402
+from _timing import interleaved_medians, markdown_table, ms, publish  # noqa: E402
 
 from dynamask.models import dynamask_resnet50_fpn  # noqa: E402
 
@@ -98,10 +98,7 @@ def main() -> None:
     table = markdown_table(["policy", "eager", "compiled", "speed-up (eager ÷ compiled)", "first compiled call"],
                            rows)
     text = f"{title}\n\n{table}\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import device_name, interleaved_medians, markdown_table, ms  # noqa: E402
+from _timing import device_name, interleaved_medians, markdown_table, ms, publish  # noqa: E402
 
 from dynamask import ops  # noqa: E402
 from dynamask.models import dynamask_resnet50_fpn  # noqa: E402
@@ -106,10 +106,7 @@ def main() -> None:
     bars = (f"Bars (CPU): mix 0.35/0.34/0.21/0.10 ≤ 1.0× torchvision: {mix:.2f}× → {'PASS' if mix <= 1.0 else 'FAIL'}; "
             f"all-112 ≤ 1.5×: {all112:.2f}× → {'PASS' if all112 <= 1.5 else 'FAIL'}")
     text = f"{title}\n\n{table}\n\n{bars}\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

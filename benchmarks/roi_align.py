@@ -17,7 +17,7 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import device_name, interleaved_medians, markdown_table, ms  # noqa: E402
+from _timing import device_name, interleaved_medians, markdown_table, ms, publish  # noqa: E402
 
 import dynamask.ops as ops  # noqa: E402
 
@@ -100,10 +100,7 @@ def main() -> None:
 
     table = markdown_table(["case", "torchvision (median)", "dynamask (median)", "speed-up"], rows)
     text = f"RoIAlign on {device_name(dev)}, torch {torch.__version__}, {args.reps} interleaved reps\n\n{table}\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
