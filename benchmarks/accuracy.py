@@ -1,6 +1,6 @@
 """Accuracy per FLOP on shapes whose objects are large enough for mask resolution to matter (issue 16).
 
-    python benchmarks/accuracy.py --out /tmp/accuracy            # the study (≤ 120 min on 2 idle cores)
+    python benchmarks/accuracy.py --out /tmp/accuracy            # the study (≈ 105 min on 2 idle cores, est.)
     python benchmarks/accuracy.py --quick --out /tmp/acc-quick   # smoke test (CI), about a minute
 
 What it trains (one seed, one data set; every row evaluated on the same validation split):
@@ -85,9 +85,12 @@ class StudyConfig:
     batch: int = 2
     lr: float = 5e-4  # AdamW; the phases after the pretrain run at lr / 10, the switch at lr
     warmup: int = 100
+    # CPU seconds per iteration measured at 1 thread (192 px, batch 2, 14→112): DynaMask 1.9–2.2, Mask R-CNN
+    # 1.4, the 13 frozen-model switches together 0.64. Full study ≈ 170 CPU-minutes at 1 thread, about
+    # 105 min on 2 idle cores if the second thread gives ~1.6× (not measured: the machine was never idle).
     pretrain_iters: int = 1500
-    phase_iters: int = 400
-    switch_iters: int = 400
+    phase_iters: int = 300
+    switch_iters: int = 300
     arch: dict[str, Any] = field(default_factory=dict)
     maskrcnn: dict[str, Any] = field(default_factory=dict)
     switches: tuple[SwitchVariant, ...] = ()
