@@ -225,6 +225,7 @@ def write_report(out: str, cfg, meta: dict[str, Any], rows: list[dict[str, Any]]
         "head_gmacs_per_roi": meta.get("costs"),
         "config": asdict(cfg),
         "timings": meta.get("timings"),
+        "notes": meta.get("notes", []),
     }
     tmp = os.path.join(out, "accuracy_cpu.json.tmp")
     with open(tmp, "w") as f:
@@ -251,6 +252,8 @@ def write_report(out: str, cfg, meta: dict[str, Any], rows: list[dict[str, Any]]
         lines += [f"**Shortened schedule:** every phase ran {cfg.iters_scale:g}× the full study's iterations "
                   "(`--iters-scale`), because the machine was shared; the full study is the default of "
                   "`benchmarks/accuracy.py`.", ""]
+    for note in meta.get("notes", []):
+        lines += [f"**Note:** {note}", ""]
     if meta.get("costs"):
         lines += ["Head cost per RoI (GMAC): " + ", ".join(f"{k}²: {v:.4f}" for k, v in meta["costs"].items()), ""]
     lines += ["| row | policy | routing | C_t | segm AP | AP50 | AP75 | Boundary AP | GMAC / inst. | captured (switch / shuffled / best IoU) |",
