@@ -1,5 +1,7 @@
 """The main job: generate the shapes data set, train a small DynaMask on it under a time cap, evaluate
-it, and write runs/demo/report.md (AP table, per-category resolution plot, FLOPs, overlays).
+it, and write runs/demo/report.md (AP table, per-category resolution plot, FLOPs, overlays) and
+runs/demo/routing.json (how well the switch routes on the validation split's ground-truth boxes, beside
+each category's gain in mask IoU from resolution; also a table in the report).
 
 Sizes come from the environment so that a quick smoke run is possible:
 DEMO_MINUTES (training cap, default 21), DEMO_TRAIN / DEMO_VAL (images, 900 / 100), DEMO_SIZE (px, 128),
