@@ -138,3 +138,25 @@ class HeadCosts:
         part = self.msm * len(resolutions)
         part += sum(g * math.ceil(h / t) * math.ceil(w / t) for r, g, t in self.projections if r <= top)
         return part, part + sum(self.per_roi[int(r)] for r in resolutions)
+
+
+def maskrcnn_mask_head_gmacs(model: nn.Module, roi_size: int = 14) -> float:
+    """Per-RoI GMAC of torchvision's Mask R-CNN mask branch (the peer), by the same counting rule: its
+    3×3 convs at ``roi_size``², the 2×2 stride-2 transposed conv to 2·``roi_size``² (C_in · C_out · 4 MACs
+    per input pixel) and the class-specific 1×1 predictor at 2·``roi_size``² (every class is computed)."""
+    heads = getattr(model, "roi_heads", model)
+    total, size = 0, roi_size
+    for m in heads.mask_head.modules():
+        if isinstance(m, nn.Conv2d):
+            size = _conv_out(m, size)
+            total += conv_macs(m, (size, size))
+    pred = heads.mask_predictor
+    for m in pred.modules():
+        if isinstance(m, nn.ConvTranspose2d):
+            kh, kw = m.kernel_size
+            total += m.in_channels * (m.out_channels // m.groups) * kh * kw * size * size
+            size = (size - 1) * m.stride[0] - 2 * m.padding[0] + kh + m.output_padding[0]
+        elif isinstance(m, nn.Conv2d):
+            size = _conv_out(m, size)
+            total += conv_macs(m, (size, size))
+    return total / 1e9

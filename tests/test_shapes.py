@@ -116,3 +116,20 @@ def test_rings_stay_wide_enough_on_small_images():
         outers, holes = _shape_polygons(rng, "ring", 32.0, 32.0, r)
         area = _draw_mask((64, 64), outers, holes).sum()
         assert 0.8 * annulus <= area <= 1.5 * annulus, area  # a band, with its hole open
+
+
+def test_radius_range_sets_object_size():
+    # one object per image, so nothing is occluded: with radii of 0.4–0.45 of a 128-px side every shape's
+    # box spans at least half its radius (a ring or gear at least r, an ellipse at least its minor axis r,
+    # clipped by at most 0.4 r at the image border); the default range draws many smaller ones
+    lo = 0.4 * 128
+    for seed in range(12):
+        _, inst = render_image(np.random.default_rng(seed), 128, max_objects=1, radius_range=(0.4, 0.45))
+        for i in inst:
+            ys, xs = np.nonzero(i.mask)
+            assert max(xs.max() - xs.min(), ys.max() - ys.min()) + 1 >= 0.5 * lo
+    small = [max(np.ptp(np.nonzero(i.mask)[0]), np.ptp(np.nonzero(i.mask)[1])) + 1
+             for seed in range(12) for i in render_image(np.random.default_rng(seed), 128, max_objects=1)[1]]
+    assert min(small) < 0.5 * lo
+    with pytest.raises(ValueError, match="radius_range"):
+        render_image(np.random.default_rng(0), 128, radius_range=(0.3, 0.6))

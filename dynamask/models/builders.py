@@ -123,7 +123,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
             checkpoint, so that it rebuilds without the weights file.
         **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (``min_size``, ``max_size``,
             ``box_score_thresh``, ``rpn_*``, ``edge_weight``, ``budget_weight``, ``target_gmacs``,
-            ``gumbel_tau``, ``mask_policy``, ...).
+            ``gumbel_tau``, ``mask_policy``, ``routing_signal``, ``coupled``, ``switch_input``, ...).
     """
     # a misspelt argument (min_szie) would otherwise fall through **kwargs and leave the default in place
     own = set(inspect.signature(dynamask_resnet_fpn).parameters) - {"kwargs"}  # only suggested: never in kwargs
@@ -145,7 +145,9 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
     backbone = _resnet_fpn(body, trainable, fpn_channels, fpn_norm)
     head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
                         stage_channels=tuple(stage_channels), roi_size=mask_roi_size)
-    msm = MaskSwitchModule(in_channels=backbone.out_channels, in_size=mask_roi_size)
+    # the switch reads the RoI feature (FPN width) or the trunk's output (trunk width); see DynaMaskRoIHeads
+    switch_channels = trunk_channels if kwargs.get("switch_input", "roi") == "trunk" else backbone.out_channels
+    msm = MaskSwitchModule(in_channels=switch_channels, in_size=mask_roi_size)
     model = DynaMaskRCNN(backbone, num_classes, mask_head=head, msm=msm, **kwargs)
     if torchvision_weights is not None and weights is None:
         load_torchvision_maskrcnn(model, torchvision_weights)

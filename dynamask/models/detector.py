@@ -50,7 +50,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
         mask_head: the dual-level FPN head (default widths when None).
         msm: the Mask Switch Module (default when None).
         edge_weight, budget_weight, target_gmacs, gumbel_tau, mask_policy, mask_training,
-            mask_rois_per_image: see
+            mask_rois_per_image, routing_signal, coupled, switch_input: see
             :class:`~dynamask.models.roi_heads.DynaMaskRoIHeads`.
         The other arguments are torchvision's ``FasterRCNN`` ones, with its defaults; extra ``**kwargs``
         go to ``GeneralizedRCNNTransform`` as in torchvision (``size_divisible``, ``fixed_size``); any other
@@ -81,7 +81,8 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  mask_head: DynaMaskHead | None = None, msm: MaskSwitchModule | None = None,
                  edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
                  gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
-                 mask_training: str = "pretrain", mask_rois_per_image: int | None = None, **kwargs) -> None:
+                 mask_training: str = "pretrain", mask_rois_per_image: int | None = None,
+                 routing_signal: str = "paper", coupled: bool = True, switch_input: str = "roi", **kwargs) -> None:
         out_channels = backbone.out_channels
         check_kwargs(kwargs, valid_kwargs(), where=type(self).__name__)  # a typo would pass to the transform
         anchors = default_anchor_generator(anchor_sizes) if rpn_anchor_generator is None else rpn_anchor_generator
@@ -104,12 +105,14 @@ class DynaMaskRCNN(GeneralizedRCNN):
             bbox_reg_weights=bbox_reg_weights, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
             detections_per_img=box_detections_per_img,
             mask_head=mask_head,
-            msm=(MaskSwitchModule(in_channels=out_channels, in_size=mask_head.resolutions[0]) if msm is None else msm),
+            msm=(MaskSwitchModule(in_channels=out_channels if switch_input == "roi" else mask_head.channels[0],
+                                  in_size=mask_head.resolutions[0]) if msm is None else msm),
             mask_roi_pool=MultiLevelRoIPool(output_size=14, sampling_ratio=2, aligned=True,
                                             canonical_scale=roi_canonical_scale),
             edge_weight=edge_weight, budget_weight=budget_weight, target_gmacs=target_gmacs,
             gumbel_tau=gumbel_tau, mask_policy=mask_policy, mask_training=mask_training,
-            mask_rois_per_image=mask_rois_per_image,
+            mask_rois_per_image=mask_rois_per_image, routing_signal=routing_signal, coupled=coupled,
+            switch_input=switch_input,
         )
         transform = GeneralizedRCNNTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
                                              image_std or [0.229, 0.224, 0.225], **kwargs)

@@ -90,7 +90,7 @@ class DynaMaskHead(nn.Module):
         return len(self.resolutions)
 
     def stage_features(self, roi_features: Tensor, features: Sequence[Tensor], spatial_scales: Sequence[float],
-                       rois: Tensor, reach: Sequence[int]) -> list[Tensor]:
+                       rois: Tensor, reach: Sequence[int], trunk: Tensor | None = None) -> list[Tensor]:
         """Runs the trunk and every stage on the prefix of RoIs that reaches it.
 
         Args:
@@ -100,11 +100,13 @@ class DynaMaskHead(nn.Module):
             rois: ``[R, 5]`` (batch index, x1, y1, x2, y2) in the network's input frame.
             reach: K non-increasing ints; ``reach[k]`` = number of leading RoIs that reach resolution k
                 (``reach[0] == R``).
+            trunk: ``[R, C_0, S_0, S_0]`` the trunk's output on ``roi_features`` when the caller already
+                computed it (a switch that reads it); None runs the trunk here.
 
         Returns:
             K tensors; entry k is ``[reach[k], C_k, S_k, S_k]``.
         """
-        x = self.trunk(roi_features)
+        x = self.trunk(roi_features) if trunk is None else trunk
         outs = [x]
         active = [s for s in range(1, self.num_resolutions) if reach[s] > 0]
         if not active:
@@ -132,25 +134,27 @@ class DynaMaskHead(nn.Module):
         return outs
 
     def forward_train(self, roi_features: Tensor, features: Sequence[Tensor], spatial_scales: Sequence[float],
-                      rois: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """All resolutions for every RoI (training: every ℓ_k is needed).
+                      rois: Tensor, trunk: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """All resolutions for every RoI (training: every ℓ_k is needed). ``trunk``: see :meth:`stage_features`.
 
         Returns:
             ``(mask_logits, edge_logits)``: K tensors each, entry k ``[R, S_k, S_k]``.
         """
         r = roi_features.shape[0]
-        outs = self.stage_features(roi_features, features, spatial_scales, rois, [r] * self.num_resolutions)
+        outs = self.stage_features(roi_features, features, spatial_scales, rois, [r] * self.num_resolutions, trunk)
         masks = [p(x)[:, 0] for p, x in zip(self.mask_predictors, outs)]
         edges = [p(x)[:, 0] for p, x in zip(self.edge_predictors, outs)]
         return masks, edges
 
     def forward_dispatched(self, roi_features: Tensor, features: Sequence[Tensor],
-                           spatial_scales: Sequence[float], rois: Tensor, counts: Sequence[int]) -> list[Tensor]:
+                           spatial_scales: Sequence[float], rois: Tensor, counts: Sequence[int],
+                           trunk: Tensor | None = None) -> list[Tensor]:
         """Inference on RoIs sorted by descending chosen resolution (``dynamask.ops.group_by_resolution``).
 
         Args:
             roi_features, rois: in sorted order (``[R, 256, 14, 14]``, ``[R, 5]``).
             counts: K ints, ``counts[k]`` = number of RoIs routed to resolution k.
+            trunk: the trunk's output in sorted order, if already computed (see :meth:`stage_features`).
 
         Returns:
             K tensors of mask logits; entry k is ``[counts[k], S_k, S_k]`` for the RoIs routed to k, in
@@ -158,5 +162,5 @@ class DynaMaskHead(nn.Module):
         """
         counts = [int(c) for c in counts]
         reach = [sum(counts[k:]) for k in range(self.num_resolutions)] + [0]
-        outs = self.stage_features(roi_features, features, spatial_scales, rois, reach[:-1])
+        outs = self.stage_features(roi_features, features, spatial_scales, rois, reach[:-1], trunk)
         return [self.mask_predictors[k](outs[k][reach[k + 1]:])[:, 0] for k in range(self.num_resolutions)]

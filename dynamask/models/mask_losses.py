@@ -8,11 +8,25 @@ Terms, each returned under its own key and already weighted (the detector's tota
   ``loss_mask`` = mean_i Σ_k y_ik ℓ_mask,ik, ``loss_edge`` = λ1 · mean_i Σ_k y_ik ℓ_edge,ik,
   ``loss_budget`` = λ2 · max(E[C]/C_t − 1, 0) with E[C] = mean_i Σ_k p_ik C_k (only when C_t is set),
   ``loss_entropy`` = λ2 · (1/K) Σ_k f_k log f_k with f_k = mean_i p_ik (all-reduced under DDP).
+
+Routing options of the dynamic phase (issue 16; the defaults are the paper's Eq. 3):
+
+- ``coupled=True``: one term trains the stages and the switch, Σ_k y_ik ℓ_ik (the stages learn only at
+  the resolution the switch picked). ``coupled=False`` (decoupled): the stages keep the pretrain
+  supervision (every resolution, ``loss_mask``/``loss_edge`` as in pretraining), and the switch learns
+  from the detached per-resolution losses through ``loss_route`` = mean_i Σ_k y_ik s_ik.detach().
+- ``routing_signal``, the per-RoI, per-resolution loss s_ik the switch's gradient sees:
+  ``"paper"`` (ℓ_mask,ik + λ1 ℓ_edge,ik against each resolution's own target), ``"grid"`` (BCE of every
+  resolution's logits upsampled to the finest grid, against the finest target: all resolutions scored on
+  one common grid), ``"boundary"`` (the same, averaged over a band around the ground-truth outline only).
+  With ``coupled=True`` and a signal other than ``"paper"``, the stages still learn from
+  Σ_k y_ik ℓ_ik (y detached) and the switch from ``loss_route``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -22,6 +36,9 @@ from torch import Tensor
 from dynamask import ops
 
 LAPLACIAN = ((-1.0, -1.0, -1.0), (-1.0, 8.0, -1.0), (-1.0, -1.0, -1.0))
+RoutingSignal = Literal["paper", "grid", "boundary"]
+ROUTING_SIGNALS: tuple[str, ...] = ("paper", "grid", "boundary")
+BOUNDARY_BAND = 1 / 28  # half-width of the "boundary" signal's band, as a fraction of the RoI side
 
 
 def mask_targets(gt_masks: Sequence[Tensor], proposals: Sequence[Tensor], matched_idxs: Sequence[Tensor],
@@ -147,29 +164,92 @@ def entropy_loss(probs: Tensor) -> Tensor:
     return torch.special.xlogy(f, f).mean()
 
 
+def check_routing(routing_signal: str, coupled: bool) -> None:
+    """Raises a ValueError naming a bad routing option."""
+    if routing_signal not in ROUTING_SIGNALS:
+        raise ValueError(f"routing_signal must be one of {ROUTING_SIGNALS}, got {routing_signal!r}")
+    if not isinstance(coupled, bool):
+        raise ValueError(f"coupled must be a bool, got {coupled!r}")
+
+
+def boundary_band(target: Tensor, half_width: int) -> Tensor:
+    """Pixels within ``half_width`` (Chebyshev distance) of the outline of binary masks. ``[R, S, S]`` → bool."""
+    edges = edge_targets(target)
+    return F.max_pool2d(edges[:, None], 2 * half_width + 1, stride=1, padding=half_width)[:, 0] > 0.5
+
+
+def routing_signal_losses(mask_logits: Sequence[Tensor], edge_logits: Sequence[Tensor], mask_t: Sequence[Tensor],
+                          edge_t: Sequence[Tensor], *, signal: RoutingSignal, edge_weight: float) -> Tensor:
+    """The per-RoI loss of each resolution that the switch learns from, ``[R, K]`` (not detached).
+
+    ``"paper"``: ℓ_mask,ik + λ1 ℓ_edge,ik against each resolution's own target. ``"grid"``: BCE of the
+    logits upsampled (bilinear) to the finest grid S_K against the finest target, mean over its pixels.
+    ``"boundary"``: the same BCE averaged over the band within S_K · ``BOUNDARY_BAND`` pixels of the
+    target's outline (the whole grid for a RoI whose target has no outline).
+    """
+    if signal == "paper":
+        lm = torch.stack([per_roi_bce(x, t) for x, t in zip(mask_logits, mask_t)], dim=1)
+        le = torch.stack([per_roi_bce(x, t) for x, t in zip(edge_logits, edge_t)], dim=1)
+        return lm + edge_weight * le
+    top = mask_t[-1]  # [R, S, S]
+    size = top.shape[-2:]
+    per_res = []
+    for x in mask_logits:
+        up = x if x.shape[-2:] == size else F.interpolate(x[:, None], size=size, mode="bilinear",
+                                                           align_corners=False)[:, 0]
+        per_res.append(F.binary_cross_entropy_with_logits(up, top, reduction="none"))  # [R, S, S]
+    bce = torch.stack(per_res, dim=1)  # [R, K, S, S]
+    if signal == "grid":
+        return bce.flatten(2).mean(dim=2)
+    if signal == "boundary":
+        band = boundary_band(top, max(1, round(size[-1] * BOUNDARY_BAND)))  # [R, S, S]
+        empty = ~band.flatten(1).any(dim=1)
+        band = band | empty[:, None, None]
+        w = band.to(bce.dtype)[:, None]  # [R, 1, S, S]
+        return (bce * w).flatten(2).sum(dim=2) / w.flatten(2).sum(dim=2)
+    raise ValueError(f"routing_signal must be one of {ROUTING_SIGNALS}, got {signal!r}")
+
+
 def dynamic_losses(mask_logits: Sequence[Tensor], edge_logits: Sequence[Tensor], mask_t: Sequence[Tensor],
                    edge_t: Sequence[Tensor], msm_logits: Tensor, *, edge_weight: float, budget_weight: float,
-                   target_gmacs: float | None, costs_gmacs: Sequence[float], tau: float) -> dict[str, Tensor]:
-    """The paper's Eq. 3–7 (see the module docstring).
+                   target_gmacs: float | None, costs_gmacs: Sequence[float], tau: float,
+                   routing_signal: RoutingSignal = "paper", coupled: bool = True) -> dict[str, Tensor]:
+    """The paper's Eq. 3–7, or a routing variant (see the module docstring).
 
     Args:
         mask_logits, edge_logits, mask_t, edge_t: K tensors ``[R, S_k, S_k]`` each.
         msm_logits: ``[R, K]``.
         costs_gmacs: K per-RoI inference costs (GMAC) of the head at each resolution.
+        routing_signal: what the switch learns from ("paper", "grid", "boundary").
+        coupled: True (Eq. 3) or False (stages supervised at every resolution, switch on detached losses).
 
     Returns:
-        ``loss_mask``, ``loss_edge``, ``loss_entropy`` and, when ``target_gmacs`` is set, ``loss_budget``.
+        ``loss_mask``, ``loss_edge``, ``loss_entropy``, ``loss_route`` unless the variant is the paper's
+        (coupled, "paper"), and, when ``target_gmacs`` is set, ``loss_budget``.
     """
+    check_routing(routing_signal, coupled)
     msm_logits = msm_logits.float()  # half-precision logits (autocast) would make coarse Gumbel noise
     y = gumbel_hard(msm_logits, tau)  # [R, K]
     lm = torch.stack([per_roi_bce(x, t) for x, t in zip(mask_logits, mask_t)], dim=1)  # [R, K]
     le = torch.stack([per_roi_bce(x, t) for x, t in zip(edge_logits, edge_t)], dim=1)  # [R, K]
     probs = msm_logits.softmax(dim=1)
-    out = {
-        "loss_mask": (y * lm).sum(dim=1).mean(),
-        "loss_edge": edge_weight * (y * le).sum(dim=1).mean(),
-        "loss_entropy": budget_weight * entropy_loss(probs),
-    }
+    if coupled and routing_signal == "paper":  # Eq. 3: one term trains stages and switch
+        out = {
+            "loss_mask": (y * lm).sum(dim=1).mean(),
+            "loss_edge": edge_weight * (y * le).sum(dim=1).mean(),
+        }
+    else:
+        if coupled:  # the stages learn at the picked resolution only, the switch from its own signal
+            stage_w = y.detach()
+            out = {"loss_mask": (stage_w * lm).sum(dim=1).mean(),
+                   "loss_edge": edge_weight * (stage_w * le).sum(dim=1).mean()}
+        else:  # decoupled: the stages keep the pretrain supervision
+            out = {"loss_mask": lm.mean(dim=1).mean(), "loss_edge": edge_weight * le.mean(dim=1).mean()}
+        with torch.no_grad():
+            signal = routing_signal_losses(mask_logits, edge_logits, mask_t, edge_t, signal=routing_signal,
+                                           edge_weight=edge_weight)
+        out["loss_route"] = (y * signal).sum(dim=1).mean()
+    out["loss_entropy"] = budget_weight * entropy_loss(probs)
     if target_gmacs is not None:
         costs = torch.tensor(list(costs_gmacs), dtype=probs.dtype, device=probs.device)
         out["loss_budget"] = budget_weight * budget_loss(probs, costs, float(target_gmacs))

@@ -21,6 +21,7 @@ from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 
 MASK_TRAINING_MODES = ("pretrain", "dynamic")
+SWITCH_INPUTS = ("roi", "trunk")
 
 
 def infer_scales(features: Sequence[Tensor], image_shapes: Sequence[tuple[int, int]]) -> list[float]:
@@ -104,6 +105,14 @@ class DynaMaskRoIHeads(RoIHeads):
         mask_rois_per_image: at most this many positive RoIs per image (a random subset) train the mask
             branch; None trains it on every positive, as Mask R-CNN and the paper do. A speed knob for
             small CPU runs: the mask head's cost grows with the positives while the box branch learns.
+        routing_signal: what the switch learns from in the dynamic phase: "paper" (each resolution's
+            loss against its own target, Eq. 3), "grid" (all resolutions scored on the finest grid) or
+            "boundary" (the same, in a band around the outline); see :mod:`dynamask.models.mask_losses`.
+        coupled: True: Eq. 3 (one term trains the stages and the switch). False: the stages keep the
+            pretrain supervision and the switch learns from detached losses.
+        switch_input: what the MSM reads, detached: "roi" (the 14×14 RoI feature, DESIGN.md §3) or
+            "trunk" (the trunk's output at 14×14, which inference computes for every RoI anyway, so it
+            costs no extra head MACs; the MSM must then be built with ``in_channels`` = trunk width).
     """
 
     def __init__(self, *, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module,
@@ -113,7 +122,9 @@ class DynaMaskRoIHeads(RoIHeads):
                  mask_head: DynaMaskHead, msm: MaskSwitchModule, mask_roi_pool: MultiLevelRoIPool,
                  edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
                  gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
-                 mask_training: str = "pretrain", mask_rois_per_image: int | None = None) -> None:
+                 mask_training: str = "pretrain", mask_rois_per_image: int | None = None,
+                 routing_signal: mask_losses.RoutingSignal = "paper", coupled: bool = True,
+                 switch_input: str = "roi") -> None:
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
                          detections_per_img)
@@ -129,6 +140,12 @@ class DynaMaskRoIHeads(RoIHeads):
         if mask_rois_per_image is not None and mask_rois_per_image < 1:
             raise ValueError(f"mask_rois_per_image must be None or >= 1, got {mask_rois_per_image}")
         self.mask_rois_per_image = mask_rois_per_image
+        mask_losses.check_routing(routing_signal, coupled)
+        if switch_input not in SWITCH_INPUTS:
+            raise ValueError(f"switch_input must be one of {SWITCH_INPUTS}, got {switch_input!r}")
+        self.routing_signal = routing_signal
+        self.coupled = coupled
+        self.switch_input = switch_input
 
     # -- settings ---------------------------------------------------------------------------------
     @property
@@ -213,7 +230,8 @@ class DynaMaskRoIHeads(RoIHeads):
         roi_features, levels, scales, rois = self._pool_masks(features, proposals, image_shapes)
         if rois.shape[0] == 0:
             return self._zero_mask_losses(roi_features)
-        mask_logits, edge_logits = self.mask_head.forward_train(roi_features, levels, scales, rois)
+        trunk = self.mask_head.trunk(roi_features) if self.switch_input == "trunk" else None
+        mask_logits, edge_logits = self.mask_head.forward_train(roi_features, levels, scales, rois, trunk)
         # under autocast the logits come in half precision; the losses (and Gumbel noise) run in float
         mask_logits, edge_logits = [x.float() for x in mask_logits], [x.float() for x in edge_logits]
         mask_t = mask_losses.mask_targets([t["masks"] for t in targets], proposals, matched_idxs,
@@ -222,11 +240,19 @@ class DynaMaskRoIHeads(RoIHeads):
         if self.mask_training == "pretrain":
             return mask_losses.pretrain_losses(mask_logits, edge_logits, mask_t, edge_t,
                                                edge_weight=self.edge_weight)
-        msm_logits = self.msm(roi_features.detach()).float()
+        msm_logits = self.msm(self.switch_features(roi_features, trunk)).float()
         costs = list(mask_head_gmacs(self.mask_head).values())
         return mask_losses.dynamic_losses(mask_logits, edge_logits, mask_t, edge_t, msm_logits,
                                           edge_weight=self.edge_weight, budget_weight=self.budget_weight,
-                                          target_gmacs=self.target_gmacs, costs_gmacs=costs, tau=self.gumbel_tau)
+                                          target_gmacs=self.target_gmacs, costs_gmacs=costs, tau=self.gumbel_tau,
+                                          routing_signal=self.routing_signal, coupled=self.coupled)
+
+    def switch_features(self, roi_features: Tensor, trunk: Tensor | None = None) -> Tensor:
+        """What the MSM reads, detached: the RoI feature ``[R, C, S_0, S_0]`` or the trunk's output
+        ``[R, C_0, S_0, S_0]`` (computed here when ``trunk`` is None)."""
+        if self.switch_input == "roi":
+            return roi_features.detach()
+        return (self.mask_head.trunk(roi_features) if trunk is None else trunk).detach()
 
     def _zero_mask_losses(self, roi_features: Tensor) -> dict[str, Tensor]:
         """Losses of a batch with no positive RoI (``roi_features [0, C, S, S]``): zeros still connected
@@ -242,15 +268,22 @@ class DynaMaskRoIHeads(RoIHeads):
         if self.mask_training == "dynamic":
             zero = zero + sum(p.sum() * 0.0 for p in self.msm.parameters())
             probs = roi_features.new_zeros((0, self.msm.num_resolutions), dtype=torch.float32) + zero  # [0, K]
+            if not (self.coupled and self.routing_signal == "paper"):
+                out["loss_route"] = zero
             out["loss_entropy"] = zero + self.budget_weight * mask_losses.entropy_loss(probs)
             if self.target_gmacs is not None:
                 out["loss_budget"] = zero
         return out
 
     @torch.no_grad()
-    def choose(self, roi_features: Tensor, boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        """Resolution index per RoI under the current ``mask_policy``. ``[R]`` int64."""
-        return mask_inference.choose_resolutions(self.mask_policy, msm=self.msm, roi_features=roi_features,
+    def choose(self, roi_features: Tensor, boxes: list[Tensor], image_shapes: list[tuple[int, int]],
+               trunk: Tensor | None = None) -> Tensor:
+        """Resolution index per RoI under the current ``mask_policy``. ``[R]`` int64. ``trunk``: the trunk's
+        output on ``roi_features``, if computed (read by a switch with ``switch_input="trunk"``)."""
+        feats = roi_features
+        if self.mask_policy == "msm" and self.switch_input == "trunk":
+            feats = self.switch_features(roi_features, trunk)
+        return mask_inference.choose_resolutions(self.mask_policy, msm=self.msm, roi_features=feats,
                                                  boxes=boxes, image_sizes=image_shapes,
                                                  resolutions=self.mask_head.resolutions)
 
@@ -260,9 +293,13 @@ class DynaMaskRoIHeads(RoIHeads):
         boxes = [r["boxes"] for r in result]
         resolutions = self.mask_head.resolutions
         roi_features, levels, scales, rois = self._pool_masks(features, boxes, image_shapes)
-        choice = self.choose(roi_features, boxes, image_shapes)
+        # a switch that reads the trunk's output: run the trunk once, before the choice, for every RoI
+        trunk = (self.mask_head.trunk(roi_features)
+                 if self.mask_policy == "msm" and self.switch_input == "trunk" else None)
+        choice = self.choose(roi_features, boxes, image_shapes, trunk)
         perm, counts = ops.group_by_resolution(choice, len(resolutions))
-        logits = self.mask_head.forward_dispatched(roi_features[perm], levels, scales, rois[perm], counts.tolist())
+        logits = self.mask_head.forward_dispatched(roi_features[perm], levels, scales, rois[perm], counts.tolist(),
+                                                   None if trunk is None else trunk[perm])
         image_ids = rois[:, 0].to(torch.int64)
         per_image = mask_inference.split_by_image([x.sigmoid() for x in logits], choice[perm], image_ids[perm],
                                                   len(result))

@@ -1,0 +1,615 @@
+"""Accuracy per FLOP on shapes whose objects are large enough for mask resolution to matter (issue 16).
+
+    python benchmarks/accuracy.py --out /tmp/accuracy            # the study (≈ 105 min on 2 idle cores, est.)
+    python benchmarks/accuracy.py --quick --out /tmp/acc-quick   # smoke test (CI), about a minute
+
+What it trains (one seed, one data set; every row evaluated on the same validation split):
+
+1. ``pretrain``: DynaMask with every resolution supervised (no switch), ``pretrain_iters`` iterations.
+2. ``base``: the pretrain continued for ``phase_iters`` at the lower learning rate (every resolution still
+   supervised). Rows on it: every fixed resolution (Tab. 1/7), the size rule (Eq. 8, Tab. 8), the
+   oracle (per detection the cheapest resolution within 0.01 IoU of the best: the ceiling).
+3. ``switches``: switches trained on the frozen ``base`` model (decoupled: the stages keep their own
+   supervision; each switch learns from detached per-resolution losses), all at once on the same
+   batches, for ``switch_iters``: the routing signal (paper / common grid / boundary band), what the switch
+   reads (RoI feature / trunk output), the budget C_t, the Gumbel temperature, the budget weight.
+4. ``coupled``: the paper's dynamic phase (Eq. 3: the switch's Gumbel choice selects the supervised
+   resolution) from the pretrain, ``phase_iters``, at each budget C_t (Tab. 5), and variants.
+5. ``maskrcnn``: torchvision's Mask R-CNN head (28², class-specific) on the same backbone, trained with the
+   same recipe for ``pretrain_iters + phase_iters`` (Tab. 2/6).
+
+Every row reports segm AP/AP50/AP75, Boundary AP, the mask-head GMAC per instance over all detections the
+head runs on (switch included), the per-category share of each resolution and, for switch rows, the routing
+value on the ground-truth boxes (:mod:`dynamask.engine.routing`). The study is resumable: a trained phase
+is a checkpoint, a finished row a JSON file in ``OUT/rows``; a rerun skips both. The report
+(``accuracy_cpu.md``/``.json`` and two PNGs) is rewritten after every row, so a partial run has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _accuracy_eval import evaluate_fixed_model, evaluate_policies  # noqa: E402
+from _accuracy_report import write_report  # noqa: E402
+
+
+@dataclass(frozen=True)
+class SwitchVariant:
+    """A switch trained on the frozen base model."""
+
+    name: str
+    signal: str = "paper"  # routing signal (dynamask.models.mask_losses.ROUTING_SIGNALS)
+    reads: str = "roi"  # "roi" | "trunk"
+    target_gmacs: float = 0.0
+    tau: float = 0.5
+    budget_weight: float = 0.4
+
+
+@dataclass(frozen=True)
+class CoupledVariant:
+    """A full dynamic phase from the pretrain checkpoint (the model's own routing options)."""
+
+    name: str
+    target_gmacs: float
+    signal: str = "paper"
+    coupled: bool = True
+    reads: str = "roi"
+    tau: float = 0.5
+    budget_weight: float = 0.4
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    size: int = 192
+    n_train: int = 1200
+    n_val: int = 120
+    max_objects: int = 4
+    radius_range: tuple[float, float] = (0.1, 0.45)
+    seed: int = 0
+    batch: int = 2
+    lr: float = 5e-4  # AdamW; the phases after the pretrain run at lr / 10, the switch at lr
+    warmup: int = 100
+    # CPU seconds per iteration measured at 1 thread (192 px, batch 2, 14→112): DynaMask 1.9–2.2, Mask R-CNN
+    # 1.4, the 13 frozen-model switches together 0.64. Full study ≈ 170 CPU-minutes at 1 thread, about
+    # 105 min on 2 idle cores if the second thread gives ~1.6× (not measured: the machine was never idle).
+    pretrain_iters: int = 1500
+    phase_iters: int = 300
+    switch_iters: int = 300
+    arch: dict[str, Any] = field(default_factory=dict)
+    maskrcnn: dict[str, Any] = field(default_factory=dict)
+    switches: tuple[SwitchVariant, ...] = ()
+    coupled: tuple[CoupledVariant, ...] = ()
+    maskrcnn_after: int = 1  # run Mask R-CNN after this many coupled variants (priority order)
+    iters_scale: float = 1.0  # the iteration counts above are the full schedule times this
+
+
+def _arch(size: int, *, trunk: int, stages: tuple[int, int, int], roi: int, fpn: int, rois: int) -> dict[str, Any]:
+    return {"depth": 18, "num_classes": 8, "fpn_channels": fpn, "box_representation_size": 512,
+            "trunk_channels": trunk, "stage_channels": list(stages), "mask_roi_size": roi,
+            "min_size": size, "max_size": size, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 128,
+            "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 200, "rpn_pre_nms_top_n_test": 300,
+            "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 30, "mask_rois_per_image": rois}
+
+
+def _maskrcnn(size: int, *, fpn: int, width: int) -> dict[str, Any]:
+    return {"depth": 18, "num_classes": 8, "norm": "bn", "fpn_channels": fpn, "box_representation_size": 512,
+            "mask_head_layers": [width] * 4, "min_size": size, "max_size": size, "rpn_batch_size_per_image": 128,
+            "box_batch_size_per_image": 128, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 200,
+            "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 30}
+
+
+def _variants(budgets: tuple[float, float, float]) -> tuple[tuple[SwitchVariant, ...], tuple[CoupledVariant, ...]]:
+    lo, mid, hi = budgets
+    switches = (
+        *(SwitchVariant(f"frozen-paper-roi-ct{c:g}", target_gmacs=c) for c in budgets),
+        SwitchVariant(f"frozen-grid-roi-ct{mid:g}", signal="grid", target_gmacs=mid),
+        SwitchVariant(f"frozen-boundary-roi-ct{mid:g}", signal="boundary", target_gmacs=mid),
+        *(SwitchVariant(f"frozen-paper-trunk-ct{c:g}", reads="trunk", target_gmacs=c) for c in budgets),
+        SwitchVariant(f"frozen-grid-trunk-ct{mid:g}", signal="grid", reads="trunk", target_gmacs=mid),
+        SwitchVariant(f"frozen-boundary-trunk-ct{mid:g}", signal="boundary", reads="trunk", target_gmacs=mid),
+        SwitchVariant(f"frozen-paper-roi-ct{mid:g}-tau1", target_gmacs=mid, tau=1.0),
+        SwitchVariant(f"frozen-paper-roi-ct{mid:g}-bw0.1", target_gmacs=mid, budget_weight=0.1),
+    )
+    coupled = (
+        CoupledVariant(f"coupled-paper-roi-ct{mid:g}", mid),  # priority order: the middle budget first
+        CoupledVariant(f"coupled-paper-roi-ct{lo:g}", lo),
+        CoupledVariant(f"coupled-paper-roi-ct{hi:g}", hi),
+        CoupledVariant(f"decoupled-paper-roi-ct{mid:g}", mid, coupled=False),
+        CoupledVariant(f"coupled-paper-trunk-ct{mid:g}", mid, reads="trunk"),
+    )
+    return switches, coupled
+
+
+def full_config(seed: int = 0) -> StudyConfig:
+    # 14→112 ladder; head costs {14: .0217, 28: .0487, 56: .0880, 112: .1517} GMAC per RoI
+    switches, coupled = _variants((0.05, 0.08, 0.11))
+    return StudyConfig(seed=seed, arch=_arch(192, trunk=64, stages=(32, 16, 8), roi=14, fpn=128, rois=8),
+                       maskrcnn=_maskrcnn(192, fpn=128, width=64), switches=switches, coupled=coupled)
+
+
+def quick_config(seed: int = 0) -> StudyConfig:
+    # a tiny model on 64-px images (7→56 ladder): every kind of phase and row, in well under a minute
+    switches, coupled = _variants((0.004, 0.006, 0.008))
+    pick = {"frozen-paper-roi-ct0.004", "frozen-grid-roi-ct0.006", "frozen-boundary-trunk-ct0.006"}
+    return StudyConfig(size=64, n_train=4, n_val=2, max_objects=2, seed=seed, batch=2, warmup=1, pretrain_iters=2,
+                       phase_iters=1, switch_iters=1,
+                       arch=_arch(64, trunk=16, stages=(8, 8, 8), roi=7, fpn=32, rois=2),
+                       maskrcnn=_maskrcnn(64, fpn=32, width=16),
+                       switches=tuple(v for v in switches if v.name in pick), coupled=coupled[:1])
+
+
+# ---------------------------------------------------------------------------------------------- utils
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def save_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def save_state(path: str, state: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def datasets(cfg: StudyConfig, out: str):
+    from dynamask.data import CocoDetection, Compose, RandomHorizontalFlip
+    from dynamask.data.shapes import generate, split_paths
+
+    root = os.path.join(out, "data")
+    if not os.path.exists(split_paths(root, "val")[1]):
+        log(f"generating {cfg.n_train} + {cfg.n_val} images of {cfg.size} px")
+        generate(root, train=cfg.n_train, val=cfg.n_val, size=cfg.size, seed=cfg.seed, max_objects=cfg.max_objects,
+                 radius_range=cfg.radius_range)
+    train = CocoDetection(*split_paths(root, "train"), Compose([RandomHorizontalFlip(0.5)]))
+    val = CocoDetection(*split_paths(root, "val"))
+    return train, val
+
+
+def build_dynamask(cfg: StudyConfig, **routing: Any):
+    from dynamask.models import dynamask_resnet_fpn
+
+    return dynamask_resnet_fpn(**cfg.arch, **routing)
+
+
+def build_maskrcnn(cfg: StudyConfig):
+    from dynamask.engine.baselines import maskrcnn_resnet_fpn
+
+    return maskrcnn_resnet_fpn(**cfg.maskrcnn)
+
+
+def batches(dataset, batch: int, iters: int, seed: int):
+    """``iters`` batches of a seeded shuffle (epochs as needed)."""
+    from dynamask.data import collate_fn
+
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    for _ in range(iters):
+        idx = []
+        while len(idx) < batch:
+            if not order:
+                order = rng.permutation(len(dataset)).tolist()
+            idx.append(order.pop())
+        images, targets = collate_fn([dataset[i] for i in idx])
+        yield list(images), list(targets)
+
+
+def train_phase(model, dataset, cfg: StudyConfig, *, iters: int, seed: int, lr: float, warmup: int,
+                drop_at: float | None, desc: str, msm_lr: float | None = None) -> dict[str, float]:
+    """AdamW (weight decay 1e-4), linear warm-up, lr ÷10 after ``drop_at`` of the iterations; gradients
+    clipped at norm 10. The switch (if any) trains at ``msm_lr``. Returns timing and the last losses."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model.train()
+    msm = getattr(getattr(model, "roi_heads", None), "msm", None)
+    msm_ids = {id(p) for p in msm.parameters()} if msm is not None and msm_lr is not None else set()
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in msm_ids]
+    groups = [{"params": rest, "lr": lr}]
+    if msm_ids:
+        groups.append({"params": list(msm.parameters()), "lr": msm_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
+    base = [g["lr"] for g in groups]
+    params = [p for g in groups for p in g["params"]]
+    t0 = time.time()
+    last: dict[str, float] = {}
+    bar = tqdm(total=iters, desc=desc, dynamic_ncols=True, mininterval=5.0)
+    for it, (images, targets) in enumerate(batches(dataset, cfg.batch, iters, seed)):
+        f = min(1.0, 0.001 + (1 - 0.001) * it / warmup) if warmup and it < warmup else 1.0
+        if drop_at is not None and it >= drop_at * iters:
+            f *= 0.1
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * f
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: non-finite loss at iteration {it}: "
+                                     f"{ {k: float(v) for k, v in losses.items()} }")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        last = {k: float(v.detach()) for k, v in losses.items()}
+        bar.update(1)
+        if it % 25 == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    bar.close()
+    secs = time.time() - t0
+    return {"seconds": secs, "sec_per_iter": secs / max(iters, 1), **{f"last_{k}": v for k, v in last.items()}}
+
+
+def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """Trains one new switch per variant on the FROZEN model, all on the same batches. Each learns from
+    its signal (detached per-resolution losses of the frozen head) under its budget and temperature."""
+    from tqdm import tqdm
+
+    from dynamask.flops import mask_head_gmacs
+    from dynamask.models import mask_losses
+    from dynamask.models.msm import MaskSwitchModule
+
+    torch.manual_seed(seed)
+    model.eval()
+    heads = model.roi_heads
+    head = heads.mask_head
+    costs = torch.tensor(list(mask_head_gmacs(head).values()), dtype=torch.float32)
+    fpn = heads.msm.se.fc1.in_features
+    switches = {v.name: MaskSwitchModule(in_channels=fpn if v.reads == "roi" else head.channels[0],
+                                         in_size=head.resolutions[0]) for v in variants}
+    params = [p for m in switches.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    signals = sorted({v.signal for v in variants})
+    t0 = time.time()
+    for m in switches.values():
+        m.train()
+    bar = tqdm(total=cfg.switch_iters, desc="switches (frozen model)", dynamic_ncols=True, mininterval=5.0)
+    for images, targets in batches(dataset, cfg.batch, cfg.switch_iters, seed):
+        with torch.no_grad():
+            il, tg = model.transform(images, targets)
+            features = model.backbone(il.tensors)
+            proposals, _ = model.rpn(il, features)
+            proposals, matched, labels, _ = heads.select_training_samples(proposals, tg)
+            pos = [heads._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
+            props = [p[i] for p, i in zip(proposals, pos)]
+            matched = [m[i] for m, i in zip(matched, pos)]
+            roi_features, levels, scales, rois = heads._pool_masks(features, props, il.image_sizes)
+            if rois.shape[0] == 0:
+                bar.update(1)
+                continue
+            trunk = head.trunk(roi_features)
+            mask_logits, edge_logits = head.forward_train(roi_features, levels, scales, rois, trunk)
+            mask_t = mask_losses.mask_targets([t["masks"] for t in tg], props, matched, head.resolutions)
+            edge_t = [mask_losses.edge_targets(m) for m in mask_t]
+            sig = {s: mask_losses.routing_signal_losses(mask_logits, edge_logits, mask_t, edge_t, signal=s,
+                                                        edge_weight=heads.edge_weight) for s in signals}
+        total = 0.0
+        for v in variants:
+            logits = switches[v.name](roi_features if v.reads == "roi" else trunk)
+            y = mask_losses.gumbel_hard(logits, v.tau)
+            probs = logits.softmax(dim=1)
+            total = total + (y * sig[v.signal]).sum(dim=1).mean() + v.budget_weight * (
+                mask_losses.entropy_loss(probs) + mask_losses.budget_loss(probs, costs, v.target_gmacs))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        bar.update(1)
+    bar.close()
+    secs = time.time() - t0
+    state = {name: m.state_dict() for name, m in switches.items()}
+    return state, {"seconds": secs, "sec_per_iter": secs / max(cfg.switch_iters, 1)}
+
+
+# ---------------------------------------------------------------------------------------------- study
+class Study:
+    def __init__(self, cfg: StudyConfig, out: str, *, progress: bool = True) -> None:
+        self.cfg, self.out, self.progress = cfg, out, progress
+        for d in ("ckpt", "rows"):
+            os.makedirs(os.path.join(out, d), exist_ok=True)
+        self.train, self.val = datasets(cfg, out)
+        self.meta_path = os.path.join(out, "meta.json")
+        self.meta: dict[str, Any] = json.load(open(self.meta_path)) if os.path.exists(self.meta_path) else {}
+        saved = self.meta.get("config")
+        now = json.loads(json.dumps(asdict(cfg)))
+        if saved is not None and saved != now:
+            raise SystemExit(f"{out} holds a study with another configuration; use a new --out (or delete it)")
+        self.meta["config"] = now
+        self.meta.setdefault("timings", {})
+        save_json(self.meta_path, self.meta)
+
+    # -- bookkeeping
+    def ckpt(self, name: str) -> str:
+        return os.path.join(self.out, "ckpt", f"{name}.pth")
+
+    def row_path(self, name: str) -> str:
+        return os.path.join(self.out, "rows", f"{name}.json")
+
+    def have_rows(self, names) -> bool:
+        return all(os.path.exists(self.row_path(n)) for n in names)
+
+    def timing(self, name: str, info: dict[str, float]) -> None:
+        self.meta["timings"][name] = info
+        save_json(self.meta_path, self.meta)
+        log(f"{name}: {info['seconds'] / 60:.1f} min ({info.get('sec_per_iter', 0):.2f} s/it)")
+
+    def save_rows(self, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+        for row in rows:
+            save_json(self.row_path(row["name"]), row)
+        if extra:
+            self.meta.update(extra)
+            save_json(self.meta_path, self.meta)
+        self.report()
+
+    def report(self) -> None:
+        rows = []
+        for fn in sorted(os.listdir(os.path.join(self.out, "rows"))):
+            if fn.endswith(".json"):
+                with open(os.path.join(self.out, "rows", fn)) as f:
+                    rows.append(json.load(f))
+        write_report(self.out, self.cfg, self.meta, rows, self.planned_rows())
+
+    def planned_rows(self) -> list[str]:
+        res = [self.cfg.arch["mask_roi_size"] * 2**k for k in range(4)]
+        return ([f"fixed-{s}" for s in res] + ["size-rule", "oracle"] + [v.name for v in self.cfg.switches]
+                + [v.name for v in self.cfg.coupled] + ["maskrcnn-28"])
+
+    # -- phases
+    def model_from(self, name: str, **routing: Any):
+        model = build_dynamask(self.cfg, **routing)
+        model.load_state_dict(load_state(self.ckpt(name))["model"], strict=True)
+        return model
+
+    def pretrain(self) -> None:
+        if os.path.exists(self.ckpt("pretrain")):
+            return
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = build_dynamask(cfg)
+        model.mask_training = "pretrain"
+        info = train_phase(model, self.train, cfg, iters=cfg.pretrain_iters, seed=cfg.seed, lr=cfg.lr,
+                           warmup=cfg.warmup, drop_at=None, desc="pretrain (every resolution)")
+        save_state(self.ckpt("pretrain"), {"model": model.state_dict()})
+        self.timing("pretrain", info)
+
+    def base(self) -> None:
+        if os.path.exists(self.ckpt("base")):
+            return
+        model = self.model_from("pretrain")
+        model.mask_training = "pretrain"
+        info = train_phase(model, self.train, self.cfg, iters=self.cfg.phase_iters, seed=self.cfg.seed + 1,
+                           lr=self.cfg.lr / 10, warmup=0, drop_at=None, desc="base (pretrain continued)")
+        save_state(self.ckpt("base"), {"model": model.state_dict()})
+        self.timing("base", info)
+
+    def switches(self) -> dict[str, Any]:
+        path = self.ckpt("switches")
+        if not os.path.exists(path):
+            model = self.model_from("base")
+            state, info = train_switches(model, self.train, self.cfg, self.cfg.switches, seed=self.cfg.seed + 2)
+            save_state(path, state)
+            self.timing("switches", info)
+        return load_state(path)
+
+    def base_rows(self) -> None:
+        from dynamask.flops import mask_head_gmacs, msm_gmacs
+        from dynamask.models.msm import MaskSwitchModule
+
+        from dynamask.engine.routing_probe import gt_box_routing
+
+        cfg = self.cfg
+        model = self.model_from("base")
+        res = list(model.roi_heads.mask_head.resolutions)
+        names = [f"fixed-{s}" for s in res] + ["size-rule", "oracle"] + [v.name for v in cfg.switches]
+        if self.have_rows(names):
+            return
+        state = self.switches()
+        head = model.roi_heads.mask_head
+        switches = {}
+        for v in cfg.switches:
+            m = MaskSwitchModule(in_channels=model.roi_heads.msm.se.fc1.in_features if v.reads == "roi"
+                                 else head.channels[0], in_size=head.resolutions[0])
+            m.load_state_dict(state[v.name])
+            m.eval()
+            switches[v.name] = ((m, v.reads), msm_gmacs(m))
+        costs = mask_head_gmacs(model)
+        t0 = time.time()
+        log("base model: every policy on the validation detections")
+        metrics = evaluate_policies(model, self.val, costs=costs, switches=switches, progress=self.progress)
+        log("base model: ground-truth boxes")
+        probe = gt_box_routing(model, self.val, switches={n: s for n, (s, _) in switches.items()},
+                               progress=self.progress)
+        from dynamask.engine.routing import oracle_choice, per_category
+        from dynamask.models.mask_inference import size_policy  # noqa: F401  (GT-box size rule below)
+
+        gt_choices = dict(probe["choices"])
+        k = len(res)
+        for j, s in enumerate(res):
+            gt_choices[f"fixed-{s}"] = np.full(len(probe["categories"]), j)
+        gt_choices["oracle"] = oracle_choice(probe["iou"])
+        gt_choices["size-rule"] = self._gt_size_choice(k)
+        cats = per_category(probe["iou"], probe["categories"], kinds=probe["kinds"])
+        self.meta["iou_gain"] = {n: c["iou_gain"] for n, c in cats.items()}
+        self.meta["mean_iou"] = {n: c["mean_iou"] for n, c in cats.items()}
+        self.meta["categories"] = probe["kinds"]
+        self.meta["resolutions"] = res
+        self.meta["costs"] = {str(r): g for r, g in costs.items()}
+        self.timing("base_eval", {"seconds": time.time() - t0})
+        rows = []
+        for name in names:
+            variant = next((v for v in cfg.switches if v.name == name), None)
+            policy = ("fixed" if name.startswith("fixed") else "size" if name == "size-rule"
+                      else "oracle" if name == "oracle" else "msm")
+            rows.append(self._row(name, policy, metrics[name], probe, gt_choices[name],
+                                  resolution=int(name.split("-")[1]) if policy == "fixed" else None,
+                                  variant=variant, trained="frozen base" if variant else "base"))
+        self.save_rows(rows)
+
+    def _gt_size_choice(self, k: int) -> np.ndarray:
+        """Eq. 8 on every ground-truth box of the validation split (input frame), in probe order."""
+        from dynamask.models.mask_inference import size_policy
+
+        model_size = self.cfg.arch["min_size"]
+        out = []
+        for i in range(len(self.val)):
+            _, target = self.val[i]
+            info = self.val.coco.imgs[int(target["image_id"])]
+            scale = model_size / min(int(info["height"]), int(info["width"]))
+            out.append(size_policy(target["boxes"] * scale, k).numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def _row(self, name: str, policy: str, m: dict[str, Any], probe: dict[str, Any] | None,
+             gt_choice: np.ndarray | None, *, resolution: int | None = None, variant=None,
+             trained: str = "") -> dict[str, Any]:
+        from dynamask.engine.routing import routing_value, shares
+
+        k = len(probe["resolutions"]) if probe is not None else 4
+        row: dict[str, Any] = {
+            "name": name, "policy": policy, "resolution": resolution,
+            "routing_loss": None, "target_gmacs": None,
+            "segm_ap": m["segm"]["AP"], "segm_ap50": m["segm"]["AP50"], "segm_ap75": m["segm"]["AP75"],
+            "boundary_ap": m["boundary"]["AP"], "mask_gmacs_per_instance": m["mask_gmacs_per_instance"],
+            "resolution_share": None, "routing_captured": None, "trained": trained, "detections": m["detections"],
+        }
+        if probe is not None and gt_choice is not None:
+            names = list(probe["kinds"])
+            row["resolution_share"] = shares(gt_choice, probe["categories"], k, names)
+            row["mean_index"] = {n: (float(np.mean(gt_choice[np.asarray(probe["categories"]) == n]))
+                                     if n in probe["categories"] else None) for n in names}
+        if variant is not None:
+            coupled = getattr(variant, "coupled", False) if trained != "frozen base" else False
+            mode = "frozen" if trained == "frozen base" else ("coupled" if coupled else "decoupled")
+            row["routing_loss"] = f"{variant.signal}-{mode}"
+            row["target_gmacs"] = variant.target_gmacs
+            row["switch_input"] = variant.reads
+            row["gumbel_tau"] = variant.tau
+            row["budget_weight"] = variant.budget_weight
+            value = routing_value(probe["iou"], gt_choice)
+            row["routing_value"] = value.as_dict()
+            row["routing_captured"] = value.captured
+        return row
+
+    def coupled_row(self, v: CoupledVariant) -> None:
+        from dynamask.engine.routing_probe import gt_box_routing
+        from dynamask.flops import mask_head_gmacs, msm_gmacs
+
+        if self.have_rows([v.name]):
+            return
+        routing = {"routing_signal": v.signal, "coupled": v.coupled, "switch_input": v.reads,
+                   "gumbel_tau": v.tau, "budget_weight": v.budget_weight, "target_gmacs": v.target_gmacs}
+        path = self.ckpt(v.name)
+        if not os.path.exists(path):
+            model = build_dynamask(self.cfg, **routing)
+            pre = load_state(self.ckpt("pretrain"))["model"]
+            if v.reads != "roi":  # a switch of another input width starts fresh
+                pre = {k: t for k, t in pre.items() if not k.startswith("roi_heads.msm.")}
+            model.load_state_dict(pre, strict=v.reads == "roi")
+            model.mask_training = "dynamic"
+            info = train_phase(model, self.train, self.cfg, iters=self.cfg.phase_iters, seed=self.cfg.seed + 1,
+                               lr=self.cfg.lr / 10, warmup=0, drop_at=None, desc=v.name, msm_lr=self.cfg.lr)
+            save_state(path, {"model": model.state_dict()})
+            self.timing(v.name, info)
+        model = self.model_from(v.name, **routing)
+        t0 = time.time()
+        sw = {v.name: ((model.roi_heads.msm, v.reads), msm_gmacs(model))}
+        metrics = evaluate_policies(model, self.val, costs=mask_head_gmacs(model), switches=sw, fixed=False,
+                                    size_rule=False, oracle=False, progress=self.progress)
+        probe = gt_box_routing(model, self.val, switches={v.name: sw[v.name][0]}, progress=self.progress)
+        self.timing(f"{v.name}_eval", {"seconds": time.time() - t0})
+        row = self._row(v.name, "msm", metrics[v.name], probe, probe["choices"][v.name], variant=v,
+                        trained="coupled" if v.coupled else "decoupled")
+        self.save_rows([row])
+
+    def maskrcnn_row(self) -> None:
+        from dynamask.flops import maskrcnn_mask_head_gmacs
+
+        if self.have_rows(["maskrcnn-28"]):
+            return
+        cfg = self.cfg
+        path = self.ckpt("maskrcnn")
+        torch.manual_seed(cfg.seed)
+        model = build_maskrcnn(cfg)
+        if not os.path.exists(path):
+            pre = self.ckpt("maskrcnn-pretrain")
+            if os.path.exists(pre):
+                model.load_state_dict(load_state(pre)["model"])
+            else:
+                info = train_phase(model, self.train, cfg, iters=cfg.pretrain_iters, seed=cfg.seed, lr=cfg.lr,
+                                   warmup=cfg.warmup, drop_at=None, desc="Mask R-CNN (pretrain schedule)")
+                save_state(pre, {"model": model.state_dict()})
+                self.timing("maskrcnn-pretrain", info)
+            info = train_phase(model, self.train, cfg, iters=cfg.phase_iters, seed=cfg.seed + 1, lr=cfg.lr / 10,
+                               warmup=0, drop_at=None, desc="Mask R-CNN (phase schedule)")
+            save_state(path, {"model": model.state_dict()})
+            self.timing("maskrcnn", info)
+        model.load_state_dict(load_state(path)["model"])
+        gmacs = maskrcnn_mask_head_gmacs(model)
+        m = evaluate_fixed_model(model, self.val, gmacs_per_instance=gmacs, progress=self.progress)
+        row = self._row("maskrcnn-28", "maskrcnn", m, None, None, resolution=28, trained="maskrcnn")
+        self.save_rows([row])
+
+    def run(self) -> None:
+        t0 = time.time()
+        self.report()
+        self.pretrain()
+        self.base()
+        self.base_rows()
+        for i, v in enumerate(self.cfg.coupled):
+            if i == self.cfg.maskrcnn_after:
+                self.maskrcnn_row()
+            self.coupled_row(v)
+        self.maskrcnn_row()
+        self.meta["timings"]["this_run_minutes"] = {"seconds": time.time() - t0}
+        save_json(self.meta_path, self.meta)
+        self.report()
+        log(f"done: {self.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "accuracy"), help="study folder (resumable)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (about a minute)")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--iters-scale", type=float, default=1.0,
+                   help="multiply every phase's iterations (e.g. 0.4 on a machine shared with other jobs; "
+                        "the report states it)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if not 0 < args.iters_scale <= 10:
+        p.error(f"--iters-scale must be in (0, 10], got {args.iters_scale}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = quick_config(args.seed) if args.quick else full_config(args.seed)
+    if args.iters_scale != 1.0:
+        cfg = replace(cfg, iters_scale=args.iters_scale,
+                      **{k: max(1, round(getattr(cfg, k) * args.iters_scale))
+                         for k in ("pretrain_iters", "phase_iters", "switch_iters")})
+    log(f"accuracy study ({'quick' if args.quick else 'full'}) in {args.out}; torch threads {torch.get_num_threads()}")
+    Study(cfg, args.out, progress=not args.no_progress).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
