@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -93,7 +93,3 @@ def check_choice(op: str, choice: Tensor, num_resolutions: int) -> None:
     i = _first_bad((choice < 0) | (choice >= num_resolutions))
     if i is not None:
         raise ValueError(f"{op}: choice[{i}] is {int(choice[i])} but must be in [0, {num_resolutions})")
-
-
-def max_count(stages: Sequence[tuple[int, int, int]]) -> int:
-    return max((int(s[2]) for s in stages), default=0)
