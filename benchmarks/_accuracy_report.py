@@ -18,11 +18,24 @@ def _msm(rows):
     return [r for r in rows if r["policy"] == "msm"]
 
 
+def model_defaults() -> dict[str, Any]:
+    """The routing options a DynaMask model trains with when none is given (read from the RoI heads' own
+    defaults, so that the report follows the library)."""
+    import inspect
+
+    from dynamask.models.roi_heads import DynaMaskRoIHeads
+
+    p = inspect.signature(DynaMaskRoIHeads.__init__).parameters
+    mode = "coupled" if p["coupled"].default else "decoupled"
+    return {"routing_loss": f"{p['routing_signal'].default}-{mode}", "switch_input": p["switch_input"].default,
+            "gumbel_tau": p["gumbel_tau"].default, "budget_weight": p["budget_weight"].default}
+
+
 def default_switch(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The switch as the model trains it by default (paper's signal, coupled, RoI input): the middle budget
-    if it finished, else any budget."""
-    cands = [r for r in _msm(rows) if r.get("routing_loss") == "paper-coupled" and r.get("switch_input") == "roi"
-             and r.get("gumbel_tau") == 0.5 and r.get("budget_weight") == 0.4]
+    """The switch as the model trains it by default (:func:`model_defaults`): the middle budget if it
+    finished, else any budget."""
+    d = model_defaults()
+    cands = [r for r in _msm(rows) if all(r.get(k) == v for k, v in d.items())]
     cands.sort(key=lambda r: r["name"])
     return cands[len(cands) // 2] if cands else None
 

@@ -59,6 +59,10 @@ class SwitchVariant:
     target_gmacs: float = 0.0
     tau: float = 0.5
     budget_weight: float = 0.4
+    # "gumbel": the route loss on a straight-through Gumbel sample (as the model trains a coupled switch);
+    # "expected": its exact expectation under the switch's softmax, Σ_k p_k ℓ_k (the signal is detached, so
+    # nothing needs a sample; no sampling noise)
+    estimator: str = "gumbel"
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ class CoupledVariant:
     reads: str = "roi"
     tau: float = 0.5
     budget_weight: float = 0.4
+
+
+VARIANT_FIELDS = ("switches", "coupled", "maskrcnn_after")
 
 
 @dataclass(frozen=True)
@@ -125,12 +132,19 @@ def _variants(budgets: tuple[float, float, float]) -> tuple[tuple[SwitchVariant,
         SwitchVariant(f"frozen-boundary-trunk-ct{mid:g}", signal="boundary", reads="trunk", target_gmacs=mid),
         SwitchVariant(f"frozen-paper-roi-ct{mid:g}-tau1", target_gmacs=mid, tau=1.0),
         SwitchVariant(f"frozen-paper-roi-ct{mid:g}-bw0.1", target_gmacs=mid, budget_weight=0.1),
+        # the switch that also reads the coarse mask and outline (dynamask.models.switch_input)
+        *(SwitchVariant(f"frozen-paper-mask-ct{c:g}", reads="mask", target_gmacs=c) for c in budgets),
+        SwitchVariant(f"frozen-grid-mask-ct{mid:g}", signal="grid", reads="mask", target_gmacs=mid),
+        SwitchVariant(f"frozen-boundary-mask-ct{mid:g}", signal="boundary", reads="mask", target_gmacs=mid),
     )
-    coupled = (
-        CoupledVariant(f"coupled-paper-roi-ct{mid:g}", mid),  # priority order: the middle budget first
+    coupled = (  # priority order (a study cut short measures the first ones); Mask R-CNN after the first
+        CoupledVariant(f"coupled-paper-roi-ct{mid:g}", mid),
+        CoupledVariant(f"coupled-paper-mask-ct{mid:g}", mid, reads="mask"),
+        CoupledVariant(f"decoupled-paper-roi-ct{mid:g}", mid, coupled=False),
+        CoupledVariant(f"coupled-paper-mask-ct{lo:g}", lo, reads="mask"),
+        CoupledVariant(f"coupled-paper-mask-ct{hi:g}", hi, reads="mask"),
         CoupledVariant(f"coupled-paper-roi-ct{lo:g}", lo),
         CoupledVariant(f"coupled-paper-roi-ct{hi:g}", hi),
-        CoupledVariant(f"decoupled-paper-roi-ct{mid:g}", mid, coupled=False),
         CoupledVariant(f"coupled-paper-trunk-ct{mid:g}", mid, reads="trunk"),
     )
     return switches, coupled
@@ -146,7 +160,8 @@ def full_config(seed: int = 0) -> StudyConfig:
 def quick_config(seed: int = 0) -> StudyConfig:
     # a tiny model on 64-px images (7→56 ladder): every kind of phase and row, in well under a minute
     switches, coupled = _variants((0.004, 0.006, 0.008))
-    pick = {"frozen-paper-roi-ct0.004", "frozen-grid-roi-ct0.006", "frozen-boundary-trunk-ct0.006"}
+    pick = {"frozen-paper-roi-ct0.004", "frozen-grid-roi-ct0.006", "frozen-boundary-trunk-ct0.006",
+            "frozen-paper-mask-ct0.006"}
     return StudyConfig(size=64, n_train=4, n_val=2, max_objects=2, seed=seed, batch=2, warmup=1, pretrain_iters=2,
                        phase_iters=1, switch_iters=1,
                        arch=_arch(64, trunk=16, stages=(8, 8, 8), roi=7, fpn=32, rois=2),
@@ -262,6 +277,16 @@ def train_phase(model, dataset, cfg: StudyConfig, *, iters: int, seed: int, lr: 
     return {"seconds": secs, "sec_per_iter": secs / max(iters, 1), **{f"last_{k}": v for k, v in last.items()}}
 
 
+def new_switch(model, reads: str):
+    """A fresh MSM for ``model`` that reads ``reads`` (:mod:`dynamask.models.switch_input`)."""
+    from dynamask.models.msm import MaskSwitchModule
+    from dynamask.models.switch_input import switch_channels
+
+    head = model.roi_heads.mask_head
+    width = switch_channels(reads, fpn_channels=head.in_channels, trunk_channels=head.channels[0])
+    return MaskSwitchModule(in_channels=width, in_size=head.resolutions[0])
+
+
 def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> tuple[dict[str, Any], dict[str, float]]:
     """Trains one new switch per variant on the FROZEN model, all on the same batches. Each learns from
     its signal (detached per-resolution losses of the frozen head) under its budget and temperature."""
@@ -269,16 +294,14 @@ def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> 
 
     from dynamask.flops import mask_head_gmacs
     from dynamask.models import mask_losses
-    from dynamask.models.msm import MaskSwitchModule
+    from dynamask.models.switch_input import switch_view
 
     torch.manual_seed(seed)
     model.eval()
     heads = model.roi_heads
     head = heads.mask_head
     costs = torch.tensor(list(mask_head_gmacs(head).values()), dtype=torch.float32)
-    fpn = heads.msm.se.fc1.in_features
-    switches = {v.name: MaskSwitchModule(in_channels=fpn if v.reads == "roi" else head.channels[0],
-                                         in_size=head.resolutions[0]) for v in variants}
+    switches = {v.name: new_switch(model, v.reads) for v in variants}
     params = [p for m in switches.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     signals = sorted({v.signal for v in variants})
@@ -307,9 +330,9 @@ def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> 
                                                         edge_weight=heads.edge_weight) for s in signals}
         total = 0.0
         for v in variants:
-            logits = switches[v.name](roi_features if v.reads == "roi" else trunk)
-            y = mask_losses.gumbel_hard(logits, v.tau)
+            logits = switches[v.name](switch_view(v.reads, head, roi_features, trunk))
             probs = logits.softmax(dim=1)
+            y = mask_losses.gumbel_hard(logits, v.tau) if v.estimator == "gumbel" else probs
             total = total + (y * sig[v.signal]).sum(dim=1).mean() + v.budget_weight * (
                 mask_losses.entropy_loss(probs) + mask_losses.budget_loss(probs, costs, v.target_gmacs))
         opt.zero_grad(set_to_none=True)
@@ -333,7 +356,10 @@ class Study:
         self.meta: dict[str, Any] = json.load(open(self.meta_path)) if os.path.exists(self.meta_path) else {}
         saved = self.meta.get("config")
         now = json.loads(json.dumps(asdict(cfg)))
-        if saved is not None and saved != now:
+        # the variant lists may grow between runs (each row is its own file; a missing switch is trained on
+        # the same frozen model); anything else changed would mix two studies
+        fixed = [k for k in now if k not in VARIANT_FIELDS]
+        if saved is not None and any(saved.get(k) != now[k] for k in fixed):
             raise SystemExit(f"{out} holds a study with another configuration; use a new --out (or delete it)")
         self.meta["config"] = now
         self.meta.setdefault("timings", {})
@@ -404,19 +430,22 @@ class Study:
         self.timing("base", info)
 
     def switches(self) -> dict[str, Any]:
+        """Every frozen-model switch's weights; the ones not trained yet (a variant added since) are trained
+        now, on the same batches as the others (same seed)."""
         path = self.ckpt("switches")
-        if not os.path.exists(path):
+        state = load_state(path) if os.path.exists(path) else {}
+        todo = [v for v in self.cfg.switches if v.name not in state]
+        if todo:
             model = self.model_from("base")
-            state, info = train_switches(model, self.train, self.cfg, self.cfg.switches, seed=self.cfg.seed + 2)
+            new, info = train_switches(model, self.train, self.cfg, todo, seed=self.cfg.seed + 2)
+            state.update(new)
             save_state(path, state)
-            self.timing("switches", info)
-        return load_state(path)
+            self.timing("switches" if len(todo) == len(self.cfg.switches) else f"switches+{len(todo)}", info)
+        return state
 
     def base_rows(self) -> None:
-        from dynamask.flops import mask_head_gmacs, msm_gmacs
-        from dynamask.models.msm import MaskSwitchModule
-
         from dynamask.engine.routing_probe import gt_box_routing
+        from dynamask.flops import mask_head_gmacs, msm_gmacs, switch_input_macs
 
         cfg = self.cfg
         model = self.model_from("base")
@@ -424,19 +453,25 @@ class Study:
         names = [f"fixed-{s}" for s in res] + ["size-rule", "oracle"] + [v.name for v in cfg.switches]
         if self.have_rows(names):
             return
+        policies = [f"fixed-{s}" for s in res] + ["size-rule", "oracle"]
+        # a rerun after variants were added evaluates only the missing switch rows
+        redo = not self.have_rows(policies)
+        names = [n for n in names if redo or not self.have_rows([n])]
         state = self.switches()
         head = model.roi_heads.mask_head
         switches = {}
         for v in cfg.switches:
-            m = MaskSwitchModule(in_channels=model.roi_heads.msm.se.fc1.in_features if v.reads == "roi"
-                                 else head.channels[0], in_size=head.resolutions[0])
+            if v.name not in names:
+                continue
+            m = new_switch(model, v.reads)
             m.load_state_dict(state[v.name])
             m.eval()
-            switches[v.name] = ((m, v.reads), msm_gmacs(m))
+            switches[v.name] = ((m, v.reads), msm_gmacs(m) + switch_input_macs(v.reads, head) / 1e9)
         costs = mask_head_gmacs(model)
         t0 = time.time()
         log("base model: every policy on the validation detections")
-        metrics = evaluate_policies(model, self.val, costs=costs, switches=switches, progress=self.progress)
+        metrics = evaluate_policies(model, self.val, costs=costs, switches=switches, fixed=redo, size_rule=redo,
+                                    oracle=redo, progress=self.progress)
         log("base model: ground-truth boxes")
         probe = gt_box_routing(model, self.val, switches={n: s for n, (s, _) in switches.items()},
                                progress=self.progress)
@@ -455,7 +490,7 @@ class Study:
         self.meta["categories"] = probe["kinds"]
         self.meta["resolutions"] = res
         self.meta["costs"] = {str(r): g for r, g in costs.items()}
-        self.timing("base_eval", {"seconds": time.time() - t0})
+        self.timing("base_eval" if redo else f"base_eval+{len(names)}", {"seconds": time.time() - t0})
         rows = []
         for name in names:
             variant = next((v for v in cfg.switches if v.name == name), None)

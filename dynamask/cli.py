@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 from dynamask import cli_checks
 from dynamask.data.shapes import split_paths
+from dynamask.models.mask_losses import ROUTING_SIGNALS
+from dynamask.models.switch_input import SWITCH_INPUTS
 
 
 class CliError(Exception):
@@ -161,6 +163,15 @@ def _train_parser(sub) -> None:
     g.add_argument("--budget-weight", type=float, default=None, help="lambda2, weights budget and entropy (0.4)")
     g.add_argument("--edge-weight", type=float, default=None, help="lambda1, weights the edge loss (0.1)")
     g.add_argument("--gumbel-tau", type=float, default=None, help="Gumbel-softmax temperature (0.5)")
+    g.add_argument("--routing-signal", choices=ROUTING_SIGNALS, default=None,
+                   help="what the switch learns from: each resolution's loss against its own target (paper, the "
+                        "default), all scored on the finest grid (grid) or in a band around the outline (boundary)")
+    g.add_argument("--decoupled", dest="coupled", action="store_const", const=False, default=None,
+                   help="the stages keep their own supervision in the dynamic phase and the switch learns from "
+                        "detached losses (default: coupled, the paper's Eq. 3)")
+    g.add_argument("--switch-input", choices=SWITCH_INPUTS, default=None,
+                   help="what the switch reads: the RoI feature (roi, the default), the trunk's output (trunk), or "
+                        "the trunk's output with its 14x14 mask and edge logits (mask)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--time-limit", type=float, default=None, help="minutes; then checkpoint and stop")
     p.add_argument("--max-iters", type=int, default=None, help="stop (with a checkpoint) after this many iterations")
@@ -195,7 +206,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_iters=args.max_iters, log_every=args.log_every, resume=args.resume, device=args.device,
         progress=not args.no_progress, val_images=val_images, val_ann=val_ann, budget=not args.no_budget,
         target_gmacs=args.target_gmacs, budget_weight=args.budget_weight, edge_weight=args.edge_weight,
-        gumbel_tau=args.gumbel_tau,
+        gumbel_tau=args.gumbel_tau, routing_signal=args.routing_signal, coupled=args.coupled,
+        switch_input=args.switch_input,
         mask_costs=args.mask_costs,  # None: a DynaMask model's own (dynamask.flops.HeadCosts)
         repeat_factor_threshold=args.repeat_factor_sampling,
     )

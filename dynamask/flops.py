@@ -57,15 +57,29 @@ def mask_head_gmacs(model: nn.Module) -> dict[int, float]:
     return {s: m / 1e9 for s, m in zip(head.resolutions, mask_head_macs(head))}
 
 
+def switch_input_macs(kind: str, head: nn.Module) -> int:
+    """Per-RoI MACs of preparing the switch's input beyond what inference computes anyway: for ``"mask"``
+    the 14² mask and edge predictors (:mod:`dynamask.models.switch_input`), 0 otherwise."""
+    if kind != "mask":
+        return 0
+    s = head.resolutions[0]
+    return conv_macs(head.mask_predictors[0], (s, s)) + conv_macs(head.edge_predictors[0], (s, s))
+
+
 def msm_macs(model: nn.Module) -> int:
-    """Per-RoI MACs of the Mask Switch Module (SE FCs, two convs, two FCs)."""
+    """Per-RoI MACs of the Mask Switch Module (SE FCs, two convs, two FCs); given a detector whose switch
+    reads ``"mask"``, its input's predictors too (:func:`switch_input_macs`)."""
     msm = _find(model, "msm")
+    heads = getattr(model, "roi_heads", model)
+    kind = getattr(heads, "switch_input", "roi")
     size = msm.in_size
     total = msm.se.fc1.in_features * msm.se.fc1.out_features + msm.se.fc2.in_features * msm.se.fc2.out_features
     for conv in (msm.conv1, msm.conv2):
         size = _conv_out(conv, size)
         total += conv_macs(conv, (size, size))
     total += msm.fc1.in_features * msm.fc1.out_features + msm.fc2.in_features * msm.fc2.out_features
+    if kind != "roi":
+        total += switch_input_macs(kind, _find(model, "mask_head"))
     return total
 
 

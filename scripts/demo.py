@@ -50,8 +50,18 @@ ARCH_KWARGS = {
     "min_size": SIZE, "max_size": SIZE, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 128,
     "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 200,
     "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 30,
-    "mask_rois_per_image": 8, "target_gmacs": 0.022,
+    "mask_rois_per_image": 8,
 }
+BUDGET_AT = 28  # C_t: on average as costly as running every RoI at 28² (see demo_budget)
+
+
+def demo_budget(arch_kwargs: dict) -> float:
+    """C_t in GMAC per RoI for the head the demo builds: its cost at ``BUDGET_AT``² from
+    :func:`dynamask.flops.mask_head_gmacs`, so that the budget follows the head when its widths change."""
+    from dynamask import flops
+    from dynamask.models import dynamask_resnet_fpn
+
+    return flops.mask_head_gmacs(dynamask_resnet_fpn(**arch_kwargs))[BUDGET_AT]
 
 
 def run(args: list[str]) -> None:
@@ -70,7 +80,7 @@ def main() -> int:
     minutes = training_cap(t0)
     progress = [] if sys.stdout.isatty() else ["--no-progress"]  # bars in a terminal, clean logs otherwise
     run(["train", "--data", data, "--out", train_dir, "--arch", "dynamask_resnet_fpn",
-         "--arch-kwargs", json.dumps(ARCH_KWARGS), "--epochs", str(EPOCHS), "--pretrain-epochs", str(PRETRAIN_EPOCHS),
+         "--arch-kwargs", json.dumps(ARCH_KWARGS), "--target-gmacs", f"{demo_budget(ARCH_KWARGS):.6g}", "--epochs", str(EPOCHS), "--pretrain-epochs", str(PRETRAIN_EPOCHS),
          "--batch-size", str(BATCH), "--optimizer", "adamw", "--lr", str(LR), "--warmup-iters", "100", "--lr-steps", *map(str, LR_STEPS),
          "--clip-grad-norm", "10", "--workers", "0", "--time-limit", f"{minutes:.2f}", *progress])
     eval_dir = os.path.join(train_dir, "eval")  # `train --data` evaluates the val split when it stops

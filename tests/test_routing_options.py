@@ -123,6 +123,18 @@ def test_bad_routing_options_are_named():
         tiny_model(coupled="no")
 
 
+def _switch_input_widths(model, images) -> set[int]:
+    """Runs inference; the channel counts the MSM was given (every image must get its masks)."""
+    seen = []
+    hook = model.roi_heads.msm.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    hook.remove()
+    assert seen and all("masks" in o for o in out)
+    return set(seen)
+
+
 def test_switch_reading_the_trunk_trains_and_routes_on_the_trunk_output():
     torch.manual_seed(0)
     model = tiny_model(switch_input="trunk", routing_signal="boundary", coupled=False, target_gmacs=0.01)
@@ -135,16 +147,38 @@ def test_switch_reading_the_trunk_trains_and_routes_on_the_trunk_output():
     assert "loss_route" in losses
     sum(losses.values()).backward()
     assert heads.msm.conv1.weight.grad.abs().sum() > 0
-    seen = []
-    hook = heads.msm.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
-    model.eval()
-    with torch.no_grad():
-        out = model(images)
-    hook.remove()
-    assert seen and set(seen) == {32}  # the trunk's width, not the FPN's 256
-    assert all("masks" in o for o in out)
+    assert _switch_input_widths(model, images) == {32}  # the trunk's width, not the FPN's 256
     # the switch's cost is counted with its own input width
     assert flops.msm_gmacs(model) < flops.msm_gmacs(tiny_model())
+
+
+def test_switch_reading_the_coarse_mask_sees_trunk_mask_and_edge_logits():
+    from dynamask.models.switch_input import switch_view
+
+    torch.manual_seed(0)
+    model = tiny_model(switch_input="mask", target_gmacs=0.01)
+    heads, head = model.roi_heads, model.roi_heads.mask_head
+    c0, s0 = head.channels[0], head.resolutions[0]
+    assert heads.msm.se.fc1.in_features == c0 + 2
+    # the view, against the head's own layers run by hand
+    x = torch.randn(3, head.in_channels, s0, s0)
+    t = head.trunk(x)
+    view = switch_view("mask", head, x)
+    assert not view.requires_grad
+    torch.testing.assert_close(view[:, :c0], t)
+    torch.testing.assert_close(view[:, c0], F.conv2d(t, head.mask_predictors[0].weight,
+                                                     head.mask_predictors[0].bias)[:, 0])
+    torch.testing.assert_close(view[:, c0 + 1], F.conv2d(t, head.edge_predictors[0].weight,
+                                                         head.edge_predictors[0].bias)[:, 0])
+    # the two 1×1 predictors are counted beside the MSM's own MACs
+    assert flops.msm_macs(model) == flops.msm_macs(heads.msm) + 2 * c0 * s0 * s0
+    # it trains (coupled, the paper's signal) and routes on that view at inference
+    images, targets = synthetic_batch()
+    model.train()
+    model.mask_training = "dynamic"
+    sum(model(images, targets).values()).backward()
+    assert heads.msm.conv1.weight.grad.abs().sum() > 0
+    assert _switch_input_widths(model, images) == {c0 + 2}
 
 
 def test_mask_iou_top_grid_by_hand():

@@ -309,12 +309,14 @@ def test_dynamask_trains_across_the_phase_switch_at_many_scales(shapes, tmp_path
 
 def test_method_flags_reach_the_model_and_conflicts_are_refused(shapes, tmp_path):
     r = train(_cfg(shapes, tmp_path, arch="dynamask_resnet_fpn", arch_kwargs=TINY_DYNAMASK, pretrain_epochs=0,
-                   epochs=1, max_iters=1, target_gmacs=0.005, budget_weight=0.3, edge_weight=0.2, gumbel_tau=0.7))
+                   epochs=1, max_iters=1, target_gmacs=0.005, budget_weight=0.3, edge_weight=0.2, gumbel_tau=0.7,
+                   routing_signal="grid", coupled=False, switch_input="mask"))
     kw = load_checkpoint(r["checkpoint"])["arch"]["kwargs"]
     assert (kw["target_gmacs"], kw["budget_weight"], kw["edge_weight"], kw["gumbel_tau"]) == (0.005, 0.3, 0.2, 0.7)
-    from dynamask.engine.recipe import model_kwargs
+    assert (kw["routing_signal"], kw["coupled"], kw["switch_input"]) == ("grid", False, "mask")
+    from dynamask.engine.recipe import METHOD_SETTINGS, model_kwargs
 
-    none = dict.fromkeys(("target_gmacs", "budget_weight", "edge_weight", "gumbel_tau"))
+    none = dict.fromkeys(METHOD_SETTINGS)
     off = model_kwargs("dynamask_resnet_fpn", {"depth": 18}, resize=None, max_size=None, budget=False, settings=none)
     assert off == {"depth": 18, "target_gmacs": None}  # the trainer then sets no default C_t
     with pytest.raises(ValueError, match="--no-budget and --target-gmacs contradict"):
@@ -373,3 +375,21 @@ def test_dynamask_trains_on_cuda_with_amp(shapes, tmp_path):
     ckpt = load_checkpoint(r["checkpoint"])
     assert "scaler" in ckpt and ckpt["scaler"]  # the scaler was enabled and saved
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_cli_routing_flags_reach_the_train_config(shapes, tmp_path, monkeypatch):
+    """``--routing-signal``, ``--decoupled`` and ``--switch-input`` land in TrainConfig (whose settings the
+    test above follows into the model); left out, they stay None (the model's defaults)."""
+    import dynamask.engine.train as train_mod
+    from dynamask.cli import main
+
+    seen = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg: seen.append(cfg) or {"status": "done", "epoch": 0,
+                                                                               "iteration": 0, "checkpoint": ""})
+    common = ["train", "--data", shapes, "--out", str(tmp_path / "r"), "--arch", "dynamask_resnet_fpn", "--no-progress"]
+    main(common + ["--routing-signal", "boundary", "--decoupled", "--switch-input", "trunk"])
+    main(common)
+    assert [(c.routing_signal, c.coupled, c.switch_input) for c in seen] == [("boundary", False, "trunk"),
+                                                                            (None, None, None)]
+    with pytest.raises(SystemExit):
+        main(common + ["--switch-input", "p2"])

@@ -21,7 +21,8 @@ PAPER_TOP_GMACS = 1.40
 PAPER_TARGET_RATIO = PAPER_TARGET_GMACS / PAPER_TOP_GMACS
 
 DYNAMASK_ARCHS = ("dynamask_resnet_fpn", "dynamask_resnet50_fpn")
-METHOD_SETTINGS = ("target_gmacs", "budget_weight", "edge_weight", "gumbel_tau")
+METHOD_SETTINGS = ("target_gmacs", "budget_weight", "edge_weight", "gumbel_tau", "routing_signal", "coupled",
+                   "switch_input")
 # builder arguments that name files: used to build the model once, not stored in a checkpoint's architecture
 WEIGHT_FILES = ("weights", "weights_backbone", "torchvision_weights")
 
@@ -50,7 +51,7 @@ PAPER_TOTAL_BATCH = 16
 
 
 def model_kwargs(arch: str, kwargs: dict[str, Any], *, resize: tuple[int, int] | None, max_size: int | None,
-                 budget: bool, settings: dict[str, float | None]) -> dict[str, Any]:
+                 budget: bool, settings: dict[str, Any]) -> dict[str, Any]:
     """Builder arguments with the trainer's multi-scale and method settings merged in.
 
     Args:
@@ -59,8 +60,9 @@ def model_kwargs(arch: str, kwargs: dict[str, Any], *, resize: tuple[int, int] |
             training and uses high at test; None leaves ``min_size`` as it is.
         max_size: cap of the longer side, or None.
         budget: False turns the FLOPs budget off (``target_gmacs=None``).
-        settings: ``target_gmacs``, ``budget_weight``, ``edge_weight``, ``gumbel_tau``; None = the model's
-            default (for C_t: :func:`default_target_gmacs`, set after the model is built).
+        settings: ``target_gmacs``, ``budget_weight``, ``edge_weight``, ``gumbel_tau``, ``routing_signal``,
+            ``coupled``, ``switch_input``; None = the model's default (for C_t: :func:`default_target_gmacs`,
+            set after the model is built).
     """
     out = dict(kwargs)
     given = {k: v for k, v in settings.items() if v is not None}

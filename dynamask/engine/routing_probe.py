@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynamask.models import mask_losses
+from dynamask.models.switch_input import switch_view
 
-# A switch: (MSM module, what it reads: "roi" or "trunk")
+# A switch: (MSM module, what it reads: one of dynamask.models.switch_input.SWITCH_INPUTS)
 Switch = tuple[nn.Module, str]
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def head_outputs(model: nn.Module, features: dict[str, Tensor], boxes: list[Tens
     Args:
         model: a DynaMask detector (``model.roi_heads`` a ``DynaMaskRoIHeads``), in eval mode.
         features: the backbone's output on the batch. boxes: per image ``[n_i, 4]``.
-        switches: name → (MSM, "roi" | "trunk"); None: the model's own switch as ``"msm"``.
+        switches: name → (MSM, "roi" | "trunk" | "mask"); None: the model's own switch as ``"msm"``.
 
     Returns:
         ``(probs, choices)``: K tensors ``[R, S_k, S_k]`` (R = Σ n_i, image-major) and name → ``[R]`` int64.
@@ -72,8 +73,7 @@ def head_outputs(model: nn.Module, features: dict[str, Tensor], boxes: list[Tens
     logits, _ = head.forward_train(roi_features, levels, scales, rois, trunk)
     choices = {}
     for name, (msm, reads) in switches.items():
-        x = roi_features if reads == "roi" else trunk
-        choices[name] = msm(x).argmax(dim=1)
+        choices[name] = msm(switch_view(reads, head, roi_features, trunk)).argmax(dim=1)
     return [x.sigmoid() for x in logits], choices
 
 @torch.no_grad()

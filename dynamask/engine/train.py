@@ -74,6 +74,10 @@ class TrainConfig:
     budget_weight: float | None = None  # lambda2 (0.4)
     edge_weight: float | None = None  # lambda1 (0.1)
     gumbel_tau: float | None = None  # tau (0.5)
+    # what the switch learns from and reads (dynamask.models.mask_losses / switch_input); None: the default
+    routing_signal: str | None = None  # "paper" | "grid" | "boundary"
+    coupled: bool | None = None  # False: the stages keep their own supervision, the switch learns detached
+    switch_input: str | None = None  # "roi" | "trunk" | "mask"
     seed: int = 0
     time_limit: float | None = None  # seconds of training in this run; then checkpoint and stop
     max_iters: int | None = None  # stop (with a checkpoint) after this many iterations in total

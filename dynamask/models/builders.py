@@ -33,6 +33,7 @@ from dynamask.checks import check_kwargs
 from dynamask.models.detector import DynaMaskRCNN, valid_kwargs
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
+from dynamask.models.switch_input import switch_channels
 
 RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
 TORCHVISION_PREFIXES = ("backbone.", "rpn.", "roi_heads.box_head.")
@@ -146,8 +147,9 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
     head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
                         stage_channels=tuple(stage_channels), roi_size=mask_roi_size)
     # the switch reads the RoI feature (FPN width) or the trunk's output (trunk width); see DynaMaskRoIHeads
-    switch_channels = trunk_channels if kwargs.get("switch_input", "roi") == "trunk" else backbone.out_channels
-    msm = MaskSwitchModule(in_channels=switch_channels, in_size=mask_roi_size)
+    width = switch_channels(kwargs.get("switch_input", "roi"), fpn_channels=backbone.out_channels,
+                            trunk_channels=trunk_channels)
+    msm = MaskSwitchModule(in_channels=width, in_size=mask_roi_size)
     model = DynaMaskRCNN(backbone, num_classes, mask_head=head, msm=msm, **kwargs)
     if torchvision_weights is not None and weights is None:
         load_torchvision_maskrcnn(model, torchvision_weights)

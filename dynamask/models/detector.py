@@ -23,6 +23,7 @@ from dynamask.models.inputs import check_images, check_targets
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
+from dynamask.models.switch_input import switch_channels
 
 
 DEFAULT_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
@@ -105,7 +106,8 @@ class DynaMaskRCNN(GeneralizedRCNN):
             bbox_reg_weights=bbox_reg_weights, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
             detections_per_img=box_detections_per_img,
             mask_head=mask_head,
-            msm=(MaskSwitchModule(in_channels=out_channels if switch_input == "roi" else mask_head.channels[0],
+            msm=(MaskSwitchModule(in_channels=switch_channels(switch_input, fpn_channels=out_channels,
+                                                              trunk_channels=mask_head.channels[0]),
                                   in_size=mask_head.resolutions[0]) if msm is None else msm),
             mask_roi_pool=MultiLevelRoIPool(output_size=14, sampling_ratio=2, aligned=True,
                                             canonical_scale=roi_canonical_scale),

@@ -19,9 +19,9 @@ from dynamask.flops import mask_head_gmacs
 from dynamask.models import mask_inference, mask_losses
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
+from dynamask.models.switch_input import check_switch_input, needs_trunk, switch_view
 
 MASK_TRAINING_MODES = ("pretrain", "dynamic")
-SWITCH_INPUTS = ("roi", "trunk")
 
 
 def infer_scales(features: Sequence[Tensor], image_shapes: Sequence[tuple[int, int]]) -> list[float]:
@@ -110,9 +110,10 @@ class DynaMaskRoIHeads(RoIHeads):
             "boundary" (the same, in a band around the outline); see :mod:`dynamask.models.mask_losses`.
         coupled: True: Eq. 3 (one term trains the stages and the switch). False: the stages keep the
             pretrain supervision and the switch learns from detached losses.
-        switch_input: what the MSM reads, detached: "roi" (the 14×14 RoI feature, DESIGN.md §3) or
-            "trunk" (the trunk's output at 14×14, which inference computes for every RoI anyway, so it
-            costs no extra head MACs; the MSM must then be built with ``in_channels`` = trunk width).
+        switch_input: what the MSM reads, detached: "roi" (the 14×14 RoI feature, docs/method.md §3),
+            "trunk" (the trunk's output) or "mask" (the trunk's output and its 14² mask and edge logits);
+            see :mod:`dynamask.models.switch_input`. The MSM's ``in_channels`` must match
+            (:func:`~dynamask.models.switch_input.switch_channels`).
     """
 
     def __init__(self, *, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module,
@@ -141,8 +142,7 @@ class DynaMaskRoIHeads(RoIHeads):
             raise ValueError(f"mask_rois_per_image must be None or >= 1, got {mask_rois_per_image}")
         self.mask_rois_per_image = mask_rois_per_image
         mask_losses.check_routing(routing_signal, coupled)
-        if switch_input not in SWITCH_INPUTS:
-            raise ValueError(f"switch_input must be one of {SWITCH_INPUTS}, got {switch_input!r}")
+        check_switch_input(switch_input)
         self.routing_signal = routing_signal
         self.coupled = coupled
         self.switch_input = switch_input
@@ -230,7 +230,7 @@ class DynaMaskRoIHeads(RoIHeads):
         roi_features, levels, scales, rois = self._pool_masks(features, proposals, image_shapes)
         if rois.shape[0] == 0:
             return self._zero_mask_losses(roi_features)
-        trunk = self.mask_head.trunk(roi_features) if self.switch_input == "trunk" else None
+        trunk = self.mask_head.trunk(roi_features) if needs_trunk(self.switch_input) else None
         mask_logits, edge_logits = self.mask_head.forward_train(roi_features, levels, scales, rois, trunk)
         # under autocast the logits come in half precision; the losses (and Gumbel noise) run in float
         mask_logits, edge_logits = [x.float() for x in mask_logits], [x.float() for x in edge_logits]
@@ -248,11 +248,9 @@ class DynaMaskRoIHeads(RoIHeads):
                                           routing_signal=self.routing_signal, coupled=self.coupled)
 
     def switch_features(self, roi_features: Tensor, trunk: Tensor | None = None) -> Tensor:
-        """What the MSM reads, detached: the RoI feature ``[R, C, S_0, S_0]`` or the trunk's output
-        ``[R, C_0, S_0, S_0]`` (computed here when ``trunk`` is None)."""
-        if self.switch_input == "roi":
-            return roi_features.detach()
-        return (self.mask_head.trunk(roi_features) if trunk is None else trunk).detach()
+        """What the MSM reads, detached (:func:`~dynamask.models.switch_input.switch_view`); ``trunk`` is
+        computed here when needed and None."""
+        return switch_view(self.switch_input, self.mask_head, roi_features, trunk)
 
     def _zero_mask_losses(self, roi_features: Tensor) -> dict[str, Tensor]:
         """Losses of a batch with no positive RoI (``roi_features [0, C, S, S]``): zeros still connected
@@ -279,9 +277,9 @@ class DynaMaskRoIHeads(RoIHeads):
     def choose(self, roi_features: Tensor, boxes: list[Tensor], image_shapes: list[tuple[int, int]],
                trunk: Tensor | None = None) -> Tensor:
         """Resolution index per RoI under the current ``mask_policy``. ``[R]`` int64. ``trunk``: the trunk's
-        output on ``roi_features``, if computed (read by a switch with ``switch_input="trunk"``)."""
+        output on ``roi_features``, if computed (read by a switch with ``switch_input`` "trunk" or "mask")."""
         feats = roi_features
-        if self.mask_policy == "msm" and self.switch_input == "trunk":
+        if self.mask_policy == "msm" and needs_trunk(self.switch_input):
             feats = self.switch_features(roi_features, trunk)
         return mask_inference.choose_resolutions(self.mask_policy, msm=self.msm, roi_features=feats,
                                                  boxes=boxes, image_sizes=image_shapes,
@@ -295,7 +293,7 @@ class DynaMaskRoIHeads(RoIHeads):
         roi_features, levels, scales, rois = self._pool_masks(features, boxes, image_shapes)
         # a switch that reads the trunk's output: run the trunk once, before the choice, for every RoI
         trunk = (self.mask_head.trunk(roi_features)
-                 if self.mask_policy == "msm" and self.switch_input == "trunk" else None)
+                 if self.mask_policy == "msm" and needs_trunk(self.switch_input) else None)
         choice = self.choose(roi_features, boxes, image_shapes, trunk)
         perm, counts = ops.group_by_resolution(choice, len(resolutions))
         logits = self.mask_head.forward_dispatched(roi_features[perm], levels, scales, rois[perm], counts.tolist(),
