@@ -14,7 +14,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dynamask import cli_checks
 from dynamask.data.shapes import split_paths

@@ -132,7 +132,7 @@ class HeadCosts:
     projections: tuple[tuple[int, float, int], ...] = ()
 
     @classmethod
-    def of(cls, model: nn.Module, *, msm: bool = True) -> "HeadCosts":
+    def of(cls, model: nn.Module, *, msm: bool = True) -> HeadCosts:
         """The costs of a DynaMask model (``msm``: whether its switch runs, i.e. ``mask_policy == "msm"``)."""
         head = _find(model, "mask_head")
         proj = tuple((int(head.resolutions[s]), conv_macs(head.project[s - 1], (1, 1)) / 1e9,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 import torch
 import torchvision
 from hypothesis import HealthCheck, assume, given, settings

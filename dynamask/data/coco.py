@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_utils

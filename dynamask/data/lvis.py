@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -53,7 +54,7 @@ class LvisDetection(CocoDetection):
         self._init_lvis()
 
     @classmethod
-    def from_coco(cls, dataset: CocoDetection) -> "LvisDetection":
+    def from_coco(cls, dataset: CocoDetection) -> LvisDetection:
         """The same loaded file as an LvisDetection, without reading it again."""
         obj = cls.__new__(cls)
         obj.__dict__.update(dataset.__dict__)

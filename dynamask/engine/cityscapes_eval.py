@@ -15,7 +15,8 @@ import copy
 import math
 import os
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO

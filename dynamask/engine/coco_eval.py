@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_utils

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from pycocotools.coco import COCO

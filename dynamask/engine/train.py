@@ -20,8 +20,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -162,7 +163,7 @@ class _StopRequests:
         self.reason: str | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopRequests":
+    def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)

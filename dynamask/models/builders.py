@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _validate_trainable_layers
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from dynamask.checks import check_kwargs
 from dynamask.models.detector import DynaMaskRCNN, valid_kwargs

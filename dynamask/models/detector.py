@@ -25,7 +25,6 @@ from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
 from dynamask.models.switch_input import switch_channels
 
-
 DEFAULT_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
 # What GeneralizedRCNNTransform takes besides min_size, max_size, image_mean and image_std.
 TRANSFORM_KWARGS = ("size_divisible", "fixed_size", "_skip_resize")

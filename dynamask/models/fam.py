@@ -7,7 +7,6 @@ on that fused feature → deformable conv 2, ReLU. One deform group, 3×3 kernel
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dynamask.ops import _paste_masks_registrations  # noqa: F401  (fake kernels)
-from dynamask.ops import checks
+from dynamask.ops import (
+    _paste_masks_registrations,  # noqa: F401  (fake kernels)
+    checks,
+)
 
 
 def _mask_groups(masks: Tensor | Sequence[Tensor]) -> list[Tensor]:

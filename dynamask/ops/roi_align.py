@@ -12,8 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dynamask.ops import _roi_align_registrations  # noqa: F401  (autograd, autocast, fake kernels)
-from dynamask.ops import checks
+from dynamask.ops import (
+    _roi_align_registrations,  # noqa: F401  (autograd, autocast, fake kernels)
+    checks,
+)
 
 
 def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
