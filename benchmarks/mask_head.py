@@ -15,6 +15,7 @@ FPN-typical sizes. Medians of interleaved runs; ``torch.set_num_threads(2)`` on 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -94,7 +95,7 @@ def main() -> None:
     tv = TorchvisionMaskBranch().to(device).eval()
     feats, rois, boxes, image = make_inputs(args.rois, device)
     labels = torch.randint(1, 91, (args.rois,), device=device)
-    cases = {name: (lambda c=choice_for(mix, args.rois, device): run_ours(head, feats, rois, c))
+    cases = {name: functools.partial(run_ours, head, feats, rois, choice_for(mix, args.rois, device))
              for name, mix in MIXES.items()}
     cases["torchvision Mask R-CNN head (28×28)"] = lambda: tv(feats, boxes, image, labels)
     times: dict[str, list[float]] = {name: [] for name in cases}

@@ -98,7 +98,9 @@ def main() -> None:
         t = interleaved_medians(fns, dev, args.reps)
         for name in ours:
             mine = t[f"dynamask {name}"]
-            rows.append([output, name, f"{mine * 1e3:.1f}", f"{t['torchvision'] * 1e3:.1f}", f"{t['torchvision'] / mine:.1f}x"])
+            rows.append(
+                [output, name, f"{mine * 1e3:.1f}", f"{t['torchvision'] * 1e3:.1f}", f"{t['torchvision'] / mine:.1f}x"]
+            )
         print(f"done: {output}", flush=True)
 
     if dev == "cuda":

@@ -199,7 +199,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         train_images=train_images, train_ann=train_ann, out_dir=args.out, arch=args.arch,
         arch_kwargs=args.arch_kwargs, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay,
         warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor, lr_steps=tuple(args.lr_steps),
         gamma=args.gamma, clip_grad_norm=args.clip_grad_norm, amp=not args.no_amp, workers=args.workers,
         flip_prob=args.flip_prob, resize=tuple(args.resize) if args.resize else None, max_size=args.max_size,

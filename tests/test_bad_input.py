@@ -225,7 +225,9 @@ def test_7_missing_image_files_are_found_when_the_data_opens(tmp_path):
     data = json.load(open(ann))
     data["annotations"][1]["category_id"] = 9
     json.dump(data, open(ann, "w"))
-    with pytest.raises(ValueError, match=r"ann.json: 2 problems: image 2 refers to a missing file .*b\.png; .*unknown category_id 9"):
+    with pytest.raises(
+        ValueError, match=r"ann.json: 2 problems: image 2 refers to a missing file .*b\.png; .*unknown category_id 9"
+    ):
         CocoDetection(img_dir, ann)
     data["annotations"][1]["category_id"] = 1
     json.dump(data, open(ann, "w"))

@@ -135,7 +135,9 @@ def test_one_training_step_under_cpu_autocast_bf16(monkeypatch):
     model.mask_training = "dynamic"
     seen = []
     original = mask_losses.gumbel_hard
-    monkeypatch.setattr(mask_losses, "gumbel_hard", lambda logits, tau: (seen.append(logits.dtype), original(logits, tau))[1])
+    monkeypatch.setattr(
+        mask_losses, "gumbel_hard", lambda logits, tau: (seen.append(logits.dtype), original(logits, tau))[1]
+    )
     images, targets = synthetic_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(images, targets)
@@ -183,7 +185,9 @@ def test_one_training_step_under_cuda_amp(monkeypatch):
     model.mask_training = "dynamic"
     seen = []
     original = mask_losses.gumbel_hard
-    monkeypatch.setattr(mask_losses, "gumbel_hard", lambda logits, tau: (seen.append(logits.dtype), original(logits, tau))[1])
+    monkeypatch.setattr(
+        mask_losses, "gumbel_hard", lambda logits, tau: (seen.append(logits.dtype), original(logits, tau))[1]
+    )
     images, targets = synthetic_batch()
     images = [im.cuda() for im in images]
     targets = [{k: v.cuda() for k, v in t.items()} for t in targets]

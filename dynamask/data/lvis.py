@@ -79,7 +79,11 @@ class LvisDetection(CocoDetection):
                                ("not_exhaustive_category_ids", self.not_exhaustive_category_ids)):
                 ids = info.get(key, [])
                 if not isinstance(ids, list) or not all(isinstance(c, int) and c in known for c in ids):
-                    bad = ids if not isinstance(ids, list) else [c for c in ids if not (isinstance(c, int) and c in known)]
+                    bad = (
+                        ids
+                        if not isinstance(ids, list)
+                        else [c for c in ids if not (isinstance(c, int) and c in known)]
+                    )
                     raise ValueError(f"{self.ann_file}: image {image_id}: {key} must list category ids of the file, "
                                      f"got {bad!r}")
                 table[image_id] = set(ids)

@@ -107,8 +107,8 @@ def evaluate_results(
 
     Returns ``{"bbox": {AP...}, "segm": {AP...}, "boundary": {AP...} (if asked), "resolution": distribution
     (detections scoring >= ``score_threshold``), "mask_gmac_per_instance": float | None, "mask_cost": the
-    :func:`~dynamask.engine.resolution.cost_report` over every detection}``. With ``out_dir``, also writes ``results.json``,
-    ``metrics.json``, ``summary.txt`` and ``resolution.png`` there.
+    :func:`~dynamask.engine.resolution.cost_report` over every detection}``. With ``out_dir``, also writes
+    ``results.json``, ``metrics.json``, ``summary.txt`` and ``resolution.png`` there.
 
     With ``lvis_gt`` (an LVIS file's path, or its ``lvis.LVIS``), bbox and segm are scored by LVIS's rules
     instead (:mod:`dynamask.engine.lvis_eval`: ``max_dets`` per image, default 300, and APr/APc/APf), and

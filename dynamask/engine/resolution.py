@@ -132,7 +132,9 @@ def plot_resolution_distribution(distribution: dict[str, Any], path: str, *, tit
 
     names = shown_categories(distribution)
     if title is None and len(names) < len(distribution["per_category"]):
-        title = f"Mask resolution chosen per category ({len(names)} of {len(distribution['per_category'])}, most instances)"
+        title = (
+            f"Mask resolution chosen per category ({len(names)} of {len(distribution['per_category'])}, most instances)"
+        )
     resolutions = distribution["resolutions"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.6))
     left = [0.0] * len(names)

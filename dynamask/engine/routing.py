@@ -39,7 +39,9 @@ def _check(iou: np.ndarray, choice: np.ndarray | None = None) -> tuple[np.ndarra
     choice = np.asarray(choice)
     if choice.shape != (iou.shape[0],):
         raise ValueError(f"choice must be [N] = [{iou.shape[0]}], got shape {choice.shape}")
-    if choice.size and (not np.issubdtype(choice.dtype, np.integer) or choice.min() < 0 or choice.max() >= iou.shape[1]):
+    if choice.size and (
+        not np.issubdtype(choice.dtype, np.integer) or choice.min() < 0 or choice.max() >= iou.shape[1]
+    ):
         raise ValueError(f"choice must hold integer resolution indices in [0, {iou.shape[1]}), got {choice[:8]}...")
     return iou, choice.astype(np.int64)
 

@@ -94,7 +94,9 @@ class DynaMaskRCNN(GeneralizedRCNN):
             rpn_nms_thresh, score_thresh=rpn_score_thresh,
         )
         mask_head = DynaMaskHead(in_channels=out_channels) if mask_head is None else mask_head
-        box_pool = MultiLevelRoIPool(output_size=7, sampling_ratio=2, aligned=False, canonical_scale=roi_canonical_scale)
+        box_pool = MultiLevelRoIPool(
+            output_size=7, sampling_ratio=2, aligned=False, canonical_scale=roi_canonical_scale
+        )
         roi_heads = DynaMaskRoIHeads(
             box_roi_pool=box_pool,
             box_head=(TwoMLPHead(out_channels * 7 * 7, box_representation_size) if box_head is None else box_head),

@@ -8,14 +8,13 @@ leaves the head at its own resolution and is pasted into the image by :func:`dyn
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor, nn
 
 from dynamask import ops
 
-Policy = Union[str, int, Callable[[Tensor, list[Tensor], list[tuple[int, int]]], Tensor]]
+Policy = str | int | Callable[[Tensor, list[Tensor], list[tuple[int, int]]], Tensor]
 
 
 def size_policy(boxes: Tensor, num_resolutions: int = 4) -> Tensor:
