@@ -332,6 +332,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     except ImportError as exc:  # an optional extra (lvis, cityscapesscripts) is missing
         raise CliError(str(exc)) from exc
+    if metrics is None:  # a process other than rank 0 under DDP: rank 0 gathers and reports
+        return 0
     print(format_metrics(metrics))
     if args.out:
         print(f"files in {args.out}")

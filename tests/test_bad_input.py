@@ -328,6 +328,17 @@ def test_10_eval_refuses_a_file_with_no_images(tmp_path, capsys):
         evaluate(tiny_model().eval(), CocoDetection(img_dir, ann), device="cpu", progress=False)
 
 
+def test_10_val_annotations_without_their_images_are_named(tmp_path):
+    # before, the missing folder reached os.path.isdir(None) and failed with a TypeError naming no flag
+    from dynamask.engine.train import TrainConfig
+    from dynamask.engine.train_checks import check_val_data
+
+    img_dir, ann = _coco_files(tmp_path, images=[], annotations=[])
+    cfg = TrainConfig(train_images=img_dir, train_ann=ann, out_dir=str(tmp_path / "out"), val_ann=ann)
+    with pytest.raises(ValueError, match=r"val_ann \(.*ann\.json\) needs val_images"):
+        check_val_data(cfg)
+
+
 # ------------------------------------------------------------------ 11. targets that disagree with the image
 def test_11_targets_must_agree_with_their_image():
     model = tiny_model().train()

@@ -78,7 +78,7 @@ def output_to_results(
             "category_id": int(cat_ids[label - 1]),
             "bbox": [x1, y1, x2 - x1, y2 - y1],
             "score": float(scores[i]),
-            "mask_resolution": None if resolutions[i] is None else int(resolutions[i]),
+            "mask_resolution": None if (res_i := resolutions[i]) is None else int(res_i),
         }
         if rles[i] is not None:
             r["segmentation"] = {"counts": rles[i]["counts"].decode("ascii"), "size": list(rles[i]["size"])}

@@ -64,6 +64,8 @@ def check_val_data(cfg: TrainConfig) -> None:
     with no images, whose AP would read 0; evaluation opens it again when training ends."""
     if not cfg.val_ann:
         return
+    if not cfg.val_images:
+        raise ValueError(f"val_ann ({cfg.val_ann}) needs val_images, the folder of its images")
     from dynamask.data import CocoDetection
 
     if len(CocoDetection(cfg.val_images, cfg.val_ann)) == 0:

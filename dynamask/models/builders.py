@@ -59,7 +59,7 @@ def load_torchvision_maskrcnn(model: DynaMaskRCNN, state: str | os.PathLike | St
     torchvision ``maskrcnn_resnet50_fpn`` state dict. Returns the loaded keys."""
     src = _load(state, "torchvision_weights")
     own = model.state_dict()
-    prefixes = TORCHVISION_PREFIXES
+    prefixes: tuple[str, ...] = TORCHVISION_PREFIXES
     pred_key = BOX_PREDICTOR_PREFIX + "cls_score.weight"
     if pred_key in src and src[pred_key].shape == own[pred_key].shape:
         prefixes = prefixes + (BOX_PREDICTOR_PREFIX,)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -261,7 +262,7 @@ class DynaMaskRoIHeads(RoIHeads):
         empty probabilities are connected to the graph); here it contributes no RoI (count 0) and
         receives the other processes' frequencies.
         """
-        zero = sum(p.sum() * 0.0 for p in self.mask_head.parameters())
+        zero = cast(Tensor, sum(p.sum() * 0.0 for p in self.mask_head.parameters()))  # the head has weights
         out = {"loss_mask": zero, "loss_edge": zero}
         if self.mask_training == "dynamic":
             zero = zero + sum(p.sum() * 0.0 for p in self.msm.parameters())

@@ -63,8 +63,8 @@ def deform_conv2d(
     for name, t in (("input", input), ("offset", offset), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"deform_conv2d: {name} must be a tensor, got {type(t).__name__}")
-    for name, t in (("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask), ("residual", residual)):
-        if t is not None and t.device != input.device:
+    for name, u in (("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask), ("residual", residual)):
+        if u is not None and u.device != input.device:
             raise ValueError(
                 f"deform_conv2d: {name} is on {t.device} but input is on {input.device}; all tensors must be on "
                 "one device"
