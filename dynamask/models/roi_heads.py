@@ -21,6 +21,7 @@ from dynamask.models import mask_inference, mask_losses
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.switch_input import check_switch_input, needs_trunk, switch_view
+from dynamask.ops import to_rois
 
 MASK_TRAINING_MODES = ("pretrain", "dynamic")
 
@@ -33,12 +34,6 @@ def infer_scales(features: Sequence[Tensor], image_shapes: Sequence[tuple[int, i
         approx = float(f.shape[-2]) / float(max_h)
         scales.append(2.0 ** round(math.log2(approx)))
     return scales
-
-
-def to_rois(boxes: Sequence[Tensor]) -> Tensor:
-    """Per-image ``[n_i, 4]`` boxes → ``[R, 5]`` (batch index, x1, y1, x2, y2)."""
-    ids = [torch.full((b.shape[0], 1), float(i), dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
-    return torch.cat([torch.cat(ids), torch.cat(list(boxes))], dim=1)
 
 
 class MultiLevelRoIPool(nn.Module):
