@@ -271,8 +271,9 @@ def _visible_annotations(objects, table, things: set[int], height: int, width: i
                          gt_file: str) -> list[dict[str, Any]]:
     """Each thing instance's pixels left visible when every polygon is drawn in file order, later over
     earlier, with PIL as ``cityscapesscripts``' ``json2instanceImg`` does; as compressed RLE."""
-    import pycocotools.mask as mask_utils
     from PIL import Image, ImageDraw
+
+    from dynamask.data.masks import encode_mask
 
     canvas = Image.new("I", (width, height), 0)  # 0: nothing, k + 1: object k of `objects`
     draw = ImageDraw.Draw(canvas)
@@ -294,12 +295,11 @@ def _visible_annotations(objects, table, things: set[int], height: int, width: i
         mask = index == k + 1
         if not mask.any():
             continue  # hidden entirely
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         ys, xs = np.nonzero(mask)
         x0, y0 = float(xs.min()), float(ys.min())
         anns.append({
             "category_id": int(label.id),
-            "segmentation": {"counts": rle["counts"].decode("ascii"), "size": [height, width]},
+            "segmentation": encode_mask(mask),
             "area": float(mask.sum()),
             "bbox": [x0, y0, float(xs.max() + 1) - x0, float(ys.max() + 1) - y0],
             "iscrowd": int(group),

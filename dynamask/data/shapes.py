@@ -21,8 +21,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
+
+from dynamask.data.masks import encode_mask
 
 # (id, name, supercategory): the supercategory says whether fine mask resolution should matter.
 CATEGORIES: list[tuple[int, str, str]] = [
@@ -192,14 +193,13 @@ def render_image(
 
 
 def _annotation(inst: Instance, ann_id: int, image_id: int) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(inst.mask.astype(np.uint8)))
     ys, xs = np.nonzero(inst.mask)
     x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
     return {
         "id": ann_id,
         "image_id": image_id,
         "category_id": inst.category_id,
-        "segmentation": {"counts": rle["counts"].decode("ascii"), "size": list(rle["size"])},
+        "segmentation": encode_mask(inst.mask),
         "area": int(inst.mask.sum()),
         "bbox": [x1, y1, x2 - x1, y2 - y1],
         "iscrowd": 0,
