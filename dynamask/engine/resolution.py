@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-RESOLUTIONS = (14, 28, 56, 112)
+from dynamask.models.mask_head import RESOLUTIONS
 
 
 def resolution_distribution(
