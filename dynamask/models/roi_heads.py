@@ -160,12 +160,7 @@ class DynaMaskRoIHeads(RoIHeads):
 
     @mask_policy.setter
     def mask_policy(self, policy: mask_inference.Policy) -> None:
-        ok = (policy in ("msm", "size") if isinstance(policy, str)
-              else policy in self.mask_head.resolutions if isinstance(policy, int) and not isinstance(policy, bool)
-              else callable(policy))
-        if not ok:
-            raise ValueError(f"mask_policy must be 'msm', 'size', one of {self.mask_head.resolutions} or a "
-                             f"callable, got {policy!r}")
+        mask_inference.check_policy(policy, self.mask_head.resolutions)
         self._mask_policy = policy
 
     def has_mask(self) -> bool:  # torchvision's check_targets asks for "masks" when this is True
