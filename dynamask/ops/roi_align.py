@@ -25,6 +25,17 @@ def _as_features(features: Sequence[Tensor]) -> list[Tensor]:
     return list(features)
 
 
+def _inputs(features: Sequence[Tensor], rois: Tensor | Sequence[Tensor],
+            spatial_scales: Sequence[float]) -> tuple[list[Tensor], Tensor]:
+    """The checks both RoIAlign ops make first: ``(features as a list, rois as [R, 5])``."""
+    feats = _as_features(features)
+    rois_t = as_rois(rois)
+    if len(spatial_scales) != len(feats):
+        raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
+    _check_devices(feats, rois_t)
+    return feats, rois_t
+
+
 def _check_devices(features: list[Tensor], rois: Tensor) -> None:
     for l, f in enumerate(features):
         if not isinstance(f, Tensor):
@@ -79,11 +90,7 @@ def roi_align_multilevel(
             a level out of range. On CUDA such a RoI pools to zeros instead, unless
             :func:`dynamask.ops.full_checks` is on (see :mod:`dynamask.ops.checks`).
     """
-    feats = _as_features(features)
-    rois_t = as_rois(rois)
-    if len(spatial_scales) != len(feats):
-        raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
-    _check_devices(feats, rois_t)
+    feats, rois_t = _inputs(features, rois, spatial_scales)
     if levels is None:
         _check_power_of_two_scales(spatial_scales)
     ph, pw = pair(output_size, op="roi_align_multilevel", name="output_size")
@@ -117,11 +124,7 @@ def roi_align_stages(
         One tensor per stage, ``[count_j, C_{level_j}, S_j, S_j]``; equal to
         ``torchvision.ops.roi_align(features[l], rois[:count], S, spatial_scales[l], sampling_ratio, aligned)``.
     """
-    feats = _as_features(features)
-    rois_t = as_rois(rois)
-    if len(spatial_scales) != len(feats):
-        raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
-    _check_devices(feats, rois_t)
+    feats, rois_t = _inputs(features, rois, spatial_scales)
     levels, sizes, counts = [], [], []
     for j, stage in enumerate(stages):
         if len(stage) != 3:
