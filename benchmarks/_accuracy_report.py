@@ -279,8 +279,8 @@ def write_report(out: str, cfg, meta: dict[str, Any], rows: list[dict[str, Any]]
         lines += ["Head cost per RoI (GMAC): " + ", ".join(f"{k}²: {v:.4f}" for k, v in meta["costs"].items()), ""]
     lines += [
         "| row | policy | routing | C_t | segm AP | AP50 | AP75 | Boundary AP | GMAC / inst. "
-        "| captured (switch / shuffled / best IoU) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| captured (switch / shuffled / best IoU) | category yardstick |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rv = r.get("routing_value")
@@ -289,13 +289,19 @@ def write_report(out: str, cfg, meta: dict[str, Any], rows: list[dict[str, Any]]
         routing = r["routing_loss"] or "–"
         if r.get("switch_input"):
             routing += f", {r['switch_input']}, τ {r['gumbel_tau']:g}, λ2 {r['budget_weight']:g}"
+            if r.get("estimator", "gumbel") != "gumbel":
+                routing += f", {r['estimator']}"
+        yard = r.get("routing_category_captured")
         lines.append(
             f"| {r['name']} | {r['policy']} | {routing} "
             f"| {r['target_gmacs'] if r['target_gmacs'] is not None else '–'} | "
             f"{f(r['segm_ap'])} | {f(r['segm_ap50'])} | {f(r['segm_ap75'])} | {f(r['boundary_ap'])} | "
-            f"{f(r['mask_gmacs_per_instance'], 1.0, '.4f')} | {cap} |"
+            f"{f(r['mask_gmacs_per_instance'], 1.0, '.4f')} | {cap} | {'–' if yard is None else f'{yard:.3f}'} |"
         )
-    lines.append("")
+    lines += ["", "*captured*: the share of the possible routing gain the switch captures on the ground-truth boxes "
+              "(`dynamask.engine.routing.routing_value`). *category yardstick*: the share a router that knows only "
+              "each instance's category would capture with the same counts (leave-one-out category means, "
+              "`routing.category_routing`).", ""]
     if missing:
         lines += [f"**Rows not (yet) measured:** {', '.join(missing)}.", ""]
     if meta.get("iou_gain"):

@@ -134,6 +134,13 @@ def _variants(budgets: tuple[float, float, float]) -> tuple[tuple[SwitchVariant,
         *(SwitchVariant(f"frozen-paper-mask-ct{c:g}", reads="mask", target_gmacs=c) for c in budgets),
         SwitchVariant(f"frozen-grid-mask-ct{mid:g}", signal="grid", reads="mask", target_gmacs=mid),
         SwitchVariant(f"frozen-boundary-mask-ct{mid:g}", signal="boundary", reads="mask", target_gmacs=mid),
+        # the signal the switch is judged by (1 − soft IoU on the finest grid), and the exact expectation in
+        # place of the Gumbel sample
+        SwitchVariant(f"frozen-iou-roi-ct{mid:g}", signal="iou", target_gmacs=mid),
+        SwitchVariant(f"frozen-iou-mask-ct{mid:g}", signal="iou", reads="mask", target_gmacs=mid),
+        SwitchVariant(f"frozen-paper-roi-ct{mid:g}-expected", target_gmacs=mid, estimator="expected"),
+        SwitchVariant(f"frozen-iou-mask-ct{mid:g}-expected", signal="iou", reads="mask", target_gmacs=mid,
+                      estimator="expected"),
     )
     coupled = (  # priority order (a study cut short measures the first ones); Mask R-CNN after the first
         CoupledVariant(f"coupled-paper-roi-ct{mid:g}", mid),
@@ -515,7 +522,7 @@ class Study:
     def _row(self, name: str, policy: str, m: dict[str, Any], probe: dict[str, Any] | None,
              gt_choice: np.ndarray | None, *, resolution: int | None = None, variant=None,
              trained: str = "") -> dict[str, Any]:
-        from dynamask.engine.routing import routing_value, shares
+        from dynamask.engine.routing import category_routing, routing_value, shares
 
         k = len(probe["resolutions"]) if probe is not None else 4
         row: dict[str, Any] = {
@@ -541,6 +548,11 @@ class Study:
             value = routing_value(probe["iou"], gt_choice)
             row["routing_value"] = value.as_dict()
             row["routing_captured"] = value.captured
+            row["estimator"] = getattr(variant, "estimator", "gumbel")
+            # what a router that knows only the category captures with the same counts (a yardstick)
+            counts = np.bincount(gt_choice, minlength=k)
+            cat = category_routing(probe["iou"], probe["categories"], counts)
+            row["routing_category_captured"] = routing_value(probe["iou"], cat).captured
         return row
 
     def coupled_row(self, v: CoupledVariant) -> None:
@@ -602,17 +614,20 @@ class Study:
         row = self._row("maskrcnn-28", "maskrcnn", m, None, None, resolution=28, trained="maskrcnn")
         self.save_rows([row])
 
-    def run(self) -> None:
+    def run(self, part: str = "all") -> None:
+        """``part``: "all"; "dynamask" (every row but Mask R-CNN's); "maskrcnn" (only that row)."""
         t0 = time.time()
         self.report()
-        self.pretrain()
-        self.base()
-        self.base_rows()
-        for i, v in enumerate(self.cfg.coupled):
-            if i == self.cfg.maskrcnn_after:
-                self.maskrcnn_row()
-            self.coupled_row(v)
-        self.maskrcnn_row()
+        if part in ("all", "dynamask"):
+            self.pretrain()
+            self.base()
+            self.base_rows()
+            for i, v in enumerate(self.cfg.coupled):
+                if i == self.cfg.maskrcnn_after and part == "all":
+                    self.maskrcnn_row()
+                self.coupled_row(v)
+        if part in ("all", "maskrcnn"):
+            self.maskrcnn_row()
         self.meta["timings"]["this_run_minutes"] = {"seconds": time.time() - t0}
         save_json(self.meta_path, self.meta)
         self.report()
@@ -628,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters-scale", type=float, default=1.0,
                    help="multiply every phase's iterations (e.g. 0.4 on a machine shared with other jobs; "
                         "the report states it)")
+    p.add_argument("--part", choices=("all", "dynamask", "maskrcnn"), default="all",
+                   help="run every row (all), or split the study over two processes of one thread each on a "
+                        "2-core machine: dynamask (every row but Mask R-CNN's) and maskrcnn (that row, in its own "
+                        "--out with the same --seed; copy its rows/maskrcnn-28.json into the study's rows/)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if not 0 < args.iters_scale <= 10:
@@ -639,8 +658,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, iters_scale=args.iters_scale,
                       **{k: max(1, round(getattr(cfg, k) * args.iters_scale))
                          for k in ("pretrain_iters", "phase_iters", "switch_iters")})
-    log(f"accuracy study ({'quick' if args.quick else 'full'}) in {args.out}; torch threads {torch.get_num_threads()}")
-    Study(cfg, args.out, progress=not args.no_progress).run()
+    log(f"accuracy study ({'quick' if args.quick else 'full'}, {args.part}) in {args.out}; "
+        f"torch threads {torch.get_num_threads()}")
+    Study(cfg, args.out, progress=not args.no_progress).run(args.part)
     return 0
 
 

@@ -166,7 +166,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--gumbel-tau", type=float, default=None, help="Gumbel-softmax temperature (0.5)")
     g.add_argument("--routing-signal", choices=ROUTING_SIGNALS, default=None,
                    help="what the switch learns from: each resolution's loss against its own target (paper, the "
-                        "default), all scored on the finest grid (grid) or in a band around the outline (boundary)")
+                        "default), all scored by BCE on the finest grid (grid) or in a band around the outline "
+                        "(boundary), or by 1 - soft IoU on the finest grid (iou)")
     g.add_argument("--decoupled", dest="coupled", action="store_const", const=False, default=None,
                    help="the stages keep their own supervision in the dynamic phase and the switch learns from "
                         "detached losses (default: coupled, the paper's Eq. 3)")

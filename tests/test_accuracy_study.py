@@ -75,3 +75,33 @@ def test_rerun_skips_finished_rows_and_refuses_another_config(study):
     assert before == after
     with pytest.raises(SystemExit, match="another configuration"):
         accuracy.main(["--quick", "--out", str(out), "--no-progress", "--seed", "1"])
+
+
+def test_a_variant_added_later_trains_and_evaluates_only_itself(study, tmp_path):
+    """The variant lists may grow between runs: the rerun trains only the new switch (on the same frozen
+    model) and writes only its row; the finished rows and switches stay as they were."""
+    accuracy, out = study
+    import shutil
+
+    work = tmp_path / "grown"
+    shutil.copytree(out, work)
+    before = {p: os.path.getmtime(os.path.join(work, "rows", p)) for p in os.listdir(work / "rows")}
+    old = accuracy.load_state(os.path.join(work, "ckpt", "switches.pth"))
+    cfg = accuracy.quick_config(0)
+    extra = accuracy.SwitchVariant("frozen-iou-mask-ct0.006", signal="iou", reads="mask", target_gmacs=0.006)
+    grown = accuracy.replace(cfg, switches=(*cfg.switches, extra))
+    torch.manual_seed(0)
+    accuracy.Study(grown, str(work), progress=False).run("dynamask")
+    after = {p: os.path.getmtime(os.path.join(work, "rows", p)) for p in os.listdir(work / "rows")}
+    assert set(after) - set(before) == {"frozen-iou-mask-ct0.006.json"}
+    assert all(after[p] == before[p] for p in before)
+    new = accuracy.load_state(os.path.join(work, "ckpt", "switches.pth"))
+    assert set(new) == set(old) | {extra.name}
+    for name in old:  # the switches trained before are kept bit for bit
+        for k, t in old[name].items():
+            assert torch.equal(new[name][k], t)
+    row = json.load(open(work / "rows" / "frozen-iou-mask-ct0.006.json"))
+    assert row["switch_input"] == "mask" and row["routing_loss"] == "iou-frozen"
+    # anything but the variant lists changed is still refused
+    with pytest.raises(SystemExit, match="another configuration"):
+        accuracy.Study(accuracy.replace(grown, lr=1e-3), str(work), progress=False)

@@ -114,3 +114,24 @@ def test_per_category_gain_and_mean_index():
     assert out["star"]["n"] == 0 and out["star"]["iou_gain"] is None
     s = shares(np.array([2, 1, 0]), cats, 3, ["ellipse", "ring", "star"])
     assert s == {"ellipse": [1.0, 0.0, 0.0], "ring": [0.0, 0.5, 0.5], "star": [0.0, 0.0, 0.0]}
+
+
+def test_category_routing_by_hand():
+    from dynamask.engine.routing import category_routing
+
+    # two categories of two instances; "fine" gains from resolution 1, "smooth" does not.
+    iou = np.array([[0.5, 0.9],   # fine
+                    [0.4, 0.7],   # fine
+                    [0.8, 0.8],   # smooth
+                    [0.9, 0.6]])  # smooth
+    cats = ["fine", "fine", "smooth", "smooth"]
+    # leave-one-out scores: row 0 sees row 1 (0.4, 0.7), row 1 sees row 0, row 2 sees row 3, row 3 sees row 2
+    # with two slots at resolution 1 the fine instances (gain +0.3 / +0.4 seen) take them
+    assert category_routing(iou, cats, [2, 2]).tolist() == [1, 1, 0, 0]
+    # one slot at resolution 1: the biggest leave-one-out gain is row 1's (it sees row 0's +0.4)
+    assert category_routing(iou, cats, [3, 1]).tolist() == [0, 1, 0, 0]
+    # a category's only instance gets score 0 everywhere: it takes what is left
+    lone = np.array([[0.1, 0.9], [0.2, 0.3], [0.4, 0.2]])
+    assert category_routing(lone, ["a", "b", "b"], [2, 1]).tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="categories"):
+        category_routing(iou, cats[:3], [2, 2])

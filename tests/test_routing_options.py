@@ -94,7 +94,7 @@ def test_coupled_with_another_signal_trains_the_stages_at_the_chosen_resolution_
         assert torch.any(gk[~unrouted] != 0) or not (~unrouted).any()
 
 
-def test_grid_and_boundary_signals_by_hand():
+def test_grid_boundary_and_iou_signals_by_hand():
     # two resolutions (4, 8); constant logits c_k, so upsampling keeps them; target: left half of the 8x8
     c = [0.5, -1.0]
     masks = [torch.full((1, 4, 4), c[0]), torch.full((1, 8, 8), c[1])]
@@ -114,6 +114,16 @@ def test_grid_and_boundary_signals_by_hand():
     for k, ck in enumerate(c):
         ck = torch.tensor(ck)
         assert boundary[0, k] == pytest.approx(float(2 / 3 * sp(-ck) + 1 / 3 * sp(ck)), rel=1e-5)
+    # soft IoU with a constant probability q over 64 pixels, 32 of them foreground:
+    # intersection Σ q t = 32 q; union Σ (q + t − q t) = 64 q + 32 − 32 q = 32 + 32 q
+    iou = L.routing_signal_losses(masks, masks, mt, mt, signal="iou", edge_weight=0.1)
+    for k, ck in enumerate(c):
+        q = float(torch.tensor(ck).sigmoid())
+        assert iou[0, k] == pytest.approx(1 - 32 * q / (32 + 32 * q), rel=1e-5)
+    # an empty target and an all-background prediction: a perfect match
+    empty = [torch.full((1, 4, 4), -1e4), torch.full((1, 8, 8), -1e4)]
+    zero_t = [torch.zeros(1, 4, 4), torch.zeros(1, 8, 8)]
+    assert L.routing_signal_losses(empty, empty, zero_t, zero_t, signal="iou", edge_weight=0.1).tolist() == [[0.0, 0.0]]
 
 
 def test_bad_routing_options_are_named():

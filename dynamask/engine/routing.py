@@ -154,6 +154,34 @@ def routing_value(iou: np.ndarray, choice: np.ndarray) -> RoutingValue:
     return RoutingValue(switch=switch, shuffled=shuffled, best_same_counts=best_value, captured=captured, n=n)
 
 
+def category_routing(iou: np.ndarray, categories: Sequence[str], counts: Sequence[int]) -> np.ndarray:
+    """The best routing with the given counts for a router that knows only each instance's category.
+
+    Instance i is scored at resolution k by the mean IoU of the OTHER instances of its category at k
+    (leave-one-out, so that its own IoU does not leak in; a category's only instance scores 0 everywhere),
+    and the counts are dealt by :func:`best_assignment` on those scores. Its :func:`routing_value` says how
+    much of the possible gain is visible from the category alone: a switch sees more than the category, so
+    this is a yardstick, not a ceiling.
+
+    Args:
+        iou: ``[N, K]``. categories: N names. counts: K ints summing to N.
+
+    Returns:
+        ``[N]`` int64 resolution indices.
+    """
+    iou, _ = _check(iou)
+    if len(categories) != iou.shape[0]:
+        raise ValueError(f"categories must have N = {iou.shape[0]} entries, got {len(categories)}")
+    names = np.asarray(list(categories), dtype=object)
+    score = np.zeros_like(iou)
+    for name in set(categories):
+        sel = names == name
+        n = int(sel.sum())
+        if n > 1:
+            score[sel] = (iou[sel].sum(axis=0, keepdims=True) - iou[sel]) / (n - 1)
+    return best_assignment(score, counts)
+
+
 def oracle_choice(iou: np.ndarray, tol: float = 0.01) -> np.ndarray:
     """Per instance, the cheapest resolution (lowest index; indices ascend in cost) whose IoU is within
     ``tol`` of that instance's best. ``[N, K]`` → ``[N]`` int64."""

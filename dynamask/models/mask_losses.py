@@ -18,7 +18,9 @@ Routing options of the dynamic phase (issue 16; the defaults are the paper's Eq.
 - ``routing_signal``, the per-RoI, per-resolution loss s_ik the switch's gradient sees:
   ``"paper"`` (ℓ_mask,ik + λ1 ℓ_edge,ik against each resolution's own target), ``"grid"`` (BCE of every
   resolution's logits upsampled to the finest grid, against the finest target: all resolutions scored on
-  one common grid), ``"boundary"`` (the same, averaged over a band around the ground-truth outline only).
+  one common grid), ``"boundary"`` (the same, averaged over a band around the ground-truth outline only),
+  ``"iou"`` (1 − the soft IoU of each resolution's probabilities, upsampled to the finest grid, with the
+  finest target: the quantity the routing is judged by, in a smooth form).
   With ``coupled=True`` and a signal other than ``"paper"``, the stages still learn from
   Σ_k y_ik ℓ_ik (y detached) and the switch from ``loss_route``.
 """
@@ -36,8 +38,8 @@ from torch import Tensor
 from dynamask import ops
 
 LAPLACIAN = ((-1.0, -1.0, -1.0), (-1.0, 8.0, -1.0), (-1.0, -1.0, -1.0))
-RoutingSignal = Literal["paper", "grid", "boundary"]
-ROUTING_SIGNALS: tuple[str, ...] = ("paper", "grid", "boundary")
+RoutingSignal = Literal["paper", "grid", "boundary", "iou"]
+ROUTING_SIGNALS: tuple[str, ...] = ("paper", "grid", "boundary", "iou")
 BOUNDARY_BAND = 1 / 28  # half-width of the "boundary" signal's band, as a fraction of the RoI side
 
 
@@ -187,7 +189,8 @@ def routing_signal_losses(mask_logits: Sequence[Tensor], edge_logits: Sequence[T
     ``"paper"``: ℓ_mask,ik + λ1 ℓ_edge,ik against each resolution's own target. ``"grid"``: BCE of the
     logits upsampled (bilinear) to the finest grid S_K against the finest target, mean over its pixels.
     ``"boundary"``: the same BCE averaged over the band within S_K · ``BOUNDARY_BAND`` pixels of the
-    target's outline (the whole grid for a RoI whose target has no outline).
+    target's outline (the whole grid for a RoI whose target has no outline). ``"iou"``: 1 − soft IoU of the
+    upsampled probabilities with the finest target.
     """
     if signal == "paper":
         lm = torch.stack([per_roi_bce(x, t) for x, t in zip(mask_logits, mask_t)], dim=1)
@@ -195,11 +198,16 @@ def routing_signal_losses(mask_logits: Sequence[Tensor], edge_logits: Sequence[T
         return lm + edge_weight * le
     top = mask_t[-1]  # [R, S, S]
     size = top.shape[-2:]
-    per_res = []
-    for x in mask_logits:
-        up = x if x.shape[-2:] == size else F.interpolate(x[:, None], size=size, mode="bilinear",
-                                                           align_corners=False)[:, 0]
-        per_res.append(F.binary_cross_entropy_with_logits(up, top, reduction="none"))  # [R, S, S]
+    ups = [x if x.shape[-2:] == size else F.interpolate(x[:, None], size=size, mode="bilinear",
+                                                         align_corners=False)[:, 0] for x in mask_logits]
+    if signal == "iou":
+        p = torch.stack([u.sigmoid() for u in ups], dim=1).flatten(2)  # [R, K, S²]
+        t = top.flatten(1)[:, None]  # [R, 1, S²]
+        inter = (p * t).sum(dim=2)
+        union = (p + t - p * t).sum(dim=2)
+        # an empty target and an empty prediction agree perfectly (IoU 1), as the probe scores them
+        return 1.0 - torch.where(union > 0, inter / union.clamp(min=1e-6), torch.ones_like(union))
+    per_res = [F.binary_cross_entropy_with_logits(u, top, reduction="none") for u in ups]  # [R, S, S] each
     bce = torch.stack(per_res, dim=1)  # [R, K, S, S]
     if signal == "grid":
         return bce.flatten(2).mean(dim=2)
