@@ -135,7 +135,9 @@ def evaluate_fixed_model(model: nn.Module, dataset, *, gmacs_per_instance: float
     return {"segm": segm, "boundary": boundary, "detections": len(res), "mask_gmacs_per_instance": gmacs_per_instance}
 
 
-def choice_shares(choice: np.ndarray, categories: Sequence[str], names: Sequence[str], k: int) -> dict[str, list[float]]:
+def choice_shares(
+    choice: np.ndarray, categories: Sequence[str], names: Sequence[str], k: int
+) -> dict[str, list[float]]:
     """Per category, the fraction of its (ground-truth) instances at each resolution."""
     from dynamask.engine.routing import shares
 

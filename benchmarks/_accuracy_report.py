@@ -59,9 +59,11 @@ def _cheaper_and_better(claim: str, ref: dict[str, Any] | None, what: str, msm: 
         return f"- **{claim}:** does not hold: no switch row costs ≤ {what} ({cost:.4f} GMAC)."
     best = max(cands, key=lambda r: r["segm_ap"])
     ok = best["segm_ap"] >= ref["segm_ap"] + AP_MARGIN
-    return (f"- **{claim}:** {'holds' if ok else 'does not hold'}: `{best['name']}` segm AP {100 * best['segm_ap']:.1f} "
-            f"at {best['mask_gmacs_per_instance']:.4f} GMAC vs {what} {100 * ref['segm_ap']:.1f} at {cost:.4f} "
-            "(needs ≥ +1.0).")
+    return (
+        f"- **{claim}:** {'holds' if ok else 'does not hold'}: `{best['name']}` segm AP {100 * best['segm_ap']:.1f} "
+        f"at {best['mask_gmacs_per_instance']:.4f} GMAC vs {what} {100 * ref['segm_ap']:.1f} at {cost:.4f} "
+        "(needs ≥ +1.0)."
+    )
 
 
 def check_claims(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
@@ -81,8 +83,10 @@ def check_claims(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     else:
         c = d["routing_captured"]
         ok = c is not None and c >= 0.6
-        lines.append(f"- **Routing value ≥ 0.6 (default switch, `{d['name']}`):** {'holds' if ok else 'does not hold'}: "
-                     f"captured {c if c is None else round(c, 3)}.")
+        lines.append(
+            f"- **Routing value ≥ 0.6 (default switch, `{d['name']}`):** {'holds' if ok else 'does not hold'}: "
+            f"captured {c if c is None else round(c, 3)}."
+        )
     if caps:
         lines.append("  Every switch row, best first: " + ", ".join(f"`{n}` {c:.3f}" for c, n in caps) + ".")
 
@@ -102,8 +106,10 @@ def check_claims(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
             ie = [mi[n] for n, k in kinds.items() if k == "easy" and mi.get(n) is not None]
             h, e = sum(ih) / len(ih), sum(ie) / len(ie)
             ok = h >= e + 0.5
-            lines.append(f"- **Fig. 8:** hard categories gain more ({text}); the default switch's mean index: hard "
-                         f"{h:.2f}, easy {e:.2f} (difference {h - e:+.2f}, needs ≥ +0.5): {'holds' if ok else 'does not hold'}.")
+            lines.append(
+                f"- **Fig. 8:** hard categories gain more ({text}); the default switch's mean index: hard "
+                f"{h:.2f}, easy {e:.2f} (difference {h - e:+.2f}, needs ≥ +0.5): {'holds' if ok else 'does not hold'}."
+            )
     else:
         lines.append("- **Fig. 8:** not measured (the base model's rows are missing).")
 
@@ -139,8 +145,10 @@ def check_claims(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         else:
             m, r, (ap, pair) = max(margins, key=lambda x: x[0])
             ok = m >= AP_MARGIN
-            lines.append(f"- **Equal-cost mix:** {'holds' if ok else 'does not hold'}: best margin `{r['name']}` "
-                         f"{pct(r['segm_ap'])} vs the {pair} line at its cost {pct(ap)} ({100 * m:+.1f}, needs ≥ +1.0).")
+            lines.append(
+                f"- **Equal-cost mix:** {'holds' if ok else 'does not hold'}: best margin `{r['name']}` "
+                f"{pct(r['segm_ap'])} vs the {pair} line at its cost {pct(ap)} ({100 * m:+.1f}, needs ≥ +1.0)."
+            )
 
     lines.append(_cheaper_and_better("Table 2", by.get("maskrcnn-28"), "the Mask R-CNN head", msm))
 
@@ -269,8 +277,11 @@ def write_report(out: str, cfg, meta: dict[str, Any], rows: list[dict[str, Any]]
         lines += [f"**Note:** {note}", ""]
     if meta.get("costs"):
         lines += ["Head cost per RoI (GMAC): " + ", ".join(f"{k}²: {v:.4f}" for k, v in meta["costs"].items()), ""]
-    lines += ["| row | policy | routing | C_t | segm AP | AP50 | AP75 | Boundary AP | GMAC / inst. | captured (switch / shuffled / best IoU) | category yardstick |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| row | policy | routing | C_t | segm AP | AP50 | AP75 | Boundary AP | GMAC / inst. "
+        "| captured (switch / shuffled / best IoU) | category yardstick |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         rv = r.get("routing_value")
         cap = "–" if rv is None else (f"{rv['captured']:.3f} ({rv['switch']:.3f} / {rv['shuffled']:.3f} / "
@@ -281,9 +292,12 @@ def write_report(out: str, cfg, meta: dict[str, Any], rows: list[dict[str, Any]]
             if r.get("estimator", "gumbel") != "gumbel":
                 routing += f", {r['estimator']}"
         yard = r.get("routing_category_captured")
-        lines.append(f"| {r['name']} | {r['policy']} | {routing} | {r['target_gmacs'] if r['target_gmacs'] is not None else '–'} | "
-                     f"{f(r['segm_ap'])} | {f(r['segm_ap50'])} | {f(r['segm_ap75'])} | {f(r['boundary_ap'])} | "
-                     f"{f(r['mask_gmacs_per_instance'], 1.0, '.4f')} | {cap} | {'–' if yard is None else f'{yard:.3f}'} |")
+        lines.append(
+            f"| {r['name']} | {r['policy']} | {routing} "
+            f"| {r['target_gmacs'] if r['target_gmacs'] is not None else '–'} | "
+            f"{f(r['segm_ap'])} | {f(r['segm_ap50'])} | {f(r['segm_ap75'])} | {f(r['boundary_ap'])} | "
+            f"{f(r['mask_gmacs_per_instance'], 1.0, '.4f')} | {cap} | {'–' if yard is None else f'{yard:.3f}'} |"
+        )
     lines += ["", "*captured*: the share of the possible routing gain the switch captures on the ground-truth boxes "
               "(`dynamask.engine.routing.routing_value`). *category yardstick*: the share a router that knows only "
               "each instance's category would capture with the same counts (leave-one-out category means, "

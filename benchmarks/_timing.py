@@ -15,7 +15,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], device: str, reps: int, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], device: str, reps: int, warmup: int = 1
+) -> dict[str, float]:
     """Runs each callable `warmup` times, then `reps` rounds in turn (A, B, A, B, ...); median seconds each."""
     for fn in fns.values():
         for _ in range(warmup):

@@ -28,9 +28,7 @@ is a checkpoint, a finished row a JSON file in ``OUT/rows``; a rerun skips both.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import sys
 import time

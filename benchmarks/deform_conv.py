@@ -156,7 +156,10 @@ def main():
                 if args.no_memory:
                     mem = {impl: float("nan") for impl in IMPLS}
                 else:
-                    mem = {impl: memory_in_subprocess(impl, shape, dg, backward, args.device, args.threads) for impl in IMPLS}
+                    mem = {
+                        impl: memory_in_subprocess(impl, shape, dg, backward, args.device, args.threads)
+                        for impl in IMPLS
+                    }
                 line = (
                     f"| {'×'.join(map(str, shape))} | {dg} | {'fwd+bwd' if backward else 'fwd'} | "
                     f"{t['torchvision'] * 1e3:.1f} ms | {t['dynamask'] * 1e3:.1f} ms | "

@@ -15,16 +15,20 @@ FPN-typical sizes. Medians of interleaved runs; ``torch.set_num_threads(2)`` on 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
+import os
+import sys
 
 import torch
 from torch import nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from dynamask import ops
-from dynamask.models import DynaMaskHead
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import interleaved_medians  # noqa: E402
+
+from dynamask import ops  # noqa: E402
+from dynamask.models import DynaMaskHead  # noqa: E402
 
 MIXES = {
     "all-112": (0.0, 0.0, 0.0, 1.0),
@@ -75,11 +79,6 @@ class TorchvisionMaskBranch(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), labels].sigmoid()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -94,22 +93,11 @@ def main() -> None:
     tv = TorchvisionMaskBranch().to(device).eval()
     feats, rois, boxes, image = make_inputs(args.rois, device)
     labels = torch.randint(1, 91, (args.rois,), device=device)
-    cases = {name: (lambda c=choice_for(mix, args.rois, device): run_ours(head, feats, rois, c))
+    cases = {name: functools.partial(run_ours, head, feats, rois, choice_for(mix, args.rois, device))
              for name, mix in MIXES.items()}
     cases["torchvision Mask R-CNN head (28×28)"] = lambda: tv(feats, boxes, image, labels)
-    times: dict[str, list[float]] = {name: [] for name in cases}
     with torch.no_grad():
-        for fn in cases.values():  # warm-up
-            fn()
-        sync(device)
-        for _ in range(args.repeats):  # interleaved
-            for name, fn in cases.items():
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(t) for name, t in times.items()}
+        med = interleaved_medians(cases, device.type, args.repeats)
     base = med["all-112"]
     print(f"Mask head inference, {args.rois} RoIs, one 800×1216 image, device {device} "
           f"({torch.get_num_threads()} threads), median of {args.repeats} interleaved runs.\n")

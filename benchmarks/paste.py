@@ -12,15 +12,14 @@ torchvision's canvases then ``pycocotools.mask.encode``). Medians of interleaved
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-
-import os
-import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import interleaved_medians, markdown_table  # noqa: E402
@@ -99,7 +98,9 @@ def main() -> None:
         t = interleaved_medians(fns, dev, args.reps)
         for name in ours:
             mine = t[f"dynamask {name}"]
-            rows.append([output, name, f"{mine * 1e3:.1f}", f"{t['torchvision'] * 1e3:.1f}", f"{t['torchvision'] / mine:.1f}x"])
+            rows.append(
+                [output, name, f"{mine * 1e3:.1f}", f"{t['torchvision'] * 1e3:.1f}", f"{t['torchvision'] / mine:.1f}x"]
+            )
         print(f"done: {output}", flush=True)
 
     if dev == "cuda":

@@ -30,7 +30,9 @@ def make_rois(n: int, device: str, seed: int = 0) -> torch.Tensor:
     """RPN-like boxes: log-uniform sizes 16..800 px, aspect 0.5..2, inside the image."""
     g = torch.Generator().manual_seed(seed)
     H, W = IMAGE
-    size = torch.exp(torch.empty(n).uniform_(torch.log(torch.tensor(16.0)), torch.log(torch.tensor(800.0)), generator=g))
+    size = torch.exp(
+        torch.empty(n).uniform_(torch.log(torch.tensor(16.0)), torch.log(torch.tensor(800.0)), generator=g)
+    )
     aspect = torch.exp(torch.empty(n).uniform_(-0.69, 0.69, generator=g))
     w = (size * aspect.sqrt()).clamp(max=W - 1)
     h = (size / aspect.sqrt()).clamp(max=H - 1)
@@ -92,11 +94,13 @@ def main() -> None:
         for a, b in zip(ours(), theirs()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         t = interleaved_medians({"ours": ours, "tv": theirs}, dev, args.reps)
-        rows.append([f"(b) 100 RoIs P4@28+P3@56+P2@112, {label}, forward", ms(t["tv"]), ms(t["ours"]), f"{t['tv'] / t['ours']:.1f}x"])
+        rows.append([f"(b) 100 RoIs P4@28+P3@56+P2@112, {label}, forward", ms(t["tv"]), ms(t["ours"]),
+                     f"{t['tv'] / t['ours']:.1f}x"])
         for f in feats[:3]:
             f.requires_grad_(True)
         t = interleaved_medians({"ours": fwd_bwd(ours, feats[:3]), "tv": fwd_bwd(theirs, feats[:3])}, dev, args.reps)
-        rows.append([f"(b) 100 RoIs P4@28+P3@56+P2@112, {label}, fwd+bwd", ms(t["tv"]), ms(t["ours"]), f"{t['tv'] / t['ours']:.1f}x"])
+        rows.append([f"(b) 100 RoIs P4@28+P3@56+P2@112, {label}, fwd+bwd", ms(t["tv"]), ms(t["ours"]),
+                     f"{t['tv'] / t['ours']:.1f}x"])
 
     table = markdown_table(["case", "torchvision (median)", "dynamask (median)", "speed-up"], rows)
     text = f"RoIAlign on {device_name(dev)}, torch {torch.__version__}, {args.reps} interleaved reps\n\n{table}\n"

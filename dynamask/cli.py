@@ -14,7 +14,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dynamask import cli_checks
 from dynamask.data.shapes import split_paths
@@ -199,7 +200,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         train_images=train_images, train_ann=train_ann, out_dir=args.out, arch=args.arch,
         arch_kwargs=args.arch_kwargs, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay,
         warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor, lr_steps=tuple(args.lr_steps),
         gamma=args.gamma, clip_grad_norm=args.clip_grad_norm, amp=not args.no_amp, workers=args.workers,
         flip_prob=args.flip_prob, resize=tuple(args.resize) if args.resize else None, max_size=args.max_size,
@@ -331,6 +333,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     except ImportError as exc:  # an optional extra (lvis, cityscapesscripts) is missing
         raise CliError(str(exc)) from exc
+    if metrics is None:  # a process other than rank 0 under DDP: rank 0 gathers and reports
+        return 0
     print(format_metrics(metrics))
     if args.out:
         print(f"files in {args.out}")

@@ -6,7 +6,8 @@ import argparse
 import math
 import os
 import signal
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # Files `dynamask infer` writes whole; an earlier run's are removed first so none is mixed with a new run.
 INFER_RESULT_FILES = ("results.json", "images.json", "skipped.json")

@@ -16,7 +16,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -118,8 +118,8 @@ class Predictor:
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Instances | list[Instances]:
         """One image -> one :class:`Instances`; a list (or a ``[B, ...]`` batch array/tensor) -> a list."""
         if _is_single(images):
-            return next(self.stream([images]))[1]
-        return [inst for _, inst in self.stream(images)]
+            return next(self.stream([cast(ImageInput, images)]))[1]
+        return [inst for _, inst in self.stream(cast("Sequence[ImageInput]", images))]
 
     def stream(self, images: Iterable[ImageInput]) -> Iterator[tuple[Tensor, Instances]]:
         """``(image [3, H, W] float in [0, 1] on the CPU, Instances)`` per image, in order, reading and

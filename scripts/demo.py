@@ -10,13 +10,13 @@ job still ends in time; checkpoint, evaluation and report take about 1 minute af
 
 The recipe was chosen from measured speed and accuracy on a 2-core CPU (about 1.0 s per iteration of 4
 images at 128 px with this model). The model starts from random weights, and in so short a schedule AdamW
-learns far faster than SGD: after 450 iterations, bbox AP50 40.6 against 10.2 for SGD with momentum at
-lr 0.02 (the same run otherwise; SGD's whole 1125-iteration schedule reached 43). 6 epochs of 900
-images are planned and the cap ends training in the 5th or 6th on this machine (4.8-5.8 measured); the first 4 with every resolution supervised, the
-rest dynamic (the mask switch trained under a budget equal to the 28² cost); the learning rate is divided
-by 10 after epochs 4 and 5. What makes it fast: a ResNet-18 FPN of 128 channels, a narrow mask head whose
-resolutions are 7/14/28/56 (mask_roi_size 7), anchors scaled to the small images, and at most 8 RoIs per
-image training the mask branch.
+learns far faster than SGD: after 450 iterations, bbox AP50 40.6 against 10.2 for SGD with momentum at lr
+0.02 (the same run otherwise; SGD's whole 1125-iteration schedule reached 43). 6 epochs of 900 images are
+planned and the cap ends training in the 5th or 6th on this machine (4.8-5.8 measured); the first 4 with
+every resolution supervised, the rest dynamic (the mask switch trained under a budget equal to the 28²
+cost); the learning rate is divided by 10 after epochs 4 and 5. What makes it fast: a ResNet-18 FPN of 128
+channels, a narrow mask head whose resolutions are 7/14/28/56 (mask_roi_size 7), anchors scaled to the
+small images, and at most 8 RoIs per image training the mask branch.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "runs", "demo")
 MINUTES = float(os.environ.get("DEMO_MINUTES", "21"))
 TOTAL_MINUTES = float(os.environ.get("DEMO_TOTAL_MINUTES", "28.5"))
-AFTER_TRAINING_MINUTES = 1.75  # checkpoint, evaluation, fixed-resolution runs, overlays (~1 min measured), routing (~15 s est.)
+# checkpoint, evaluation, fixed-resolution runs, overlays (~1 min measured), routing (~15 s est.)
+AFTER_TRAINING_MINUTES = 1.75
 N_TRAIN = int(os.environ.get("DEMO_TRAIN", "900"))
 N_VAL = int(os.environ.get("DEMO_VAL", "100"))
 SIZE = int(os.environ.get("DEMO_SIZE", "128"))
@@ -80,8 +81,10 @@ def main() -> int:
     minutes = training_cap(t0)
     progress = [] if sys.stdout.isatty() else ["--no-progress"]  # bars in a terminal, clean logs otherwise
     run(["train", "--data", data, "--out", train_dir, "--arch", "dynamask_resnet_fpn",
-         "--arch-kwargs", json.dumps(ARCH_KWARGS), "--target-gmacs", f"{demo_budget(ARCH_KWARGS):.6g}", "--epochs", str(EPOCHS), "--pretrain-epochs", str(PRETRAIN_EPOCHS),
-         "--batch-size", str(BATCH), "--optimizer", "adamw", "--lr", str(LR), "--warmup-iters", "100", "--lr-steps", *map(str, LR_STEPS),
+         "--arch-kwargs", json.dumps(ARCH_KWARGS), "--target-gmacs", f"{demo_budget(ARCH_KWARGS):.6g}",
+         "--epochs", str(EPOCHS), "--pretrain-epochs", str(PRETRAIN_EPOCHS),
+         "--batch-size", str(BATCH), "--optimizer", "adamw", "--lr", str(LR), "--warmup-iters", "100",
+         "--lr-steps", *map(str, LR_STEPS),
          "--clip-grad-norm", "10", "--workers", "0", "--time-limit", f"{minutes:.2f}", *progress])
     eval_dir = os.path.join(train_dir, "eval")  # `train --data` evaluates the val split when it stops
     write_report(data, train_dir, eval_dir, t0, minutes)
@@ -110,7 +113,8 @@ def interpolated(rows: list[tuple[str, dict, float, float | None]]) -> list[str]
             t = (cost - cost_a) / (cost_b - cost_a)
             mix = (1 - t) * a["AP"] + t * b["AP"]
             return ["", f"A mix of {name_a.removeprefix('every RoI at ')} and {name_b.removeprefix('every RoI at ')} "
-                    f"that costs what the switch costs ({100 * (1 - t):.0f}% / {100 * t:.0f}% of RoIs) would score about "
+                    f"that costs what the switch costs ({100 * (1 - t):.0f}% / {100 * t:.0f}% of RoIs) "
+                    "would score about "
                     f"segm AP {100 * mix:.1f} (linear interpolation); the switch scores {100 * msm['AP']:.1f}."]
     return []
 
@@ -144,7 +148,8 @@ def routing_lines(summary: dict, resolutions) -> list[str]:
         f"{v['shuffled']:.3f}; the best assignment of the same counts {v['best_same_counts']:.3f}: the switch "
         f"captures **{captured}** of the possible routing gain.",
         "",
-        f"| category | kind | n | IoU gain {lo}²→{hi}² | switch's mean index (0 = {lo}², {len(resolutions) - 1} = {hi}²) |",
+        f"| category | kind | n | IoU gain {lo}²→{hi}² "
+        f"| switch's mean index (0 = {lo}², {len(resolutions) - 1} = {hi}²) |",
         "|---|---|---|---|---|",
     ]
     for name, c in summary["categories"].items():
@@ -197,12 +202,13 @@ def write_report(data: str, train_dir: str, eval_dir: str, t0: float, minutes: f
         "",
         "What this is: a **small** DynaMask (ResNet-18-FPN, narrow mask head, random initialisation) trained for "
         f"{minutes:.1f} minutes at most on a synthetic shapes data set generated here ({N_TRAIN} training and "
-        f"{N_VAL} validation images of {SIZE} px, at most {MAX_OBJECTS} objects each). It shows the pipeline and the method's routing on data with "
+        f"{N_VAL} validation images of {SIZE} px, at most {MAX_OBJECTS} objects each). "
+        "It shows the pipeline and the method's routing on data with "
         "smooth and finely detailed objects; its numbers say nothing about COCO.",
         "",
-        f"Trained {ckpt['iteration']} iterations ({ckpt['iteration'] / iters_per_epoch:.1f} epochs of {iters_per_epoch}, "
-        f"AdamW at lr {LR:g}) on "
-        f"{'a GPU' if torch.cuda.is_available() else 'the CPU'}; whole job, set-up included, {seconds / 60:.1f} minutes.",
+        f"Trained {ckpt['iteration']} iterations ({ckpt['iteration'] / iters_per_epoch:.1f} epochs of "
+        f"{iters_per_epoch}, AdamW at lr {LR:g}) on {'a GPU' if torch.cuda.is_available() else 'the CPU'}; "
+        f"whole job, set-up included, {seconds / 60:.1f} minutes.",
         "",
         "## Accuracy (validation split, %)",
         "",
@@ -231,7 +237,8 @@ def write_report(data: str, train_dir: str, eval_dir: str, t0: float, minutes: f
         "",
         "Detections scoring at least 0.5 (a category the model is not yet sure of has few or none).",
         "",
-        "![resolutions](train/eval/resolution.png)" if os.path.exists(os.path.join(eval_dir, "resolution.png")) else "(no detections)",
+        ("![resolutions](train/eval/resolution.png)" if os.path.exists(os.path.join(eval_dir, "resolution.png"))
+         else "(no detections)"),
         "",
         *routing_lines(routing, list(gmacs)),
         "## Examples (colour = resolution the instance was segmented at)",

@@ -174,7 +174,7 @@ def build(c: Check, limit: float = 330) -> bool:
     """Builds the kernels in place for this GPU's own architecture only, on all cores."""
     import torch
 
-    arch = "%d.%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else "9.0"
+    arch = "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else "9.0"
     env = {"DYNAMASK_WITH_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 1),
            "CUDA_HOME": os.environ.get("CUDA_HOME", "/usr/local/cuda")}
     cmd = [PY, "setup.py", "-q", "build_ext", "--inplace"]

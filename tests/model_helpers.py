@@ -31,11 +31,15 @@ def synthetic_batch(seed: int = 0, size: tuple[int, int] = (64, 80)) -> tuple[li
         x1, y1, x2, y2 = (6, 8, 40, 44) if i == 0 else (30, 10, 74, 50)
         rect[y1:y2, x1:x2] = 1
         img[0][rect.bool()] = 0.9
-        boxes.append([x1, y1, x2, y2]); labels.append(1); masks.append(rect)
+        boxes.append([x1, y1, x2, y2])
+        labels.append(1)
+        masks.append(rect)
         if i == 0:
             disc = (((yy - 40) ** 2 + (xx - 60) ** 2) < 14**2).to(torch.uint8)
             img[1][disc.bool()] = 0.9
-            boxes.append([46, 26, 74, 54]); labels.append(2); masks.append(disc)
+            boxes.append([46, 26, 74, 54])
+            labels.append(2)
+            masks.append(disc)
         images.append(img)
         targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
                         "masks": torch.stack(masks)})

@@ -225,7 +225,9 @@ def test_7_missing_image_files_are_found_when_the_data_opens(tmp_path):
     data = json.load(open(ann))
     data["annotations"][1]["category_id"] = 9
     json.dump(data, open(ann, "w"))
-    with pytest.raises(ValueError, match=r"ann.json: 2 problems: image 2 refers to a missing file .*b\.png; .*unknown category_id 9"):
+    with pytest.raises(
+        ValueError, match=r"ann.json: 2 problems: image 2 refers to a missing file .*b\.png; .*unknown category_id 9"
+    ):
         CocoDetection(img_dir, ann)
     data["annotations"][1]["category_id"] = 1
     json.dump(data, open(ann, "w"))
@@ -324,6 +326,17 @@ def test_10_eval_refuses_a_file_with_no_images(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="ann.json: no images to evaluate"):
         evaluate(tiny_model().eval(), CocoDetection(img_dir, ann), device="cpu", progress=False)
+
+
+def test_10_val_annotations_without_their_images_are_named(tmp_path):
+    # before, the missing folder reached os.path.isdir(None) and failed with a TypeError naming no flag
+    from dynamask.engine.train import TrainConfig
+    from dynamask.engine.train_checks import check_val_data
+
+    img_dir, ann = _coco_files(tmp_path, images=[], annotations=[])
+    cfg = TrainConfig(train_images=img_dir, train_ann=ann, out_dir=str(tmp_path / "out"), val_ann=ann)
+    with pytest.raises(ValueError, match=r"val_ann \(.*ann\.json\) needs val_images"):
+        check_val_data(cfg)
 
 
 # ------------------------------------------------------------------ 11. targets that disagree with the image

@@ -137,7 +137,8 @@ def test_loads_as_a_dataset(tree, converted):
     assert image.shape == (3, H, W)
     assert target["iscrowd"].tolist() == [0, 0, 1, 0, 0]
     assert [ds.cat_ids[label - 1] for label in target["labels"].tolist()] == [26, 24, 26, 33, 25]
-    assert len(CocoDetection(os.path.join(tree, "leftImg8bit", "val"), converted)[0][1]["labels"]) == 4  # crowd left out
+    labels = CocoDetection(os.path.join(tree, "leftImg8bit", "val"), converted)[0][1]["labels"]
+    assert len(labels) == 4  # crowd left out
     assert ds[2][1]["boxes"].shape == (0, 4)
 
 
@@ -208,7 +209,9 @@ def test_errors_name_the_file_and_the_polygon(tmp_path):
     bad = {"x/x_000000_000001": [{"label": "car", "polygon": _rect(1, 1, 9, 9)},
                                  {"label": "person", "polygon": [[1, 2], [3, "a"], [5, 6]]}]}
     root = _write_tree(tmp_path / "a", bad)
-    with pytest.raises(ValueError, match=r"x_000000_000001_gtFine_polygons\.json: object 1 \('person'\): polygon point 1"):
+    with pytest.raises(
+        ValueError, match=r"x_000000_000001_gtFine_polygons\.json: object 1 \('person'\): polygon point 1"
+    ):
         convert_cityscapes(root, "val")
     root = _write_tree(tmp_path / "b", {"x/x_000000_000001": [{"label": "spaceship", "polygon": _rect(1, 1, 9, 9)}]})
     with pytest.raises(ValueError, match=r"object 0 \('spaceship'\): label 'spaceship' is not in"):
@@ -240,7 +243,10 @@ def test_cli_convert_train_and_eval(tree, tmp_path, capsys):
     assert main(["convert", "cityscapes", tree, "--split", "val", "--out", ann]) == 0
     out = capsys.readouterr().out
     images = os.path.join(tree, "leftImg8bit", "val")
-    assert "3 images, 8 instances and 1 crowd regions of 8 classes" in out and f"image root (--images / --train-images): {images}" in out
+    assert (
+        "3 images, 8 instances and 1 crowd regions of 8 classes" in out
+        and f"image root (--images / --train-images): {images}" in out
+    )
     kwargs = json.dumps(dict(depth=18, min_size=48, max_size=64, fpn_channels=32, box_representation_size=64,
                              mask_head_layers=[32, 32]))
     run = str(tmp_path / "run")

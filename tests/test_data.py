@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 from dynamask.data import CocoDetection, Compose, RandomHorizontalFlip, Resize, collate_fn
-from dynamask.data.coco import encode_mask
-from dynamask.data.masks import polygons_to_mask
+from dynamask.data.masks import encode_mask, encode_masks, polygons_to_mask
 
 H, W = 40, 60
 
@@ -189,6 +188,20 @@ def test_polygon_mask_rle_round_trip():
     # a triangle: the mask's area is close to the polygon's
     tri = polygons_to_mask([[0, 0, 30, 0, 0, 30]], H, W)
     assert abs(int(tri.sum()) - 450) < 40
+
+
+def test_encode_masks_is_encode_mask_of_each():
+    rng = np.random.default_rng(0)
+    stack = rng.random((3, H, W)) < 0.3
+    stack[1] = False  # an empty mask
+    rles = encode_masks(torch.from_numpy(stack))
+    assert rles == [encode_mask(m) for m in stack] == encode_masks(stack.astype(np.uint8))
+    for rle, m in zip(rles, stack):
+        assert rle["size"] == [H, W] and isinstance(rle["counts"], str)
+        assert np.array_equal(mask_utils.decode({"counts": rle["counts"].encode(), "size": rle["size"]}), m)
+    assert encode_masks(np.zeros((0, H, W), bool)) == []
+    with pytest.raises(ValueError, match=r"masks must be \[N, H, W\], got shape \(40, 60\)"):
+        encode_masks(stack[0])
 
 
 def _target():

@@ -135,7 +135,9 @@ def test_residual_and_relu_epilogue():
     res = torch.randn(4, 6, 7, 7, dtype=torch.float64, requires_grad=True)
     out = ops.deform_conv2d(leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], mask=leaves["mask"],
                             residual=res, activation="relu", **kw)
-    ref = torch.relu(_tv(leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], leaves["mask"], **kw) + res)
+    ref = torch.relu(
+        _tv(leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], leaves["mask"], **kw) + res
+    )
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert (out == 0).any() and (out > 0).any()
     go = torch.randn_like(out)
@@ -194,7 +196,7 @@ def test_channels_last_input_gives_channels_last_output(C, groups, dg):
                 torch.randn(5, 8, 9, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)):
         out, grads = _grads(ops.deform_conv2d, cl, kw, residual=res, activation="relu")
         assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
-        ref, grads_ref = _grads(lambda *a, **k: torch.relu(_tv(*a, **k) + res), t, kw)
+        ref, grads_ref = _grads(lambda *a, res=res, **k: torch.relu(_tv(*a, **k) + res), t, kw)
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
         for name in grads_ref:
             torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
@@ -299,7 +301,8 @@ def test_cuda_gradcheck_and_empty():
     assert torch.autograd.gradcheck(lambda x, o, w, b, m: ops.deform_conv2d(x, o, w, b, mask=m, **kw), leaves,
                                     eps=1e-6, atol=1e-5, nondet_tol=1e-10)
     e, kw = _make(0, 4, 4, 6, 6, device="cuda")
-    assert ops.deform_conv2d(e["input"], e["offset"], e["weight"], e["bias"], mask=e["mask"], **kw).shape == (0, 4, 6, 6)
+    out = ops.deform_conv2d(e["input"], e["offset"], e["weight"], e["bias"], mask=e["mask"], **kw)
+    assert out.shape == (0, 4, 6, 6)
     with pytest.raises(ValueError, match="is on cpu but input is on cuda"):
         ops.deform_conv2d(t["input"].detach(), t["offset"].detach().cpu(), t["weight"].detach(), **kw)
 

@@ -13,6 +13,7 @@ from dynamask.data.shapes import generate, split_paths
 from dynamask.engine.coco_eval import coco_metrics, mask_boundary, output_to_results
 from dynamask.engine.evaluate import evaluate, evaluate_results, format_metrics
 from dynamask.engine.resolution import mean_mask_gmac, resolution_distribution
+from dynamask.models.mask_head import DynaMaskHead
 
 COSTS = {14: 0.23, 28: 0.62, 56: 1.01, 112: 1.40}
 
@@ -83,6 +84,7 @@ def test_resolution_distribution_and_cost(shapes, tmp_path):
     assert format_metrics(json.load(open(tmp_path / "metrics.json"))) == format_metrics(m)
     low = resolution_distribution([dict(r, score=0.1) for r in results], {1: "ellipse"}, score_threshold=0.5)
     assert low["instances"] == 0 and mean_mask_gmac(low, COSTS) is None
+    assert low["resolutions"] == list(DynaMaskHead().resolutions)  # no detection: the default head's columns
     with pytest.raises(KeyError, match="resolution 112"):
         mean_mask_gmac(dist, {14: 0.2})
 

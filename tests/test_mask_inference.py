@@ -1,9 +1,11 @@
-"""paste_instance_masks: the per-resolution outputs of one image pasted in detection order."""
+"""paste_instance_masks: the per-resolution outputs of one image pasted in detection order; the one check
+of a mask policy, which the model's setter and choose_resolutions share."""
 
+import pytest
 import torch
 
 from dynamask import ops
-from dynamask.models.mask_inference import mask_probs_key, paste_instance_masks
+from dynamask.models.mask_inference import check_policy, choose_resolutions, mask_probs_key, paste_instance_masks
 
 
 def test_interleaved_resolutions_paste_in_detection_order():
@@ -33,3 +35,28 @@ def test_no_detections():
         det[mask_probs_key(s)] = torch.zeros(0, s, s)
     out = paste_instance_masks(det, (10, 12), (14, 28))
     assert out["masks"].shape == (0, 1, 10, 12)
+
+
+RES = (14, 28, 56, 112)
+
+
+@pytest.mark.parametrize("policy", ["msm", "size", 14, 112, lambda feats, boxes, sizes: None])
+def test_check_policy_accepts_the_policies(policy):
+    check_policy(policy, RES)
+
+
+@pytest.mark.parametrize("policy", ["MSM", 42, True, 28.0, None])
+def test_check_policy_names_the_choices(policy):
+    with pytest.raises(ValueError, match=r"mask_policy must be 'msm', 'size', one of \(14, 28, 56, 112\) or a "
+                                         r"callable, got "):
+        check_policy(policy, RES)
+
+
+def test_choose_resolutions_checks_and_routes():
+    feats, boxes = torch.rand(3, 2, 14, 14), [torch.rand(3, 4)]
+    kw = dict(msm=torch.nn.Identity(), roi_features=feats, boxes=boxes, image_sizes=[(20, 20)], resolutions=RES)
+    assert choose_resolutions(56, **kw).tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match=r"one of \(14, 28, 56, 112\) or a callable, got 42"):
+        choose_resolutions(42, **kw)
+    with pytest.raises(ValueError, match="got None"):
+        choose_resolutions(None, **kw)  # before, a TypeError with another wording

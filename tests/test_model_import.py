@@ -59,7 +59,9 @@ def test_freezing_follows_torchvision(torchvision_model):
     assert isinstance(fresh.backbone.body.bn1, torch.nn.BatchNorm2d)
     imported = dynamask_resnet50_fpn(torchvision_weights=torchvision_model.state_dict(), **KW)
     assert isinstance(imported.backbone.body.bn1, FrozenBatchNorm2d)
-    trainable = {n.split(".")[1] for n, p in imported.backbone.named_parameters() if p.requires_grad and n.startswith("body.")}
+    trainable = {
+        n.split(".")[1] for n, p in imported.backbone.named_parameters() if p.requires_grad and n.startswith("body.")
+    }
     assert trainable == {"layer2", "layer3", "layer4"}
 
 

@@ -125,17 +125,28 @@ def test_mask_rois_per_image_caps_the_mask_branch(monkeypatch):
         tiny_model(mask_rois_per_image=0)
 
 
+def _gumbel_input_dtypes(monkeypatch) -> list[torch.dtype]:
+    """The dtype of each logits tensor the model passes to Gumbel-softmax, appended as it is called."""
+    from dynamask.models import mask_losses
+
+    seen: list[torch.dtype] = []
+    original = mask_losses.gumbel_hard
+
+    def recording(logits: torch.Tensor, tau: float) -> torch.Tensor:
+        seen.append(logits.dtype)
+        return original(logits, tau)
+
+    monkeypatch.setattr(mask_losses, "gumbel_hard", recording)
+    return seen
+
+
 def test_one_training_step_under_cpu_autocast_bf16(monkeypatch):
     """Under autocast the MSM's logits reach Gumbel-softmax and every mask-branch loss in float32 (in
     bfloat16 the Gumbel noise and the entropy's logs are coarse), and the step's gradients are finite."""
-    from dynamask.models import mask_losses
-
     torch.manual_seed(0)
     model = tiny_model(target_gmacs=1e-3).train()
     model.mask_training = "dynamic"
-    seen = []
-    original = mask_losses.gumbel_hard
-    monkeypatch.setattr(mask_losses, "gumbel_hard", lambda logits, tau: (seen.append(logits.dtype), original(logits, tau))[1])
+    seen = _gumbel_input_dtypes(monkeypatch)
     images, targets = synthetic_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(images, targets)
@@ -176,14 +187,10 @@ def test_gradients_get_their_parameters_layout():
 def test_one_training_step_under_cuda_amp(monkeypatch):
     """CUDA mixed precision (float16, with a gradient scaler, as the trainer runs it): the MSM's logits
     and the mask-branch losses are float32, and the unscaled gradients are finite."""
-    from dynamask.models import mask_losses
-
     torch.manual_seed(0)
     model = tiny_model(target_gmacs=1e-3).cuda().train()
     model.mask_training = "dynamic"
-    seen = []
-    original = mask_losses.gumbel_hard
-    monkeypatch.setattr(mask_losses, "gumbel_hard", lambda logits, tau: (seen.append(logits.dtype), original(logits, tau))[1])
+    seen = _gumbel_input_dtypes(monkeypatch)
     images, targets = synthetic_batch()
     images = [im.cuda() for im in images]
     targets = [{k: v.cuda() for k, v in t.items()} for t in targets]

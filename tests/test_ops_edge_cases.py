@@ -115,7 +115,8 @@ def test_full_checks_refuse_before_the_kernel(monkeypatch):
     for name in ("roi_align_multilevel", "roi_align_stages", "paste_masks", "group_by_resolution"):
         monkeypatch.setattr(torch.ops.dynamask, name, tripwire)
     bad_rois = {
-        "rois\\[1, 0\\] \\(batch index\\) is 0.5 but must be an integer in \\[0, 2\\)": [[0, 1, 1, 4, 4], [0.5, 1, 1, 4, 4]],
+        "rois\\[1, 0\\] \\(batch index\\) is 0.5 but must be an integer in \\[0, 2\\)":
+            [[0, 1, 1, 4, 4], [0.5, 1, 1, 4, 4]],
         "rois\\[0, 0\\] \\(batch index\\) is 2.0": [[2, 1, 1, 4, 4]],
         "rois\\[0\\] has a non-finite coordinate": [[0, 1, float("nan"), 4, 4]],
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 import torch
 import torchvision
 from hypothesis import HealthCheck, assume, given, settings
@@ -156,8 +155,9 @@ def test_roi_align_stages_match_twin_and_torchvision(case, data):
         assert o.shape == (n, feats[l].shape[1], s, s)
         torch.testing.assert_close(o, r, **VALUES)
         if _torchvision_applies(feats, rois[:n], sr, aligned):
-            torch.testing.assert_close(o.detach(), torchvision.ops.roi_align(feats[l], rois[:n], s, scales[l], sr, aligned),
-                                       **VALUES)
+            torch.testing.assert_close(
+                o.detach(), torchvision.ops.roi_align(feats[l], rois[:n], s, scales[l], sr, aligned), **VALUES
+            )
     gos = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
     got = torch.autograd.grad(outs, leaves, gos, allow_unused=True)
     used = [(r, go) for r, go in zip(refs, gos) if r.requires_grad]
@@ -195,7 +195,8 @@ def deform_case(draw):
         "weight": torch.randn(C_out, C // groups, kh, kw, generator=g, dtype=torch.float64),
         "bias": torch.randn(C_out, generator=g, dtype=torch.float64) if draw(st.booleans()) else None,
         "mask": torch.rand(B, dg * K, out_h, out_w, generator=g, dtype=torch.float64) if draw(st.booleans()) else None,
-        "residual": torch.randn(B, C_out, out_h, out_w, generator=g, dtype=torch.float64) if draw(st.booleans()) else None,
+        "residual": (torch.randn(B, C_out, out_h, out_w, generator=g, dtype=torch.float64)
+                     if draw(st.booleans()) else None),
     }
     t["offset"] += GENERIC  # samples off the pixel grid, where the offset gradient is one-sided
     kwargs = dict(stride=stride, padding=pad, dilation=dil, activation=draw(st.sampled_from([None, "relu"])))

@@ -61,7 +61,9 @@ def test_mixed_resolutions_thresholded_against_reference(threshold):
     # one call on mixed groups equals one call per group
     starts = np.cumsum([0] + counts)
     for j, g in enumerate(groups):
-        torch.testing.assert_close(paste_masks(g, boxes[starts[j] : starts[j + 1]], IMAGE, None), dense[starts[j] : starts[j + 1]])
+        torch.testing.assert_close(
+            paste_masks(g, boxes[starts[j] : starts[j + 1]], IMAGE, None), dense[starts[j] : starts[j + 1]]
+        )
 
 
 def test_smooth_masks_threshold_exact():
@@ -111,7 +113,9 @@ def test_non_contiguous_and_half_inputs():
     ref = paste_masks_reference(masks, boxes, IMAGE, None)
     torch.testing.assert_close(paste_masks(masks, boxes_view, IMAGE, None), ref, rtol=0, atol=2e-5)
     out_half = paste_masks(masks.half(), boxes, IMAGE, None)
-    torch.testing.assert_close(out_half, paste_masks_reference(masks.half().float(), boxes, IMAGE, None), rtol=0, atol=2e-5)
+    torch.testing.assert_close(
+        out_half, paste_masks_reference(masks.half().float(), boxes, IMAGE, None), rtol=0, atol=2e-5
+    )
     out64 = paste_masks(masks.double(), boxes.double(), IMAGE, None)
     torch.testing.assert_close(out64, ref, rtol=0, atol=2e-5)
 

@@ -21,7 +21,10 @@ IMAGE = (256, 320)  # (H, W); P2..P5 are 64x80 ... 8x10
 def pyramid(n=2, c=6, dtype=torch.float32, channels=None, device="cpu"):
     H, W = IMAGE
     chans = channels or [c] * 4
-    return [torch.randn(n, ch, H // 2 ** (k + 2), W // 2 ** (k + 2), dtype=dtype, device=device) for k, ch in enumerate(chans)]
+    return [
+        torch.randn(n, ch, H // 2 ** (k + 2), W // 2 ** (k + 2), dtype=dtype, device=device)
+        for k, ch in enumerate(chans)
+    ]
 
 
 def random_rois(n_per_image, n_images, dtype=torch.float32, outside=True):
@@ -113,7 +116,9 @@ def test_stages_equal_roi_align_with_mixed_channels(aligned, sampling_ratio):
     assert len(outs) == len(stages)
     for (l, s, n), o in zip(stages, outs):
         assert o.shape == (n, feats[l].shape[1], s, s)
-        torch.testing.assert_close(o, roi_align(feats[l], rois[:n], s, SCALES[l], sampling_ratio, aligned), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            o, roi_align(feats[l], rois[:n], s, SCALES[l], sampling_ratio, aligned), rtol=1e-5, atol=1e-5
+        )
     exp = roi_align_stages_reference(feats, rois, stages, SCALES, sampling_ratio, aligned)
     for o, e in zip(outs, exp):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
@@ -164,16 +169,23 @@ def test_gradcheck_multilevel():
     for aligned in (True, False):
         for lv in (levels, None):
             assert torch.autograd.gradcheck(
-                lambda *f: roi_align_multilevel(list(f), rois, 3, SCALES, 2, aligned, levels=lv), feats
+                lambda *f, a=aligned, v=lv: roi_align_multilevel(list(f), rois, 3, SCALES, 2, a, levels=v), feats
             )
 
 
 def test_gradcheck_stages():
-    feats = [torch.randn(2, c, 16 // 2**k, 20 // 2**k, dtype=torch.float64, requires_grad=True) for k, c in enumerate([2, 3, 1])]
-    rois = torch.tensor([[0, 3.3, 4.1, 40.2, 50.7], [1, -5.0, 10.0, 30.0, 70.0], [0, 60.0, 50.0, 90.0, 90.0]], dtype=torch.float64)
+    feats = [
+        torch.randn(2, c, 16 // 2**k, 20 // 2**k, dtype=torch.float64, requires_grad=True)
+        for k, c in enumerate([2, 3, 1])
+    ]
+    rois = torch.tensor(
+        [[0, 3.3, 4.1, 40.2, 50.7], [1, -5.0, 10.0, 30.0, 70.0], [0, 60.0, 50.0, 90.0, 90.0]], dtype=torch.float64
+    )
     stages = [(2, 2, 1), (1, 3, 2), (0, 4, 3)]
     for sr in (0, 2):
-        assert torch.autograd.gradcheck(lambda *f: tuple(roi_align_stages(list(f), rois, stages, SCALES[:3], sr, True)), feats)
+        assert torch.autograd.gradcheck(
+            lambda *f, sr=sr: tuple(roi_align_stages(list(f), rois, stages, SCALES[:3], sr, True)), feats
+        )
 
 
 def test_backward_matches_torchvision():
@@ -224,7 +236,9 @@ def test_stages_extreme_rois_equal_roi_align(aligned, sampling_ratio):
     stages = [(3, 5, n), (2, 14, n), (1, 27, n), (0, 56, n)]
     outs = roi_align_stages(feats, rois, stages, SCALES, sampling_ratio, aligned)
     for (l, s, _), o in zip(stages, outs):
-        torch.testing.assert_close(o, roi_align(feats[l], rois, s, SCALES[l], sampling_ratio, aligned), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            o, roi_align(feats[l], rois, s, SCALES[l], sampling_ratio, aligned), rtol=1e-5, atol=1e-5
+        )
     feats = [f.double().requires_grad_() for f in feats]
     rois = rois.double()
     outs = roi_align_stages(feats, rois, stages, SCALES, sampling_ratio, aligned)
@@ -249,17 +263,25 @@ def test_multilevel_extreme_rois_equal_reference(sampling_ratio):
 
 def test_gradcheck_extreme_rois():
     """float64 gradcheck of the backward on boxes beyond the map, thin and tall boxes, large grids."""
-    feats = [torch.randn(2, c, 9 // 2**k + 1, 11 // 2**k + 1, dtype=torch.float64, requires_grad=True) for k, c in enumerate([2, 1])]
+    feats = [
+        torch.randn(2, c, 9 // 2**k + 1, 11 // 2**k + 1, dtype=torch.float64, requires_grad=True)
+        for k, c in enumerate([2, 1])
+    ]
     # level 0 is 10x12 at scale 1/4 (image 40x48), level 1 5x6 at 1/8
     rois = torch.tensor(
-        [[0, -20.0, -10.0, 60.0, 50.0], [1, -5.0, 13.0, 50.0, 14.5], [0, 9.0, -8.0, 12.0, 45.0], [1, 30.0, 30.0, 48.0, 40.0]],
+        [
+            [0, -20.0, -10.0, 60.0, 50.0],
+            [1, -5.0, 13.0, 50.0, 14.5],
+            [0, 9.0, -8.0, 12.0, 45.0],
+            [1, 30.0, 30.0, 48.0, 40.0],
+        ],
         dtype=torch.float64,
     )
     stages = [(1, 3, 4), (0, 7, 4), (0, 2, 2)]
     for sr in (0, 3):
         for aligned in (True, False):
             assert torch.autograd.gradcheck(
-                lambda *f: tuple(roi_align_stages(list(f), rois, stages, SCALES[:2], sr, aligned)), feats
+                lambda *f, s=sr, a=aligned: tuple(roi_align_stages(list(f), rois, stages, SCALES[:2], s, a)), feats
             )
 
 
@@ -272,7 +294,9 @@ def test_cpu_half_precision(dtype):
     half = [f.to(dtype).requires_grad_() for f in feats]
     out = roi_align_multilevel(half, rois.to(dtype), 7, SCALES, 2, False)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), roi_align_multilevel(feats, rois, 7, SCALES, 2, False), rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(
+        out.float(), roi_align_multilevel(feats, rois, 7, SCALES, 2, False), rtol=2e-2, atol=3e-2
+    )
     outs = roi_align_stages(half, rois.to(dtype), [(0, 28, 30)], SCALES)
     full = [f.clone().requires_grad_() for f in feats]
     ref = roi_align_stages(full, rois, [(0, 28, 30)], SCALES)

@@ -8,10 +8,6 @@ order, images without RoIs, and each dtype's code path, against torchvision's ro
 
 import pytest
 import torch
-from torchvision.ops import roi_align
-
-from dynamask.ops import roi_align_multilevel
-from dynamask.ops._reference.roi_align import fpn_levels_reference, roi_align_multilevel_reference
 from test_roi_align import (
     SCALES,
     U32,
@@ -23,6 +19,10 @@ from test_roi_align import (
     random_rois,
     rounding_error,
 )
+from torchvision.ops import roi_align
+
+from dynamask.ops import roi_align_multilevel
+from dynamask.ops._reference.roi_align import fpn_levels_reference, roi_align_multilevel_reference
 
 
 def torchvision_multilevel(feats, rois, levels, size, sampling_ratio, aligned):

@@ -131,6 +131,7 @@ def test_category_routing_by_hand():
     # one slot at resolution 1: the biggest leave-one-out gain is row 1's (it sees row 0's +0.4)
     assert category_routing(iou, cats, [3, 1]).tolist() == [0, 1, 0, 0]
     # a category's only instance gets score 0 everywhere: it takes what is left
-    assert category_routing(np.array([[0.1, 0.9], [0.2, 0.3], [0.4, 0.2]]), ["a", "b", "b"], [2, 1]).tolist() == [0, 0, 1]
+    lone = np.array([[0.1, 0.9], [0.2, 0.3], [0.4, 0.2]])
+    assert category_routing(lone, ["a", "b", "b"], [2, 1]).tolist() == [0, 0, 1]
     with pytest.raises(ValueError, match="categories"):
         category_routing(iou, cats[:3], [2, 2])

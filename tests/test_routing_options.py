@@ -38,8 +38,12 @@ def test_default_is_the_papers_eq3():
     # the reference, written out from Eq. 3–7 with the same Gumbel draw
     torch.manual_seed(3)
     y = F.gumbel_softmax(msm, tau=0.5, hard=True, dim=-1)
-    lm = torch.stack([F.binary_cross_entropy_with_logits(x, t, reduction="none").mean((1, 2)) for x, t in zip(masks, mt)], 1)
-    le = torch.stack([F.binary_cross_entropy_with_logits(x, t, reduction="none").mean((1, 2)) for x, t in zip(edges, et)], 1)
+    lm = torch.stack(
+        [F.binary_cross_entropy_with_logits(x, t, reduction="none").mean((1, 2)) for x, t in zip(masks, mt)], 1
+    )
+    le = torch.stack(
+        [F.binary_cross_entropy_with_logits(x, t, reduction="none").mean((1, 2)) for x, t in zip(edges, et)], 1
+    )
     p = msm.softmax(1)
     f = p.mean(0)
     expected_c = (p * torch.tensor(COSTS)).sum(1).mean()

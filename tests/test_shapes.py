@@ -4,8 +4,8 @@ import filecmp
 import os
 
 import numpy as np
-import pytest
 import pycocotools.mask as mask_utils
+import pytest
 from PIL import Image
 
 from dynamask.data import CocoDetection

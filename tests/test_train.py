@@ -322,7 +322,9 @@ def test_method_flags_reach_the_model_and_conflicts_are_refused(shapes, tmp_path
     with pytest.raises(ValueError, match="--no-budget and --target-gmacs contradict"):
         model_kwargs("dynamask_resnet_fpn", {}, resize=None, max_size=None, budget=False,
                      settings=dict(none, target_gmacs=0.3))
-    with pytest.raises(ValueError, match=r"budget_weight \(--budget-weight\) given both in --arch-kwargs and as a flag"):
+    with pytest.raises(
+        ValueError, match=r"budget_weight \(--budget-weight\) given both in --arch-kwargs and as a flag"
+    ):
         train(_cfg(shapes, tmp_path / "x", arch="dynamask_resnet_fpn",
                    arch_kwargs=dict(TINY_DYNAMASK, budget_weight=0.4), budget_weight=0.5))
     with pytest.raises(ValueError, match="settings of DynaMask, not of architecture 'maskrcnn_resnet_fpn'"):

@@ -26,7 +26,8 @@ import glob
 import json
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,8 @@ def convert_cityscapes(root: str, split: str, out_file: str | None = None, *, vi
     categories = thing_categories()
     things = {c["id"] for c in categories}
     img_root = image_root(root, split)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for image_id, gt_file in enumerate(files, start=1):
         city = os.path.basename(os.path.dirname(gt_file))
         stem = os.path.basename(gt_file)[: -len(_GT_SUFFIX)]
@@ -269,8 +271,9 @@ def _visible_annotations(objects, table, things: set[int], height: int, width: i
                          gt_file: str) -> list[dict[str, Any]]:
     """Each thing instance's pixels left visible when every polygon is drawn in file order, later over
     earlier, with PIL as ``cityscapesscripts``' ``json2instanceImg`` does; as compressed RLE."""
-    import pycocotools.mask as mask_utils
     from PIL import Image, ImageDraw
+
+    from dynamask.data.masks import encode_mask
 
     canvas = Image.new("I", (width, height), 0)  # 0: nothing, k + 1: object k of `objects`
     draw = ImageDraw.Draw(canvas)
@@ -292,12 +295,11 @@ def _visible_annotations(objects, table, things: set[int], height: int, width: i
         mask = index == k + 1
         if not mask.any():
             continue  # hidden entirely
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         ys, xs = np.nonzero(mask)
         x0, y0 = float(xs.min()), float(ys.min())
         anns.append({
             "category_id": int(label.id),
-            "segmentation": {"counts": rle["counts"].decode("ascii"), "size": [height, width]},
+            "segmentation": encode_mask(mask),
             "area": float(mask.sum()),
             "bbox": [x0, y0, float(xs.max() + 1) - x0, float(ys.max() + 1) - y0],
             "iscrowd": int(group),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import torch
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
@@ -248,12 +248,3 @@ def _mask_box(mask: np.ndarray) -> list[float] | None:
     if len(xs) == 0:
         return None
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-
-
-def encode_mask(mask: np.ndarray | torch.Tensor) -> dict:
-    """Compressed COCO RLE of one ``[H, W]`` binary mask, with ``counts`` as ``str`` (JSON-ready)."""
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle

@@ -11,7 +11,6 @@ orientation (``PIL.ImageOps.exif_transpose``), so results refer to the image as 
 from __future__ import annotations
 
 import os
-from typing import Union
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from PIL import Image
 
 from dynamask.data.coco import _to_rgb_array, read_rgb_array, upright
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 # What a folder given to `dynamask infer` is searched for (by ending, case-insensitive).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")

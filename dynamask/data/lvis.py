@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -53,7 +54,7 @@ class LvisDetection(CocoDetection):
         self._init_lvis()
 
     @classmethod
-    def from_coco(cls, dataset: CocoDetection) -> "LvisDetection":
+    def from_coco(cls, dataset: CocoDetection) -> LvisDetection:
         """The same loaded file as an LvisDetection, without reading it again."""
         obj = cls.__new__(cls)
         obj.__dict__.update(dataset.__dict__)
@@ -78,7 +79,11 @@ class LvisDetection(CocoDetection):
                                ("not_exhaustive_category_ids", self.not_exhaustive_category_ids)):
                 ids = info.get(key, [])
                 if not isinstance(ids, list) or not all(isinstance(c, int) and c in known for c in ids):
-                    bad = ids if not isinstance(ids, list) else [c for c in ids if not (isinstance(c, int) and c in known)]
+                    bad = (
+                        ids
+                        if not isinstance(ids, list)
+                        else [c for c in ids if not (isinstance(c, int) and c in known)]
+                    )
                     raise ValueError(f"{self.ann_file}: image {image_id}: {key} must list category ids of the file, "
                                      f"got {bad!r}")
                 table[image_id] = set(ids)

@@ -1,4 +1,5 @@
-"""COCO segmentations (polygons, compressed and uncompressed RLE) to binary masks, with clear errors."""
+"""COCO segmentations (polygons, compressed and uncompressed RLE) to binary masks, with clear errors, and
+binary masks to compressed RLE: the one encoder that annotations, data sets and results use."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_utils
+import torch
 
 
 def annotation_to_mask(ann: dict[str, Any], height: int, width: int, *, where: str = "annotation") -> np.ndarray:
@@ -67,6 +69,23 @@ def rle_to_mask(rle: dict, height: int, width: int, *, where: str = "annotation"
     except Exception as exc:
         raise ValueError(f"{where}: cannot decode RLE ({exc})") from exc
     return mask.astype(np.uint8)
+
+
+def encode_masks(masks: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
+    """Compressed COCO RLE of each of ``[N, H, W]`` binary masks (any dtype; non-zero is inside), as
+    JSON-ready ``{"counts": str, "size": [H, W]}``; pycocotools encodes the whole stack in one call."""
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().cpu().numpy()
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W], got shape {tuple(masks.shape)}")
+    # pycocotools wants [H, W, N] uint8 in column-major order
+    rles = mask_utils.encode(np.asfortranarray((masks != 0).astype(np.uint8).transpose(1, 2, 0)))
+    return [{"counts": r["counts"].decode("ascii"), "size": [int(v) for v in r["size"]]} for r in rles]
+
+
+def encode_mask(mask: np.ndarray | torch.Tensor) -> dict[str, Any]:
+    """:func:`encode_masks` of one ``[H, W]`` mask."""
+    return encode_masks(mask[None])[0]
 
 
 def _box_mask(bbox: Any, height: int, width: int, where: str) -> np.ndarray:

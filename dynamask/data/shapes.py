@@ -21,8 +21,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
+
+from dynamask.data.masks import encode_mask
 
 # (id, name, supercategory): the supercategory says whether fine mask resolution should matter.
 CATEGORIES: list[tuple[int, str, str]] = [
@@ -129,7 +130,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     cells = int(rng.integers(3, 9))
     low = rng.normal(0, 18, (cells, cells, 3)).astype(np.float32)
     noise = np.stack(
-        [np.asarray(Image.fromarray(low[:, :, c]).resize((w, h), Image.BICUBIC)) for c in range(3)], axis=2
+        [np.asarray(Image.fromarray(low[:, :, c]).resize((w, h), Image.Resampling.BICUBIC)) for c in range(3)], axis=2
     )
     img = img + noise
     if rng.random() < 0.5:  # faint stripes
@@ -175,11 +176,12 @@ def render_image(
         full = _draw_mask((h, w), outers, holes)
         if full.sum() < 12:
             continue
-        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        rgb = rng.integers(0, 256, 3)
         # keep the object distinguishable from the local background
         local = img[full].mean(0)
-        if np.abs(np.array(color) - local).max() < 60:
-            color = tuple(int(v) for v in (np.array(color) + 128) % 256)
+        if np.abs(rgb - local).max() < 60:
+            rgb = (rgb + 128) % 256
+        color = (int(rgb[0]), int(rgb[1]), int(rgb[2]))
         img[full] = np.array(color, dtype=np.float32)
         for prev in instances:
             prev.mask &= ~full
@@ -191,14 +193,13 @@ def render_image(
 
 
 def _annotation(inst: Instance, ann_id: int, image_id: int) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(inst.mask.astype(np.uint8)))
     ys, xs = np.nonzero(inst.mask)
     x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
     return {
         "id": ann_id,
         "image_id": image_id,
         "category_id": inst.category_id,
-        "segmentation": {"counts": rle["counts"].decode("ascii"), "size": list(rle["size"])},
+        "segmentation": encode_mask(inst.mask),
         "area": int(inst.mask.sum()),
         "bbox": [x1, y1, x2 - x1, y2 - y1],
         "iscrowd": 0,
@@ -237,7 +238,7 @@ def generate_split(
     else:
         per_image = [_write_image(job) for job in jobs]
     images = [{"id": i + 1, "file_name": f"{i + 1:06d}.png", "height": size, "width": size} for i in range(count)]
-    annotations = []
+    annotations: list[dict] = []
     for anns in per_image:
         for a in anns:
             annotations.append(dict(a, id=len(annotations) + 1))

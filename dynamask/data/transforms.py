@@ -6,7 +6,7 @@ global generator, so the training loop can make it a function of (seed, epoch, i
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import Any, Callable
+import types
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +37,11 @@ def builders() -> dict[str, Callable[..., torch.nn.Module]]:
         from dynamask.engine.baselines import maskrcnn_resnet_fpn
 
         BUILDERS["maskrcnn_resnet_fpn"] = maskrcnn_resnet_fpn
+        models: types.ModuleType | None
         try:
-            import dynamask.models as models
+            import dynamask.models
+
+            models = dynamask.models
         except ModuleNotFoundError as exc:
             if exc.name not in ("dynamask.models",):
                 raise
@@ -86,7 +91,8 @@ def _check_plain(value: Any, where: str) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The random states of torch (CPU and the current CUDA device), Python and numpy, as plain values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the legacy form, as the global MT19937 state always is
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

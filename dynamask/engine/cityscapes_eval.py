@@ -15,7 +15,8 @@ import copy
 import math
 import os
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -95,7 +96,9 @@ def cityscapes_instance_metrics(
             with removed_numpy_names("in1d"), _json_writer_for_numpy(cs_eval):
                 averages = cs_eval.evaluateImgLists(preds, gts, args)["averages"]
         except SystemExit as exc:  # the script reports its errors by printing and exiting
-            raise ValueError(f"the Cityscapes evaluation failed (exit status {exc.code}); see its message above") from exc
+            raise ValueError(
+                f"the Cityscapes evaluation failed (exit status {exc.code}); see its message above"
+            ) from exc
         finally:
             os.chdir(cwd)
 

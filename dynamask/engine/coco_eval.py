@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from dynamask.data.masks import encode_mask, encode_masks
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -62,8 +65,7 @@ def output_to_results(
             masks = F.interpolate(
                 masks[:, None].float(), size=tuple(image_size), mode="bilinear", align_corners=False
             )[:, 0]
-        binary = (masks >= mask_threshold).to(torch.uint8).cpu().numpy()
-        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+        rles: list[dict[str, Any] | None] = list(encode_masks(masks >= mask_threshold))
     else:
         rles = [None] * n
     results = []
@@ -77,10 +79,10 @@ def output_to_results(
             "category_id": int(cat_ids[label - 1]),
             "bbox": [x1, y1, x2 - x1, y2 - y1],
             "score": float(scores[i]),
-            "mask_resolution": None if resolutions[i] is None else int(resolutions[i]),
+            "mask_resolution": None if (res_i := resolutions[i]) is None else int(res_i),
         }
         if rles[i] is not None:
-            r["segmentation"] = {"counts": rles[i]["counts"].decode("ascii"), "size": list(rles[i]["size"])}
+            r["segmentation"] = rles[i]
         results.append(r)
     return results
 
@@ -150,7 +152,7 @@ class BoundaryCOCOeval(COCOeval):
             h, w = mask.shape
             d = max(1, int(round(self.dilation_ratio * np.sqrt(h * h + w * w))))
             b = mask_boundary(mask, d)
-            self._boundary_cache[key] = mask_utils.encode(np.asfortranarray(b.astype(np.uint8)))
+            self._boundary_cache[key] = encode_mask(b)
         return self._boundary_cache[key]
 
     def computeIoU(self, imgId, catId):  # noqa: N802 (pycocotools' name)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from pycocotools.coco import COCO
+from torch import Tensor
 
 from dynamask.engine.coco_eval import coco_metrics, output_to_results
 from dynamask.engine.resolution import (
@@ -75,7 +77,9 @@ def run_model(
     return results
 
 
-def _batch_results(dataset, targets, outputs, input_size, mask_threshold, default_resolution):
+def _batch_results(dataset: Any, targets: Sequence[dict[str, Tensor]], outputs: Sequence[dict[str, Tensor]],
+                   input_size: list[int] | None, mask_threshold: float,
+                   default_resolution: int | None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for target, out in zip(targets, outputs):
         image_id = int(target["image_id"])
@@ -106,8 +110,8 @@ def evaluate_results(
 
     Returns ``{"bbox": {AP...}, "segm": {AP...}, "boundary": {AP...} (if asked), "resolution": distribution
     (detections scoring >= ``score_threshold``), "mask_gmac_per_instance": float | None, "mask_cost": the
-    :func:`~dynamask.engine.resolution.cost_report` over every detection}``. With ``out_dir``, also writes ``results.json``,
-    ``metrics.json``, ``summary.txt`` and ``resolution.png`` there.
+    :func:`~dynamask.engine.resolution.cost_report` over every detection}``. With ``out_dir``, also writes
+    ``results.json``, ``metrics.json``, ``summary.txt`` and ``resolution.png`` there.
 
     With ``lvis_gt`` (an LVIS file's path, or its ``lvis.LVIS``), bbox and segm are scored by LVIS's rules
     instead (:mod:`dynamask.engine.lvis_eval`: ``max_dets`` per image, default 300, and APr/APc/APf), and
@@ -187,11 +191,12 @@ def evaluate(
     if len(dataset) == 0:  # its AP would read 0.0, as if the model had failed on every image
         raise ValueError(f"{getattr(dataset, 'ann_file', 'the dataset')}: no images to evaluate")
     heads = getattr(model, "roi_heads", None)
-    if costs is None and hasattr(heads, "mask_head") and hasattr(heads, "msm"):
+    if costs is None and heads is not None and hasattr(heads, "mask_head") and hasattr(heads, "msm"):
         costs = HeadCosts.of(model, msm=heads.mask_policy == "msm")
     if lvis is None:
         lvis = isinstance(dataset, LvisDetection)
-    lvis_gt, limit = None, contextlib.nullcontext()
+    lvis_gt = None
+    limit: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if lvis:
         from dynamask.engine.lvis_eval import LVIS_MAX_DETS, detections_per_image, load_lvis_gt
 
@@ -205,10 +210,10 @@ def evaluate(
             model, dataset, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
             default_resolution=default_resolution, indices=indices,
         )
-    results = dist_utils.gather_lists(results)
-    if results is None:
+    gathered = dist_utils.gather_lists(results)
+    if gathered is None:
         return None
-    return evaluate_results(dataset.coco, results, costs=costs, boundary=boundary, out_dir=out_dir,
+    return evaluate_results(dataset.coco, gathered, costs=costs, boundary=boundary, out_dir=out_dir,
                             lvis_gt=lvis_gt, max_dets=max_dets, cityscapes_gt_dir=cityscapes_gt_dir)
 
 

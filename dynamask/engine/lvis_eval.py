@@ -14,7 +14,8 @@ import contextlib
 import io
 import logging
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 

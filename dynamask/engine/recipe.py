@@ -128,8 +128,10 @@ def describe_plan(*, model: torch.nn.Module, pretrain_epochs: int, epochs: int, 
     steps = milestones(lr_steps, pretrain_epochs=pretrain_epochs, iters_per_epoch=iters_per_epoch)
     unit = "dynamic epoch" if hasattr(model, "mask_training") else "epoch"
     where = ", ".join(f"{unit} {e} (iteration {it})" for e, it in zip(lr_steps, steps)) or "none"
-    lines.append(f"lr: {optimizer} {lr:g}, linear warm-up over the first {warmup_iters} iterations from x{warmup_factor:g}; "
-                 f"x{gamma:g} after {where}")
+    lines.append(
+        f"lr: {optimizer} {lr:g}, linear warm-up over the first {warmup_iters} iterations from x{warmup_factor:g}; "
+        f"x{gamma:g} after {where}"
+    )
     transform = getattr(model, "transform", None)
     if transform is not None:
         sizes = [int(s) for s in transform.min_size]

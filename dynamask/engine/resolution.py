@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-RESOLUTIONS = (14, 28, 56, 112)
+from dynamask.models.mask_head import RESOLUTIONS
 
 
 def resolution_distribution(
@@ -131,7 +132,9 @@ def plot_resolution_distribution(distribution: dict[str, Any], path: str, *, tit
 
     names = shown_categories(distribution)
     if title is None and len(names) < len(distribution["per_category"]):
-        title = f"Mask resolution chosen per category ({len(names)} of {len(distribution['per_category'])}, most instances)"
+        title = (
+            f"Mask resolution chosen per category ({len(names)} of {len(distribution['per_category'])}, most instances)"
+        )
     resolutions = distribution["resolutions"]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.6))
     left = [0.0] * len(names)

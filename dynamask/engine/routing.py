@@ -24,10 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, overload
 
 import numpy as np
 
 
+@overload
+def _check(iou: np.ndarray, choice: None = None) -> tuple[np.ndarray, None]: ...
+@overload
+def _check(iou: np.ndarray, choice: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 def _check(iou: np.ndarray, choice: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     iou = np.asarray(iou, dtype=np.float64)
     if iou.ndim != 2 or iou.shape[1] < 1:
@@ -39,12 +44,14 @@ def _check(iou: np.ndarray, choice: np.ndarray | None = None) -> tuple[np.ndarra
     choice = np.asarray(choice)
     if choice.shape != (iou.shape[0],):
         raise ValueError(f"choice must be [N] = [{iou.shape[0]}], got shape {choice.shape}")
-    if choice.size and (not np.issubdtype(choice.dtype, np.integer) or choice.min() < 0 or choice.max() >= iou.shape[1]):
+    if choice.size and (
+        not np.issubdtype(choice.dtype, np.integer) or choice.min() < 0 or choice.max() >= iou.shape[1]
+    ):
         raise ValueError(f"choice must hold integer resolution indices in [0, {iou.shape[1]}), got {choice[:8]}...")
     return iou, choice.astype(np.int64)
 
 
-def best_assignment(score: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+def best_assignment(score: np.ndarray, counts: Sequence[int] | np.ndarray) -> np.ndarray:
     """The assignment of N items to K bins holding exactly ``counts[k]`` items each that maximises the
     total score. ``score [N, K]`` → ``[N]`` int64 bin per item.
 
@@ -59,12 +66,12 @@ def best_assignment(score: np.ndarray, counts: Sequence[int]) -> np.ndarray:
     """
     score = np.asarray(score, dtype=np.float64)
     n, k = score.shape
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.shape != (k,) or (counts < 0).any() or counts.sum() != n:
-        raise ValueError(f"counts must be {k} non-negative ints summing to N = {n}, got {counts.tolist()}")
+    sizes = np.asarray(counts, dtype=np.int64)
+    if sizes.shape != (k,) or (sizes < 0).any() or sizes.sum() != n:
+        raise ValueError(f"counts must be {k} non-negative ints summing to N = {n}, got {sizes.tolist()}")
     cost = -score
     assign = np.full(n, -1, dtype=np.int64)
-    room = counts.copy()
+    room = sizes.copy()
     for _ in range(n):
         free = np.flatnonzero(assign < 0)
         c_free = cost[free]  # [F, K]
@@ -186,7 +193,7 @@ def oracle_choice(iou: np.ndarray, tol: float = 0.01) -> np.ndarray:
 
 
 def per_category(iou: np.ndarray, categories: Sequence[str], choice: np.ndarray | None = None,
-                 kinds: Mapping[str, str] | None = None) -> dict[str, dict[str, float | int | str | None]]:
+                 kinds: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per category: ``n``, ``iou_gain`` (mean IoU at the highest resolution − at the lowest),
     ``mean_iou`` (per resolution), and, with ``choice``, ``mean_index`` (the mean chosen index).
 
@@ -198,10 +205,10 @@ def per_category(iou: np.ndarray, categories: Sequence[str], choice: np.ndarray 
         raise ValueError(f"categories must have N = {iou.shape[0]} entries, got {len(categories)}")
     names = np.asarray(list(categories), dtype=object)
     order = list(dict.fromkeys(kinds)) if kinds else sorted(set(categories))
-    out: dict[str, dict[str, float | int | str | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name in order:
         sel = names == name
-        entry: dict[str, float | int | str | None] = {"n": int(sel.sum())}
+        entry: dict[str, Any] = {"n": int(sel.sum())}
         if kinds is not None:
             entry["kind"] = kinds.get(name)
         if sel.any():

@@ -11,7 +11,7 @@ ground-truth instance of a dataset and returns the inputs of :mod:`dynamask.engi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynamask.models import mask_losses
+from dynamask.models.detector import DynaMaskRCNN
+from dynamask.models.roi_heads import DynaMaskRoIHeads
 from dynamask.models.switch_input import switch_view
 
 # A switch: (MSM module, what it reads: one of dynamask.models.switch_input.SWITCH_INPUTS)
@@ -48,7 +50,7 @@ def mask_iou_top_grid(probs: Sequence[Tensor], target_top: Tensor, threshold: fl
     return torch.stack(out, dim=1) if out else target_top.new_zeros((target_top.shape[0], 0), dtype=torch.float64)
 
 @torch.no_grad()
-def head_outputs(model: nn.Module, features: dict[str, Tensor], boxes: list[Tensor],
+def head_outputs(model: DynaMaskRCNN, features: dict[str, Tensor], boxes: list[Tensor],
                  image_sizes: list[tuple[int, int]], switches: Mapping[str, Switch] | None = None
                  ) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Mask probabilities at every resolution and each switch's choice, for boxes in the input frame.
@@ -61,7 +63,7 @@ def head_outputs(model: nn.Module, features: dict[str, Tensor], boxes: list[Tens
     Returns:
         ``(probs, choices)``: K tensors ``[R, S_k, S_k]`` (R = Σ n_i, image-major) and name → ``[R]`` int64.
     """
-    heads = model.roi_heads
+    heads = cast(DynaMaskRoIHeads, model.roi_heads)
     if switches is None:
         switches = {"msm": (heads.msm, heads.switch_input)}
     roi_features, levels, scales, rois = heads._pool_masks(features, boxes, image_sizes)
@@ -77,7 +79,7 @@ def head_outputs(model: nn.Module, features: dict[str, Tensor], boxes: list[Tens
     return [x.sigmoid() for x in logits], choices
 
 @torch.no_grad()
-def gt_box_routing(model: nn.Module, dataset, *, switches: Mapping[str, Switch] | None = None,
+def gt_box_routing(model: DynaMaskRCNN, dataset, *, switches: Mapping[str, Switch] | None = None,
                    indices: Sequence[int] | None = None, progress: bool = True,
                    device: torch.device | str = "cpu") -> dict[str, Any]:
     """Every ground-truth instance of ``dataset``: IoU at each resolution and each switch's choice.
@@ -88,7 +90,7 @@ def gt_box_routing(model: nn.Module, dataset, *, switches: Mapping[str, Switch] 
     from tqdm import tqdm
 
     model.eval().to(device)
-    head = model.roi_heads.mask_head
+    head = cast(DynaMaskRoIHeads, model.roi_heads).mask_head
     names = {int(c["id"]): str(c["name"]) for c in dataset.coco.loadCats(dataset.coco.getCatIds())}
     kinds = {str(c["name"]): str(c.get("supercategory", "")) for c in dataset.coco.loadCats(dataset.coco.getCatIds())}
     ious, cats = [], []

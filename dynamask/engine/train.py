@@ -20,8 +20,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -130,7 +131,7 @@ class _SeededSamples(Dataset):
     """Runs the wrapped dataset's random transforms under a seed made of (seed, epoch, index)."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed, self.epoch = cast("Sequence[Any]", dataset), seed, 0  # a map-style one
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -162,7 +163,7 @@ class _StopRequests:
         self.reason: str | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopRequests":
+    def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -258,7 +259,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     heads = getattr(model, "roi_heads", None)
     if ckpt is None:
         kwargs = recipe.stored_kwargs(build_arch["kwargs"])
-        if cfg.budget and "target_gmacs" not in kwargs and hasattr(heads, "target_gmacs"):
+        if cfg.budget and "target_gmacs" not in kwargs and heads is not None and hasattr(heads, "target_gmacs"):
             heads.target_gmacs = recipe.default_target_gmacs(model)  # the budget is on by default
             kwargs["target_gmacs"] = heads.target_gmacs
         arch = make_arch(cfg.arch, **kwargs)  # what the checkpoint records: rebuilds with no weight file
@@ -267,6 +268,7 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     total_epochs = pretrain_epochs + cfg.epochs
 
     seeded = _SeededSamples(dataset, cfg.seed)
+    sampler: torch.utils.data.Sampler[int]
     if cfg.repeat_factor_threshold:
         from dynamask.data.lvis import RepeatFactorSampler, repeat_factors
 
@@ -356,7 +358,8 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
         while epoch < total_epochs and stop_reason is None:
             phase = ""
             if phases:
-                model.mask_training = "pretrain" if epoch < pretrain_epochs else "dynamic"
+                # a property of DynaMask models; nn.Module's __setattr__ is typed for tensors and modules only
+                model.mask_training = "pretrain" if epoch < pretrain_epochs else "dynamic"  # type: ignore[assignment]
                 phase = f" ({model.mask_training})"
             offset = iteration - epoch * iters_per_epoch  # batches of this epoch already done (resume)
             sampler.set_epoch(epoch)

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from dynamask.engine.train import TrainConfig
 
 
-def check_config(cfg: "TrainConfig") -> None:
+def check_config(cfg: TrainConfig) -> None:
     """Raise a ValueError naming the first setting out of range; create and probe ``cfg.out_dir``."""
     # epochs count the dynamic phase after the pretrain epochs: either may be 0, not both
     check_number(cfg.epochs, "epochs", low=0, integer=True)
@@ -59,11 +59,13 @@ def check_config(cfg: "TrainConfig") -> None:
     check_output_dir(cfg.out_dir, name="out_dir")
 
 
-def check_val_data(cfg: "TrainConfig") -> None:
+def check_val_data(cfg: TrainConfig) -> None:
     """Open the validation split (which checks the whole annotation file and its images) and refuse one
     with no images, whose AP would read 0; evaluation opens it again when training ends."""
     if not cfg.val_ann:
         return
+    if not cfg.val_images:
+        raise ValueError(f"val_ann ({cfg.val_ann}) needs val_images, the folder of its images")
     from dynamask.data import CocoDetection
 
     if len(CocoDetection(cfg.val_images, cfg.val_ann)) == 0:

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _validate_trainable_layers
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from dynamask.checks import check_kwargs
 from dynamask.models.detector import DynaMaskRCNN, valid_kwargs
@@ -59,7 +59,7 @@ def load_torchvision_maskrcnn(model: DynaMaskRCNN, state: str | os.PathLike | St
     torchvision ``maskrcnn_resnet50_fpn`` state dict. Returns the loaded keys."""
     src = _load(state, "torchvision_weights")
     own = model.state_dict()
-    prefixes = TORCHVISION_PREFIXES
+    prefixes: tuple[str, ...] = TORCHVISION_PREFIXES
     pred_key = BOX_PREDICTOR_PREFIX + "cls_score.weight"
     if pred_key in src and src[pred_key].shape == own[pred_key].shape:
         prefixes = prefixes + (BOX_PREDICTOR_PREFIX,)

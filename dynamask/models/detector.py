@@ -9,6 +9,7 @@ a dict of losses in training; ``model(images)`` returns, per image, ``boxes``, `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -18,13 +19,12 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from dynamask.checks import check_kwargs
-from dynamask.models import mask_inference
+from dynamask.models import mask_inference, mask_losses
 from dynamask.models.inputs import check_images, check_targets
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
 from dynamask.models.switch_input import switch_channels
-
 
 DEFAULT_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
 # What GeneralizedRCNNTransform takes besides min_size, max_size, image_mean and image_std.
@@ -83,8 +83,9 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
                  gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
                  mask_training: str = "pretrain", mask_rois_per_image: int | None = None,
-                 routing_signal: str = "paper", coupled: bool = True, switch_input: str = "roi", **kwargs) -> None:
-        out_channels = backbone.out_channels
+                 routing_signal: mask_losses.RoutingSignal = "paper", coupled: bool = True, switch_input: str = "roi",
+                 **kwargs) -> None:
+        out_channels: int = cast(int, backbone.out_channels)  # torchvision's backbones declare it
         check_kwargs(kwargs, valid_kwargs(), where=type(self).__name__)  # a typo would pass to the transform
         anchors = default_anchor_generator(anchor_sizes) if rpn_anchor_generator is None else rpn_anchor_generator
         rpn = RegionProposalNetwork(
@@ -95,7 +96,9 @@ class DynaMaskRCNN(GeneralizedRCNN):
             rpn_nms_thresh, score_thresh=rpn_score_thresh,
         )
         mask_head = DynaMaskHead(in_channels=out_channels) if mask_head is None else mask_head
-        box_pool = MultiLevelRoIPool(output_size=7, sampling_ratio=2, aligned=False, canonical_scale=roi_canonical_scale)
+        box_pool = MultiLevelRoIPool(
+            output_size=7, sampling_ratio=2, aligned=False, canonical_scale=roi_canonical_scale
+        )
         roi_heads = DynaMaskRoIHeads(
             box_roi_pool=box_pool,
             box_head=(TwoMLPHead(out_channels * 7 * 7, box_representation_size) if box_head is None else box_head),
@@ -157,7 +160,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
         out = super().forward(images, targets)
         if self.training:
             return out
-        sizes = [tuple(int(v) for v in img.shape[-2:]) for img in images]
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         res = self.roi_heads.mask_head.resolutions
         return [mask_inference.paste_instance_masks(det, size, res) for det, size in zip(out, sizes)]
 

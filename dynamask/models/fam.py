@@ -7,7 +7,6 @@ on that fused feature → deformable conv 2, ReLU. One deform group, 3×3 kernel
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
@@ -76,7 +75,8 @@ class FeatureAggregation(nn.Module):
         self.deform2 = DeformConv2d(channels, channels, k, padding=1)
         for conv in (self.offset1, self.offset2):
             nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, low: Tensor, crop: Tensor) -> Tensor:
         """low ``L↑`` ``[R, C, S, S]``, crop ``P̃`` ``[R, C, S, S]`` → ``[R, C, S, S]``."""

@@ -31,20 +31,22 @@ from torch import Tensor, nn
 from dynamask import ops
 from dynamask.models.fam import FeatureAggregation
 
-RESOLUTIONS: tuple[int, ...] = (14, 28, 56, 112)
+RESOLUTIONS: tuple[int, ...] = (14, 28, 56, 112)  # the default head's: a 14² RoI doubled by three stages
 
 
 def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
     conv = nn.Conv2d(cin, cout, k, padding=k // 2)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:  # always, as built here; the check tells mypy
+        nn.init.zeros_(conv.bias)
     return conv
 
 
 def _predictor(cin: int) -> nn.Conv2d:
     conv = nn.Conv2d(cin, 1, 1)
     nn.init.normal_(conv.weight, std=0.001)
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:  # always, as built here; the check tells mypy
+        nn.init.zeros_(conv.bias)
     return conv
 
 

@@ -8,14 +8,13 @@ leaves the head at its own resolution and is pasted into the image by :func:`dyn
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor, nn
 
 from dynamask import ops
 
-Policy = Union[str, int, Callable[[Tensor, list[Tensor], list[tuple[int, int]]], Tensor]]
+Policy = str | int | Callable[[Tensor, list[Tensor], list[tuple[int, int]]], Tensor]
 
 
 def size_policy(boxes: Tensor, num_resolutions: int = 4) -> Tensor:
@@ -32,6 +31,19 @@ def size_policy(boxes: Tensor, num_resolutions: int = 4) -> Tensor:
     return k.clamp(0, num_resolutions - 1).to(torch.int64)
 
 
+def check_policy(policy: object, resolutions: Sequence[int]) -> None:
+    """Raises ``ValueError`` unless ``policy`` is ``"msm"``, ``"size"``, one of ``resolutions`` or a callable."""
+    if isinstance(policy, str):
+        ok = policy in ("msm", "size")
+    elif isinstance(policy, int) and not isinstance(policy, bool):
+        ok = policy in resolutions
+    else:
+        ok = callable(policy)
+    if not ok:
+        raise ValueError(f"mask_policy must be 'msm', 'size', one of {tuple(resolutions)} or a callable, "
+                         f"got {policy!r}")
+
+
 def choose_resolutions(policy: Policy, *, msm: nn.Module, roi_features: Tensor, boxes: list[Tensor],
                        image_sizes: list[tuple[int, int]], resolutions: Sequence[int]) -> Tensor:
     """Resolution index per RoI under ``policy``.
@@ -44,33 +56,28 @@ def choose_resolutions(policy: Policy, *, msm: nn.Module, roi_features: Tensor, 
     Returns:
         ``[R]`` int64 in [0, K).
     """
+    check_policy(policy, resolutions)
     r = roi_features.shape[0]
     device = roi_features.device
     k = len(resolutions)
-    if isinstance(policy, str):
-        if policy == "msm":
-            return msm(roi_features.detach()).argmax(dim=1)
-        if policy == "size":
-            cat = torch.cat(boxes) if boxes else roi_features.new_zeros((0, 4))
-            return size_policy(cat, k)
-        raise ValueError(f"mask_policy must be 'msm', 'size', one of {tuple(resolutions)} or a callable, "
-                         f"got {policy!r}")
-    if isinstance(policy, int) and not isinstance(policy, bool):
-        if policy not in resolutions:
-            raise ValueError(f"a fixed mask_policy must be one of {tuple(resolutions)}, got {policy}")
+    if policy == "msm":
+        return msm(roi_features.detach()).argmax(dim=1)
+    if policy == "size":
+        cat = torch.cat(boxes) if boxes else roi_features.new_zeros((0, 4))
+        return size_policy(cat, k)
+    if isinstance(policy, int):
         return torch.full((r,), list(resolutions).index(policy), dtype=torch.int64, device=device)
-    if callable(policy):
-        choice = policy(roi_features, boxes, image_sizes)
-        if not isinstance(choice, torch.Tensor) or choice.shape != (r,) or choice.dtype != torch.int64:
-            got = (f"{tuple(choice.shape)} {choice.dtype}" if isinstance(choice, torch.Tensor)
-                   else f"a {type(choice).__name__}")
-            raise ValueError(f"a policy callable must return an int64 tensor of shape [{r}] (resolution indices "
-                             f"in [0, {k})), got {got}")
-        if r and (int(choice.min()) < 0 or int(choice.max()) >= k):
-            raise ValueError(f"a policy callable must return resolution indices in [0, {k}), got values "
-                             f"from {int(choice.min())} to {int(choice.max())}")
-        return choice.to(device)
-    raise TypeError(f"mask_policy must be a str, an int or a callable, got {type(policy).__name__}")
+    assert callable(policy)  # for mypy: check_policy let nothing else through
+    choice = policy(roi_features, boxes, image_sizes)
+    if not isinstance(choice, torch.Tensor) or choice.shape != (r,) or choice.dtype != torch.int64:
+        got = (f"{tuple(choice.shape)} {choice.dtype}" if isinstance(choice, torch.Tensor)
+               else f"a {type(choice).__name__}")
+        raise ValueError(f"a policy callable must return an int64 tensor of shape [{r}] (resolution indices "
+                         f"in [0, {k})), got {got}")
+    if r and (int(choice.min()) < 0 or int(choice.max()) >= k):
+        raise ValueError(f"a policy callable must return resolution indices in [0, {k}), got values "
+                         f"from {int(choice.min())} to {int(choice.max())}")
+    return choice.to(device)
 
 
 def split_by_image(mask_probs: Sequence[Tensor], choice_sorted: Tensor, image_ids_sorted: Tensor,

@@ -156,7 +156,9 @@ def resolution_frequencies(probs: Tensor) -> Tensor:
         # of torch.distributed.nn.functional.all_reduce points to
         from torch.distributed._functional_collectives import all_reduce
 
-        sums = all_reduce(sums, "sum", dist.group.WORLD)  # waits for the result when it is first used
+        world = dist.group.WORLD
+        assert world is not None  # set once the process group is initialised, as checked above
+        sums = all_reduce(sums, "sum", world)  # waits for the result when it is first used
     return sums[:-1] / sums[-1].clamp(min=1.0)
 
 

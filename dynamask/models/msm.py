@@ -62,7 +62,8 @@ class MaskSwitchModule(nn.Module):
         self.num_resolutions = num_resolutions
         for conv in (self.conv1, self.conv2):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         nn.init.normal_(self.fc2.weight, std=0.01)  # start near a uniform choice
         nn.init.zeros_(self.fc2.bias)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from dynamask.models import mask_inference, mask_losses
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.switch_input import check_switch_input, needs_trunk, switch_view
+from dynamask.ops import to_rois
 
 MASK_TRAINING_MODES = ("pretrain", "dynamic")
 
@@ -32,12 +34,6 @@ def infer_scales(features: Sequence[Tensor], image_shapes: Sequence[tuple[int, i
         approx = float(f.shape[-2]) / float(max_h)
         scales.append(2.0 ** round(math.log2(approx)))
     return scales
-
-
-def to_rois(boxes: Sequence[Tensor]) -> Tensor:
-    """Per-image ``[n_i, 4]`` boxes → ``[R, 5]`` (batch index, x1, y1, x2, y2)."""
-    ids = [torch.full((b.shape[0], 1), float(i), dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
-    return torch.cat([torch.cat(ids), torch.cat(list(boxes))], dim=1)
 
 
 class MultiLevelRoIPool(nn.Module):
@@ -164,12 +160,7 @@ class DynaMaskRoIHeads(RoIHeads):
 
     @mask_policy.setter
     def mask_policy(self, policy: mask_inference.Policy) -> None:
-        ok = (policy in ("msm", "size") if isinstance(policy, str)
-              else policy in self.mask_head.resolutions if isinstance(policy, int) and not isinstance(policy, bool)
-              else callable(policy))
-        if not ok:
-            raise ValueError(f"mask_policy must be 'msm', 'size', one of {self.mask_head.resolutions} or a "
-                             f"callable, got {policy!r}")
+        mask_inference.check_policy(policy, self.mask_head.resolutions)
         self._mask_policy = policy
 
     def has_mask(self) -> bool:  # torchvision's check_targets asks for "masks" when this is True
@@ -261,7 +252,7 @@ class DynaMaskRoIHeads(RoIHeads):
         empty probabilities are connected to the graph); here it contributes no RoI (count 0) and
         receives the other processes' frequencies.
         """
-        zero = sum(p.sum() * 0.0 for p in self.mask_head.parameters())
+        zero = cast(Tensor, sum(p.sum() * 0.0 for p in self.mask_head.parameters()))  # the head has weights
         out = {"loss_mask": zero, "loss_edge": zero}
         if self.mask_training == "dynamic":
             zero = zero + sum(p.sum() * 0.0 for p in self.msm.parameters())

@@ -14,7 +14,9 @@ Every view is detached: the routing losses train the switch only.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from dynamask.models.mask_head import DynaMaskHead
 
 SWITCH_INPUTS: tuple[str, ...] = ("roi", "trunk", "mask")
 
@@ -35,7 +37,7 @@ def switch_channels(kind: str, *, fpn_channels: int, trunk_channels: int) -> int
     return fpn_channels if kind == "roi" else trunk_channels + (2 if kind == "mask" else 0)
 
 
-def switch_view(kind: str, head: nn.Module, roi_features: Tensor, trunk: Tensor | None = None) -> Tensor:
+def switch_view(kind: str, head: DynaMaskHead, roi_features: Tensor, trunk: Tensor | None = None) -> Tensor:
     """The switch's input, detached.
 
     Args:

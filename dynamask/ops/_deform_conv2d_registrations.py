@@ -8,7 +8,7 @@ try:  # Tensor.suggest_memory_format's Python twin, safe on fake and symbolic te
     from torch._prims_common import suggest_memory_format
 except ImportError:  # pragma: no cover - older torch
 
-    def suggest_memory_format(x):
+    def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         return torch.channels_last if cl else torch.contiguous_format
 

@@ -65,7 +65,9 @@ def check_rois(op: str, rois: Tensor, batch_size: int, count: int | None = None)
     b = r[:, 0]
     i = _first_bad(~((b >= 0) & (b < batch_size) & (b == b.floor())))
     if i is not None:
-        raise ValueError(f"{op}: rois[{i}, 0] (batch index) is {float(b[i])} but must be an integer in [0, {batch_size})")
+        raise ValueError(
+            f"{op}: rois[{i}, 0] (batch index) is {float(b[i])} but must be an integer in [0, {batch_size})"
+        )
     i = _first_bad(~torch.isfinite(r[:, 1:]).all(1))
     if i is not None:
         raise ValueError(f"{op}: rois[{i}] has a non-finite coordinate ({r[i, 1:].tolist()})")

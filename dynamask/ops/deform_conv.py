@@ -14,14 +14,7 @@ import torch
 from torch import Tensor
 
 from dynamask.ops import _deform_conv2d_registrations  # noqa: F401  (autograd, autocast, fake kernels)
-
-
-def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    raise TypeError(f"deform_conv2d: {name} must be an int or a pair of ints, got {value!r}")
+from dynamask.ops._args import pair
 
 
 def deform_conv2d(
@@ -63,15 +56,15 @@ def deform_conv2d(
     for name, t in (("input", input), ("offset", offset), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"deform_conv2d: {name} must be a tensor, got {type(t).__name__}")
-    for name, t in (("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask), ("residual", residual)):
-        if t is not None and t.device != input.device:
+    for name, u in (("offset", offset), ("weight", weight), ("bias", bias), ("mask", mask), ("residual", residual)):
+        if u is not None and u.device != input.device:
             raise ValueError(
-                f"deform_conv2d: {name} is on {t.device} but input is on {input.device}; all tensors must be on "
+                f"deform_conv2d: {name} is on {u.device} but input is on {input.device}; all tensors must be on "
                 "one device"
             )
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
+    sh, sw = pair(stride, op="deform_conv2d", name="stride")
+    ph, pw = pair(padding, op="deform_conv2d", name="padding")
+    dh, dw = pair(dilation, op="deform_conv2d", name="dilation")
     return torch.ops.dynamask.deform_conv2d(
         input, offset, weight, bias, mask, residual, sh, sw, ph, pw, dh, dw, activation == "relu"
     )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dynamask.ops import _group_by_resolution_registrations  # noqa: F401  (fake kernel)
-from dynamask.ops import checks
+from dynamask.ops import (
+    _group_by_resolution_registrations,  # noqa: F401  (fake kernel)
+    checks,
+)
 
 
 def group_by_resolution(choice: Tensor, num_resolutions: int) -> tuple[Tensor, Tensor]:

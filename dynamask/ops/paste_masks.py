@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dynamask.ops import _paste_masks_registrations  # noqa: F401  (fake kernels)
-from dynamask.ops import checks
+from dynamask.ops import (
+    _paste_masks_registrations,  # noqa: F401  (fake kernels)
+    checks,
+)
 
 
 def _mask_groups(masks: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -24,7 +26,9 @@ def _mask_groups(masks: Tensor | Sequence[Tensor]) -> list[Tensor]:
         return [masks]
     if isinstance(masks, (list, tuple)) and all(isinstance(m, Tensor) for m in masks):
         return list(masks)
-    raise TypeError(f"masks must be an [N, S, S] tensor or a list of [n_j, S_j, S_j] tensors, got {type(masks).__name__}")
+    raise TypeError(
+        f"masks must be an [N, S, S] tensor or a list of [n_j, S_j, S_j] tensors, got {type(masks).__name__}"
+    )
 
 
 def _image_size(image_size: Sequence[int]) -> tuple[int, int]:

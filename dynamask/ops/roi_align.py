@@ -12,33 +12,28 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dynamask.ops import _roi_align_registrations  # noqa: F401  (autograd, autocast, fake kernels)
-from dynamask.ops import checks
-
-
-def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(output_size, int):
-        return output_size, output_size
-    h, w = output_size
-    return int(h), int(w)
-
-
-def _as_rois(rois: Tensor | Sequence[Tensor], name: str = "rois") -> Tensor:
-    """Accepts [R, 5] (batch index, x1, y1, x2, y2) or a list of per-image [n_i, 4] boxes."""
-    if isinstance(rois, Tensor):
-        return rois
-    if isinstance(rois, (list, tuple)) and all(isinstance(b, Tensor) for b in rois):
-        if len(rois) == 0:
-            raise ValueError(f"{name}: an empty list of boxes has no dtype/device; pass a [0, 5] tensor")
-        idx = [torch.full_like(b[:, :1], i) for i, b in enumerate(rois)]
-        return torch.cat([torch.cat(idx, 0), torch.cat(list(rois), 0)], dim=1)
-    raise TypeError(f"{name} must be a [R, 5] tensor or a list of [n_i, 4] tensors, got {type(rois).__name__}")
+from dynamask.ops import (
+    _roi_align_registrations,  # noqa: F401  (autograd, autocast, fake kernels)
+    checks,
+)
+from dynamask.ops._args import as_rois, pair
 
 
 def _as_features(features: Sequence[Tensor]) -> list[Tensor]:
     if isinstance(features, Tensor) or not isinstance(features, (list, tuple)):
         raise TypeError(f"features must be a list of [N, C, H, W] tensors, got {type(features).__name__}")
     return list(features)
+
+
+def _inputs(features: Sequence[Tensor], rois: Tensor | Sequence[Tensor],
+            spatial_scales: Sequence[float]) -> tuple[list[Tensor], Tensor]:
+    """The checks both RoIAlign ops make first: ``(features as a list, rois as [R, 5])``."""
+    feats = _as_features(features)
+    rois_t = as_rois(rois)
+    if len(spatial_scales) != len(feats):
+        raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
+    _check_devices(feats, rois_t)
+    return feats, rois_t
 
 
 def _check_devices(features: list[Tensor], rois: Tensor) -> None:
@@ -95,14 +90,10 @@ def roi_align_multilevel(
             a level out of range. On CUDA such a RoI pools to zeros instead, unless
             :func:`dynamask.ops.full_checks` is on (see :mod:`dynamask.ops.checks`).
     """
-    feats = _as_features(features)
-    rois_t = _as_rois(rois)
-    if len(spatial_scales) != len(feats):
-        raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
-    _check_devices(feats, rois_t)
+    feats, rois_t = _inputs(features, rois, spatial_scales)
     if levels is None:
         _check_power_of_two_scales(spatial_scales)
-    ph, pw = _pair(output_size)
+    ph, pw = pair(output_size, op="roi_align_multilevel", name="output_size")
     if checks.full_checks_enabled():
         checks.check_rois("roi_align_multilevel", rois_t, feats[0].shape[0])
         if levels is not None:
@@ -133,11 +124,7 @@ def roi_align_stages(
         One tensor per stage, ``[count_j, C_{level_j}, S_j, S_j]``; equal to
         ``torchvision.ops.roi_align(features[l], rois[:count], S, spatial_scales[l], sampling_ratio, aligned)``.
     """
-    feats = _as_features(features)
-    rois_t = _as_rois(rois)
-    if len(spatial_scales) != len(feats):
-        raise ValueError(f"spatial_scales has {len(spatial_scales)} entries but features has {len(feats)} levels")
-    _check_devices(feats, rois_t)
+    feats, rois_t = _inputs(features, rois, spatial_scales)
     levels, sizes, counts = [], [], []
     for j, stage in enumerate(stages):
         if len(stage) != 3:

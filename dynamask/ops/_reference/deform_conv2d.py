@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+from dynamask.ops._args import pair
 
 
 def deform_conv2d_reference(
@@ -27,7 +25,10 @@ def deform_conv2d_reference(
     residual: Tensor | None = None,
 ) -> Tensor:
     """Same contract as :func:`dynamask.ops.deform_conv2d` (torchvision's semantics and layout)."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    op = "deform_conv2d_reference"
+    sh, sw = pair(stride, op=op, name="stride")
+    ph, pw = pair(padding, op=op, name="padding")
+    dh, dw = pair(dilation, op=op, name="dilation")
     B, C, H, W = input.shape
     C_out, Cg, kh, kw = weight.shape
     groups, K = C // Cg, kh * kw
