@@ -122,7 +122,7 @@ setup(
     # torchvision built for that torch).
     install_requires=[f"torch=={_torch_release()}", "torchvision", "numpy", "pycocotools", "tqdm", "matplotlib"],
     extras_require={
-        "dev": ["pytest", "expecttest", "hypothesis", "ninja", "pybind11"],
+        "dev": ["pytest", "expecttest", "hypothesis", "ninja", "pybind11", "ruff==0.17.6", "mypy==2.4.1"],
         "cityscapes": ["cityscapesscripts"],  # Cityscapes' label table and official instance evaluation
         "lvis": ["lvis"],  # LVIS's evaluation API (pulls opencv-python)
     },
