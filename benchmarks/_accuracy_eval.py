@@ -127,9 +127,10 @@ def evaluate_policies(model: nn.Module, dataset, *, costs: Mapping[int, float],
 def evaluate_fixed_model(model: nn.Module, dataset, *, gmacs_per_instance: float,
                          progress: bool = True) -> dict[str, Any]:
     """A model with one mask resolution (torchvision's Mask R-CNN): segm and Boundary AP."""
+    from dynamask.engine.baselines import fixed_mask_resolution
     from dynamask.engine.evaluate import run_model
 
-    res = run_model(model, dataset, progress=progress)
+    res = run_model(model, dataset, progress=progress, default_resolution=fixed_mask_resolution(model))
     segm, _ = coco_metrics(dataset.coco, res, "segm")
     boundary, _ = coco_metrics(dataset.coco, res, "boundary")
     return {"segm": segm, "boundary": boundary, "detections": len(res), "mask_gmacs_per_instance": gmacs_per_instance}

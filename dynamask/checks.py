@@ -106,8 +106,10 @@ def model_resolutions(model: torch.nn.Module) -> list[int] | None:
     head = getattr(getattr(model, "roi_heads", None), "mask_head", None)
     if head is not None and hasattr(head, "resolutions"):
         return [int(r) for r in head.resolutions]
-    fixed = getattr(model, "fixed_mask_resolution", None)
-    return None if fixed is None else [int(fixed)]
+    from dynamask.engine.baselines import fixed_mask_resolution
+
+    fixed = fixed_mask_resolution(model)
+    return None if fixed is None else [fixed]
 
 
 def check_mask_costs(costs: Mapping[int, float] | None, model: torch.nn.Module, *,

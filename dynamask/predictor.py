@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from dynamask.checks import check_device, check_number
 from dynamask.data.images import ImageInput, to_image_tensor
+from dynamask.engine.baselines import fixed_mask_resolution
 from dynamask.engine.checkpoint import model_from_checkpoint
 from dynamask.engine.coco_eval import output_to_results
 
@@ -112,8 +113,8 @@ class Predictor:
         self.amp = bool(amp) and self.device.type == "cuda"
         self.score_thresh = float(score_thresh)
         self.mask_thresh = float(mask_thresh)
-        # Mask R-CNN-like models report no mask_resolution; one with a fixed resolution may say which
-        self.default_resolution: int | None = getattr(model, "fixed_mask_resolution", None)
+        # Mask R-CNN-like models report no mask_resolution: their masks all have the side their layers give
+        self.default_resolution: int | None = fixed_mask_resolution(model)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Instances | list[Instances]:
         """One image -> one :class:`Instances`; a list (or a ``[B, ...]`` batch array/tensor) -> a list."""

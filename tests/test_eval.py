@@ -185,3 +185,24 @@ def test_head_costs_of_the_default_head():
     assert part == pytest.approx(flops.per_image_gmacs(model, (800, 1216)) + flops.msm_gmacs(model))
     assert whole == pytest.approx(part + flops.mask_head_gmacs(model)[112])
     assert flops.HeadCosts.of(model, msm=False).msm == 0.0
+
+
+def test_fixed_mask_resolution_is_read_from_the_layers():
+    """Mask R-CNN's masks are 2 × its mask RoI pool's side (one stride-2 transposed conv); DynaMask reports
+    its own per-instance resolution (None here); evaluation and the predictor use this, nothing patched on."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from dynamask.engine.baselines import fixed_mask_resolution, maskrcnn_resnet_fpn
+    from dynamask.models import dynamask_resnet_fpn
+
+    tiny = maskrcnn_resnet_fpn(num_classes=3, depth=18, fpn_channels=16, mask_head_layers=(8,),
+                               box_representation_size=16, min_size=64, max_size=64)
+    assert fixed_mask_resolution(tiny) == 28
+    assert not hasattr(tiny, "fixed_mask_resolution")
+    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
+                               mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2))
+    assert fixed_mask_resolution(tv) == 14
+    assert fixed_mask_resolution(dynamask_resnet_fpn(depth=18, num_classes=3, fpn_channels=16, trunk_channels=8,
+                                                     stage_channels=[8, 8, 8], box_representation_size=16)) is None
+    assert fixed_mask_resolution(torch.nn.Linear(2, 2)) is None

@@ -78,8 +78,29 @@ def maskrcnn_resnet_fpn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_detections_per_img=box_detections_per_img,
     )
-    model.fixed_mask_resolution = 28  # evaluation reports every mask at 28x28 (it has no mask_resolution output)
     return model
+
+
+def fixed_mask_resolution(model: torch.nn.Module) -> int | None:
+    """The side of the masks a torchvision-style Mask R-CNN predicts, read from its layers: its mask RoI
+    pool's output size times the upsampling of its mask predictor's transposed convs (14 × 2 = 28).
+
+    None for a model that reports each mask's resolution itself (DynaMask's ``mask_resolution``) or has
+    no mask branch. Evaluation and the predictor report every mask of a fixed-resolution model at this size.
+    """
+    heads = getattr(model, "roi_heads", None)
+    if heads is None or hasattr(getattr(heads, "mask_head", None), "resolutions"):
+        return None
+    pool = getattr(heads, "mask_roi_pool", None)
+    predictor = getattr(heads, "mask_predictor", None)
+    if pool is None or predictor is None:
+        return None
+    size = pool.output_size
+    side = int(size[0] if isinstance(size, (tuple, list)) else size)
+    for m in predictor.modules():
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            side *= int(m.stride[0])
+    return side
 
 
 def _box_predictor(representation: int, num_classes: int):

@@ -16,6 +16,7 @@ import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 
+from dynamask.engine.baselines import fixed_mask_resolution
 from dynamask.engine.coco_eval import coco_metrics, output_to_results
 from dynamask.engine.resolution import (
     cost_report,
@@ -45,7 +46,7 @@ def run_model(
 
     The model is put in eval mode; its outputs are mapped back to each image's size in the annotation file
     and its labels to COCO category ids (``dataset.cat_ids``). Outputs without ``mask_resolution`` count as
-    ``default_resolution`` (default: the model's ``fixed_mask_resolution`` attribute, if any). Each result
+    ``default_resolution`` (e.g. :func:`~dynamask.engine.baselines.fixed_mask_resolution` of the model). Each result
     also holds ``input_size``, the padded network input (H, W) its image was run at (for the cost report).
     """
     from tqdm import tqdm
@@ -53,8 +54,6 @@ def run_model(
     from dynamask.data import collate_fn
 
     device = torch.device(device)
-    if default_resolution is None:  # a fixed-resolution model (e.g. Mask R-CNN) may say which it uses
-        default_resolution = getattr(model, "fixed_mask_resolution", None)
     model.eval().to(device)
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
     loader = torch.utils.data.DataLoader(
@@ -177,6 +176,8 @@ def evaluate(
 ) -> dict[str, Any] | None:
     """Run ``model`` over ``dataset`` and evaluate (see :func:`run_model` and :func:`evaluate_results`).
     ``costs`` default: a DynaMask model's own (:class:`~dynamask.flops.HeadCosts`, with the MSM when it routes).
+    ``default_resolution`` (the resolution its masks are reported at when the model reports none) default:
+    :func:`~dynamask.engine.baselines.fixed_mask_resolution` of the model (28 for Mask R-CNN).
 
     ``lvis``: score by LVIS's rules (default: when ``dataset`` is a :class:`dynamask.data.lvis.LvisDetection`);
     the model then keeps ``max_dets`` detections per image (default 300) while it runs.
@@ -208,7 +209,8 @@ def evaluate(
     with limit:
         results = run_model(
             model, dataset, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
-            default_resolution=default_resolution, indices=indices,
+            default_resolution=fixed_mask_resolution(model) if default_resolution is None else default_resolution,
+            indices=indices,
         )
     gathered = dist_utils.gather_lists(results)
     if gathered is None:
