@@ -123,7 +123,7 @@ def write_routing(model, val, path: str) -> dict:
     """How well the switch routes, on the ground-truth boxes of ``val``: ``routing.json`` (issue 16)::
 
         {"routing_value": {"switch", "shuffled", "best_same_counts", "captured"},
-         "categories": {name: {"kind", "n", "iou_gain", "mean_index"}}}
+         "categories": {name: {"kind", "n", "iou_gain", "mean_index"}}, "category_yardstick": float | None}
 
     ``iou_gain``: mean mask IoU at the finest resolution minus at the coarsest (each mask upsampled to the
     finest grid); ``mean_index``: the switch's mean resolution index (0 = coarsest).
@@ -141,12 +141,15 @@ def routing_lines(summary: dict, resolutions) -> list[str]:
     v = summary["routing_value"]
     lo, hi = resolutions[0], resolutions[-1]
     captured = "undefined (one resolution for all)" if v["captured"] is None else f"{v['captured']:.2f}"
+    y = summary.get("category_yardstick")
+    yard = ("" if y is None else f" A router that knows only each instance's category would capture {y:.2f} with "
+            "the same counts (leave-one-out category means).")
     lines = [
         "## How well the switch routes (ground-truth boxes of the validation split, `routing.json`)",
         "",
         f"Mean mask IoU of the switch's choices {v['switch']:.3f}; the same choices shuffled among the instances "
         f"{v['shuffled']:.3f}; the best assignment of the same counts {v['best_same_counts']:.3f}: the switch "
-        f"captures **{captured}** of the possible routing gain.",
+        f"captures **{captured}** of the possible routing gain.{yard}",
         "",
         f"| category | kind | n | IoU gain {lo}²→{hi}² "
         f"| switch's mean index (0 = {lo}², {len(resolutions) - 1} = {hi}²) |",

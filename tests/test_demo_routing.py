@@ -32,6 +32,8 @@ def test_routing_json_and_report_table(tmp_path):
         assert json.load(f) == json.loads(json.dumps(summary))
     v = summary["routing_value"]
     assert set(v) == {"switch", "shuffled", "best_same_counts", "captured"}
+    y = summary["category_yardstick"]
+    assert y is None or y <= 1.0 + 1e-9  # no routing with these counts beats the best one
     assert v["shuffled"] <= v["best_same_counts"] + 1e-12 and v["switch"] <= v["best_same_counts"] + 1e-12
     # one entry per category of the data set, counted from the annotations themselves
     counts = Counter(a["category_id"] for a in val.coco.dataset["annotations"])

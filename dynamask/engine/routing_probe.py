@@ -121,14 +121,22 @@ def gt_box_routing(model: DynaMaskRCNN, dataset, *, switches: Mapping[str, Switc
     }
 
 def routing_summary(probe: Mapping[str, Any], switch: str = "msm") -> dict[str, Any]:
-    """``{"routing_value": {...}, "categories": {name: {"kind", "n", "iou_gain", "mean_index"}}}`` of one
-    switch from a :func:`gt_box_routing` result (the demo's ``routing.json``)."""
-    from dynamask.engine.routing import per_category, routing_value
+    """``{"routing_value": {...}, "categories": {name: {"kind", "n", "iou_gain", "mean_index"}},
+    "category_yardstick": float | None}`` of one switch from a :func:`gt_box_routing` result (the demo's
+    ``routing.json``). ``category_yardstick``: the share captured, with the switch's counts, by a router that
+    knows only each instance's category (:func:`dynamask.engine.routing.category_routing`)."""
+    import numpy as np
+
+    from dynamask.engine.routing import category_routing, per_category, routing_value
 
     choice = probe["choices"][switch]
     value = routing_value(probe["iou"], choice)
     cats = per_category(probe["iou"], probe["categories"], choice, kinds=probe["kinds"])
+    counts = np.bincount(np.asarray(choice, dtype=np.int64), minlength=np.asarray(probe["iou"]).shape[1])
+    by_category = category_routing(probe["iou"], probe["categories"], counts.tolist())
+    yardstick = routing_value(probe["iou"], by_category).captured
     return {
+        "category_yardstick": yardstick,
         "routing_value": {"switch": value.switch, "shuffled": value.shuffled,
                           "best_same_counts": value.best_same_counts, "captured": value.captured},
         "categories": {name: {"kind": c.get("kind"), "n": c["n"], "iou_gain": c["iou_gain"],
