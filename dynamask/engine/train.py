@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, cast
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dynamask.checks import check_mask_costs
@@ -220,13 +221,96 @@ def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], N
             torch.distributed.destroy_process_group()
 
 
+@dataclass
+class _Run:
+    """What one training run works with, built by :func:`_build` (with a resumed run's state restored)."""
+
+    model: torch.nn.Module  # the model itself (checkpoints, phases)
+    ddp_model: torch.nn.Module  # what the step calls: the model, or its DDP wrapper
+    arch: dict[str, Any]  # what the checkpoint records (rebuilds with no weight file)
+    label_map: dict[int, tuple[int, str]]
+    seeded: _SeededSamples
+    sampler: Any  # _ResumableSampler or RepeatFactorSampler: set_epoch(), start
+    loader: DataLoader
+    iters_per_epoch: int
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    phases: bool  # DynaMask: a pretrain phase, then the dynamic one
+    pretrain_epochs: int
+    total_epochs: int
+    ckpt_path: str
+    resume_path: str | None
+    epoch: int = 0
+    iteration: int = 0
+    last_good: str | None = None  # the checkpoint a non-finite loss leaves in place
+
+
 def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
-    is_main, world, rank = dist_utils.is_main(), dist_utils.world_size(), dist_utils.rank()
+    run = _build(cfg, device, collate_fn)
+    extra = {"iters_per_epoch": run.iters_per_epoch, "world_size": dist_utils.world_size(),
+             "config": _plain_config(cfg)}
+    plan = recipe.describe_plan(model=run.model, pretrain_epochs=run.pretrain_epochs, epochs=cfg.epochs,
+                                iters_per_epoch=run.iters_per_epoch, batch_size=cfg.batch_size,
+                                world=dist_utils.world_size(), optimizer=cfg.optimizer, lr=cfg.lr,
+                                warmup_iters=cfg.warmup_iters, warmup_factor=cfg.warmup_factor,
+                                lr_steps=cfg.lr_steps, gamma=cfg.gamma)
+    if dist_utils.is_main():
+        print("\n".join(plan), flush=True)
+    stop_reason = _loop(run, cfg, device, extra, on_iteration, tqdm)
+    status = "done" if stop_reason is None else "stopped"
+    result: dict[str, Any] = {"status": status, "epoch": run.epoch, "iteration": run.iteration,
+                              "checkpoint": run.ckpt_path, "stop_reason": stop_reason, "plan": plan}
+    # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted)
+    if (status == "done" or stop_reason in ("time limit", "max_iters")) and cfg.val_ann:
+        metrics = _evaluate_at_end(run, cfg, device)
+        if metrics is not None:
+            result["metrics"] = metrics
+    if dist_utils.is_distributed():
+        torch.distributed.barrier()
+    return result
+
+
+# ------------------------------------------------------------------------------------------- building
+def _build(cfg: TrainConfig, device: torch.device, collate_fn) -> _Run:
+    """Model, data and optimiser of a new run, or of a resumed one with its state restored."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "last.pth")
     resume_path = ckpt_path if cfg.resume == "auto" else cfg.resume
     ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
+    model, arch, label_map, dataset = _build_model(cfg, device, ckpt, resume_path)
+    phases = hasattr(model, "mask_training")
+    pretrain_epochs = cfg.pretrain_epochs if phases else 0
+    seeded, sampler, loader, iters_per_epoch = _build_data(cfg, dataset, device, collate_fn)
+    check_mask_costs(cfg.mask_costs, model, flag="mask_costs")  # the final report needs every resolution
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    milestones = recipe.milestones(cfg.lr_steps, pretrain_epochs=pretrain_epochs, iters_per_epoch=iters_per_epoch)
+    schedule = WarmupStepSchedule(cfg.warmup_iters, cfg.warmup_factor, milestones, cfg.gamma)
+    use_amp = cfg.amp and device.type == "cuda"
+    run = _Run(model=model, ddp_model=model, arch=arch, label_map=label_map, seeded=seeded, sampler=sampler,
+               loader=loader, iters_per_epoch=iters_per_epoch, params=params, optimizer=optimizer,
+               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+               scaler=torch.amp.GradScaler("cuda", enabled=use_amp), use_amp=use_amp, phases=phases,
+               pretrain_epochs=pretrain_epochs, total_epochs=pretrain_epochs + cfg.epochs, ckpt_path=ckpt_path,
+               resume_path=resume_path, last_good=resume_path)
+    if ckpt is not None:
+        _restore(run, cfg, ckpt)
+        del ckpt
+    if dist_utils.world_size() > 1:
+        dist_utils.match_grad_layouts(model)  # no strided copies (and warning) in DDP's gradient buckets
+        run.ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    return run
+
+
+def _build_model(cfg: TrainConfig, device: torch.device, ckpt: dict[str, Any] | None, resume_path: str | None):
+    """``(model, arch, label_map, dataset)``: the model of a new run (the method's settings merged into its
+    builder arguments), or of the checkpoint being resumed (whose settings must not change)."""
     settings = {k: getattr(cfg, k) for k in recipe.METHOD_SETTINGS}
     if ckpt is None:  # settings checked before the (possibly long) reading of the annotations
         kwargs = recipe.model_kwargs(cfg.arch, cfg.arch_kwargs, resize=cfg.resize, max_size=cfg.max_size,
@@ -263,12 +347,15 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
             heads.target_gmacs = recipe.default_target_gmacs(model)  # the budget is on by default
             kwargs["target_gmacs"] = heads.target_gmacs
         arch = make_arch(cfg.arch, **kwargs)  # what the checkpoint records: rebuilds with no weight file
-    phases = hasattr(model, "mask_training")
-    pretrain_epochs = cfg.pretrain_epochs if phases else 0
-    total_epochs = pretrain_epochs + cfg.epochs
+    return model, arch, label_map, dataset
 
+
+def _build_data(cfg: TrainConfig, dataset, device: torch.device, collate_fn):
+    """``(seeded, sampler, loader, iters_per_epoch)``: each process's share of a seeded shuffle (or of
+    LVIS's repeat-factor sampling), resumable mid-epoch."""
+    world, rank = dist_utils.world_size(), dist_utils.rank()
     seeded = _SeededSamples(dataset, cfg.seed)
-    sampler: torch.utils.data.Sampler[int]
+    sampler: Any
     if cfg.repeat_factor_threshold:
         from dynamask.data.lvis import RepeatFactorSampler, repeat_factors
 
@@ -284,183 +371,178 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     iters_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
     if iters_per_epoch == 0:
         raise ValueError(f"{cfg.train_ann}: no training images")
-    check_mask_costs(cfg.mask_costs, model, flag="mask_costs")  # the final report needs every resolution
+    return seeded, sampler, loader, iters_per_epoch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
-    milestones = recipe.milestones(cfg.lr_steps, pretrain_epochs=pretrain_epochs, iters_per_epoch=iters_per_epoch)
-    schedule = WarmupStepSchedule(cfg.warmup_iters, cfg.warmup_factor, milestones, cfg.gamma)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    epoch, iteration = 0, 0
-    if ckpt is not None:
-        unwrap(model).load_state_dict(ckpt["model"])
-        saved = ckpt.get("extra", {}).get("config", {}).get("optimizer", "sgd")
-        if saved != cfg.optimizer:
-            raise ValueError(f"{resume_path}: the run was trained with --optimizer {saved}, not {cfg.optimizer}; "
-                             "resume with the same optimizer")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
-        saved_ipe = ckpt.get("extra", {}).get("iters_per_epoch")
-        if saved_ipe is not None and saved_ipe != iters_per_epoch:
-            raise ValueError(
-                f"{resume_path}: saved with {saved_ipe} iterations per epoch, now {iters_per_epoch} "
-                "(different data, batch size or number of processes); cannot continue exactly"
-            )
-        set_rng_state(ckpt["rng"])
-        del ckpt
-
-    ddp_model = model
-    if world > 1:
-        dist_utils.match_grad_layouts(model)  # no strided copies (and warning) in DDP's gradient buckets
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+def _restore(run: _Run, cfg: TrainConfig, ckpt: dict[str, Any]) -> None:
+    """A resumed run's weights, optimiser, schedule, scaler, position and RNG states."""
+    unwrap(run.model).load_state_dict(ckpt["model"])
+    saved = ckpt.get("extra", {}).get("config", {}).get("optimizer", "sgd")
+    if saved != cfg.optimizer:
+        raise ValueError(f"{run.resume_path}: the run was trained with --optimizer {saved}, not {cfg.optimizer}; "
+                         "resume with the same optimizer")
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if "scaler" in ckpt:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.epoch, run.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+    saved_ipe = ckpt.get("extra", {}).get("iters_per_epoch")
+    if saved_ipe is not None and saved_ipe != run.iters_per_epoch:
+        raise ValueError(
+            f"{run.resume_path}: saved with {saved_ipe} iterations per epoch, now {run.iters_per_epoch} "
+            "(different data, batch size or number of processes); cannot continue exactly"
         )
+    set_rng_state(ckpt["rng"])
 
+
+# ------------------------------------------------------------------------------------------- the step
+def _step(run: _Run, cfg: TrainConfig, images, targets, device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+    """One optimisation step; a non-finite loss on any process stops every process before the update."""
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=run.use_amp):
+        loss_dict = run.ddp_model(images, targets)
+    loss = cast(Tensor, sum(loss_dict.values()))
+    (nonfinite,) = dist_utils.all_reduce_max([float(not torch.isfinite(loss).item())], device)
+    if nonfinite:
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        kept = run.last_good or "none (no checkpoint was written yet)"
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {run.epoch + 1}, iteration {run.iteration + 1}: {values}. "
+            f"Training stopped; last good checkpoint: {kept}"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if cfg.clip_grad_norm:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.clip_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.iteration += 1
+    return loss_dict, loss
+
+
+# ------------------------------------------------------------------- the loop: logs, checkpoints, stops
+def _save(run: _Run, extra: dict[str, Any]) -> str | None:
+    """Rank 0 writes the checkpoint (atomically); weights gone non-finite are never saved."""
+    if not dist_utils.is_main():
+        return None
+    # a non-finite lr or gradient can leave NaN weights behind a finite last loss: never save those
+    if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+        raise NonFiniteLossError(f"non-finite weights at iteration {run.iteration}; not saved. Training stopped; "
+                                 f"last good checkpoint: {run.last_good or 'none (no checkpoint was written yet)'}")
+    return save_checkpoint(
+        run.ckpt_path, arch=run.arch, label_map=run.label_map, model=run.model, optimizer=run.optimizer,
+        scheduler=run.scheduler, scaler=run.scaler, epoch=run.epoch, iteration=run.iteration, rng=rng_state(),
+        extra=extra,
+    )
+
+
+def _loop(run: _Run, cfg: TrainConfig, device: torch.device, extra: dict[str, Any], on_iteration, tqdm) -> str | None:
+    """Epochs until done or stopped; a checkpoint after each epoch and at a stop. Returns why it stopped
+    (None: every epoch done)."""
+    is_main = dist_utils.is_main()
     log = CsvLog(os.path.join(cfg.out_dir, "metrics.csv")) if is_main else None
     if log is not None:
-        log.truncate_after(iteration)
+        log.truncate_after(run.iteration)
     tb = tensorboard_writer(os.path.join(cfg.out_dir, "tb")) if is_main else None
-    extra = {"iters_per_epoch": iters_per_epoch, "world_size": world, "config": _plain_config(cfg)}
-    plan = recipe.describe_plan(model=model, pretrain_epochs=pretrain_epochs, epochs=cfg.epochs,
-                                iters_per_epoch=iters_per_epoch, batch_size=cfg.batch_size, world=world,
-                                optimizer=cfg.optimizer, lr=cfg.lr, warmup_iters=cfg.warmup_iters,
-                                warmup_factor=cfg.warmup_factor, lr_steps=cfg.lr_steps, gamma=cfg.gamma)
-    if is_main:
-        print("\n".join(plan), flush=True)
-
-    def save(ep: int) -> str | None:
-        if not is_main:
-            return None
-        # a non-finite lr or gradient can leave NaN weights behind a finite last loss: never save those
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise NonFiniteLossError(f"non-finite weights at iteration {iteration}; not saved. Training stopped; "
-                                     f"last good checkpoint: {last_good or 'none (no checkpoint was written yet)'}")
-        return save_checkpoint(
-            ckpt_path, arch=arch, label_map=label_map, model=model, optimizer=optimizer, scheduler=scheduler,
-            scaler=scaler, epoch=ep, iteration=iteration, rng=rng_state(), extra=extra,
-        )
-
     start = time.monotonic()
-    status = "done"
     stop_reason: str | None = None
-    last_good = resume_path  # the checkpoint a non-finite loss leaves in place
-    if is_main and resume_path is None and os.path.isfile(ckpt_path):
-        print(f"warning: starting a new run; {ckpt_path} of an earlier run will be overwritten (--resume continues it)")
-    if cfg.max_iters is not None and iteration >= cfg.max_iters:  # resumed at the cap: no step to take
+    if is_main and run.resume_path is None and os.path.isfile(run.ckpt_path):
+        print(f"warning: starting a new run; {run.ckpt_path} of an earlier run will be overwritten "
+              "(--resume continues it)")
+    if cfg.max_iters is not None and run.iteration >= cfg.max_iters:  # resumed at the cap: no step to take
         stop_reason = "max_iters"
     with _StopRequests() as stops:
-        while epoch < total_epochs and stop_reason is None:
-            phase = ""
-            if phases:
-                # a property of DynaMask models; nn.Module's __setattr__ is typed for tensors and modules only
-                model.mask_training = "pretrain" if epoch < pretrain_epochs else "dynamic"  # type: ignore[assignment]
-                phase = f" ({model.mask_training})"
-            offset = iteration - epoch * iters_per_epoch  # batches of this epoch already done (resume)
-            sampler.set_epoch(epoch)
-            sampler.start = offset * cfg.batch_size
-            seeded.epoch = epoch
-            ddp_model.train()
-            bar = tqdm(total=iters_per_epoch, initial=offset, desc=f"epoch {epoch + 1}/{total_epochs}{phase}",
-                       disable=not (is_main and cfg.progress), dynamic_ncols=True)
+        while run.epoch < run.total_epochs and stop_reason is None:
+            bar = _start_epoch(run, cfg, tqdm, is_main)
             t_last, n_last = time.monotonic(), 0
-            for images, targets in loader:
-                images = [im.to(device, non_blocking=True) for im in images]
-                targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                    loss_dict = ddp_model(images, targets)
-                loss = sum(loss_dict.values())
-                (nonfinite,) = dist_utils.all_reduce_max([float(not torch.isfinite(loss).item())], device)
-                if nonfinite:
-                    values = {k: float(v.detach()) for k, v in loss_dict.items()}
-                    kept = last_good or "none (no checkpoint was written yet)"
-                    raise NonFiniteLossError(
-                        f"non-finite loss at epoch {epoch + 1}, iteration {iteration + 1}: {values}. "
-                        f"Training stopped; last good checkpoint: {kept}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                iteration += 1
+            for images, targets in run.loader:
+                loss_dict, loss = _step(run, cfg, images, targets, device)
                 n_last += 1
                 bar.update(1)
-
-                last_of_epoch = iteration == (epoch + 1) * iters_per_epoch
-                if iteration % cfg.log_every == 0 or last_of_epoch:
+                last_of_epoch = run.iteration == (run.epoch + 1) * run.iters_per_epoch
+                if run.iteration % cfg.log_every == 0 or last_of_epoch:
                     values = {k: float(v.detach()) for k, v in loss_dict.items()}
                     values["loss"] = float(loss.detach())
                     values = dist_utils.all_reduce_mean(values, device)
                     now = time.monotonic()
-                    row = {"epoch": epoch + 1, "iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
-                           **values, "sec_per_iter": (now - t_last) / max(n_last, 1),
-                           "elapsed": now - start}
+                    row = {"epoch": run.epoch + 1, "iteration": run.iteration,
+                           "lr": run.optimizer.param_groups[0]["lr"], **values,
+                           "sec_per_iter": (now - t_last) / max(n_last, 1), "elapsed": now - start}
                     t_last, n_last = now, 0
                     if log is not None:
                         log.write(row)
                         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{row['lr']:.2g}")
                     if tb is not None:
                         for k, v in row.items():
-                            tb.add_scalar(f"train/{k}", v, iteration)
+                            tb.add_scalar(f"train/{k}", v, run.iteration)
                 if on_iteration is not None:
-                    on_iteration(iteration, {k: float(v.detach()) for k, v in loss_dict.items()})
-
-                # every process stops at the same step boundary
-                over_time = cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit
-                signalled, over_time = dist_utils.all_reduce_max(
-                    [float(stops.reason is not None), float(over_time)], device
-                )
-                stop = signalled or over_time
-
-                if stop:
-                    stop_reason = (stops.reason or "signal in another process") if signalled else "time limit"
-                elif cfg.max_iters is not None and iteration >= cfg.max_iters:
-                    stop_reason = "max_iters"
+                    on_iteration(run.iteration, {k: float(v.detach()) for k, v in loss_dict.items()})
+                stop_reason = _stop_reason(run, cfg, stops, start, device)
                 if stop_reason is not None:
                     break
             bar.close()
             if stop_reason is None:
-                epoch += 1
-            save(epoch)
-            last_good = ckpt_path
+                run.epoch += 1
+            _save(run, extra)
+            run.last_good = run.ckpt_path
             if is_main and stop_reason is not None and cfg.progress:
-                print(f"stopped ({stop_reason}) at epoch {epoch + 1}, iteration {iteration}; checkpoint {ckpt_path}")
-    if stop_reason is not None:
-        status = "stopped"
+                print(f"stopped ({stop_reason}) at epoch {run.epoch + 1}, iteration {run.iteration}; "
+                      f"checkpoint {run.ckpt_path}")
     if tb is not None:
         tb.close()
-    result: dict[str, Any] = {"status": status, "epoch": epoch, "iteration": iteration, "checkpoint": ckpt_path,
-                              "stop_reason": stop_reason, "plan": plan}
-    # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted);
-    # every process evaluates its share of the images, rank 0 gathers them and computes the metrics
-    if (status == "done" or stop_reason in ("time limit", "max_iters")) and cfg.val_ann:
-        from dynamask.data.lvis import LvisDetection, open_dataset
-        from dynamask.engine.evaluate import evaluate
-        from dynamask.engine.lvis_eval import lvis_available
+    return stop_reason
 
-        val = open_dataset(cfg.val_images, cfg.val_ann)
-        if isinstance(val, LvisDetection) and not lvis_available():
-            if is_main:
-                print(f"note: {cfg.val_ann} is an LVIS file, which is scored by the lvis package (pip install lvis); "
-                      f"not evaluated. Once it is installed: dynamask eval {ckpt_path} --lvis ...")
-        else:
-            dist_utils.broadcast_buffers(model)  # every shard evaluated with the checkpoint's statistics
-            metrics = evaluate(model, val, device=device, costs=cfg.mask_costs,
-                               out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress and is_main)
-            if is_main:
-                result["metrics"] = metrics
-    if dist_utils.is_distributed():
-        torch.distributed.barrier()
-    return result
+
+def _start_epoch(run: _Run, cfg: TrainConfig, tqdm, is_main: bool):
+    """The phase of this epoch, the sampler positioned (mid-epoch on resume), a progress bar."""
+    phase = ""
+    if run.phases:
+        # a property of DynaMask models; nn.Module's __setattr__ is typed for tensors and modules only
+        run.model.mask_training = "pretrain" if run.epoch < run.pretrain_epochs else "dynamic"  # type: ignore[assignment]
+        phase = f" ({run.model.mask_training})"
+    offset = run.iteration - run.epoch * run.iters_per_epoch  # batches of this epoch already done (resume)
+    run.sampler.set_epoch(run.epoch)
+    run.sampler.start = offset * cfg.batch_size
+    run.seeded.epoch = run.epoch
+    run.ddp_model.train()
+    return tqdm(total=run.iters_per_epoch, initial=offset, desc=f"epoch {run.epoch + 1}/{run.total_epochs}{phase}",
+                disable=not (is_main and cfg.progress), dynamic_ncols=True)
+
+
+def _stop_reason(run: _Run, cfg: TrainConfig, stops: _StopRequests, start: float, device: torch.device) -> str | None:
+    """Why to stop after this step, agreed by every process (they all stop at the same step boundary)."""
+    late = cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit
+    signalled, over_time = dist_utils.all_reduce_max([float(stops.reason is not None), float(late)], device)
+    if signalled or over_time:
+        return (stops.reason or "signal in another process") if signalled else "time limit"
+    if cfg.max_iters is not None and run.iteration >= cfg.max_iters:
+        return "max_iters"
+    return None
+
+
+def _evaluate_at_end(run: _Run, cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:
+    """Every process evaluates its share of the validation images; rank 0 gathers them and returns the
+    metrics (None elsewhere, or when an LVIS file cannot be scored here)."""
+    from dynamask.data.lvis import LvisDetection, open_dataset
+    from dynamask.engine.evaluate import evaluate
+    from dynamask.engine.lvis_eval import lvis_available
+
+    is_main = dist_utils.is_main()
+    if cfg.val_images is None or cfg.val_ann is None:  # check_val_data refuses one without the other
+        return None
+    val = open_dataset(cfg.val_images, cfg.val_ann)
+    if isinstance(val, LvisDetection) and not lvis_available():
+        if is_main:
+            print(f"note: {cfg.val_ann} is an LVIS file, which is scored by the lvis package (pip install lvis); "
+                  f"not evaluated. Once it is installed: dynamask eval {run.ckpt_path} --lvis ...")
+        return None
+    dist_utils.broadcast_buffers(run.model)  # every shard evaluated with the checkpoint's statistics
+    metrics = evaluate(run.model, val, device=device, costs=cfg.mask_costs,
+                       out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress and is_main)
+    return metrics if is_main else None
 
 
 def _plain_config(cfg: TrainConfig) -> dict[str, Any]:
