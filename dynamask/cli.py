@@ -19,34 +19,11 @@ from typing import Any
 
 from dynamask import cli_checks
 from dynamask.data.shapes import split_paths
-from dynamask.models.mask_losses import ROUTING_SIGNALS
-from dynamask.models.switch_input import SWITCH_INPUTS
+from dynamask.engine.train_flags import mask_costs
 
 
 class CliError(Exception):
     """A usage problem reported as ``dynamask: error: ...`` with exit status 2."""
-
-
-def _json_dict(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"depth\": 18}'")
-    return value
-
-
-def _costs(text: str) -> dict[int, float]:
-    """``14=0.23,28=0.52,56=0.85,112=1.29`` -> {14: 0.23, ...}"""
-    try:
-        costs = {int(k): float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected RES=GMAC pairs like 14=0.23,28=0.52, got {text!r}") from exc
-    bad = [f"{k}={v}" for k, v in costs.items() if k < 1 or not (v >= 0 and v != float("inf"))]
-    if bad or not costs:
-        raise argparse.ArgumentTypeError(f"resolutions must be >= 1 and costs finite and >= 0, got {text!r}")
-    return costs
 
 
 def _split_files(args: argparse.Namespace, split: str, images: str | None, ann: str | None) -> tuple[str, str]:
@@ -113,108 +90,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- train
 def _train_parser(sub) -> None:
     from dynamask.engine.train import TrainConfig
+    from dynamask.engine.train_flags import add_train_flags
 
-    d = TrainConfig("", "", "")
     p = sub.add_parser("train", help="train a model (DDP under torchrun)")
     p.add_argument("--data", help="dataset root made by `dynamask shapes` (train/ and val/ splits)")
-    p.add_argument("--train-images")
-    p.add_argument("--train-ann")
-    p.add_argument("--val-images", help="evaluate on this split when training ends")
-    p.add_argument("--val-ann")
-    p.add_argument("--out", required=True, help="run folder: checkpoints (last.pth), metrics.csv, eval/")
-    p.add_argument("--arch", default=d.arch, help=f"builder name (default {d.arch}); maskrcnn_resnet_fpn is the peer")
-    p.add_argument("--arch-kwargs", type=_json_dict, default={}, help="builder keyword arguments as JSON")
     p.add_argument("--recipe", choices=("paper",), default=None,
                    help="paper: the paper's ResNet-50-FPN COCO recipe (sizes 640-800/800, max 1333, ImageNet "
                         "backbone from --backbone-weights); flags given explicitly override it")
     p.add_argument("--backbone-weights", default=None, metavar="PATH",
                    help="ImageNet ResNet weights (a local torchvision state dict; nothing is downloaded). "
                         "--recipe paper default: $TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth")
-    p.add_argument("--epochs", type=int, default=d.epochs,
-                   help=f"dynamic epochs (mask switch trained), counted after --pretrain-epochs (default {d.epochs}); "
-                        "a model without the two phases trains this many epochs")
-    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
-                   help="epochs before the dynamic ones, every resolution supervised and no mask switch "
-                        f"(default {d.pretrain_epochs}): a run is pretrain + dynamic epochs, as the paper's 1 + 12")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per process")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=d.optimizer,
-                   help="sgd (default, with --momentum) or adamw (faster from random initialisation)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-iters", type=int, default=d.warmup_iters)
-    p.add_argument("--warmup-factor", type=float, default=d.warmup_factor)
-    p.add_argument("--lr-steps", type=int, nargs="*", default=list(d.lr_steps),
-                   help="lr x gamma after these dynamic epochs (default 8 11: after the pretrain epochs and 8 "
-                        "and 11 dynamic ones); the warm-up starts the run")
-    p.add_argument("--gamma", type=float, default=d.gamma)
-    p.add_argument("--clip-grad-norm", type=float, default=None)
-    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes per training process")
-    p.add_argument("--flip-prob", type=float, default=d.flip_prob)
-    p.add_argument("--resize", type=int, nargs=2, metavar=("LOW", "HIGH"),
-                   help="multi-scale training: the model draws the shorter side from LOW..HIGH per batch, and "
-                        "uses HIGH at test (paper: 640 800)")
-    p.add_argument("--max-size", type=int, default=None, help="cap of the longer side (the model's max_size)")
-    g = p.add_argument_group("DynaMask's method (the model's defaults, which are the paper's, unless given)")
-    g.add_argument("--target-gmacs", type=float, default=None,
-                   help="C_t, mask-head GMAC per RoI. Default: 0.4/1.40 of the head's top-resolution cost, the "
-                        "paper's 54%%-fewer-FLOPs setting (C_t 0.4 of its 1.40-GMAC head) rescaled to this head")
-    g.add_argument("--no-budget", action="store_true", help="no FLOPs budget term in the dynamic phase")
-    g.add_argument("--budget-weight", type=float, default=None, help="lambda2, weights budget and entropy (0.4)")
-    g.add_argument("--edge-weight", type=float, default=None, help="lambda1, weights the edge loss (0.1)")
-    g.add_argument("--gumbel-tau", type=float, default=None, help="Gumbel-softmax temperature (0.5)")
-    g.add_argument("--routing-signal", choices=ROUTING_SIGNALS, default=None,
-                   help="what the switch learns from: each resolution's loss against its own target (paper, the "
-                        "default), all scored by BCE on the finest grid (grid) or in a band around the outline "
-                        "(boundary), or by 1 - soft IoU on the finest grid (iou)")
-    g.add_argument("--decoupled", dest="coupled", action="store_const", const=False, default=None,
-                   help="the stages keep their own supervision in the dynamic phase and the switch learns from "
-                        "detached losses (default: coupled, the paper's Eq. 3)")
-    g.add_argument("--switch-input", choices=SWITCH_INPUTS, default=None,
-                   help="what the switch reads: the RoI feature (roi, the default), the trunk's output (trunk), or "
-                        "the trunk's output with its 14x14 mask and edge logits (mask)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--time-limit", type=float, default=None, help="minutes; then checkpoint and stop")
-    p.add_argument("--max-iters", type=int, default=None, help="stop (with a checkpoint) after this many iterations")
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a checkpoint (default OUT/last.pth)")
-    p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: this process's GPU, else cpu)")
-    p.add_argument("--mask-costs", type=_costs, default=None,
-                   help="per-resolution mask-head GMAC for the final evaluation, e.g. 14=0.23,28=0.52")
-    p.add_argument("--repeat-factor-sampling", type=float, nargs="?", const=0.001, default=None, metavar="THRESH",
-                   help="LVIS's repeat-factor sampling of images with rare categories (threshold default 0.001)")
-    p.add_argument("--no-progress", action="store_true")
+    add_train_flags(p, TrainConfig)  # every setting of a run, from TrainConfig's fields
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dynamask.engine.train import TrainConfig, train
+    from dynamask.engine.train_flags import config_kwargs
 
     _apply_recipe(args)
-    train_images, train_ann = _split_files(args, "train", args.train_images, args.train_ann)
+    kwargs = config_kwargs(args, TrainConfig)
+    kwargs["train_images"], kwargs["train_ann"] = _split_files(args, "train", args.train_images, args.train_ann)
     val_images, val_ann = args.val_images, args.val_ann
     if args.data and not (val_images and val_ann) and os.path.isfile(split_paths(args.data, "val")[1]):
-        val_images, val_ann = split_paths(args.data, "val")
-    cfg = TrainConfig(
-        train_images=train_images, train_ann=train_ann, out_dir=args.out, arch=args.arch,
-        arch_kwargs=args.arch_kwargs, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_iters=args.warmup_iters, warmup_factor=args.warmup_factor, lr_steps=tuple(args.lr_steps),
-        gamma=args.gamma, clip_grad_norm=args.clip_grad_norm, amp=not args.no_amp, workers=args.workers,
-        flip_prob=args.flip_prob, resize=tuple(args.resize) if args.resize else None, max_size=args.max_size,
-        seed=args.seed, time_limit=None if args.time_limit is None else 60.0 * args.time_limit,
-        max_iters=args.max_iters, log_every=args.log_every, resume=args.resume, device=args.device,
-        progress=not args.no_progress, val_images=val_images, val_ann=val_ann, budget=not args.no_budget,
-        target_gmacs=args.target_gmacs, budget_weight=args.budget_weight, edge_weight=args.edge_weight,
-        gumbel_tau=args.gumbel_tau, routing_signal=args.routing_signal, coupled=args.coupled,
-        switch_input=args.switch_input,
-        mask_costs=args.mask_costs,  # None: a DynaMask model's own (dynamask.flops.HeadCosts)
-        repeat_factor_threshold=args.repeat_factor_sampling,
-    )
-    result = train(cfg)
+        kwargs["val_images"], kwargs["val_ann"] = split_paths(args.data, "val")
+    result = train(TrainConfig(**kwargs))
     if _launch_rank() == 0:  # train() has closed the process group by now: torchrun's RANK says who speaks
         print(
             f"{result['status']}: epoch {result['epoch']}, iteration {result['iteration']}, "
@@ -278,7 +178,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=cli_checks.positive_int, default=1)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--mask-costs", type=_costs, default=None, help="e.g. 14=0.23,28=0.52,56=0.85,112=1.29")
+    p.add_argument("--mask-costs", type=mask_costs, default=None, help="e.g. 14=0.23,28=0.52,56=0.85,112=1.29")
     p.add_argument("--no-boundary", action="store_true", help="skip Boundary AP")
     p.add_argument("--lvis", action="store_true",
                    help="an LVIS file, scored by LVIS's rules (AP, APr/APc/APf; needs `pip install lvis`)")

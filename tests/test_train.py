@@ -395,3 +395,29 @@ def test_cli_routing_flags_reach_the_train_config(shapes, tmp_path, monkeypatch)
                                                                             (None, None, None)]
     with pytest.raises(SystemExit):
         main(common + ["--switch-input", "p2"])
+
+
+def test_every_train_setting_has_one_flag_and_the_defaults_round_trip(tmp_path):
+    """The CLI's flags are generated from TrainConfig: every field has one, the parsed defaults give back
+    TrainConfig's defaults, and a flag's value lands in its field (units and types converted)."""
+    import dataclasses
+
+    from dynamask.cli import build_parser
+    from dynamask.engine.train import TrainConfig
+    from dynamask.engine.train_flags import config_kwargs
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--out", str(tmp_path)])
+    kw = config_kwargs(args, TrainConfig)
+    assert set(kw) == {f.name for f in dataclasses.fields(TrainConfig)}
+    kw.update(train_images="i", train_ann="a")
+    assert TrainConfig(**kw) == TrainConfig("i", "a", str(tmp_path))
+    args = parser.parse_args(["train", "--out", "o", "--time-limit", "1.5", "--lr-steps", "3", "4", "--resize",
+                              "600", "800", "--no-amp", "--no-budget", "--decoupled", "--resume",
+                              "--repeat-factor-sampling", "--mask-costs", "14=0.2,28=0.5", "--optimizer", "adamw"])
+    kw = config_kwargs(args, TrainConfig)
+    assert (kw["out_dir"], kw["time_limit"], kw["lr_steps"], kw["resize"]) == ("o", 90.0, (3, 4), (600, 800))
+    assert (kw["amp"], kw["budget"], kw["coupled"], kw["resume"]) == (False, False, False, "auto")
+    assert (kw["repeat_factor_threshold"], kw["mask_costs"], kw["optimizer"]) == (0.001, {14: 0.2, 28: 0.5}, "adamw")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--out", "o", "--optimizer", "adam"])

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
 
 import torch
@@ -41,56 +41,88 @@ from dynamask.engine.checkpoint import (
     unwrap,
 )
 from dynamask.engine.metrics_log import CsvLog, tensorboard_writer
+from dynamask.engine.train_flags import json_dict, option
+from dynamask.engine.train_flags import mask_costs as parse_mask_costs
+from dynamask.models.mask_losses import ROUTING_SIGNALS
+from dynamask.models.switch_input import SWITCH_INPUTS
+
+METHOD = "DynaMask's method (the model's defaults, which are the paper's, unless given)"
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Iteration counts are per process; ``batch_size`` is per process."""
+    """Everything a training run needs. Iteration counts are per process; ``batch_size`` is per process.
 
-    train_images: str
-    train_ann: str
-    out_dir: str
-    arch: str = "dynamask_resnet_fpn"
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # num_classes is filled from the data if absent
-    epochs: int = 12  # dynamic epochs (after the pretrain epochs); all epochs of a model without the phases
-    pretrain_epochs: int = 1  # epochs before those with every resolution supervised (mask_training "pretrain")
-    batch_size: int = 2
-    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: Adam with decoupled decay (momentum unused)
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 500
-    warmup_factor: float = 0.001
-    lr_steps: tuple[int, ...] = (8, 11)  # dynamic epochs after which the lr is multiplied by gamma
-    gamma: float = 0.1
-    clip_grad_norm: float | None = None
-    amp: bool = True  # mixed precision; only on CUDA
-    workers: int = 2
-    flip_prob: float = 0.5
-    resize: tuple[int, int] | None = None  # multi-scale: the model draws the shorter side from LOW..HIGH; HIGH at test
-    max_size: int | None = None  # the model's cap on the longer side
+    Each field is declared with its ``dynamask train`` flag (:mod:`dynamask.engine.train_flags`).
+    """
+
+    train_images: str = option(help="folder of the training images (or --data)")
+    train_ann: str = option(help="COCO (or LVIS) annotation file of the training images (or --data)")
+    out_dir: str = option(help="run folder: checkpoints (last.pth), metrics.csv, eval/", option="--out",
+                          required=True, metavar="OUT")
+    arch: str = option("dynamask_resnet_fpn", "builder name (default dynamask_resnet_fpn); maskrcnn_resnet_fpn "
+                       "is the peer")
+    # num_classes is filled from the data if absent
+    arch_kwargs: dict[str, Any] = option(factory=dict, help="builder keyword arguments as JSON", type=json_dict)
+    epochs: int = option(12, "dynamic epochs (mask switch trained), counted after --pretrain-epochs (default 12); "
+                         "a model without the two phases trains this many epochs")
+    pretrain_epochs: int = option(1, "epochs before the dynamic ones, every resolution supervised and no mask "
+                                  "switch (default 1): a run is pretrain + dynamic epochs, as the paper's 1 + 12")
+    batch_size: int = option(2, "images per process")
+    optimizer: Literal["sgd", "adamw"] = option("sgd", "sgd (default, with --momentum) or adamw (faster from "
+                                                "random initialisation)")
+    lr: float = option(0.02)
+    momentum: float = option(0.9)
+    weight_decay: float = option(1e-4)
+    warmup_iters: int = option(500)
+    warmup_factor: float = option(0.001)
+    lr_steps: tuple[int, ...] = option((8, 11), "lr x gamma after these dynamic epochs (default 8 11: after the "
+                                       "pretrain epochs and 8 and 11 dynamic ones); the warm-up starts the run")
+    gamma: float = option(0.1)
+    clip_grad_norm: float | None = option(None)
+    amp: bool = option(True, "no mixed precision on CUDA")  # mixed precision; only on CUDA
+    workers: int = option(2, "data-loading processes per training process")
+    flip_prob: float = option(0.5)
+    resize: tuple[int, int] | None = option(None, "multi-scale training: the model draws the shorter side from "
+                                            "LOW..HIGH per batch, and uses HIGH at test (paper: 640 800)",
+                                            metavar=("LOW", "HIGH"))
+    max_size: int | None = option(None, "cap of the longer side (the model's max_size)")
     # DynaMask's method (None: the model's default; see dynamask.engine.recipe). The budget is on unless
     # budget=False; its default C_t is the paper's 54%-fewer-FLOPs setting rescaled to this head.
-    budget: bool = True
-    target_gmacs: float | None = None  # C_t, GMAC per RoI
-    budget_weight: float | None = None  # lambda2 (0.4)
-    edge_weight: float | None = None  # lambda1 (0.1)
-    gumbel_tau: float | None = None  # tau (0.5)
-    # what the switch learns from and reads (dynamask.models.mask_losses / switch_input); None: the default
-    routing_signal: str | None = None  # "paper" | "grid" | "boundary"
-    coupled: bool | None = None  # False: the stages keep their own supervision, the switch learns detached
-    switch_input: str | None = None  # "roi" | "trunk" | "mask"
-    seed: int = 0
-    time_limit: float | None = None  # seconds of training in this run; then checkpoint and stop
-    max_iters: int | None = None  # stop (with a checkpoint) after this many iterations in total
-    log_every: int = 20
-    resume: str | None = None  # a checkpoint path, or "auto" for OUT_DIR/last.pth
-    device: str | None = None  # default: cuda:LOCAL_RANK when available, else cpu
-    progress: bool = True
-    val_images: str | None = None  # evaluate on this split at the end (rank 0)
-    val_ann: str | None = None
-    mask_costs: dict[int, float] | None = None  # per-resolution mask-head GMAC for the evaluation report
-    repeat_factor_threshold: float | None = None  # LVIS's repeat-factor sampling (0.001 is LVIS's); None: off
+    target_gmacs: float | None = option(
+        None, "C_t, mask-head GMAC per RoI. Default: 0.4/1.40 of the head's top-resolution cost, the paper's "
+        "54%%-fewer-FLOPs setting (C_t 0.4 of its 1.40-GMAC head) rescaled to this head", group=METHOD)
+    budget: bool = option(True, "no FLOPs budget term in the dynamic phase", group=METHOD)
+    budget_weight: float | None = option(None, "lambda2, weights budget and entropy (0.4)", group=METHOD)
+    edge_weight: float | None = option(None, "lambda1, weights the edge loss (0.1)", group=METHOD)
+    gumbel_tau: float | None = option(None, "Gumbel-softmax temperature (0.5)", group=METHOD)
+    routing_signal: str | None = option(
+        None, "what the switch learns from: each resolution's loss against its own target (paper, the default), "
+        "all scored by BCE on the finest grid (grid) or in a band around the outline (boundary), or by 1 - soft "
+        "IoU on the finest grid (iou)", group=METHOD, choices=ROUTING_SIGNALS)
+    coupled: bool | None = option(
+        None, "the stages keep their own supervision in the dynamic phase and the switch learns from detached "
+        "losses (default: coupled, the paper's Eq. 3)", group=METHOD, option="--decoupled",
+        action="store_const", const=False)
+    switch_input: str | None = option(
+        None, "what the switch reads: the RoI feature (roi, the default), the trunk's output (trunk), or the "
+        "trunk's output with its 14x14 mask and edge logits (mask)", group=METHOD, choices=SWITCH_INPUTS)
+    seed: int = option(0)
+    # seconds of training in this run; then checkpoint and stop (the flag is in minutes)
+    time_limit: float | None = option(None, "minutes; then checkpoint and stop", scale=60.0, metavar="MINUTES")
+    max_iters: int | None = option(None, "stop (with a checkpoint) after this many iterations")
+    log_every: int = option(20)
+    resume: str | None = option(None, "continue from a checkpoint (default OUT/last.pth)", nargs="?", const="auto")
+    device: str | None = option(None, "e.g. cpu or cuda:0 (default: this process's GPU, else cpu)")
+    progress: bool = option(True, "no progress bars")
+    val_images: str | None = option(None, "evaluate on this split when training ends")
+    val_ann: str | None = option(None)
+    mask_costs: dict[int, float] | None = option(
+        None, "per-resolution mask-head GMAC for the final evaluation, e.g. 14=0.23,28=0.52 (default: a DynaMask "
+        "model's own)", type=parse_mask_costs)
+    repeat_factor_threshold: float | None = option(
+        None, "LVIS's repeat-factor sampling of images with rare categories (threshold default 0.001)",
+        option="--repeat-factor-sampling", type=float, nargs="?", const=0.001, metavar="THRESH")
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
