@@ -21,14 +21,11 @@ def _msm(rows):
 def model_defaults() -> dict[str, Any]:
     """The routing options a DynaMask model trains with when none is given (read from the RoI heads' own
     defaults, so that the report follows the library)."""
-    import inspect
+    from dynamask.models.roi_heads import MASK_DEFAULTS as d
 
-    from dynamask.models.roi_heads import DynaMaskRoIHeads
-
-    p = inspect.signature(DynaMaskRoIHeads.__init__).parameters
-    mode = "coupled" if p["coupled"].default else "decoupled"
-    return {"routing_loss": f"{p['routing_signal'].default}-{mode}", "switch_input": p["switch_input"].default,
-            "gumbel_tau": p["gumbel_tau"].default, "budget_weight": p["budget_weight"].default}
+    mode = "coupled" if d.coupled else "decoupled"
+    return {"routing_loss": f"{d.routing_signal}-{mode}", "switch_input": d.switch_input,
+            "gumbel_tau": d.gumbel_tau, "budget_weight": d.budget_weight}
 
 
 def default_switch(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

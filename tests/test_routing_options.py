@@ -213,3 +213,19 @@ def test_maskrcnn_head_gmacs_by_hand():
                             box_representation_size=64, min_size=64, max_size=64)
     by_hand = (32 * 16 * 9 + 3 * 16 * 16 * 9) * 14 * 14 + 16 * 16 * 4 * 14 * 14 + 16 * 8 * 28 * 28
     assert flops.maskrcnn_mask_head_gmacs(m) == pytest.approx(by_hand / 1e9, rel=1e-12)
+
+
+def test_mask_branch_defaults_are_declared_once():
+    """The detector and its RoI heads take the mask branch's defaults from one MaskBranchDefaults."""
+    import dataclasses
+    import inspect
+
+    from dynamask.models.detector import DynaMaskRCNN
+    from dynamask.models.roi_heads import MASK_DEFAULTS, DynaMaskRoIHeads
+
+    for cls in (DynaMaskRCNN, DynaMaskRoIHeads):
+        params = inspect.signature(cls.__init__).parameters
+        for f in dataclasses.fields(MASK_DEFAULTS):
+            assert params[f.name].default == getattr(MASK_DEFAULTS, f.name), (cls.__name__, f.name)
+    heads = tiny_model().roi_heads
+    assert (heads.routing_signal, heads.coupled, heads.switch_input) == ("paper", True, "roi")  # the paper's

@@ -23,7 +23,7 @@ from dynamask.models import mask_inference, mask_losses
 from dynamask.models.inputs import check_images, check_targets
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
-from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
+from dynamask.models.roi_heads import MASK_DEFAULTS, DynaMaskRoIHeads, MultiLevelRoIPool
 from dynamask.models.switch_input import switch_channels
 
 DEFAULT_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
@@ -80,10 +80,14 @@ class DynaMaskRCNN(GeneralizedRCNN):
                  # mask branch
                  roi_canonical_scale: float = 224.0,
                  mask_head: DynaMaskHead | None = None, msm: MaskSwitchModule | None = None,
-                 edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
-                 gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
-                 mask_training: str = "pretrain", mask_rois_per_image: int | None = None,
-                 routing_signal: mask_losses.RoutingSignal = "paper", coupled: bool = True, switch_input: str = "roi",
+                 # defaults declared once, in roi_heads.MaskBranchDefaults
+                 edge_weight: float = MASK_DEFAULTS.edge_weight, budget_weight: float = MASK_DEFAULTS.budget_weight,
+                 target_gmacs: float | None = MASK_DEFAULTS.target_gmacs, gumbel_tau: float = MASK_DEFAULTS.gumbel_tau,
+                 mask_policy: mask_inference.Policy = MASK_DEFAULTS.mask_policy,
+                 mask_training: str = MASK_DEFAULTS.mask_training,
+                 mask_rois_per_image: int | None = MASK_DEFAULTS.mask_rois_per_image,
+                 routing_signal: mask_losses.RoutingSignal = MASK_DEFAULTS.routing_signal,
+                 coupled: bool = MASK_DEFAULTS.coupled, switch_input: str = MASK_DEFAULTS.switch_input,
                  **kwargs) -> None:
         out_channels: int = cast(int, backbone.out_channels)  # torchvision's backbones declare it
         check_kwargs(kwargs, valid_kwargs(), where=type(self).__name__)  # a typo would pass to the transform

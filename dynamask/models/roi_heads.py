@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -85,6 +86,26 @@ class MultiLevelRoIPool(nn.Module):
                                         aligned=self.aligned, levels=self.roi_levels(rois, scales))
 
 
+@dataclass(frozen=True)
+class MaskBranchDefaults:
+    """The mask branch's settings when none is given, declared once for :class:`DynaMaskRoIHeads` and
+    :class:`~dynamask.models.detector.DynaMaskRCNN` (the paper's λ1, λ2, τ; no budget; Eq. 3 routing)."""
+
+    edge_weight: float = 0.1
+    budget_weight: float = 0.4
+    target_gmacs: float | None = None
+    gumbel_tau: float = 0.5
+    mask_policy: str = "msm"
+    mask_training: str = "pretrain"
+    mask_rois_per_image: int | None = None
+    routing_signal: mask_losses.RoutingSignal = "paper"
+    coupled: bool = True
+    switch_input: str = "roi"
+
+
+MASK_DEFAULTS = MaskBranchDefaults()
+
+
 class DynaMaskRoIHeads(RoIHeads):
     """torchvision's box branch + DynaMask's mask branch (dual-level FPN head, MSM, dispatcher).
 
@@ -117,11 +138,13 @@ class DynaMaskRoIHeads(RoIHeads):
                  positive_fraction: float, bbox_reg_weights: tuple[float, float, float, float] | None,
                  score_thresh: float, nms_thresh: float, detections_per_img: int,
                  mask_head: DynaMaskHead, msm: MaskSwitchModule, mask_roi_pool: MultiLevelRoIPool,
-                 edge_weight: float = 0.1, budget_weight: float = 0.4, target_gmacs: float | None = None,
-                 gumbel_tau: float = 0.5, mask_policy: mask_inference.Policy = "msm",
-                 mask_training: str = "pretrain", mask_rois_per_image: int | None = None,
-                 routing_signal: mask_losses.RoutingSignal = "paper", coupled: bool = True,
-                 switch_input: str = "roi") -> None:
+                 edge_weight: float = MASK_DEFAULTS.edge_weight, budget_weight: float = MASK_DEFAULTS.budget_weight,
+                 target_gmacs: float | None = MASK_DEFAULTS.target_gmacs, gumbel_tau: float = MASK_DEFAULTS.gumbel_tau,
+                 mask_policy: mask_inference.Policy = MASK_DEFAULTS.mask_policy,
+                 mask_training: str = MASK_DEFAULTS.mask_training,
+                 mask_rois_per_image: int | None = MASK_DEFAULTS.mask_rois_per_image,
+                 routing_signal: mask_losses.RoutingSignal = MASK_DEFAULTS.routing_signal,
+                 coupled: bool = MASK_DEFAULTS.coupled, switch_input: str = MASK_DEFAULTS.switch_input) -> None:
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
                          detections_per_img)
