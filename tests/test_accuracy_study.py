@@ -105,3 +105,20 @@ def test_a_variant_added_later_trains_and_evaluates_only_itself(study, tmp_path)
     # anything but the variant lists changed is still refused
     with pytest.raises(SystemExit, match="another configuration"):
         accuracy.Study(accuracy.replace(grown, lr=1e-3), str(work), progress=False)
+
+
+def test_split_runs_the_maskrcnn_row_in_a_second_process(study, tmp_path):
+    """--split: the Mask R-CNN row comes from a second process (its own folder) and is copied in, with
+    its timings; the rows are those of the one-process run."""
+    accuracy, out = study
+    split = tmp_path / "split"
+    threads = torch.get_num_threads()
+    try:
+        assert accuracy.main(["--quick", "--split", "--out", str(split), "--no-progress", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (split / "maskrcnn" / "rows" / "maskrcnn-28.json").exists()
+    assert sorted(os.listdir(split / "rows")) == sorted(os.listdir(out / "rows"))
+    assert {"maskrcnn-pretrain", "maskrcnn"} <= set(json.load(open(split / "meta.json"))["timings"])
+    row = json.load(open(split / "rows" / "maskrcnn-28.json"))
+    assert row["policy"] == "maskrcnn" and isinstance(row["segm_ap"], float)
