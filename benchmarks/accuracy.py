@@ -91,7 +91,7 @@ class StudyConfig:
     lr: float = 5e-4  # AdamW; the phases after the pretrain run at lr / 10, the switch at lr
     warmup: int = 100
     # Measured (stop 14, Intel Xeon 2.8 GHz, AVX-512): pretrain 1.47 s/it at 2 threads on a quiet machine
-    # (37 min); then at 1 thread: base 2.0 s/it (10 min), the 26 frozen-model switches together 0.72 s/it
+    # (37 min); then at 1 thread: base 2.0 s/it (10 min), the 21 frozen-model switches together 0.72 s/it
     # (3.6 min), the base model's evaluation 6 min, a coupled row 1.7-2.2 s/it (8-11 min + 1 min
     # evaluation); Mask R-CNN 1.25-1.5 s/it (38 min in all) in a second process (--part maskrcnn). So
     # about 37 + 20 + 5 x 11 = 112 min on 2 cores with the Mask R-CNN row beside the DynaMask ones.
