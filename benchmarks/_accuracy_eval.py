@@ -89,7 +89,7 @@ def evaluate_policies(model: nn.Module, dataset, *, costs: Mapping[int, float],
         images, features, det = detect(model, image)
         boxes = det["boxes"]
         probs, choices = head_outputs(model, features, [boxes], images.image_sizes,
-                                      {name: sw for name, (sw, _) in switches.items()})
+                                      {name: sw for name, (sw, _) in switches.items()}, [det["labels"]])
         n = boxes.shape[0]
         policies: dict[str, Tensor] = dict(choices)
         if fixed:

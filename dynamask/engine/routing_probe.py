@@ -51,14 +51,15 @@ def mask_iou_top_grid(probs: Sequence[Tensor], target_top: Tensor, threshold: fl
 
 @torch.no_grad()
 def head_outputs(model: DynaMaskRCNN, features: dict[str, Tensor], boxes: list[Tensor],
-                 image_sizes: list[tuple[int, int]], switches: Mapping[str, Switch] | None = None
-                 ) -> tuple[list[Tensor], dict[str, Tensor]]:
+                 image_sizes: list[tuple[int, int]], switches: Mapping[str, Switch] | None = None,
+                 labels: list[Tensor] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Mask probabilities at every resolution and each switch's choice, for boxes in the input frame.
 
     Args:
         model: a DynaMask detector (``model.roi_heads`` a ``DynaMaskRoIHeads``), in eval mode.
         features: the backbone's output on the batch. boxes: per image ``[n_i, 4]``.
         switches: name → (MSM, "roi" | "trunk" | "mask"); None: the model's own switch as ``"msm"``.
+        labels: per image ``[n_i]`` the boxes' classes (needed by a class-specific head).
 
     Returns:
         ``(probs, choices)``: K tensors ``[R, S_k, S_k]`` (R = Σ n_i, image-major) and name → ``[R]`` int64.
@@ -72,7 +73,8 @@ def head_outputs(model: DynaMaskRCNN, features: dict[str, Tensor], boxes: list[T
         empty = [roi_features.new_zeros((0, s, s)) for s in head.resolutions]
         return empty, {name: torch.zeros(0, dtype=torch.int64) for name in switches}
     trunk = head.trunk(roi_features)
-    logits, _ = head.forward_train(roi_features, levels, scales, rois, trunk)
+    cls = torch.cat(labels) if labels is not None and head.mask_classes > 1 else None
+    logits, _ = head.forward_train(roi_features, levels, scales, rois, trunk, cls)
     choices = {}
     for name, (msm, reads) in switches.items():
         choices[name] = msm(switch_view(reads, head, roi_features, trunk)).argmax(dim=1)
@@ -103,7 +105,7 @@ def gt_box_routing(model: DynaMaskRCNN, dataset, *, switches: Mapping[str, Switc
         images, targets = model.transform([image.to(device)], [{k: v.to(device) for k, v in target.items()}])
         features = model.backbone(images.tensors)
         boxes = [targets[0]["boxes"]]
-        probs, ch = head_outputs(model, features, boxes, images.image_sizes, switches)
+        probs, ch = head_outputs(model, features, boxes, images.image_sizes, switches, [targets[0]["labels"]])
         n = boxes[0].shape[0]
         top = mask_losses.mask_targets([targets[0]["masks"]], boxes, [torch.arange(n, device=boxes[0].device)],
                                        [head.resolutions[-1]])[0]

@@ -101,7 +101,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
                         torchvision_weights: str | os.PathLike | StateDict | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
                         mask_roi_size: int = 14, fpn_channels: int = 256, fpn_norm: bool = False,
-                        frozen_bn: bool | None = None, **kwargs: Any) -> DynaMaskRCNN:
+                        frozen_bn: bool | None = None, class_specific_masks: bool = False,
+                        **kwargs: Any) -> DynaMaskRCNN:
     """A DynaMask detector on a ResNet-{18, 34, 50, 101} FPN.
 
     Args:
@@ -122,6 +123,9 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
         frozen_bn: FrozenBatchNorm in the backbone and 3 trainable layers by default, as with weights
             (None: only when weights are given). A model trained from ImageNet weights records True in its
             checkpoint, so that it rebuilds without the weights file.
+        class_specific_masks: one mask channel per class at every resolution, picked by each RoI's label
+            (Mask R-CNN's predictor); False (the default, docs/method.md §3): class-agnostic masks. Costs
+            ``(num_classes - 1) · C_k · S_k²`` MACs more per RoI at resolution k.
         **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (``min_size``, ``max_size``,
             ``box_score_thresh``, ``rpn_*``, ``edge_weight``, ``budget_weight``, ``target_gmacs``,
             ``gumbel_tau``, ``mask_policy``, ``routing_signal``, ``coupled``, ``switch_input``, ...).
@@ -145,10 +149,11 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
         raise ValueError("fpn_norm=True has no torchvision weights to import (torchvision's FPN has no norm)")
     backbone = _resnet_fpn(body, trainable, fpn_channels, fpn_norm)
     head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
-                        stage_channels=tuple(stage_channels), roi_size=mask_roi_size)
+                        stage_channels=tuple(stage_channels), roi_size=mask_roi_size,
+                        mask_classes=num_classes if class_specific_masks else 1)
     # the switch reads the RoI feature (FPN width) or the trunk's output (trunk width); see DynaMaskRoIHeads
     width = switch_channels(kwargs.get("switch_input", "roi"), fpn_channels=backbone.out_channels,
-                            trunk_channels=trunk_channels)
+                            trunk_channels=trunk_channels, mask_classes=head.mask_classes)
     msm = MaskSwitchModule(in_channels=width, in_size=mask_roi_size)
     model = DynaMaskRCNN(backbone, num_classes, mask_head=head, msm=msm, **kwargs)
     if torchvision_weights is not None and weights is None:

@@ -14,7 +14,10 @@ Layers at the default widths (C_k = 256, 128, 64, 32 at S_k = 14, 28, 56, 112; d
   - ``fam[s]``: :class:`~dynamask.models.fam.FeatureAggregation` on (upsampled L, P̃).
 
 - ``mask_predictors[k]`` / ``edge_predictors[k]``: Conv2d C_k→1 1×1 at every resolution,
-  class-agnostic. Edge predictors are used in training only.
+  class-agnostic (docs/method.md §3). Edge predictors are used in training only. With
+  ``mask_classes = M > 1`` the mask predictors are class-specific (C_k→M, as Mask R-CNN's) and each RoI's
+  mask is its label's channel: on data where one object's box holds another (a ring around a disk), a
+  class-agnostic mask cannot tell which of the two it is asked for (benchmarks/results/accuracy_cpu.md).
 
 At inference the RoIs come sorted by descending chosen resolution (the dispatcher), so stage s runs on
 the contiguous prefix of RoIs that need it, and each RoI's mask predictor runs at its own resolution only.
@@ -42,8 +45,8 @@ def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
     return conv
 
 
-def _predictor(cin: int) -> nn.Conv2d:
-    conv = nn.Conv2d(cin, 1, 1)
+def _predictor(cin: int, cout: int = 1) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, 1)
     nn.init.normal_(conv.weight, std=0.001)
     if conv.bias is not None:  # always, as built here; the check tells mypy
         nn.init.zeros_(conv.bias)
@@ -61,14 +64,20 @@ class DynaMaskHead(nn.Module):
         stage_levels: for each stage, the index of the i-FPN level it fuses in the feature list
             ``[P2, P3, P4, P5]`` (2, 1, 0 = P4, P3, P2).
         roi_size: side of the RoI feature (14); each stage doubles it.
+        mask_classes: output channels of the mask predictors: 1 (class-agnostic, the default) or the
+            detector's number of classes (background included, torchvision's convention), in which case
+            every forward needs each RoI's label.
     """
 
     def __init__(self, *, in_channels: int = 256, trunk_channels: int = 256, num_trunk_convs: int = 2,
                  stage_channels: Sequence[int] = (128, 64, 32), stage_levels: Sequence[int] = (2, 1, 0),
-                 roi_size: int = 14) -> None:
+                 roi_size: int = 14, mask_classes: int = 1) -> None:
         super().__init__()
         if len(stage_channels) != len(stage_levels):
             raise ValueError("stage_channels and stage_levels must have one entry per stage")
+        if mask_classes < 1:
+            raise ValueError(f"mask_classes must be >= 1, got {mask_classes}")
+        self.mask_classes = int(mask_classes)
         self.in_channels = in_channels
         self.stage_levels = tuple(int(level) for level in stage_levels)
         self.resolutions = tuple(roi_size * 2**k for k in range(len(stage_channels) + 1))
@@ -84,12 +93,30 @@ class DynaMaskHead(nn.Module):
                                     for s in range(1, len(self.channels)))
         self.project = nn.ModuleList(_conv(in_channels, c, 1) for c in self.channels[1:])
         self.fam = nn.ModuleList(FeatureAggregation(channels=c) for c in self.channels[1:])
-        self.mask_predictors = nn.ModuleList(_predictor(c) for c in self.channels)
+        self.mask_predictors = nn.ModuleList(_predictor(c, self.mask_classes) for c in self.channels)
         self.edge_predictors = nn.ModuleList(_predictor(c) for c in self.channels)
 
     @property
     def num_resolutions(self) -> int:
         return len(self.resolutions)
+
+    def check_labels(self, labels: Tensor | None, num_rois: int) -> None:
+        """A class-specific head needs one label per RoI (``[R]`` integers in ``[0, mask_classes)``)."""
+        if self.mask_classes == 1:
+            return
+        if labels is None:
+            raise ValueError(f"this mask head is class-specific ({self.mask_classes} classes): pass each RoI's label")
+        if labels.shape != (num_rois,) or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be [{num_rois}] int64, got {tuple(labels.shape)} {labels.dtype}")
+
+    def predict(self, k: int, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Mask logits of resolution k: x ``[R, C_k, S_k, S_k]``, labels ``[R]`` (class-specific heads)
+        → ``[R, S_k, S_k]``."""
+        logits = self.mask_predictors[k](x)
+        if self.mask_classes == 1:
+            return logits[:, 0]
+        assert labels is not None  # check_labels ran
+        return logits[torch.arange(x.shape[0], device=x.device), labels.to(torch.int64)]
 
     def stage_features(self, roi_features: Tensor, features: Sequence[Tensor], spatial_scales: Sequence[float],
                        rois: Tensor, reach: Sequence[int], trunk: Tensor | None = None) -> list[Tensor]:
@@ -136,25 +163,29 @@ class DynaMaskHead(nn.Module):
         return outs
 
     def forward_train(self, roi_features: Tensor, features: Sequence[Tensor], spatial_scales: Sequence[float],
-                      rois: Tensor, trunk: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+                      rois: Tensor, trunk: Tensor | None = None,
+                      labels: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """All resolutions for every RoI (training: every ℓ_k is needed). ``trunk``: see :meth:`stage_features`.
+        ``labels``: ``[R]`` each RoI's class, needed by a class-specific head (``mask_classes > 1``).
 
         Returns:
             ``(mask_logits, edge_logits)``: K tensors each, entry k ``[R, S_k, S_k]``.
         """
         r = roi_features.shape[0]
+        self.check_labels(labels, r)
         outs = self.stage_features(roi_features, features, spatial_scales, rois, [r] * self.num_resolutions, trunk)
-        masks = [p(x)[:, 0] for p, x in zip(self.mask_predictors, outs)]
+        masks = [self.predict(k, x, labels) for k, x in enumerate(outs)]
         edges = [p(x)[:, 0] for p, x in zip(self.edge_predictors, outs)]
         return masks, edges
 
     def forward_dispatched(self, roi_features: Tensor, features: Sequence[Tensor],
                            spatial_scales: Sequence[float], rois: Tensor, counts: Sequence[int],
-                           trunk: Tensor | None = None) -> list[Tensor]:
+                           trunk: Tensor | None = None, labels: Tensor | None = None) -> list[Tensor]:
         """Inference on RoIs sorted by descending chosen resolution (``dynamask.ops.group_by_resolution``).
 
         Args:
             roi_features, rois: in sorted order (``[R, 256, 14, 14]``, ``[R, 5]``).
+            labels: ``[R]`` classes in sorted order (class-specific heads only).
             counts: K ints, ``counts[k]`` = number of RoIs routed to resolution k.
             trunk: the trunk's output in sorted order, if already computed (see :meth:`stage_features`).
 
@@ -163,6 +194,8 @@ class DynaMaskHead(nn.Module):
             sorted order (rows ``reach[k+1] : reach[k]``).
         """
         counts = [int(c) for c in counts]
+        self.check_labels(labels, roi_features.shape[0])
         reach = [sum(counts[k:]) for k in range(self.num_resolutions)] + [0]
         outs = self.stage_features(roi_features, features, spatial_scales, rois, reach[:-1], trunk)
-        return [self.mask_predictors[k](outs[k][reach[k + 1]:])[:, 0] for k in range(self.num_resolutions)]
+        return [self.predict(k, outs[k][reach[k + 1]:], None if labels is None else labels[reach[k + 1]:reach[k]])
+                for k in range(self.num_resolutions)]

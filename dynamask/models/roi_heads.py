@@ -211,7 +211,8 @@ class DynaMaskRoIHeads(RoIHeads):
             pos = [self._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
             mask_proposals = [p[i] for p, i in zip(proposals, pos)]
             pos_matched = [m[i] for m, i in zip(matched_idxs, pos)]
-            losses.update(self.mask_losses(features, mask_proposals, pos_matched, image_shapes, targets))
+            pos_labels = torch.cat([lab[i] for lab, i in zip(labels, pos)])
+            losses.update(self.mask_losses(features, mask_proposals, pos_matched, image_shapes, targets, pos_labels))
             return [], losses
 
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
@@ -239,13 +240,16 @@ class DynaMaskRoIHeads(RoIHeads):
         return roi_features, levels, scales, rois
 
     def mask_losses(self, features: dict[str, Tensor], proposals: list[Tensor], matched_idxs: list[Tensor],
-                    image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Mask-branch training losses on the positive RoIs (all K stages run on every one)."""
+                    image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]],
+                    labels: Tensor | None = None) -> dict[str, Tensor]:
+        """Mask-branch training losses on the positive RoIs (all K stages run on every one). ``labels``:
+        ``[R]`` their classes (image-major), read by a class-specific head."""
         roi_features, levels, scales, rois = self._pool_masks(features, proposals, image_shapes)
         if rois.shape[0] == 0:
             return self._zero_mask_losses(roi_features)
         trunk = self.mask_head.trunk(roi_features) if needs_trunk(self.switch_input) else None
-        mask_logits, edge_logits = self.mask_head.forward_train(roi_features, levels, scales, rois, trunk)
+        mask_logits, edge_logits = self.mask_head.forward_train(roi_features, levels, scales, rois, trunk,
+                                                                self._labels(labels))
         # under autocast the logits come in half precision; the losses (and Gumbel noise) run in float
         mask_logits, edge_logits = [x.float() for x in mask_logits], [x.float() for x in edge_logits]
         mask_t = mask_losses.mask_targets([t["masks"] for t in targets], proposals, matched_idxs,
@@ -260,6 +264,10 @@ class DynaMaskRoIHeads(RoIHeads):
                                           edge_weight=self.edge_weight, budget_weight=self.budget_weight,
                                           target_gmacs=self.target_gmacs, costs_gmacs=costs, tau=self.gumbel_tau,
                                           routing_signal=self.routing_signal, coupled=self.coupled)
+
+    def _labels(self, labels: Tensor | None) -> Tensor | None:
+        """The labels a class-specific head reads; None for a class-agnostic one (so it never needs them)."""
+        return labels if self.mask_head.mask_classes > 1 else None
 
     def switch_features(self, roi_features: Tensor, trunk: Tensor | None = None) -> Tensor:
         """What the MSM reads, detached (:func:`~dynamask.models.switch_input.switch_view`); ``trunk`` is
@@ -310,8 +318,10 @@ class DynaMaskRoIHeads(RoIHeads):
                  if self.mask_policy == "msm" and needs_trunk(self.switch_input) else None)
         choice = self.choose(roi_features, boxes, image_shapes, trunk)
         perm, counts = ops.group_by_resolution(choice, len(resolutions))
+        labels = torch.cat([r["labels"] for r in result]) if self.mask_head.mask_classes > 1 else None
         logits = self.mask_head.forward_dispatched(roi_features[perm], levels, scales, rois[perm], counts.tolist(),
-                                                   None if trunk is None else trunk[perm])
+                                                   None if trunk is None else trunk[perm],
+                                                   None if labels is None else labels[perm])
         image_ids = rois[:, 0].to(torch.int64)
         per_image = mask_inference.split_by_image([x.sigmoid() for x in logits], choice[perm], image_ids[perm],
                                                   len(result))

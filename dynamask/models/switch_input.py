@@ -3,7 +3,8 @@
 - ``"roi"``: the detached 14×14 RoI feature (the paper's MSM; docs/method.md §3).
 - ``"trunk"``: the trunk's output at 14×14. Inference runs the trunk for every RoI anyway, so the switch
   costs only its own MACs.
-- ``"mask"``: the trunk's output with the 14² mask and edge logits appended (two channels). The coarse mask
+- ``"mask"``: the trunk's output with the 14² mask and edge logits appended (two channels; a class-specific
+  head's every class channel, ``mask_classes + 1``). The coarse mask
   and its predicted outline say directly how much of the RoI is boundary, which is what a finer mask
   improves; the two 1×1 predictors add ``2 · C_0 · 14²`` MACs per RoI, counted by
   :func:`dynamask.flops.msm_macs`.
@@ -31,10 +32,10 @@ def needs_trunk(kind: str) -> bool:
     return kind != "roi"
 
 
-def switch_channels(kind: str, *, fpn_channels: int, trunk_channels: int) -> int:
-    """Input width of an MSM that reads ``kind``."""
+def switch_channels(kind: str, *, fpn_channels: int, trunk_channels: int, mask_classes: int = 1) -> int:
+    """Input width of an MSM that reads ``kind`` (``mask_classes``: the head's, see ``DynaMaskHead``)."""
     check_switch_input(kind)
-    return fpn_channels if kind == "roi" else trunk_channels + (2 if kind == "mask" else 0)
+    return fpn_channels if kind == "roi" else trunk_channels + (mask_classes + 1 if kind == "mask" else 0)
 
 
 def switch_view(kind: str, head: DynaMaskHead, roi_features: Tensor, trunk: Tensor | None = None) -> Tensor:
