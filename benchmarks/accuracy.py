@@ -59,7 +59,10 @@ class SwitchVariant:
     budget_weight: float = 0.4
     # "gumbel": the route loss on a straight-through Gumbel sample (as the model trains a coupled switch);
     # "expected": its exact expectation under the switch's softmax, Σ_k p_k ℓ_k (the signal is detached, so
-    # nothing needs a sample; no sampling noise)
+    # nothing needs a sample; no sampling noise); "regress": the switch regresses each resolution's signal
+    # (centred per RoI: only the differences decide) and chooses argmin_k(predicted ℓ_k + μ·C_k), μ set after
+    # training so that the training RoIs' mean cost meets C_t (:class:`CostAwareSwitch`; no budget, no entropy
+    # term: a Lagrangian choice, which is what a budgeted switch should converge to)
     estimator: str = "gumbel"
 
 
@@ -147,6 +150,16 @@ def _variants(budgets: tuple[float, float, float]) -> tuple[tuple[SwitchVariant,
         SwitchVariant(f"frozen-paper-roi-ct{mid:g}-expected", target_gmacs=mid, estimator="expected"),
         SwitchVariant(f"frozen-iou-mask-ct{mid:g}-expected", signal="iou", reads="mask", target_gmacs=mid,
                       estimator="expected"),
+        # regression switches (estimator "regress"); "probe": 1 − the probe's own hard IoU on the finest grid
+        # (the quantity the routing value is computed from)
+        *(SwitchVariant(f"regress-probe-mask-ct{c:g}", signal="probe", reads="mask", target_gmacs=c,
+                        estimator="regress") for c in budgets),
+        SwitchVariant(f"regress-probe-roi-ct{mid:g}", signal="probe", target_gmacs=mid, estimator="regress"),
+        SwitchVariant(f"regress-probe-trunk-ct{mid:g}", signal="probe", reads="trunk", target_gmacs=mid,
+                      estimator="regress"),
+        SwitchVariant(f"regress-iou-mask-ct{mid:g}", signal="iou", reads="mask", target_gmacs=mid,
+                      estimator="regress"),
+        SwitchVariant(f"regress-paper-roi-ct{mid:g}", target_gmacs=mid, estimator="regress"),
     )
     # priority order (a study cut short measures the first ones); Mask R-CNN after the first. Each costs
     # ~11 min on one core (300 it. + evaluation): five keep the study within ~2 hours on 2 cores
@@ -171,7 +184,7 @@ def quick_config(seed: int = 0) -> StudyConfig:
     # a tiny model on 64-px images (7→56 ladder): every kind of phase and row, in well under a minute
     switches, coupled = _variants((0.004, 0.006, 0.008))
     pick = {"frozen-paper-roi-ct0.004", "frozen-grid-roi-ct0.006", "frozen-boundary-trunk-ct0.006",
-            "frozen-paper-mask-ct0.006"}
+            "frozen-paper-mask-ct0.006", "regress-probe-mask-ct0.006"}
     return StudyConfig(size=64, n_train=4, n_val=2, max_objects=2, seed=seed, batch=2, warmup=1, pretrain_iters=2,
                        phase_iters=1, switch_iters=1,
                        arch=_arch(64, trunk=16, stages=(8, 8, 8), roi=7, fpn=32, rois=2),
@@ -287,22 +300,61 @@ def train_phase(model, dataset, cfg: StudyConfig, *, iters: int, seed: int, lr: 
     return {"seconds": secs, "sec_per_iter": secs / max(iters, 1), **{f"last_{k}": v for k, v in last.items()}}
 
 
-def new_switch(model, reads: str):
-    """A fresh MSM for ``model`` that reads ``reads`` (:mod:`dynamask.models.switch_input`)."""
+class CostAwareSwitch(torch.nn.Module):
+    """An MSM that regresses each resolution's (centred) loss, ``[R, K]``; its forward returns
+    ``-(predicted ℓ_k + μ·C_k)``, so that the argmax every caller takes is the Lagrangian choice
+    argmin_k(ℓ̂_k + μ C_k). Costs exactly the MSM's MACs (the μ·C term is K additions)."""
+
+    def __init__(self, msm: torch.nn.Module, costs: list[float]) -> None:
+        super().__init__()
+        self.msm = msm
+        self.register_buffer("costs", torch.tensor(costs, dtype=torch.float32))
+        self.register_buffer("mu", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -(self.msm(x) + self.mu * self.costs)
+
+
+def calibrate_mu(pred: torch.Tensor, costs: torch.Tensor, target: float) -> float:
+    """The smallest μ ≥ 0 at which the mean cost of argmin_k(pred_ik + μ C_k) over the rows of ``pred``
+    ``[N, K]`` is at most ``target`` (bisection; the mean cost does not increase with μ)."""
+    def mean_cost(mu: float) -> float:
+        return float(costs[(pred + mu * costs).argmin(dim=1)].mean())
+
+    if pred.shape[0] == 0 or mean_cost(0.0) <= target:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while mean_cost(hi) > target and hi < 1e6:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_cost(mid) > target else (lo, mid)
+    return hi
+
+
+def new_switch(model, reads: str, estimator: str = "gumbel"):
+    """A fresh MSM for ``model`` that reads ``reads`` (:mod:`dynamask.models.switch_input`); for the
+    "regress" estimator wrapped in a :class:`CostAwareSwitch`."""
+    from dynamask.flops import mask_head_gmacs
     from dynamask.models.msm import MaskSwitchModule
     from dynamask.models.switch_input import switch_channels
 
     head = model.roi_heads.mask_head
     width = switch_channels(reads, fpn_channels=head.in_channels, trunk_channels=head.channels[0],
                             mask_classes=head.mask_classes)
-    return MaskSwitchModule(in_channels=width, in_size=head.resolutions[0])
+    msm = MaskSwitchModule(in_channels=width, in_size=head.resolutions[0])
+    if estimator == "regress":
+        return CostAwareSwitch(msm, list(mask_head_gmacs(head).values()))
+    return msm
 
 
 def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> tuple[dict[str, Any], dict[str, float]]:
     """Trains one new switch per variant on the FROZEN model, all on the same batches. Each learns from
     its signal (detached per-resolution losses of the frozen head) under its budget and temperature."""
+    import torch.nn.functional as F
     from tqdm import tqdm
 
+    from dynamask.engine.routing_probe import mask_iou_top_grid
     from dynamask.flops import mask_head_gmacs
     from dynamask.models import mask_losses
     from dynamask.models.switch_input import switch_view
@@ -312,15 +364,18 @@ def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> 
     heads = model.roi_heads
     head = heads.mask_head
     costs = torch.tensor(list(mask_head_gmacs(head).values()), dtype=torch.float32)
-    switches = {v.name: new_switch(model, v.reads) for v in variants}
+    switches = {v.name: new_switch(model, v.reads, v.estimator) for v in variants}
     params = [p for m in switches.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    signals = sorted({v.signal for v in variants})
+    signals = sorted({v.signal for v in variants} - {"probe"})
+    # the regression switches' predictions on the last training batches, for setting μ
+    calib: dict[str, list[torch.Tensor]] = {v.name: [] for v in variants if v.estimator == "regress"}
+    calib_from = cfg.switch_iters - max(1, cfg.switch_iters // 3)
     t0 = time.time()
     for m in switches.values():
         m.train()
     bar = tqdm(total=cfg.switch_iters, desc="switches (frozen model)", dynamic_ncols=True, mininterval=5.0)
-    for images, targets in batches(dataset, cfg.batch, cfg.switch_iters, seed):
+    for it, (images, targets) in enumerate(batches(dataset, cfg.batch, cfg.switch_iters, seed)):
         with torch.no_grad():
             il, tg = model.transform(images, targets)
             features = model.backbone(il.tensors)
@@ -340,9 +395,19 @@ def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> 
             edge_t = [mask_losses.edge_targets(m) for m in mask_t]
             sig = {s: mask_losses.routing_signal_losses(mask_logits, edge_logits, mask_t, edge_t, signal=s,
                                                         edge_weight=heads.edge_weight) for s in signals}
+            if any(v.signal == "probe" for v in variants):
+                sig["probe"] = 1.0 - mask_iou_top_grid([x.sigmoid() for x in mask_logits], mask_t[-1]).float()
         total = 0.0
         for v in variants:
-            logits = switches[v.name](switch_view(v.reads, head, roi_features, trunk))
+            view = switch_view(v.reads, head, roi_features, trunk)
+            if v.estimator == "regress":
+                pred = switches[v.name].msm(view)
+                centred = sig[v.signal] - sig[v.signal].mean(dim=1, keepdim=True)
+                total = total + F.mse_loss(pred - pred.mean(dim=1, keepdim=True), centred)
+                if it >= calib_from:
+                    calib[v.name].append(pred.detach())
+                continue
+            logits = switches[v.name](view)
             probs = logits.softmax(dim=1)
             y = mask_losses.gumbel_hard(logits, v.tau) if v.estimator == "gumbel" else probs
             total = total + (y * sig[v.signal]).sum(dim=1).mean() + v.budget_weight * (
@@ -352,6 +417,11 @@ def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> 
         opt.step()
         bar.update(1)
     bar.close()
+    for v in variants:
+        if v.estimator == "regress":
+            sw = switches[v.name]
+            sw.mu.fill_(calibrate_mu(torch.cat(calib[v.name]) if calib[v.name] else torch.zeros(0, len(costs)),
+                                     sw.costs, v.target_gmacs))
     secs = time.time() - t0
     state = {name: m.state_dict() for name, m in switches.items()}
     return state, {"seconds": secs, "sec_per_iter": secs / max(cfg.switch_iters, 1)}
@@ -475,7 +545,7 @@ class Study:
         for v in cfg.switches:
             if v.name not in names:
                 continue
-            m = new_switch(model, v.reads)
+            m = new_switch(model, v.reads, v.estimator)
             m.load_state_dict(state[v.name])
             m.eval()
             switches[v.name] = ((m, v.reads), msm_gmacs(m) + switch_input_macs(v.reads, head) / 1e9)

@@ -122,3 +122,27 @@ def test_split_runs_the_maskrcnn_row_in_a_second_process(study, tmp_path):
     assert {"maskrcnn-pretrain", "maskrcnn"} <= set(json.load(open(split / "meta.json"))["timings"])
     row = json.load(open(split / "rows" / "maskrcnn-28.json"))
     assert row["policy"] == "maskrcnn" and isinstance(row["segm_ap"], float)
+
+
+def test_cost_aware_switch_is_the_lagrangian_choice_and_mu_meets_the_budget():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.pop(0)
+    costs = torch.tensor([1.0, 2.0, 4.0])
+    # predicted losses: row 0 gains 0.3 from the last resolution, row 1 gains 0.05, row 2 nothing
+    pred = torch.tensor([[0.5, 0.4, 0.2], [0.3, 0.28, 0.25], [0.1, 0.1, 0.1]])
+    assert accuracy.calibrate_mu(pred, costs, 4.0) == 0.0  # unconstrained: every row at its best
+    # a budget of 2 per row on average: row 0's gain (0.3 for +3 cost) is the one worth buying; μ is row 1's
+    # price of its first step (0.02 loss for +1 cost), the smallest at which row 1 stays at resolution 0
+    mu = accuracy.calibrate_mu(pred, costs, 2.0)
+    choice = (pred + mu * costs).argmin(dim=1)
+    assert choice.tolist() == [2, 0, 0] and float(costs[choice].mean()) <= 2.0
+    # just below μ the budget is broken: the smallest such μ
+    assert float(costs[(pred + (mu - 1e-4) * costs).argmin(dim=1)].mean()) > 2.0
+    msm = torch.nn.Identity()
+    sw = accuracy.CostAwareSwitch(msm, costs.tolist())
+    sw.mu.fill_(mu)
+    assert sw(pred).argmax(dim=1).tolist() == [2, 0, 0]
+    assert accuracy.calibrate_mu(torch.zeros(0, 3), costs, 1.0) == 0.0
