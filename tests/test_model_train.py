@@ -106,9 +106,10 @@ def test_mask_rois_per_image_caps_the_mask_branch(monkeypatch):
     seen = []
     original = heads.mask_losses
 
-    def spy(features, proposals, matched_idxs, image_shapes, targets):
+    def spy(features, proposals, matched_idxs, image_shapes, targets, labels=None):
         seen.append([p.clone() for p in proposals])
-        return original(features, proposals, matched_idxs, image_shapes, targets)
+        assert labels is not None and labels.shape == (sum(len(p) for p in proposals),)  # one label per RoI
+        return original(features, proposals, matched_idxs, image_shapes, targets, labels)
 
     monkeypatch.setattr(heads, "mask_losses", spy)
     images, targets = synthetic_batch()

@@ -661,6 +661,11 @@ def test_pooler_canonical_scale_equals_torchvision(canonical_scale):
     got = ours(fdict, boxes, shapes)
     expected = MultiScaleRoIAlign(names, 7, 2, canonical_scale=canonical_scale)(fdict, boxes, shapes)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # pool(): the same features, and what it derived (levels, scales, RoIs) for the mask head's stages
+    pooled = ours.pool(fdict, boxes, shapes)
+    torch.testing.assert_close(pooled.features, got, rtol=0, atol=0)
+    assert pooled.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32] and all(a is b for a, b in zip(pooled.levels, feats))
+    torch.testing.assert_close(pooled.rois, rois)
     if canonical_scale != 224.0:  # and it differs from the default mapping on these boxes
         assert not torch.allclose(got, MultiScaleRoIAlign(names, 7, 2)(fdict, boxes, shapes))
 
@@ -670,3 +675,17 @@ def test_pooler_rejects_bad_canonical_scale():
 
     with pytest.raises(ValueError, match="canonical_scale"):
         MultiLevelRoIPool(canonical_scale=0)
+
+
+def test_mask_pool_must_output_the_heads_first_resolution():
+    from model_helpers import tiny_model
+
+    from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
+
+    heads = tiny_model().roi_heads  # a 7→56 head
+    assert heads.dyn_mask_roi_pool.output_size == (7, 7)
+    with pytest.raises(ValueError, match="first resolution 7"):
+        DynaMaskRoIHeads(box_roi_pool=heads.box_roi_pool, box_head=heads.box_head, box_predictor=heads.box_predictor,
+                         fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=8, positive_fraction=0.25,
+                         bbox_reg_weights=None, score_thresh=0.05, nms_thresh=0.5, detections_per_img=10,
+                         mask_head=heads.mask_head, msm=heads.msm, mask_roi_pool=MultiLevelRoIPool(output_size=14))

@@ -117,7 +117,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
                                                               trunk_channels=mask_head.channels[0],
                                                               mask_classes=mask_head.mask_classes),
                                   in_size=mask_head.resolutions[0]) if msm is None else msm),
-            mask_roi_pool=MultiLevelRoIPool(output_size=14, sampling_ratio=2, aligned=True,
+            mask_roi_pool=MultiLevelRoIPool(output_size=mask_head.resolutions[0], sampling_ratio=2, aligned=True,
                                             canonical_scale=roi_canonical_scale),
             edge_weight=edge_weight, budget_weight=budget_weight, target_gmacs=target_gmacs,
             gumbel_tau=gumbel_tau, mask_policy=mask_policy, mask_training=mask_training,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,16 @@ def infer_scales(features: Sequence[Tensor], image_shapes: Sequence[tuple[int, i
         approx = float(f.shape[-2]) / float(max_h)
         scales.append(2.0 ** round(math.log2(approx)))
     return scales
+
+
+class PooledRoIs(NamedTuple):
+    """What :meth:`MultiLevelRoIPool.pool` returns: the pooled features and what it derived to pool them,
+    which the mask head's stages read again."""
+
+    features: Tensor  # [R, C, S, S]
+    levels: list[Tensor]  # the pyramid levels, finest first, each [N, C, H_l, W_l]
+    scales: list[float]  # their spatial scales (1/4, 1/8, ...)
+    rois: Tensor  # [R, 5] (batch index, x1, y1, x2, y2), image-major
 
 
 class MultiLevelRoIPool(nn.Module):
@@ -76,14 +86,21 @@ class MultiLevelRoIPool(nn.Module):
         k = torch.floor(4 + torch.log2(side / self.canonical_scale) + 1e-6)
         return (k.clamp(min=k_min, max=k_max) - k_min).to(torch.int64)
 
-    def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
-                image_shapes: list[tuple[int, int]]) -> Tensor:
-        """features: name → ``[N, C, H_l, W_l]``; boxes: per image ``[n_i, 4]`` → ``[R, C, S, S]``."""
+    def pool(self, features: dict[str, Tensor], boxes: list[Tensor],
+             image_shapes: list[tuple[int, int]]) -> PooledRoIs:
+        """features: name → ``[N, C, H_l, W_l]``; boxes: per image ``[n_i, 4]`` → :class:`PooledRoIs`
+        (features ``[R, C, S, S]``)."""
         feats = self.levels(features)
         scales = infer_scales(feats, image_shapes)
         rois = to_rois(boxes)
-        return ops.roi_align_multilevel(feats, rois, self.output_size, scales, sampling_ratio=self.sampling_ratio,
-                                        aligned=self.aligned, levels=self.roi_levels(rois, scales))
+        pooled = ops.roi_align_multilevel(feats, rois, self.output_size, scales, sampling_ratio=self.sampling_ratio,
+                                          aligned=self.aligned, levels=self.roi_levels(rois, scales))
+        return PooledRoIs(pooled, feats, scales, rois)
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        """features: name → ``[N, C, H_l, W_l]``; boxes: per image ``[n_i, 4]`` → ``[R, C, S, S]``."""
+        return self.pool(features, boxes, image_shapes).features
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,9 @@ class DynaMaskRoIHeads(RoIHeads):
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
                          detections_per_img)
+        if mask_roi_pool.output_size != (mask_head.resolutions[0],) * 2:
+            raise ValueError(f"mask_roi_pool.output_size {mask_roi_pool.output_size} must be the mask head's first "
+                             f"resolution {mask_head.resolutions[0]}")
         self.mask_head = mask_head
         self.msm = msm
         self.dyn_mask_roi_pool = mask_roi_pool
@@ -229,15 +249,9 @@ class DynaMaskRoIHeads(RoIHeads):
         return pos[keep.sort().values]
 
     def _pool_masks(self, features: dict[str, Tensor], boxes: list[Tensor],
-                    image_shapes: list[tuple[int, int]]) -> tuple[Tensor, list[Tensor], list[float], Tensor]:
-        levels = self.dyn_mask_roi_pool.levels(features)
-        scales = infer_scales(levels, image_shapes)
-        rois = to_rois(boxes)
-        size = self.mask_head.resolutions[0]
-        pool = self.dyn_mask_roi_pool
-        roi_features = ops.roi_align_multilevel(levels, rois, size, scales, sampling_ratio=pool.sampling_ratio,
-                                                aligned=pool.aligned, levels=pool.roi_levels(rois, scales))
-        return roi_features, levels, scales, rois
+                    image_shapes: list[tuple[int, int]]) -> PooledRoIs:
+        """The mask head's S_0 × S_0 RoI features, with the levels, scales and RoIs its stages read."""
+        return self.dyn_mask_roi_pool.pool(features, boxes, image_shapes)
 
     def mask_losses(self, features: dict[str, Tensor], proposals: list[Tensor], matched_idxs: list[Tensor],
                     image_shapes: list[tuple[int, int]], targets: list[dict[str, Tensor]],
