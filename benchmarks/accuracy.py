@@ -348,6 +348,32 @@ def new_switch(model, reads: str, estimator: str = "gumbel"):
     return msm
 
 
+@torch.no_grad()
+def frozen_head_outputs(model, images, targets):
+    """The frozen model's mask head on one training batch's positives (as its training samples them):
+    ``(roi_features, trunk, mask_logits, edge_logits, mask_targets, edge_targets)``, or None without positives."""
+    from dynamask.models import mask_losses
+
+    heads = model.roi_heads
+    head = heads.mask_head
+    il, tg = model.transform(images, targets)
+    features = model.backbone(il.tensors)
+    proposals, _ = model.rpn(il, features)
+    proposals, matched, labels, _ = heads.select_training_samples(proposals, tg)
+    pos = [heads._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
+    props = [p[i] for p, i in zip(proposals, pos)]
+    matched = [m[i] for m, i in zip(matched, pos)]
+    classes = torch.cat([lab[i] for lab, i in zip(labels, pos)]) if head.mask_classes > 1 else None
+    roi_features, levels, scales, rois = heads._pool_masks(features, props, il.image_sizes)
+    if rois.shape[0] == 0:
+        return None
+    trunk = head.trunk(roi_features)
+    mask_logits, edge_logits = head.forward_train(roi_features, levels, scales, rois, trunk, classes)
+    mask_t = mask_losses.mask_targets([t["masks"] for t in tg], props, matched, head.resolutions)
+    edge_t = [mask_losses.edge_targets(m) for m in mask_t]
+    return roi_features, trunk, mask_logits, edge_logits, mask_t, edge_t
+
+
 def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> tuple[dict[str, Any], dict[str, float]]:
     """Trains one new switch per variant on the FROZEN model, all on the same batches. Each learns from
     its signal (detached per-resolution losses of the frozen head) under its budget and temperature."""
@@ -377,22 +403,11 @@ def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> 
     bar = tqdm(total=cfg.switch_iters, desc="switches (frozen model)", dynamic_ncols=True, mininterval=5.0)
     for it, (images, targets) in enumerate(batches(dataset, cfg.batch, cfg.switch_iters, seed)):
         with torch.no_grad():
-            il, tg = model.transform(images, targets)
-            features = model.backbone(il.tensors)
-            proposals, _ = model.rpn(il, features)
-            proposals, matched, labels, _ = heads.select_training_samples(proposals, tg)
-            pos = [heads._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
-            props = [p[i] for p, i in zip(proposals, pos)]
-            matched = [m[i] for m, i in zip(matched, pos)]
-            classes = torch.cat([lab[i] for lab, i in zip(labels, pos)]) if head.mask_classes > 1 else None
-            roi_features, levels, scales, rois = heads._pool_masks(features, props, il.image_sizes)
-            if rois.shape[0] == 0:
+            frozen = frozen_head_outputs(model, images, targets)
+            if frozen is None:
                 bar.update(1)
                 continue
-            trunk = head.trunk(roi_features)
-            mask_logits, edge_logits = head.forward_train(roi_features, levels, scales, rois, trunk, classes)
-            mask_t = mask_losses.mask_targets([t["masks"] for t in tg], props, matched, head.resolutions)
-            edge_t = [mask_losses.edge_targets(m) for m in mask_t]
+            roi_features, trunk, mask_logits, edge_logits, mask_t, edge_t = frozen
             sig = {s: mask_losses.routing_signal_losses(mask_logits, edge_logits, mask_t, edge_t, signal=s,
                                                         edge_weight=heads.edge_weight) for s in signals}
             if any(v.signal == "probe" for v in variants):

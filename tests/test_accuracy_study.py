@@ -146,3 +146,30 @@ def test_cost_aware_switch_is_the_lagrangian_choice_and_mu_meets_the_budget():
     sw.mu.fill_(mu)
     assert sw(pred).argmax(dim=1).tolist() == [2, 0, 0]
     assert accuracy.calibrate_mu(torch.zeros(0, 3), costs, 1.0) == 0.0
+
+
+def test_switch_headroom_runs_on_a_finished_study(study, tmp_path):
+    """benchmarks/switch_headroom.py: the test-retest ceiling and the longer-trained switches, on the quick study."""
+    import shutil
+
+    _, out = study
+    work = tmp_path / "study"
+    shutil.copytree(out, work)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import switch_headroom
+    finally:
+        sys.path.pop(0)
+    threads = torch.get_num_threads()
+    try:
+        assert switch_headroom.main(["--study", str(work), "--quick", "--epochs", "5"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.load(open(work / "switch_headroom.json"))
+    retest = doc["retest"]
+    n = retest["n"]
+    assert n > 0 and sum(retest["quarters"]["counts"]) == n
+    assert sorted(doc["epochs"]["runs"]) == ["expected-paper-init0", "expected-paper-init1", "regress-probe-init0",
+                                             "regress-probe-init1"]
+    for run in doc["epochs"]["runs"].values():
+        assert [r["epoch"] for r in run] == [1, 5] and all(sum(r["counts"]) == n for r in run)
