@@ -460,9 +460,22 @@ class Study:
             raise SystemExit(f"{out} holds a study with another configuration; use a new --out (or delete it)")
         self.meta["config"] = now
         self.meta.setdefault("timings", {})
-        save_json(self.meta_path, self.meta)
+        self.save_meta()
 
     # -- bookkeeping
+    def save_meta(self) -> None:
+        """Writes meta.json, merged with what another process on the same study wrote since this one read it
+        (two single-thread processes sharing the rows): the timings are united, and a key this process has
+        not set (e.g. the base model's ``iou_gain``, set by the other) is kept; this process's values win."""
+        if os.path.exists(self.meta_path):
+            with open(self.meta_path) as f:
+                disk = json.load(f)
+            for name, info in disk.get("timings", {}).items():
+                self.meta.setdefault("timings", {}).setdefault(name, info)
+            for key, value in disk.items():
+                self.meta.setdefault(key, value)
+        save_json(self.meta_path, self.meta)
+
     def ckpt(self, name: str) -> str:
         return os.path.join(self.out, "ckpt", f"{name}.pth")
 
@@ -474,7 +487,7 @@ class Study:
 
     def timing(self, name: str, info: dict[str, float]) -> None:
         self.meta["timings"][name] = info
-        save_json(self.meta_path, self.meta)
+        self.save_meta()
         log(f"{name}: {info['seconds'] / 60:.1f} min ({info.get('sec_per_iter', 0):.2f} s/it)")
 
     def save_rows(self, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
@@ -482,7 +495,7 @@ class Study:
             save_json(self.row_path(row["name"]), row)
         if extra:
             self.meta.update(extra)
-            save_json(self.meta_path, self.meta)
+            self.save_meta()
         self.report()
 
     def report(self) -> None:
@@ -738,7 +751,7 @@ class Study:
         if part in ("all", "maskrcnn"):
             self.maskrcnn_row()  # (a no-op when the second process wrote the row)
         self.meta["timings"]["this_run_minutes"] = {"seconds": time.time() - t0}
-        save_json(self.meta_path, self.meta)
+        self.save_meta()
         self.report()
         log(f"done: {self.out}")
 
@@ -755,7 +768,7 @@ class Study:
             for name, info in json.load(f).get("timings", {}).items():
                 if name.startswith("maskrcnn"):
                     self.meta["timings"][name] = info
-        save_json(self.meta_path, self.meta)
+        self.save_meta()
 
 
 def main(argv: list[str] | None = None) -> int:

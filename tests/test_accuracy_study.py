@@ -173,3 +173,25 @@ def test_switch_headroom_runs_on_a_finished_study(study, tmp_path):
                                              "regress-probe-init1"]
     for run in doc["epochs"]["runs"].values():
         assert [r["epoch"] for r in run] == [1, 5] and all(sum(r["counts"]) == n for r in run)
+
+
+def test_two_processes_on_one_study_keep_each_others_meta(study, tmp_path):
+    """Two `Study` objects on one folder (two single-thread processes): neither write loses the other's timings
+    or keys."""
+    import shutil
+
+    accuracy, out = study
+    work = tmp_path / "study"
+    shutil.copytree(out, work)
+    meta = json.load(open(work / "meta.json"))
+    del meta["iou_gain"]  # as before the base rows: both processes start without it
+    accuracy.save_json(str(work / "meta.json"), meta)
+    cfg = accuracy.quick_config(0)
+    a = accuracy.Study(cfg, str(work), progress=False)
+    b = accuracy.Study(cfg, str(work), progress=False)
+    a.meta["iou_gain"] = {"ring": 0.5}  # as base_rows sets it in one process
+    a.timing("row-a", {"seconds": 1.0})
+    b.timing("row-b", {"seconds": 2.0})  # b read meta.json before a wrote
+    meta = json.load(open(work / "meta.json"))
+    assert {"row-a", "row-b", "pretrain"} <= set(meta["timings"])
+    assert meta["iou_gain"] == {"ring": 0.5}
