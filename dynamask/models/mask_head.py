@@ -101,7 +101,8 @@ class DynaMaskHead(nn.Module):
         return len(self.resolutions)
 
     def check_labels(self, labels: Tensor | None, num_rois: int) -> None:
-        """A class-specific head needs one label per RoI (``[R]`` integers in ``[0, mask_classes)``)."""
+        """A class-specific head needs one label per RoI (``[R]`` integers in ``[0, mask_classes)``; a label out
+        of range fails at the channel lookup)."""
         if self.mask_classes == 1:
             return
         if labels is None:
@@ -185,9 +186,9 @@ class DynaMaskHead(nn.Module):
 
         Args:
             roi_features, rois: in sorted order (``[R, 256, 14, 14]``, ``[R, 5]``).
-            labels: ``[R]`` classes in sorted order (class-specific heads only).
             counts: K ints, ``counts[k]`` = number of RoIs routed to resolution k.
             trunk: the trunk's output in sorted order, if already computed (see :meth:`stage_features`).
+            labels: ``[R]`` classes in sorted order (class-specific heads only).
 
         Returns:
             K tensors of mask logits; entry k is ``[counts[k], S_k, S_k]`` for the RoIs routed to k, in
