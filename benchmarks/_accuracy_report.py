@@ -284,8 +284,8 @@ def write_report(out: str, cfg, meta: dict[str, Any], rows: list[dict[str, Any]]
         cap = "–" if rv is None else (f"{rv['captured']:.3f} ({rv['switch']:.3f} / {rv['shuffled']:.3f} / "
                                       f"{rv['best_same_counts']:.3f})" if rv["captured"] is not None else "undefined")
         routing = r["routing_loss"] or "–"
-        if r.get("switch_input") and r.get("estimator") == "regress":  # no temperature, no budget weight
-            routing += f", {r['switch_input']}, regress"
+        if r.get("switch_input") and r.get("estimator") in ("regress", "fit"):  # no temperature, no budget weight
+            routing += f", {r['switch_input']}, {r['estimator']}"
         elif r.get("switch_input"):
             routing += f", {r['switch_input']}, τ {r['gumbel_tau']:g}, λ2 {r['budget_weight']:g}"
             if r.get("estimator", "gumbel") != "gumbel":

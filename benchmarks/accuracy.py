@@ -79,7 +79,21 @@ class CoupledVariant:
     budget_weight: float = 0.4
 
 
-VARIANT_FIELDS = ("switches", "coupled", "maskrcnn_after")
+@dataclass(frozen=True)
+class FitPlan:
+    """Switches fitted to the frozen base model by the library (:mod:`dynamask.engine.switch_fit`): one
+    cache of ``batches`` training batches, one fit of ``epochs`` per init, priced at each budget."""
+
+    batches: int = 900
+    epochs: int = 15
+    inits: tuple[int, ...] = (0, 1, 2)
+    budgets: tuple[float, ...] = ()
+
+    def names(self) -> list[str]:
+        return [f"fit-iou-roi-ct{c:g}-init{i}" for i in self.inits for c in self.budgets]
+
+
+VARIANT_FIELDS = ("switches", "coupled", "maskrcnn_after", "fit")
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,7 @@ class StudyConfig:
     switches: tuple[SwitchVariant, ...] = ()
     coupled: tuple[CoupledVariant, ...] = ()
     maskrcnn_after: int = 1  # run Mask R-CNN after this many coupled variants (priority order)
+    fit: FitPlan | None = None
     iters_scale: float = 1.0  # the iteration counts above are the full schedule times this
 
 
@@ -176,8 +191,10 @@ def _variants(budgets: tuple[float, float, float]) -> tuple[tuple[SwitchVariant,
 def full_config(seed: int = 0) -> StudyConfig:
     # 14→112 ladder; head costs {14: .0217, 28: .0487, 56: .0880, 112: .1517} GMAC per RoI
     switches, coupled = _variants((0.05, 0.08, 0.11))
+    # fit: 900 batches (14 400 positives) collected in ~13 min on one thread, ~? min per fit
     return StudyConfig(seed=seed, arch=_arch(192, trunk=64, stages=(32, 16, 8), roi=14, fpn=128, rois=8),
-                       maskrcnn=_maskrcnn(192, fpn=128, width=64), switches=switches, coupled=coupled)
+                       maskrcnn=_maskrcnn(192, fpn=128, width=64), switches=switches, coupled=coupled,
+                       fit=FitPlan(budgets=(0.05, 0.08, 0.11)))
 
 
 def quick_config(seed: int = 0) -> StudyConfig:
@@ -189,7 +206,8 @@ def quick_config(seed: int = 0) -> StudyConfig:
                        phase_iters=1, switch_iters=1,
                        arch=_arch(64, trunk=16, stages=(8, 8, 8), roi=7, fpn=32, rois=2),
                        maskrcnn=_maskrcnn(64, fpn=32, width=16),
-                       switches=tuple(v for v in switches if v.name in pick), coupled=coupled[:1])
+                       switches=tuple(v for v in switches if v.name in pick), coupled=coupled[:1],
+                       fit=FitPlan(batches=2, epochs=2, inits=(0,), budgets=(0.006,)))
 
 
 # ---------------------------------------------------------------------------------------------- utils
@@ -241,19 +259,10 @@ def build_maskrcnn(cfg: StudyConfig):
 
 
 def batches(dataset, batch: int, iters: int, seed: int):
-    """``iters`` batches of a seeded shuffle (epochs as needed)."""
-    from dynamask.data import collate_fn
+    """``iters`` batches of a seeded shuffle (epochs as needed): :func:`dynamask.engine.switch_fit.sample_batches`."""
+    from dynamask.engine.switch_fit import sample_batches
 
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    for _ in range(iters):
-        idx = []
-        while len(idx) < batch:
-            if not order:
-                order = rng.permutation(len(dataset)).tolist()
-            idx.append(order.pop())
-        images, targets = collate_fn([dataset[i] for i in idx])
-        yield list(images), list(targets)
+    return sample_batches(dataset, batch_size=batch, num_batches=iters, seed=seed)
 
 
 def train_phase(model, dataset, cfg: StudyConfig, *, iters: int, seed: int, lr: float, warmup: int,
@@ -316,20 +325,11 @@ class CostAwareSwitch(torch.nn.Module):
 
 
 def calibrate_mu(pred: torch.Tensor, costs: torch.Tensor, target: float) -> float:
-    """The smallest μ ≥ 0 at which the mean cost of argmin_k(pred_ik + μ C_k) over the rows of ``pred``
-    ``[N, K]`` is at most ``target`` (bisection; the mean cost does not increase with μ)."""
-    def mean_cost(mu: float) -> float:
-        return float(costs[(pred + mu * costs).argmin(dim=1)].mean())
+    """μ for predicted losses ``pred`` ``[N, K]`` (choice argmin_k(pred_ik + μ C_k)): the library's
+    :func:`dynamask.engine.switch_fit.calibrate_mu` on the scores ``-pred``."""
+    from dynamask.engine.switch_fit import calibrate_mu as calibrate
 
-    if pred.shape[0] == 0 or mean_cost(0.0) <= target:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while mean_cost(hi) > target and hi < 1e6:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean_cost(mid) > target else (lo, mid)
-    return hi
+    return calibrate(-pred, costs, target)
 
 
 def new_switch(model, reads: str, estimator: str = "gumbel"):
@@ -348,30 +348,12 @@ def new_switch(model, reads: str, estimator: str = "gumbel"):
     return msm
 
 
-@torch.no_grad()
 def frozen_head_outputs(model, images, targets):
-    """The frozen model's mask head on one training batch's positives (as its training samples them):
-    ``(roi_features, trunk, mask_logits, edge_logits, mask_targets, edge_targets)``, or None without positives."""
-    from dynamask.models import mask_losses
+    """:func:`dynamask.engine.switch_fit.frozen_head_outputs` (the study's switch phases and the headroom
+    script read it from here)."""
+    from dynamask.engine.switch_fit import frozen_head_outputs as outputs
 
-    heads = model.roi_heads
-    head = heads.mask_head
-    il, tg = model.transform(images, targets)
-    features = model.backbone(il.tensors)
-    proposals, _ = model.rpn(il, features)
-    proposals, matched, labels, _ = heads.select_training_samples(proposals, tg)
-    pos = [heads._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
-    props = [p[i] for p, i in zip(proposals, pos)]
-    matched = [m[i] for m, i in zip(matched, pos)]
-    classes = torch.cat([lab[i] for lab, i in zip(labels, pos)]) if head.mask_classes > 1 else None
-    roi_features, levels, scales, rois = heads._pool_masks(features, props, il.image_sizes)
-    if rois.shape[0] == 0:
-        return None
-    trunk = head.trunk(roi_features)
-    mask_logits, edge_logits = head.forward_train(roi_features, levels, scales, rois, trunk, classes)
-    mask_t = mask_losses.mask_targets([t["masks"] for t in tg], props, matched, head.resolutions)
-    edge_t = [mask_losses.edge_targets(m) for m in mask_t]
-    return roi_features, trunk, mask_logits, edge_logits, mask_t, edge_t
+    return outputs(model, images, targets)
 
 
 def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> tuple[dict[str, Any], dict[str, float]]:
@@ -509,6 +491,7 @@ class Study:
     def planned_rows(self) -> list[str]:
         res = [self.cfg.arch["mask_roi_size"] * 2**k for k in range(4)]
         return ([f"fixed-{s}" for s in res] + ["size-rule", "oracle"] + [v.name for v in self.cfg.switches]
+                + (self.cfg.fit.names() if self.cfg.fit else [])
                 + [v.name for v in self.cfg.coupled] + ["maskrcnn-28"])
 
     # -- phases
@@ -609,6 +592,74 @@ class Study:
             rows.append(self._row(name, policy, metrics[name], probe, gt_choices[name],
                                   resolution=int(name.split("-")[1]) if policy == "fixed" else None,
                                   variant=variant, trained="frozen base" if variant else "base"))
+        self.save_rows(rows)
+
+    def fit_rows(self) -> None:
+        """Switches fitted by the library to the frozen base model (:class:`FitPlan`): the collected
+        training RoIs are cached in ``ckpt/switch_data.pt``, the fitted switches in ``ckpt/fit.pth``."""
+        from dynamask.engine import switch_fit
+        from dynamask.engine.routing_probe import gt_box_routing
+        from dynamask.flops import mask_head_gmacs, msm_gmacs
+
+        plan = self.cfg.fit
+        if plan is None or self.have_rows(plan.names()):
+            return
+        model = self.model_from("base")
+        heads = model.roi_heads
+        costs = list(mask_head_gmacs(heads.mask_head).values())
+        path = self.ckpt("fit")
+        state: dict[str, Any] = load_state(path) if os.path.exists(path) else {}
+        if any(n not in state for n in plan.names()):
+            data_path = self.ckpt("switch_data")
+            if os.path.exists(data_path):
+                d = load_state(data_path)
+                data = switch_fit.SwitchData(d["inputs"], d["iou"])
+            else:
+                t0 = time.time()
+                log(f"switch fit: collecting {plan.batches} training batches on the frozen base model")
+                batches = switch_fit.sample_batches(self.train, batch_size=self.cfg.batch, num_batches=plan.batches,
+                                                    seed=self.cfg.seed + 3)
+                data = switch_fit.collect(model, batches, total=plan.batches, progress=self.progress)
+                save_state(data_path, {"inputs": data.inputs, "iou": data.iou})
+                self.timing("fit_collect", {"seconds": time.time() - t0, "rois": data.inputs.shape[0]})
+            cost_t = torch.tensor(costs)
+            for init in plan.inits:
+                todo = [c for c in plan.budgets if f"fit-iou-roi-ct{c:g}-init{init}" not in state]
+                if not todo:
+                    continue
+                msm = heads.msm
+                rep = switch_fit.fit_switch(msm, data, costs=costs, target_gmacs=todo[0], epochs=plan.epochs,
+                                            seed=init, progress=self.progress)
+                self.timing(f"fit_init{init}", {"seconds": rep.seconds, "losses": rep.losses})
+                scores = switch_fit._raw(msm, data.inputs)
+                for c in todo:
+                    mu = switch_fit.calibrate_mu(scores, cost_t, c)
+                    msm.set_cost_penalty(mu * cost_t)
+                    state[f"fit-iou-roi-ct{c:g}-init{init}"] = {k: v.clone() for k, v in msm.state_dict().items()}
+                save_state(path, state)
+        names = [n for n in plan.names() if not self.have_rows([n])]
+        switches = {}
+        for name in names:
+            m = new_switch(model, "roi")
+            m.load_state_dict(state[name])
+            m.eval()
+            switches[name] = ((m, "roi"), msm_gmacs(m))
+        t0 = time.time()
+        log(f"fitted switches: {len(names)} rows on the validation detections")
+        metrics = evaluate_policies(model, self.val, costs=mask_head_gmacs(model), switches=switches, fixed=False,
+                                    size_rule=False, oracle=False, progress=self.progress)
+        probe = gt_box_routing(model, self.val, switches={n: s for n, (s, _) in switches.items()},
+                               progress=self.progress)
+        self.timing(f"fit_eval+{len(names)}", {"seconds": time.time() - t0})
+        rows = []
+        for name in names:
+            c = float(name.split("-ct")[1].split("-")[0])
+            v = SwitchVariant(name, signal="iou", reads="roi", target_gmacs=c, estimator="fit")
+            row = self._row(name, "msm", metrics[name], probe, probe["choices"][name], variant=v,
+                            trained="frozen base")
+            row["fit"] = {"batches": plan.batches, "epochs": plan.epochs, "init": int(name.rsplit("init", 1)[1]),
+                          "cost_penalty": [float(x) for x in state[name]["cost_penalty"]]}
+            rows.append(row)
         self.save_rows(rows)
 
     def _gt_size_choice(self, k: int) -> np.ndarray:
@@ -742,6 +793,7 @@ class Study:
                 torch.set_num_threads(1)
             self.base()
             self.base_rows()
+            self.fit_rows()
             for i, v in enumerate(self.cfg.coupled):
                 if i == self.cfg.maskrcnn_after and part == "all" and helper is None:
                     self.maskrcnn_row()

@@ -1,4 +1,4 @@
-"""The ``dynamask`` command: ``shapes``, ``convert``, ``train``, ``eval``, ``infer``.
+"""The ``dynamask`` command: ``shapes``, ``convert``, ``train``, ``eval``, ``infer``, ``fit-switch``.
 
     dynamask shapes --out data/shapes --train 2000 --val 200 --size 192 --seed 0
     dynamask convert cityscapes data/cityscapes --split val --out data/cityscapes/instances_val.json
@@ -6,6 +6,7 @@
     torchrun --nproc-per-node 2 -m dynamask train ...        (DDP: one process per GPU, or gloo on CPU)
     dynamask eval runs/x/last.pth --data data/shapes --out runs/x/eval
     dynamask infer photos/ extra.jpg --weights runs/x/last.pth --out runs/x/infer
+    dynamask fit-switch runs/x/last.pth --data data/shapes --out runs/x/fitted.pth --budget-at 28
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dynamask import cli_checks
+from dynamask import cli_checks, cli_fit_switch
 from dynamask.data.shapes import split_paths
 from dynamask.engine.train_flags import mask_costs
 
@@ -367,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _infer_parser(sub)
+    cli_fit_switch.add_parser(sub)
     for command in sub.choices.values():  # also accepted after the command; SUPPRESS keeps the top-level one
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of internal errors")

@@ -7,10 +7,15 @@ FC 784→256, ReLU → FC 256→K logits.
 
 The input is detached by the caller's contract (the RoI heads pass ``roi_features.detach()``), so the
 routing losses train the MSM only and do not pull on the backbone.
+
+A switch fitted after training (:mod:`dynamask.engine.switch_fit`) regresses each resolution's mask IoU
+instead of learning logits through a Gumbel sample; its price per resolution, ``μ · C_k``, is the buffer
+``cost_penalty`` that the forward subtracts (zeros for a Gumbel-trained switch, so its logits are unchanged).
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -46,7 +51,13 @@ class MaskSwitchModule(nn.Module):
         hidden: width of the first FC (256).
         num_resolutions: K (4).
         se_reduction: SE reduction ratio (16).
+
+    Buffer ``cost_penalty`` ``[K]``: subtracted from the FC's output (zeros unless a fit set a price).
     """
+
+    # version 2 added ``cost_penalty``; an older state dict loads with zeros (the logits it was trained for)
+    _version = 2
+    cost_penalty: Tensor
 
     def __init__(self, *, in_channels: int = 256, in_size: int = 14, conv_channels: tuple[int, int] = (64, 16),
                  hidden: int = 256, num_resolutions: int = 4, se_reduction: int = 16) -> None:
@@ -60,6 +71,17 @@ class MaskSwitchModule(nn.Module):
         self.fc2 = nn.Linear(hidden, num_resolutions)
         self.in_size = in_size
         self.num_resolutions = num_resolutions
+        self.register_buffer("cost_penalty", torch.zeros(num_resolutions))
+        self._init_weights()
+
+    def reset_parameters(self) -> None:
+        """Fresh weights (a switch fit starts from these) and no cost penalty."""
+        for m in (self.se.fc1, self.se.fc2, self.conv1, self.conv2, self.fc1, self.fc2):
+            m.reset_parameters()
+        self._init_weights()
+        self.cost_penalty.zero_()
+
+    def _init_weights(self) -> None:
         for conv in (self.conv1, self.conv2):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             if conv.bias is not None:
@@ -67,10 +89,30 @@ class MaskSwitchModule(nn.Module):
         nn.init.normal_(self.fc2.weight, std=0.01)  # start near a uniform choice
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x ``[R, C, 14, 14]`` (detached RoI feature) → logits ``[R, K]``."""
+    def set_cost_penalty(self, penalty: Tensor) -> None:
+        """``penalty`` ``[K]``: μ · C_k, subtracted from the outputs (so argmax picks argmax_k(ŝ_k − μ C_k))."""
+        if penalty.shape != self.cost_penalty.shape:
+            raise ValueError(f"cost_penalty must have shape {tuple(self.cost_penalty.shape)}, "
+                             f"got {tuple(penalty.shape)}")
+        self.cost_penalty.copy_(penalty)
+
+    def raw(self, x: Tensor) -> Tensor:
+        """The FC's output ``[R, K]`` before the cost penalty (what a switch fit regresses)."""
         x = self.se(x)
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
         x = F.relu(self.fc1(x.flatten(1)))
         return self.fc2(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "cost_penalty"
+        if (version is None or version < 2) and key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.cost_penalty)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x ``[R, C, 14, 14]`` (detached RoI feature) → logits ``[R, K]`` (the choice is their argmax)."""
+        return self.raw(x) - self.cost_penalty

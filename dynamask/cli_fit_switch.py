@@ -1,0 +1,95 @@
+"""``dynamask fit-switch``: fit a trained DynaMask checkpoint's Mask Switch by regression and price its
+resolutions for a budget (:mod:`dynamask.engine.switch_fit`); writes a new checkpoint.
+
+    dynamask fit-switch runs/x/last.pth --data data/shapes --out runs/x/fitted.pth --budget-at 28
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from dynamask import cli_checks
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("fit-switch", help="fit a trained checkpoint's mask switch to a budget (regression, "
+                                          "the stages untouched); writes a new checkpoint")
+    p.add_argument("checkpoint", help="a trained DynaMask checkpoint")
+    p.add_argument("--out", required=True, help="the new checkpoint (not the input's path)")
+    p.add_argument("--data", help="dataset root made by `dynamask shapes` (its train split is used)")
+    p.add_argument("--train-images")
+    p.add_argument("--train-ann")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-gmacs", type=float, help="C_t: mean mask-head GMAC per RoI")
+    budget.add_argument("--budget-at", type=int, metavar="S",
+                        help="C_t = the head's cost at resolution S (e.g. 28: on average as costly as 28² for all)")
+    budget.add_argument("--no-budget", action="store_true", help="no price: each RoI gets its predicted best")
+    p.add_argument("--batches", type=cli_checks.positive_int, default=900,
+                   help="training batches run through the frozen model (default 900)")
+    p.add_argument("--batch-size", type=cli_checks.positive_int, default=2, help="images per batch (default 2)")
+    p.add_argument("--epochs", type=cli_checks.positive_int, default=15,
+                   help="epochs of the switch over the collected RoIs (default 15)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flip-prob", type=cli_checks.unit_interval, default=0.5,
+                   help="horizontal flips of the training images (default 0.5, as training)")
+    p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: a GPU when present, else cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from dynamask.checks import check_device
+    from dynamask.cli import _split_files  # (imported here: dynamask.cli registers this command)
+    from dynamask.data import Compose, RandomHorizontalFlip
+    from dynamask.data.lvis import open_dataset
+    from dynamask.engine import switch_fit
+    from dynamask.engine.checkpoint import model_from_checkpoint, save_checkpoint
+    from dynamask.flops import mask_head_gmacs
+
+    images, ann = _split_files(args, "train", args.train_images, args.train_ann)
+    if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
+        raise ValueError(f"--out {args.out} is the input checkpoint: write the fitted one beside it")
+    check_device(args.device)
+    # everything is checked before the model runs on the data: the collection takes minutes
+    model, ckpt = model_from_checkpoint(args.checkpoint)
+    from dynamask.models.detector import DynaMaskRCNN
+    from dynamask.models.roi_heads import DynaMaskRoIHeads
+
+    heads = getattr(model, "roi_heads", None)
+    if not isinstance(model, DynaMaskRCNN) or not isinstance(heads, DynaMaskRoIHeads):
+        raise ValueError(f"{args.checkpoint}: architecture {ckpt['arch'].get('name')!r} has no mask switch to fit")
+    costs = mask_head_gmacs(heads.mask_head)
+    if args.budget_at is not None:
+        if args.budget_at not in costs:
+            raise ValueError(f"--budget-at {args.budget_at}: the head's resolutions are {sorted(costs)}")
+        target: float | None = costs[args.budget_at]
+    else:
+        target = None if args.no_budget else args.target_gmacs
+    if target is not None and target < min(costs.values()):
+        raise ValueError(f"--target-gmacs {target:g} is below the cheapest resolution's cost "
+                         f"{min(costs.values()):g} GMAC per RoI (costs: {costs})")
+    dataset = open_dataset(images, ann, Compose([RandomHorizontalFlip(args.flip_prob)] if args.flip_prob else []))
+    if len(dataset) == 0:
+        raise ValueError(f"{ann}: no training images")
+    saved = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
+    if saved != dataset.label_map:
+        raise ValueError(f"{args.checkpoint} was trained on categories {saved}, but {ann} has {dataset.label_map}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    report = switch_fit.fit_model_switch(model, dataset, target_gmacs=target, num_batches=args.batches,
+                                         batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                                         progress=not args.no_progress)
+    extra = dict(ckpt.get("extra", {}))
+    extra["switch_fit"] = {**report.as_dict(), "from": os.path.abspath(args.checkpoint), "batches": args.batches,
+                           "batch_size": args.batch_size, "seed": args.seed}
+    save_checkpoint(args.out, arch=ckpt["arch"], label_map=saved, model=model.cpu(), epoch=ckpt.get("epoch"),
+                    iteration=ckpt.get("iteration"), extra=extra)
+    shares = ", ".join(f"{s}²: {100 * f:.0f}%" for s, f in zip(costs, report.train_shares))
+    print(f"fitted the switch on {report.rois} training RoIs ({report.epochs} epochs, {report.seconds:.0f} s); "
+          f"price {report.mu:.4g} per GMAC; training RoIs at {shares}; mean head cost {report.train_gmacs:.4g} GMAC "
+          f"(budget {'none' if target is None else f'{target:.4g}'})")
+    print(f"wrote {args.out}")
+    return 0

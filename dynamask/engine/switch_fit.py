@@ -1,0 +1,250 @@
+"""Fitting the Mask Switch to a trained model: a regression switch priced per resolution (issue 16).
+
+The paper trains the switch through a Gumbel sample of the per-resolution losses, under a budget term; on our
+studies that switch captures 0.26-0.5 of what routing can gain (``benchmarks/results/accuracy_cpu.md``). A
+switch that sees each training RoI's outcome at every resolution can learn more directly:
+
+1. :func:`collect`: with the model frozen, run its training batches through the mask head at every resolution
+   and keep, per positive RoI, the switch's input (``switch_input`` view, float16) and each resolution's mask
+   IoU with the ground truth on the finest grid (:func:`~dynamask.engine.routing_probe.mask_iou_top_grid`:
+   the quantity the routing value judges).
+2. :func:`fit_switch`: a fresh MSM regresses each RoI's IoUs, centred per RoI (only the differences between
+   resolutions decide), for some epochs over the cache; then the price μ per GMAC is set by bisection so that
+   the training RoIs' mean head cost meets the budget C_t (:func:`calibrate_mu`), and stored in the MSM as its
+   ``cost_penalty`` μ·C_k. The switch then chooses argmax_k(predicted IoU_k − μ C_k): the Lagrangian choice.
+
+Costs nothing at inference beyond the MSM (K subtractions). The model's stages are untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dynamask.engine.routing_probe import mask_iou_top_grid
+from dynamask.flops import mask_head_gmacs
+from dynamask.models import mask_losses
+from dynamask.models.detector import DynaMaskRCNN
+from dynamask.models.msm import MaskSwitchModule
+from dynamask.models.roi_heads import DynaMaskRoIHeads
+from dynamask.models.switch_input import switch_view
+
+Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
+
+
+class FrozenHead(NamedTuple):
+    """The frozen mask head on one training batch's positive RoIs (sampled as training samples them)."""
+
+    roi_features: Tensor  # [R, C, S_0, S_0]
+    trunk: Tensor  # [R, C_0, S_0, S_0]
+    mask_logits: list[Tensor]  # K × [R, S_k, S_k]
+    edge_logits: list[Tensor]  # K × [R, S_k, S_k]
+    mask_targets: list[Tensor]  # K × [R, S_k, S_k]
+    edge_targets: list[Tensor]  # K × [R, S_k, S_k]
+
+
+@torch.no_grad()
+def frozen_head_outputs(model: DynaMaskRCNN, images: list[Tensor],
+                        targets: list[dict[str, Tensor]]) -> FrozenHead | None:
+    """Every stage of ``model``'s mask head on the positives of one training batch (the model in eval mode:
+    its RPN proposes as at test time, the box sampler picks positives as in training). None without
+    positives."""
+    heads = cast(DynaMaskRoIHeads, model.roi_heads)
+    head = heads.mask_head
+    il, tg = model.transform(images, targets)
+    features = model.backbone(il.tensors)
+    proposals, _ = model.rpn(il, features)
+    proposals, matched, labels, _ = heads.select_training_samples(proposals, tg)
+    pos = [heads._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
+    props = [p[i] for p, i in zip(proposals, pos)]
+    matched = [m[i] for m, i in zip(matched, pos)]
+    classes = torch.cat([lab[i] for lab, i in zip(labels, pos)]) if head.mask_classes > 1 else None
+    roi_features, levels, scales, rois = heads._pool_masks(features, props, il.image_sizes)
+    if rois.shape[0] == 0:
+        return None
+    trunk = head.trunk(roi_features)
+    mask_logits, edge_logits = head.forward_train(roi_features, levels, scales, rois, trunk, classes)
+    mask_t = mask_losses.mask_targets([t["masks"] for t in tg], props, matched, head.resolutions)
+    edge_t = [mask_losses.edge_targets(m) for m in mask_t]
+    return FrozenHead(roi_features, trunk, list(mask_logits), list(edge_logits), mask_t, edge_t)
+
+
+@dataclass
+class SwitchData:
+    """What a switch fit learns from: per training RoI, the switch's input and each resolution's IoU."""
+
+    inputs: Tensor  # [N, C_in, S_0, S_0] float16 (the model's switch_input view)
+    iou: Tensor  # [N, K] float32: mask IoU with the ground truth on the finest grid, per resolution
+
+    def __post_init__(self) -> None:
+        if self.inputs.shape[0] != self.iou.shape[0]:
+            raise ValueError(f"SwitchData: {self.inputs.shape[0]} inputs but {self.iou.shape[0]} IoU rows")
+
+
+def sample_batches(dataset: Any, *, batch_size: int, num_batches: int, seed: int) -> Iterator[Batch]:
+    """``num_batches`` batches of ``batch_size`` from a seeded shuffle of ``dataset`` (epochs as needed);
+    the dataset's own transforms (e.g. flips) apply."""
+    from dynamask.data import collate_fn
+
+    if batch_size < 1 or num_batches < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_batches >= 0, got {batch_size} and {num_batches}")
+    if len(dataset) == 0:
+        raise ValueError("sample_batches: the dataset is empty")
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    for _ in range(num_batches):
+        idx: list[int] = []
+        while len(idx) < batch_size:
+            if not order:
+                order = rng.permutation(len(dataset)).tolist()
+            idx.append(order.pop())
+        images, targets = collate_fn([dataset[i] for i in idx])
+        yield list(images), list(targets)
+
+
+@torch.no_grad()
+def collect(model: DynaMaskRCNN, batches: Iterable[Batch], *, total: int | None = None,
+            progress: bool = True) -> SwitchData:
+    """Runs the frozen ``model`` (a DynaMask detector; put in eval mode here) on ``batches`` of training
+    images and targets and returns the switch's inputs and per-resolution IoUs of their positive RoIs."""
+    from tqdm import tqdm
+
+    heads = cast(DynaMaskRoIHeads, model.roi_heads)
+    head = heads.mask_head
+    model.eval()
+    device = next(model.parameters()).device
+    xs: list[Tensor] = []
+    ious: list[Tensor] = []
+    for images, targets in tqdm(batches, total=total, desc="switch fit: collecting", disable=not progress,
+                                dynamic_ncols=True, mininterval=5.0):
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        out = frozen_head_outputs(model, images, targets)
+        if out is None:
+            continue
+        xs.append(switch_view(heads.switch_input, head, out.roi_features, out.trunk).half().cpu())
+        probs = [x.float().sigmoid() for x in out.mask_logits]
+        ious.append(mask_iou_top_grid(probs, out.mask_targets[-1]).float().cpu())
+    if not xs:
+        raise ValueError("switch fit: the batches held no positive RoI to learn from")
+    return SwitchData(torch.cat(xs), torch.cat(ious))
+
+
+def calibrate_mu(scores: Tensor, costs: Tensor, target: float) -> float:
+    """The smallest price μ ≥ 0 at which the mean cost of argmax_k(scores_ik − μ C_k) over the rows of
+    ``scores`` ``[N, K]`` is at most ``target`` (bisection; the mean cost does not increase with μ).
+    0 when even μ = 0 meets it or there are no rows."""
+    def mean_cost(mu: float) -> float:
+        return float(costs[(scores - mu * costs).argmax(dim=1)].mean())
+
+    if scores.shape[0] == 0 or mean_cost(0.0) <= target:
+        return 0.0
+    if target < float(costs.min()):
+        raise ValueError(f"target {target:g} GMAC is below the cheapest resolution's cost {float(costs.min()):g}")
+    lo, hi = 0.0, 1.0
+    while mean_cost(hi) > target:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_cost(mid) > target else (lo, mid)
+    return hi
+
+
+@dataclass
+class FitReport:
+    rois: int
+    epochs: int
+    mu: float  # price per GMAC
+    target_gmacs: float | None
+    train_gmacs: float  # mean head cost of the fitted choices on the training RoIs
+    train_shares: list[float]  # share of training RoIs at each resolution
+    losses: list[float]  # mean regression loss per epoch
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@torch.no_grad()
+def _raw(msm: MaskSwitchModule, inputs: Tensor, batch: int = 256) -> Tensor:
+    device = next(msm.parameters()).device
+    out = [msm.raw(inputs[i:i + batch].to(device).float()).float().cpu() for i in range(0, inputs.shape[0], batch)]
+    return torch.cat(out) if out else inputs.new_zeros((0, msm.num_resolutions), dtype=torch.float32)
+
+
+def fit_switch(msm: MaskSwitchModule, data: SwitchData, *, costs: Sequence[float], target_gmacs: float | None,
+               epochs: int = 15, batch_size: int = 16, lr: float = 5e-4, weight_decay: float = 1e-4, seed: int = 0,
+               progress: bool = True) -> FitReport:
+    """Fits ``msm`` (reset first) to ``data`` and prices its resolutions for ``target_gmacs`` (GMAC per RoI;
+    None: no price, each RoI gets its predicted best). ``costs``: the head's GMAC per RoI at each resolution
+    (:func:`dynamask.flops.mask_head_gmacs`). The MSM is left in eval mode."""
+    from tqdm import tqdm
+
+    k = msm.num_resolutions
+    if data.iou.shape[1] != k or len(costs) != k:
+        raise ValueError(f"fit_switch: the MSM has {k} resolutions, the data {data.iou.shape[1]}, the costs "
+                         f"{len(costs)}")
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"fit_switch: epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, "
+                         f"{lr}")
+    n = data.inputs.shape[0]
+    if n == 0:
+        raise ValueError("fit_switch: no RoIs to learn from")
+    cost = torch.tensor([float(c) for c in costs], dtype=torch.float32)
+    if target_gmacs is not None and target_gmacs < float(cost.min()):
+        raise ValueError(f"target_gmacs {target_gmacs:g} is below the cheapest resolution's cost {float(cost.min()):g}")
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        msm.reset_parameters()
+    device = next(msm.parameters()).device
+    opt = torch.optim.AdamW(msm.parameters(), lr=lr, weight_decay=weight_decay)
+    target = data.iou - data.iou.mean(dim=1, keepdim=True)  # only the differences between resolutions decide
+    losses = []
+    msm.train()
+    bar = tqdm(total=epochs, desc="switch fit: training", disable=not progress, dynamic_ncols=True)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for j in range(0, n, batch_size):
+            idx = perm[j:j + batch_size]
+            pred = msm.raw(data.inputs[idx].to(device).float())
+            loss = F.mse_loss(pred - pred.mean(dim=1, keepdim=True), target[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * idx.numel()
+        losses.append(total / n)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.5f}")
+    bar.close()
+    msm.eval()
+    scores = _raw(msm, data.inputs)
+    mu = 0.0 if target_gmacs is None else calibrate_mu(scores, cost, target_gmacs)
+    msm.set_cost_penalty((mu * cost).to(cast(Tensor, msm.cost_penalty)))
+    choice = (scores - mu * cost).argmax(dim=1)
+    shares = torch.bincount(choice, minlength=k).double() / n
+    return FitReport(rois=n, epochs=epochs, mu=mu, target_gmacs=target_gmacs, train_gmacs=float(cost[choice].mean()),
+                     train_shares=[float(s) for s in shares], losses=losses, seconds=time.time() - t0)
+
+
+def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float | None, num_batches: int = 900,
+                     batch_size: int = 4, epochs: int = 15, seed: int = 0, progress: bool = True) -> FitReport:
+    """:func:`collect` on ``num_batches`` batches of ``dataset`` (training images, with their transforms),
+    then :func:`fit_switch` of ``model.roi_heads.msm``. The model is left in eval mode, its switch fitted."""
+    if not isinstance(model.roi_heads, DynaMaskRoIHeads):
+        raise ValueError("fit_model_switch needs a DynaMask model (roi_heads with an MSM)")
+    heads = model.roi_heads
+    data = collect(model, sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed),
+                   total=num_batches, progress=progress)
+    costs = list(mask_head_gmacs(heads.mask_head).values())
+    return fit_switch(heads.msm, data, costs=costs, target_gmacs=target_gmacs, epochs=epochs, seed=seed,
+                      progress=progress)

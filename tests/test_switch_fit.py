@@ -1,0 +1,225 @@
+"""The switch fit (dynamask.engine.switch_fit) and the MSM's cost penalty."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from model_helpers import synthetic_batch, tiny_model
+
+from dynamask.engine import switch_fit
+from dynamask.engine.routing_probe import mask_iou_top_grid
+from dynamask.flops import mask_head_gmacs
+from dynamask.models.msm import MaskSwitchModule
+
+
+def small_msm(k: int = 3) -> MaskSwitchModule:
+    return MaskSwitchModule(in_channels=8, in_size=6, conv_channels=(8, 4), hidden=16, num_resolutions=k,
+                            se_reduction=4)
+
+
+def test_cost_penalty_defaults_to_zero_and_is_subtracted():
+    torch.manual_seed(0)
+    msm = small_msm().eval()
+    x = torch.randn(5, 8, 6, 6)
+    assert torch.equal(msm(x), msm.raw(x))
+    msm.set_cost_penalty(torch.tensor([0.0, 1.0, 3.0]))
+    assert torch.allclose(msm(x), msm.raw(x) - torch.tensor([0.0, 1.0, 3.0]))
+    with pytest.raises(ValueError, match="cost_penalty must have shape"):
+        msm.set_cost_penalty(torch.zeros(4))
+
+
+def test_a_state_dict_from_before_the_cost_penalty_loads_with_zeros():
+    torch.manual_seed(0)
+    old = small_msm()
+    state = old.state_dict()
+    del state["cost_penalty"]
+    state._metadata[""]["version"] = 1  # what an MSM of version 1 wrote
+    new = small_msm()
+    new.set_cost_penalty(torch.ones(3))
+    new.load_state_dict(state, strict=True)
+    assert torch.equal(new.cost_penalty, torch.zeros(3))
+    assert torch.equal(new.fc2.weight, old.fc2.weight)
+    # a current state dict keeps its penalty
+    old.set_cost_penalty(torch.tensor([0.0, 2.0, 5.0]))
+    new.load_state_dict(old.state_dict(), strict=True)
+    assert torch.equal(new.cost_penalty, torch.tensor([0.0, 2.0, 5.0]))
+
+
+def test_reset_parameters_gives_fresh_weights_and_clears_the_penalty():
+    torch.manual_seed(0)
+    msm = small_msm()
+    msm.set_cost_penalty(torch.ones(3))
+    with torch.no_grad():
+        msm.fc1.weight.fill_(7.0)
+    msm.reset_parameters()
+    assert not torch.any(msm.fc1.weight == 7.0)
+    assert torch.equal(msm.cost_penalty, torch.zeros(3))
+    assert torch.equal(msm.fc2.bias, torch.zeros(3))
+
+
+def test_calibrate_mu_on_a_hand_made_case():
+    costs = torch.tensor([1.0, 2.0, 4.0])
+    # IoU scores: row 0 gains 0.3 from the last resolution, row 1 gains 0.05, row 2 nothing
+    scores = torch.tensor([[0.5, 0.6, 0.8], [0.70, 0.72, 0.75], [0.9, 0.9, 0.9]])
+    assert switch_fit.calibrate_mu(scores, costs, 4.0) == 0.0  # unconstrained: every row at its best
+    # a budget of 2 per row: buying row 0's gain (0.3 for +3 cost) is worth it; μ is row 1's price of its first
+    # step (0.02 for +1 cost), the smallest at which row 1 stays at resolution 0
+    mu = switch_fit.calibrate_mu(scores, costs, 2.0)
+    choice = (scores - mu * costs).argmax(dim=1)
+    assert choice.tolist() == [2, 0, 0] and float(costs[choice].mean()) <= 2.0
+    assert mu == pytest.approx(0.02, abs=1e-6)
+    assert float(costs[(scores - (mu - 1e-4) * costs).argmax(dim=1)].mean()) > 2.0
+    assert switch_fit.calibrate_mu(torch.zeros(0, 3), costs, 1.0) == 0.0
+    with pytest.raises(ValueError, match="below the cheapest"):
+        switch_fit.calibrate_mu(scores, costs, 0.5)
+
+
+def _separable_data(n: int, seed: int) -> switch_fit.SwitchData:
+    """Half the RoIs (channel 0 bright) gain 0.4 IoU from resolution 2, the rest lose 0.1 there."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, 6, 6, generator=g) * 0.3
+    fine = torch.rand(n, generator=g) < 0.5
+    x[fine, 0] += 2.0
+    iou = torch.full((n, 3), 0.5)
+    iou[:, 1] = 0.52
+    iou[:, 2] = torch.where(fine, torch.tensor(0.9), torch.tensor(0.4))
+    return switch_fit.SwitchData(x.half(), iou)
+
+
+def test_fit_switch_learns_which_rois_gain_and_meets_the_budget():
+    train, test = _separable_data(256, 0), _separable_data(128, 1)
+    costs = [1.0, 2.0, 4.0]
+    msm = small_msm()
+    rep = switch_fit.fit_switch(msm, train, costs=costs, target_gmacs=None, epochs=8, lr=3e-3, seed=0,
+                                progress=False)
+    assert rep.mu == 0.0 and rep.rois == 256 and len(rep.losses) == 8 and rep.losses[-1] < rep.losses[0]
+    choice = msm(test.inputs.float()).argmax(dim=1)
+    best = test.iou.argmax(dim=1)
+    assert (choice == best).float().mean() >= 0.95
+    # a budget that pays for resolution 2 on at most a quarter of the RoIs: the price keeps the mean training
+    # cost within it, and the RoIs it sends to 2 are ones that gain there
+    rep = switch_fit.fit_switch(msm, train, costs=costs, target_gmacs=1.75, epochs=8, lr=3e-3, seed=0,
+                                progress=False)
+    assert rep.mu > 0 and rep.train_gmacs <= 1.75 and rep.train_shares[2] > 0.1
+    assert torch.allclose(msm.cost_penalty, rep.mu * torch.tensor(costs))
+    choice = msm(test.inputs.float()).argmax(dim=1)
+    assert (best[choice == 2] == 2).float().mean() >= 0.95
+
+
+def test_fit_switch_refuses_bad_input_before_training():
+    msm = small_msm()
+    data = _separable_data(16, 0)
+    before = msm.fc1.weight.clone()
+    with pytest.raises(ValueError, match="below the cheapest"):
+        switch_fit.fit_switch(msm, data, costs=[1.0, 2.0, 4.0], target_gmacs=0.5, progress=False)
+    with pytest.raises(ValueError, match="3 resolutions"):
+        switch_fit.fit_switch(msm, data, costs=[1.0, 2.0], target_gmacs=None, progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        switch_fit.fit_switch(msm, data, costs=[1.0, 2.0, 4.0], target_gmacs=None, epochs=0, progress=False)
+    assert torch.equal(msm.fc1.weight, before)
+    with pytest.raises(ValueError, match="inputs but"):
+        switch_fit.SwitchData(torch.zeros(3, 8, 6, 6), torch.zeros(2, 3))
+
+
+def test_collect_keeps_the_switch_input_and_each_resolutions_iou():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    images, targets = synthetic_batch()
+    torch.manual_seed(5)
+    out = switch_fit.frozen_head_outputs(model, images, targets)
+    torch.manual_seed(5)
+    data = switch_fit.collect(model, [(images, targets)], progress=False)
+    assert out is not None and data.inputs.shape == out.roi_features.shape
+    assert torch.equal(data.inputs, out.roi_features.half())
+    # the IoU of each resolution, by hand: upsample, threshold at 0.5, count on the finest grid
+    top = out.mask_targets[-1] > 0.5
+    size = top.shape[-1]
+    for k, logits in enumerate(out.mask_logits):
+        up = torch.nn.functional.interpolate(logits.sigmoid()[:, None], size=(size, size), mode="bilinear",
+                                             align_corners=False)[:, 0] >= 0.5
+        inter = (up & top).flatten(1).sum(1).float()
+        union = (up | top).flatten(1).sum(1).float()
+        want = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        assert torch.allclose(data.iou[:, k], want, atol=1e-6)
+    assert torch.equal(data.iou, mask_iou_top_grid([x.sigmoid() for x in out.mask_logits],
+                                                   out.mask_targets[-1]).float())
+    with pytest.raises(ValueError, match="no positive RoI"):
+        empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                  "masks": torch.zeros(0, 64, 80, dtype=torch.uint8)} for _ in images]
+        switch_fit.collect(model, [(images, empty)], progress=False)
+
+
+def test_a_fitted_model_routes_by_its_priced_switch_and_the_checkpoint_keeps_the_price(tmp_path):
+    from model_helpers import TINY
+
+    from dynamask.data import CocoDetection
+    from dynamask.data.shapes import generate, split_paths
+    from dynamask.engine.checkpoint import make_arch, model_from_checkpoint, save_checkpoint
+
+    generate(str(tmp_path / "data"), train=4, val=1, size=64, seed=0, max_objects=2)
+    train = CocoDetection(*split_paths(str(tmp_path / "data"), "train"))
+    torch.manual_seed(0)
+    kw = {**TINY, "num_classes": 8}
+    model = tiny_model(num_classes=8)
+    costs = list(mask_head_gmacs(model.roi_heads.mask_head).values())
+    target = (costs[0] + costs[1]) / 2
+    rep = switch_fit.fit_model_switch(model, train, target_gmacs=target, num_batches=3, batch_size=2, epochs=2,
+                                      progress=False)
+    assert rep.rois > 0 and rep.train_gmacs <= target
+    assert torch.allclose(model.roi_heads.msm.cost_penalty, rep.mu * torch.tensor(costs))
+    path = save_checkpoint(str(tmp_path / "fit.pth"), arch=make_arch("dynamask_resnet_fpn", **kw),
+                           label_map={i: (i, str(i)) for i in range(1, 8)}, model=model)
+    loaded, _ = model_from_checkpoint(path)
+    assert torch.equal(loaded.roi_heads.msm.cost_penalty, model.roi_heads.msm.cost_penalty)
+    loaded.eval()
+    images, _ = synthetic_batch()
+    with torch.no_grad():
+        il, _ = loaded.transform(images)
+        feats = loaded.backbone(il.tensors)
+        boxes = [torch.tensor([[4.0, 4.0, 40.0, 40.0], [10.0, 20.0, 60.0, 60.0]])] * 2
+        pooled = loaded.roi_heads._pool_masks(feats, boxes, il.image_sizes)
+        choice = loaded.roi_heads.choose(pooled.features, boxes, il.image_sizes)
+        want = (loaded.roi_heads.msm.raw(pooled.features) - loaded.roi_heads.msm.cost_penalty).argmax(dim=1)
+    assert torch.equal(choice, want)
+
+
+def test_cli_fit_switch_writes_a_fitted_checkpoint_and_refuses_bad_input(tmp_path, capsys):
+    from model_helpers import TINY
+
+    from dynamask.cli import main
+    from dynamask.data.shapes import generate
+    from dynamask.engine.checkpoint import load_checkpoint, make_arch, save_checkpoint
+
+    data = str(tmp_path / "data")
+    generate(data, train=4, val=1, size=64, seed=0)
+    torch.manual_seed(0)
+    kw = {**TINY, "num_classes": 8}
+    model = tiny_model(num_classes=8)
+    src = save_checkpoint(str(tmp_path / "last.pth"), arch=make_arch("dynamask_resnet_fpn", **kw),
+                          label_map={i: (i, n) for i, n in enumerate(
+                              ("ellipse", "rectangle", "triangle", "star", "gear", "ring", "blob"), start=1)},
+                          model=model, iteration=7)
+    costs = mask_head_gmacs(model.roi_heads.mask_head)
+    out = str(tmp_path / "fitted.pth")
+    # refused before any work: same path, a budget below the cheapest resolution, an unknown resolution
+    assert main(["fit-switch", src, "--data", data, "--out", src, "--budget-at", "14"]) == 1
+    assert "is the input checkpoint" in capsys.readouterr().err
+    assert main(["fit-switch", src, "--data", data, "--out", out, "--target-gmacs", "1e-9"]) == 1
+    assert "below the cheapest" in capsys.readouterr().err
+    assert main(["fit-switch", src, "--data", data, "--out", out, "--budget-at", "13"]) == 1
+    assert "resolutions are" in capsys.readouterr().err
+    assert not os.path.exists(out)
+    assert main(["fit-switch", src, "--data", data, "--out", out, "--budget-at", "14", "--batches", "2",
+                 "--epochs", "1", "--no-progress"]) == 0
+    assert "price" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    fit = ckpt["extra"]["switch_fit"]
+    assert ckpt["iteration"] == 7 and fit["target_gmacs"] == pytest.approx(costs[14]) and fit["rois"] > 0
+    assert torch.allclose(ckpt["model"]["roi_heads.msm.cost_penalty"], fit["mu"] * torch.tensor(list(costs.values())))
+    # the stages are the input's
+    before = load_checkpoint(src)["model"]
+    for k, v in before.items():
+        if not k.startswith("roi_heads.msm."):
+            assert torch.equal(ckpt["model"][k], v), k
