@@ -20,7 +20,7 @@ from torchvision.ops import box_iou
 from dynamask.engine.coco_eval import coco_metrics, output_to_results
 from dynamask.engine.routing import oracle_choice
 from dynamask.engine.routing_probe import Switch, head_outputs, mask_iou_top_grid
-from dynamask.models import mask_inference, mask_losses
+from dynamask.models import mask_handoff, mask_inference, mask_losses
 
 ORACLE_TOL = 0.01
 MATCH_IOU = 0.5  # a detection is scored against the GT it overlaps most, when the box IoU reaches this
@@ -109,10 +109,9 @@ def evaluate_policies(model: nn.Module, dataset, *, costs: Mapping[int, float],
             extra = switches[name][1] if name in switches else 0.0
             gmacs[name] = gmacs.get(name, 0.0) + float(cost_t[choice].sum()) + extra * n
             out = {"boxes": boxes * scale, "scores": det["scores"], "labels": det["labels"],
-                   "mask_resolution": res_t[choice]}
-            for j, s in enumerate(resolutions):
-                out[mask_inference.mask_probs_key(s)] = probs[j][choice == j]
-            out = mask_inference.paste_instance_masks(out, (h, w), resolutions)
+                   "mask_resolution": res_t[choice],
+                   mask_handoff.HANDOFF_KEY: mask_handoff.handoff_from_choice(probs, choice)}
+            out = mask_handoff.paste_instance_masks(out, (h, w))
             results.setdefault(name, []).extend(output_to_results(image_id, out, dataset.cat_ids, image_size=(h, w)))
         count += n
     metrics = {}

@@ -1,6 +1,6 @@
 """End-to-end inference speed: DynaMask (ResNet-50-FPN) against torchvision's Mask R-CNN, same images.
 
-    python benchmarks/e2e.py [--images 2] [--reps 3] [--device cpu|cuda] [--out FILE.md]
+    python benchmarks/e2e.py [--images 2] [--reps 3] [--device cpu|cuda] [--before] [--out FILE.md]
 
 Both models are randomly initialised (nothing is downloaded) and set up to return exactly 100
 detections per image (box score threshold 0, 100 detections per image), on 800×1216 images, so that
@@ -11,6 +11,10 @@ torchvision's head) and the paper's Table 9 mixes. Time per batch of ``--images`
 interleaved runs (torchvision, then each DynaMask case, repeated). CPU bars (issue 5): the
 0.35/0.34/0.21/0.10 mix no slower than torchvision (ratio ≤ 1.0), all-112 ≤ 1.5×. The paper's own
 ratios on a GPU were 1.11 (all-112) and 1.49 — against its baseline.
+
+``--before`` adds each DynaMask case once more through the mask hand-off as it was before issue 19
+(``_e2e_before.py``: string-keyed masks, a Python loop rebuilding runs before the paste), interleaved
+with the rest, and prints the time ratio current ÷ before per case.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _e2e_before  # noqa: E402
 from _timing import device_name, interleaved_medians, markdown_table, ms, publish  # noqa: E402
 
 from dynamask import ops  # noqa: E402
@@ -60,6 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, as the bars)")
     ap.add_argument("--size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"),
                     help="image size (default 800 1216, the bars' size; smaller for a smoke run)")
+    ap.add_argument("--before", action="store_true", help="also time the pre-issue-19 mask hand-off")
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args()
     dev = args.device
@@ -79,18 +85,28 @@ def main() -> None:
     def run_tv() -> list[dict[str, Tensor]]:
         return tv(images)
 
-    def run_ours(mix: tuple[float, ...]):
+    def run_ours(mix: tuple[float, ...], before: bool = False):
         policy = FixedMix(mix)
 
         def fn() -> list[dict[str, Tensor]]:
             ours.roi_heads.mask_policy = policy
-            return ours(images)
+            return _e2e_before.forward(ours, images) if before else ours(images)
         return fn
 
     fns = {"torchvision maskrcnn_resnet50_fpn": run_tv}
     fns.update({f"DynaMask {name}": run_ours(mix) for name, mix in MIXES.items()})
+    if args.before:
+        fns.update({f"DynaMask {name} (before #19)": run_ours(mix, before=True) for name, mix in MIXES.items()})
     with torch.inference_mode():
-        counts = {name: [int(o["boxes"].shape[0]) for o in fn()] for name, fn in fns.items()}
+        counts, masks = {}, {}
+        for name, fn in fns.items():
+            out = fn()
+            counts[name] = [int(o["boxes"].shape[0]) for o in out]
+            masks[name] = [o["masks"] for o in out] if name.startswith("DynaMask") and args.before else None
+            if name.endswith(" (before #19)"):  # both hand-offs paste the same canvases
+                now = masks.pop(name.removesuffix(" (before #19)"))
+                assert all(torch.equal(a, b) for a, b in zip(now, masks.pop(name))), name
+        del masks
         med = interleaved_medians(fns, dev, args.reps, warmup=0)
     base = med["torchvision maskrcnn_resnet50_fpn"]
     rows = []
@@ -106,6 +122,10 @@ def main() -> None:
     bars = (f"Bars (CPU): mix 0.35/0.34/0.21/0.10 ≤ 1.0× torchvision: {mix:.2f}× → {'PASS' if mix <= 1.0 else 'FAIL'}; "
             f"all-112 ≤ 1.5×: {all112:.2f}× → {'PASS' if all112 <= 1.5 else 'FAIL'}")
     text = f"{title}\n\n{table}\n\n{bars}\n"
+    if args.before:
+        ratios = ", ".join(f"{name} {med[f'DynaMask {name}'] / med[f'DynaMask {name} (before #19)']:.3f}×"
+                           for name in MIXES)
+        text += f"\nCurrent ÷ before #19 (same process, interleaved): {ratios}\n"
     publish(text, args.out)
 
 

@@ -122,11 +122,11 @@ def test_model_trains_only_the_labels_channels_and_predicts_with_them():
     n = out["labels"].shape[0]
     assert n > 0
     # the pasted masks come from each detection's label channel: paste the probe's 28² masks and compare
-    from dynamask.models.mask_inference import mask_probs_key, paste_instance_masks
+    from dynamask.models.mask_handoff import HANDOFF_KEY, handoff_from_choice, paste_instance_masks
 
     res = model.roi_heads.mask_head.resolutions
     ref = {"boxes": out["boxes"], "mask_resolution": torch.full((n,), 28),
-           **{mask_probs_key(s): probs[j] if s == 28 else probs[j][:0] for j, s in enumerate(res)}}
-    pasted = paste_instance_masks(ref, (64, 80), res)["masks"]
+           HANDOFF_KEY: handoff_from_choice(probs, torch.full((n,), res.index(28)))}
+    pasted = paste_instance_masks(ref, (64, 80))["masks"]
     torch.testing.assert_close(out["masks"], pasted, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(probs[1], other[1])

@@ -1,11 +1,12 @@
-"""paste_instance_masks: the per-resolution outputs of one image pasted in detection order; the one check
+"""paste_instance_masks: one image's hand-off (masks grouped by resolution) pasted in detection order; the one check
 of a mask policy, which the model's setter and choose_resolutions share."""
 
 import pytest
 import torch
 
 from dynamask import ops
-from dynamask.models.mask_inference import check_policy, choose_resolutions, mask_probs_key, paste_instance_masks
+from dynamask.models.mask_handoff import HANDOFF_KEY, MaskHandoff, paste_instance_masks
+from dynamask.models.mask_inference import check_policy, choose_resolutions
 
 
 def test_interleaved_resolutions_paste_in_detection_order():
@@ -18,10 +19,13 @@ def test_interleaved_resolutions_paste_in_detection_order():
     # Per resolution, the masks of the detections routed there, in detection order (as the head gives).
     per_det = [torch.rand(resolutions[k], resolutions[k]) for k in kinds]
     det = {"boxes": boxes, "mask_resolution": torch.tensor([resolutions[k] for k in kinds])}
+    groups = []
     for k, s in enumerate(resolutions):
         rows = [m for m, kk in zip(per_det, kinds) if kk == k]
-        det[mask_probs_key(s)] = torch.stack(rows) if rows else torch.zeros(0, s, s)
-    out = paste_instance_masks(det, (48, 80), resolutions)
+        groups.append(torch.stack(rows) if rows else torch.zeros(0, s, s))
+    order = [i for k in range(len(resolutions)) for i in range(n) if kinds[i] == k]  # the groups' rows
+    det[HANDOFF_KEY] = MaskHandoff(masks=tuple(groups), rows=torch.tensor(order).argsort())
+    out = paste_instance_masks(det, (48, 80))
     assert out["masks"].shape == (n, 1, 48, 80) and out["masks"].dtype == torch.float32
     assert not any(key.startswith("mask_probs_") for key in out)
     for i in range(n):  # each instance pasted on its own
@@ -31,9 +35,9 @@ def test_interleaved_resolutions_paste_in_detection_order():
 
 def test_no_detections():
     det = {"boxes": torch.zeros(0, 4), "mask_resolution": torch.zeros(0, dtype=torch.int64)}
-    for s in (14, 28):
-        det[mask_probs_key(s)] = torch.zeros(0, s, s)
-    out = paste_instance_masks(det, (10, 12), (14, 28))
+    det[HANDOFF_KEY] = MaskHandoff(masks=tuple(torch.zeros(0, s, s) for s in (14, 28)),
+                                   rows=torch.zeros(0, dtype=torch.int64))
+    out = paste_instance_masks(det, (10, 12))
     assert out["masks"].shape == (0, 1, 10, 12)
 
 

@@ -9,9 +9,11 @@
 namespace dynamask {
 namespace paste_masks {
 
-// Returns N, the number of masks, after checking that it matches the rows of boxes.
+// Returns M, the number of masks (the groups' rows), after checking that it matches the rows of
+// boxes (no index), or that index is an int64 [N] on the boxes' device. The values of index are
+// checked by check_index_cpu (CPU) or left to the kernel (CUDA: an out-of-range row pastes nothing).
 inline int64_t check_inputs(at::TensorList masks, const at::Tensor& boxes, int64_t height, int64_t width,
-                            const char* op) {
+                            const c10::optional<at::Tensor>& index, const char* op) {
   TORCH_CHECK_VALUE(boxes.dim() == 2 && boxes.size(1) == 4, op, ": boxes must be [N, 4] (x1, y1, x2, y2), got shape ",
                     boxes.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(boxes.scalar_type()), op, ": boxes must be a floating tensor, got ",
@@ -32,9 +34,25 @@ inline int64_t check_inputs(at::TensorList masks, const at::Tensor& boxes, int64
                       boxes.device(), "; all inputs must be on one device");
     n += m.size(0);
   }
-  TORCH_CHECK_VALUE(n == boxes.size(0), op, ": masks hold ", n, " masks but boxes has ", boxes.size(0),
-                    " rows; there must be one box per mask, in the same order");
+  if (index.has_value()) {
+    TORCH_CHECK_VALUE(index->scalar_type() == at::kLong && index->dim() == 1 && index->size(0) == boxes.size(0), op,
+                      ": index must be an int64 tensor of shape [N] = [", boxes.size(0),
+                      "] (one mask row per box), got ", index->scalar_type(), " of shape ", index->sizes());
+    TORCH_CHECK_VALUE(index->device() == boxes.device(), op, ": index is on ", index->device(), " but boxes is on ",
+                      boxes.device(), "; all inputs must be on one device");
+  } else {
+    TORCH_CHECK_VALUE(n == boxes.size(0), op, ": masks hold ", n, " masks but boxes has ", boxes.size(0),
+                      " rows; without an index there must be one box per mask, in the same order");
+  }
   return n;
+}
+
+// Every index[i] a row of the num_masks masks; before any work, so a bad index never pastes.
+inline void check_index_cpu(const int64_t* index, int64_t n, int64_t num_masks, const char* op) {
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(index[i] >= 0 && index[i] < num_masks, op, ": index[", i, "] is ", index[i],
+                      " but must be a mask row in [0, ", num_masks, ")");
+  }
 }
 
 inline void check_boxes_finite_cpu(const float* boxes, int64_t n, const char* op) {

@@ -90,6 +90,14 @@ struct Output<bool> {
   static DYNAMASK_INLINE bool of(float v, float threshold) { return v >= threshold; }
 };
 
+// The mask row that output n reads: index[n] when an index is given (-1 when it is not a row of the
+// num_masks masks, which the CUDA kernel pastes as nothing; the CPU kernel refuses it first), else n.
+DYNAMASK_INLINE int64_t mask_row(const int64_t* index, int64_t n, int64_t num_masks) {
+  if (index == nullptr) return n;
+  const int64_t m = index[n];
+  return (m >= 0 && m < num_masks) ? m : -1;
+}
+
 // Up to this many resolution groups travel to the CUDA kernel by value (more take several launches).
 constexpr int kMaxGroups = 16;
 

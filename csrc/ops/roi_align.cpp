@@ -4,14 +4,16 @@
 
 TORCH_LIBRARY_FRAGMENT(dynamask, m) {
   // All RoIs of all pyramid levels in one call. levels: [R] int64 level index per RoI, or None for
-  // FPN's LevelMapper with k_min = -log2(spatial_scales[0]).
+  // FPN's LevelMapper with k_min = -log2(spatial_scales[0]) and a box of side canonical_scale at
+  // level 4 (torchvision's 224 by default).
   m.def(
       "roi_align_multilevel(Tensor[] features, Tensor rois, Tensor? levels, float[] spatial_scales, "
-      "int pooled_height, int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+      "int pooled_height, int pooled_width, int sampling_ratio, bool aligned, float canonical_scale=224.) "
+      "-> Tensor");
   m.def(
       "roi_align_multilevel_backward(Tensor grad, Tensor rois, Tensor? levels, float[] spatial_scales, "
-      "int batch_size, int channels, int[] heights, int[] widths, int sampling_ratio, bool aligned) "
-      "-> Tensor[]");
+      "int batch_size, int channels, int[] heights, int[] widths, int sampling_ratio, bool aligned, "
+      "float canonical_scale=224.) -> Tensor[]");
   // Several (level, size, count) crops of a RoI prefix in one call; entry j crops
   // features[stage_levels[j]] for rois[:stage_counts[j]] at stage_sizes[j] x stage_sizes[j].
   m.def(

@@ -51,11 +51,20 @@ inline void check_stages(at::TensorList features, const at::Tensor& rois, at::In
   }
 }
 
+// The level rule's canonical box side (roi_align_common.h: fpn_level): a positive finite number.
+inline void check_canonical_scale(double canonical_scale, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(canonical_scale) && canonical_scale > 0, op,
+                    ": canonical_scale must be a positive finite number (the box side mapped to level 4), got ",
+                    canonical_scale);
+}
+
 // All argument checks of roi_align_multilevel that do not read the data.
 inline void check_multilevel_args(at::TensorList features, const at::Tensor& rois,
                                   const c10::optional<at::Tensor>& levels, at::ArrayRef<double> spatial_scales,
-                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, const char* op) {
+                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, double canonical_scale,
+                                  const char* op) {
   check_rois_and_levels(features, rois, spatial_scales, op);
+  check_canonical_scale(canonical_scale, op);
   if (levels.has_value()) {
     TORCH_CHECK_VALUE(levels->scalar_type() == at::kLong && levels->dim() == 1 && levels->size(0) == rois.size(0),
                       op, ": levels must be an int64 tensor of shape [R] = [", rois.size(0), "], got ",

@@ -19,15 +19,18 @@ DYNAMASK_INLINE double floor_(double x) { return floor(x); }
 DYNAMASK_INLINE float ceil_(float x) { return ceilf(x); }
 DYNAMASK_INLINE double ceil_(double x) { return ceil(x); }
 
-// torchvision's LevelMapper (canonical size 224 at level 4, eps 1e-6), in the RoIs' own precision
-// so that boxes exactly on a level boundary land where torchvision puts them. A box whose area is
-// not positive (degenerate, or inverted in one axis) maps to the finest level k_min.
+// FPN's level rule for a box of side s = sqrt(area): k = floor(4 + log2(s / canonical_scale) + 1e-6),
+// clamped to [k_min, k_max], returned as an index from k_min. canonical_scale is the side that maps
+// to level 4 (torchvision's LevelMapper: 224, for ~800-px images; smaller images want a smaller one).
+// Computed in the RoIs' own precision, as torch computes it, so that boxes exactly on a level
+// boundary land where torchvision puts them. A box whose area is not positive (degenerate, or
+// inverted in one axis) maps to the finest level k_min.
 template <typename T>
-DYNAMASK_INLINE int64_t fpn_level(T x1, T y1, T x2, T y2, int64_t k_min, int64_t k_max) {
+DYNAMASK_INLINE int64_t fpn_level(T x1, T y1, T x2, T y2, int64_t k_min, int64_t k_max, T canonical_scale) {
   const T area = (x2 - x1) * (y2 - y1);
   if (!(area > T(0))) return 0;
   const T s = sqrt_(area);
-  const T k = floor_(T(4) + log2_(s / T(224)) + T(1e-6));
+  const T k = floor_(T(4) + log2_(s / canonical_scale) + T(1e-6));
   if (!(k > T(k_min))) return 0;  // also catches NaN
   if (k >= T(k_max)) return k_max - k_min;
   return static_cast<int64_t>(k) - k_min;

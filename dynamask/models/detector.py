@@ -19,7 +19,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from dynamask.checks import check_kwargs
-from dynamask.models import mask_inference, mask_losses
+from dynamask.models import mask_handoff, mask_inference, mask_losses
 from dynamask.models.inputs import check_images, check_targets
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
@@ -165,9 +165,10 @@ class DynaMaskRCNN(GeneralizedRCNN):
         out = super().forward(images, targets)
         if self.training:
             return out
+        # the heads hand each image's masks over as a MaskHandoff; postprocess rescaled the boxes to the
+        # original images, so each canvas is its image's size
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        res = self.roi_heads.mask_head.resolutions
-        return [mask_inference.paste_instance_masks(det, size, res) for det, size in zip(out, sizes)]
+        return [mask_handoff.paste_instance_masks(det, size) for det, size in zip(out, sizes)]
 
 
 def valid_kwargs() -> set[str]:

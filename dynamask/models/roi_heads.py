@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 
 from dynamask import ops
 from dynamask.flops import mask_head_gmacs
-from dynamask.models import mask_inference, mask_losses
+from dynamask.models import mask_handoff, mask_inference, mask_losses
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.switch_input import check_switch_input, needs_trunk, switch_view
@@ -50,8 +50,8 @@ class PooledRoIs(NamedTuple):
 class MultiLevelRoIPool(nn.Module):
     """Drop-in for torchvision's ``MultiScaleRoIAlign`` on :func:`dynamask.ops.roi_align_multilevel`.
 
-    Same inputs and levels (LevelMapper, canonical 224 at P4) and scales inferred the same way, so with
-    ``aligned=False`` and the default ``canonical_scale`` its output equals torchvision's.
+    Same inputs and levels (LevelMapper, canonical 224 at P4, mapped by the kernel) and scales inferred the
+    same way, so with ``aligned=False`` its output equals torchvision's with the same ``canonical_scale``.
 
     Args:
         featmap_names: names of the pyramid levels in the feature dict, finest first.
@@ -65,8 +65,8 @@ class MultiLevelRoIPool(nn.Module):
     def __init__(self, *, featmap_names: Sequence[str] = ("0", "1", "2", "3"), output_size: int = 7,
                  sampling_ratio: int = 2, aligned: bool = False, canonical_scale: float = 224.0) -> None:
         super().__init__()
-        if not canonical_scale > 0:
-            raise ValueError(f"canonical_scale must be positive, got {canonical_scale}")
+        if not 0 < canonical_scale < math.inf:
+            raise ValueError(f"canonical_scale must be a positive finite number, got {canonical_scale}")
         self.featmap_names = list(featmap_names)
         self.output_size = (output_size, output_size)
         self.sampling_ratio = sampling_ratio
@@ -76,16 +76,6 @@ class MultiLevelRoIPool(nn.Module):
     def levels(self, features: dict[str, Tensor]) -> list[Tensor]:
         return [features[name] for name in self.featmap_names]
 
-    def roi_levels(self, rois: Tensor, scales: Sequence[float]) -> Tensor | None:
-        """``[R]`` int64 level index per RoI, or None when the kernel's built-in rule (224) applies."""
-        if self.canonical_scale == 224.0:
-            return None
-        k_min, k_max = -math.log2(scales[0]), -math.log2(scales[-1])
-        side = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).clamp(min=0).sqrt()
-        # same eps as the kernel's LevelMapper; a zero-area box gets -inf → the finest level
-        k = torch.floor(4 + torch.log2(side / self.canonical_scale) + 1e-6)
-        return (k.clamp(min=k_min, max=k_max) - k_min).to(torch.int64)
-
     def pool(self, features: dict[str, Tensor], boxes: list[Tensor],
              image_shapes: list[tuple[int, int]]) -> PooledRoIs:
         """features: name → ``[N, C, H_l, W_l]``; boxes: per image ``[n_i, 4]`` → :class:`PooledRoIs`
@@ -94,7 +84,7 @@ class MultiLevelRoIPool(nn.Module):
         scales = infer_scales(feats, image_shapes)
         rois = to_rois(boxes)
         pooled = ops.roi_align_multilevel(feats, rois, self.output_size, scales, sampling_ratio=self.sampling_ratio,
-                                          aligned=self.aligned, levels=self.roi_levels(rois, scales))
+                                          aligned=self.aligned, canonical_scale=self.canonical_scale)
         return PooledRoIs(pooled, feats, scales, rois)
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
@@ -150,6 +140,8 @@ class DynaMaskRoIHeads(RoIHeads):
             (:func:`~dynamask.models.switch_input.switch_channels`).
     """
 
+    mask_sizes: Tensor  # [K] int64 buffer: S_k per resolution index
+
     def __init__(self, *, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module,
                  fg_iou_thresh: float, bg_iou_thresh: float, batch_size_per_image: int,
                  positive_fraction: float, bbox_reg_weights: tuple[float, float, float, float] | None,
@@ -169,6 +161,9 @@ class DynaMaskRoIHeads(RoIHeads):
             raise ValueError(f"mask_roi_pool.output_size {mask_roi_pool.output_size} must be the mask head's first "
                              f"resolution {mask_head.resolutions[0]}")
         self.mask_head = mask_head
+        # S_k per resolution index, on the model's device: mask_resolution is a gather, not a host copy
+        # (a blocking copy to the GPU would wait for the device on every batch); not in the state dict
+        self.register_buffer("mask_sizes", torch.tensor(mask_head.resolutions, dtype=torch.int64), persistent=False)
         self.msm = msm
         self.dyn_mask_roi_pool = mask_roi_pool
         self.edge_weight = float(edge_weight)
@@ -211,12 +206,19 @@ class DynaMaskRoIHeads(RoIHeads):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
-                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        """Same contract as torchvision's ``RoIHeads.forward``.
+                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+        """Same contract as torchvision's ``RoIHeads.forward`` for the entries torchvision knows.
 
-        Eval: one dict per image with ``boxes [N, 4]`` (input frame), ``labels``, ``scores``,
-        ``mask_resolution [N]`` int64, and ``mask_probs_S [n_S, S, S]`` for S in 14/28/56/112 (the
-        instances segmented at S, in box order), which the detector pastes after rescaling the boxes.
+        Eval: one dict per image with torchvision's ``boxes [N, 4]`` (input frame), ``labels [N]`` and
+        ``scores [N]``, and two more entries, in place of torchvision's ``masks``:
+
+        - ``mask_resolution``: ``[N]`` int64, each detection's mask side (14/28/56/112);
+        - ``mask_handoff``: a :class:`~dynamask.models.mask_handoff.MaskHandoff` (not a tensor), the
+          detections' mask probabilities grouped by resolution and each one's row among them.
+
+        torchvision's ``transform.postprocess`` rescales ``boxes`` (and would paste a ``masks`` entry, of
+        which there is none) and passes the two through; :class:`~dynamask.models.detector.DynaMaskRCNN`
+        then replaces ``mask_handoff`` by the pasted ``masks [N, 1, H, W]``.
         Training: ``loss_classifier``, ``loss_box_reg`` and the mask-branch terms.
         """
         if self.training:
@@ -236,7 +238,8 @@ class DynaMaskRoIHeads(RoIHeads):
             return [], losses
 
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
+        result: list[dict[str, Any]] = [{"boxes": b, "labels": lab, "scores": s}
+                                        for b, s, lab in zip(boxes, scores, labels)]
         self.predict_masks(features, result, image_shapes)
         return result, {}
 
@@ -321,26 +324,35 @@ class DynaMaskRoIHeads(RoIHeads):
                                                  boxes=boxes, image_sizes=image_shapes,
                                                  resolutions=self.mask_head.resolutions)
 
-    def predict_masks(self, features: dict[str, Tensor], result: list[dict[str, Tensor]],
+    def route(self, features: dict[str, Tensor], boxes: list[Tensor],
+              image_shapes: list[tuple[int, int]]) -> tuple[PooledRoIs, Tensor | None, Tensor]:
+        """The mask branch's inference up to the choice: the pooled RoIs, the trunk's output when the switch
+        reads it (else None) and the resolution index per RoI ``[R]`` int64 (image-major)."""
+        pooled = self._pool_masks(features, boxes, image_shapes)
+        # a switch that reads the trunk's output: run the trunk once, before the choice, for every RoI
+        trunk = (self.mask_head.trunk(pooled.features)
+                 if self.mask_policy == "msm" and needs_trunk(self.switch_input) else None)
+        return pooled, trunk, self.choose(pooled.features, boxes, image_shapes, trunk)
+
+    def predict_masks(self, features: dict[str, Tensor], result: list[dict[str, Any]],
                       image_shapes: list[tuple[int, int]]) -> None:
-        """Adds ``mask_resolution`` and ``mask_probs_S`` to each image's detections (in place)."""
+        """Adds ``mask_resolution`` and ``mask_handoff`` to each image's detections (in place; see
+        :meth:`forward`). The RoIs are sorted by resolution once; each image's hand-off holds views of the
+        head's outputs and the row of each detection's mask, which the paste reads in box order."""
         boxes = [r["boxes"] for r in result]
         resolutions = self.mask_head.resolutions
-        roi_features, levels, scales, rois = self._pool_masks(features, boxes, image_shapes)
-        # a switch that reads the trunk's output: run the trunk once, before the choice, for every RoI
-        trunk = (self.mask_head.trunk(roi_features)
-                 if self.mask_policy == "msm" and needs_trunk(self.switch_input) else None)
-        choice = self.choose(roi_features, boxes, image_shapes, trunk)
-        perm, counts = ops.group_by_resolution(choice, len(resolutions))
+        (roi_features, levels, scales, rois), trunk, choice = self.route(features, boxes, image_shapes)
+        perm, _ = ops.group_by_resolution(choice, len(resolutions))
+        image_ids = rois[:, 0].to(torch.int64)
+        counts = mask_handoff.count_groups(choice, image_ids, len(resolutions), len(result))  # [K, B]
+        counts_host = counts.tolist()  # the batch's one host sync: the stages' sizes and each image's share
         labels = torch.cat([r["labels"] for r in result]) if self.mask_head.mask_classes > 1 else None
-        logits = self.mask_head.forward_dispatched(roi_features[perm], levels, scales, rois[perm], counts.tolist(),
+        logits = self.mask_head.forward_dispatched(roi_features[perm], levels, scales, rois[perm],
+                                                   [sum(c) for c in counts_host],
                                                    None if trunk is None else trunk[perm],
                                                    None if labels is None else labels[perm])
-        image_ids = rois[:, 0].to(torch.int64)
-        per_image = mask_inference.split_by_image([x.sigmoid() for x in logits], choice[perm], image_ids[perm],
-                                                  len(result))
-        sizes = torch.tensor(resolutions, dtype=torch.int64, device=choice.device)
-        for r, parts, c in zip(result, per_image, choice.split([b.shape[0] for b in boxes])):
-            r["mask_resolution"] = sizes[c]
-            for s, part in zip(resolutions, parts):
-                r[mask_inference.mask_probs_key(s)] = part
+        handoffs = mask_handoff.split_by_image([x.sigmoid() for x in logits], perm, choice, image_ids, counts,
+                                               counts_host)
+        for r, handoff, c in zip(result, handoffs, choice.split([b.shape[0] for b in boxes])):
+            r["mask_resolution"] = self.mask_sizes[c]
+            r[mask_handoff.HANDOFF_KEY] = handoff

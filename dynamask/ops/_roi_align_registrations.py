@@ -8,13 +8,14 @@ _ops = torch.ops.dynamask
 
 
 @torch.library.register_fake("dynamask::roi_align_multilevel")
-def _multilevel_fake(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned):
+def _multilevel_fake(features, rois, levels, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned,
+                     canonical_scale=224.0):
     return features[0].new_empty((rois.shape[0], features[0].shape[1], pooled_height, pooled_width))
 
 
 @torch.library.register_fake("dynamask::roi_align_multilevel_backward")
 def _multilevel_backward_fake(grad, rois, levels, spatial_scales, batch_size, channels, heights, widths,
-                              sampling_ratio, aligned):
+                              sampling_ratio, aligned, canonical_scale=224.0):
     return [grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths)]
 
 
@@ -33,8 +34,9 @@ def _stages_backward_fake(grads, rois, stage_levels, spatial_scales, batch_size,
 
 
 def _multilevel_setup(ctx, inputs, output):
-    features, rois, levels, spatial_scales, _, _, sampling_ratio, aligned = inputs
+    features, rois, levels, spatial_scales, _, _, sampling_ratio, aligned, canonical_scale = inputs
     ctx.save_for_backward(rois, levels)
+    ctx.canonical_scale = canonical_scale
     ctx.spatial_scales = spatial_scales
     ctx.batch_size = features[0].shape[0]
     ctx.channels = features[0].shape[1]
@@ -48,9 +50,9 @@ def _multilevel_backward(ctx, grad):
     rois, levels = ctx.saved_tensors
     grads = _ops.roi_align_multilevel_backward(
         grad, rois, levels, ctx.spatial_scales, ctx.batch_size, ctx.channels, ctx.heights, ctx.widths,
-        ctx.sampling_ratio, ctx.aligned,
+        ctx.sampling_ratio, ctx.aligned, ctx.canonical_scale,
     )
-    return list(grads), None, None, None, None, None, None, None
+    return list(grads), None, None, None, None, None, None, None, None
 
 
 def _stages_setup(ctx, inputs, output):

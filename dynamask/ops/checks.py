@@ -8,7 +8,7 @@ process. Instead they give a defined result for such input:
 
 - ``roi_align_multilevel`` / ``roi_align_stages``: the RoI pools to zeros and gets no gradient;
 - ``paste_masks``: a box with a non-finite coordinate, or whose width or height overflows float32, pastes
-  nothing;
+  nothing, and so does a box whose ``index`` entry is not a mask row;
 - ``group_by_resolution``: a choice outside ``[0, K)`` goes last in ``perm`` and is not counted, so
   ``counts.sum() < R``.
 
@@ -89,6 +89,12 @@ def check_paste_boxes(op: str, boxes: Tensor) -> None:
     if i is not None:
         raise ValueError(f"{op}: boxes[{i}] = {boxes[i].tolist()} is not finite in float32, or its width or "
                          "height overflows float32")
+
+
+def check_paste_index(op: str, index: Tensor, num_masks: int) -> None:
+    i = _first_bad((index < 0) | (index >= num_masks))
+    if i is not None:
+        raise ValueError(f"{op}: index[{i}] is {int(index[i])} but must be a mask row in [0, {num_masks})")
 
 
 def check_choice(op: str, choice: Tensor, num_resolutions: int) -> None:

@@ -66,6 +66,8 @@ def roi_align_multilevel(
     sampling_ratio: int = 2,
     aligned: bool = True,
     levels: Tensor | None = None,
+    *,
+    canonical_scale: float = 224.0,
 ) -> Tensor:
     """RoIAlign of every RoI on its own pyramid level, in one kernel call.
 
@@ -79,16 +81,20 @@ def roi_align_multilevel(
         aligned: shift boxes by -0.5 pixel (True, the correct convention) or not (torchvision's
             ``MultiScaleRoIAlign`` uses False).
         levels: ``[R]`` int64 level index per RoI; None = FPN's rule
-            ``k = floor(4 + log2(sqrt(area) / 224) + 1e-6)`` clamped to the given levels, with
-            k_min = -log2(spatial_scales[0]). A box of non-positive area goes to the finest level.
+            ``k = floor(4 + log2(sqrt(area) / canonical_scale) + 1e-6)`` clamped to the given levels, with
+            k_min = -log2(spatial_scales[0]), computed by the kernel. A box of non-positive area goes to
+            the finest level.
+        canonical_scale: the box side (image pixels) that the rule maps to level 4: torchvision's
+            ``LevelMapper`` uses 224, for ~800-px images; a positive finite number.
 
     Returns:
         ``[R, C, S_h, S_w]``, in the order of ``rois``.
 
     Raises:
-        ValueError: on the CPU, a batch index that is not an integer in ``[0, N)``, a non-finite box or
-            a level out of range. On CUDA such a RoI pools to zeros instead, unless
-            :func:`dynamask.ops.full_checks` is on (see :mod:`dynamask.ops.checks`).
+        ValueError: a ``canonical_scale`` that is not positive and finite; on the CPU, a batch index
+            that is not an integer in ``[0, N)``, a non-finite box or a level out of range. On CUDA such
+            a RoI pools to zeros instead, unless :func:`dynamask.ops.full_checks` is on (see
+            :mod:`dynamask.ops.checks`).
     """
     feats, rois_t = _inputs(features, rois, spatial_scales)
     if levels is None:
@@ -99,7 +105,8 @@ def roi_align_multilevel(
         if levels is not None:
             checks.check_levels("roi_align_multilevel", levels, len(feats))
     return torch.ops.dynamask.roi_align_multilevel(
-        feats, rois_t, levels, [float(s) for s in spatial_scales], ph, pw, int(sampling_ratio), bool(aligned)
+        feats, rois_t, levels, [float(s) for s in spatial_scales], ph, pw, int(sampling_ratio), bool(aligned),
+        float(canonical_scale),
     )
 
 

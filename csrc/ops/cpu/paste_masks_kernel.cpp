@@ -1,6 +1,9 @@
 // CPU kernels of the paste ops.
 //
-// paste_masks: work is split over (mask, image row). A row outside the mask's box span is one fill;
+// Output n pastes mask row index[n] (or mask n without an index) into box n, so the masks may come in
+// any order, e.g. grouped by resolution, and the output is still in box order.
+//
+// paste_masks: work is split over (output, image row). A row outside the mask's box span is one fill;
 // a row inside it is a fill left of the span, the samples inside it and a fill right of it, so the
 // sampling work is proportional to the boxes' areas and the output is written exactly once (no
 // separate zeroing pass). The column taps of a mask are computed once per thread and mask.
@@ -25,7 +28,33 @@ namespace dynamask {
 namespace paste_masks {
 namespace {
 
-// Everything a thread needs about mask n: its data, size and the spans of its box.
+// Contiguous groups, float32 boxes and the index (undefined when none), after the checks every kernel
+// runs; n outputs (the boxes' rows), m masks (the groups' rows).
+struct Prepared {
+  std::vector<at::Tensor> groups;
+  at::Tensor boxes, index;
+  int64_t n, m;
+};
+
+Prepared prepare(at::TensorList masks, const at::Tensor& boxes, const c10::optional<at::Tensor>& index, int64_t height,
+                 int64_t width, const char* op) {
+  Prepared p;
+  p.m = check_inputs(masks, boxes, height, width, index, op);
+  p.n = boxes.size(0);
+  if (index.has_value()) {
+    p.index = index->contiguous();
+    check_index_cpu(p.index.data_ptr<int64_t>(), p.n, p.m, op);
+  }
+  for (const auto& m : masks) {
+    if (m.size(0) > 0) p.groups.push_back(m.contiguous());
+  }
+  p.boxes = boxes.to(at::kFloat).contiguous();
+  check_boxes_finite_cpu(p.boxes.data_ptr<float>(), p.n, op);
+  return p;
+}
+
+// Everything a thread needs about output n: the data and size of the mask it reads, and the spans of
+// its box.
 template <typename T>
 struct MaskView {
   const T* data;
@@ -34,37 +63,26 @@ struct MaskView {
 };
 
 template <typename T>
-std::vector<MaskView<T>> mask_views(const std::vector<at::Tensor>& groups, const float* boxes, int64_t n,
-                                    int64_t height, int64_t width) {
-  std::vector<MaskView<T>> views;
-  views.reserve(n);
-  for (const auto& g : groups) {
+std::vector<MaskView<T>> mask_views(const Prepared& p, int64_t height, int64_t width) {
+  std::vector<MaskView<T>> rows;  // the masks, counted across the groups in order (spans not yet set)
+  rows.reserve(p.m);
+  for (const auto& g : p.groups) {
     const int64_t S = g.size(1);
     const T* base = g.data_ptr<T>();
-    for (int64_t k = 0; k < g.size(0); ++k) {
-      const float* b = boxes + static_cast<int64_t>(views.size()) * 4;
-      views.push_back({base + k * S * S, S, axis_span(b[0], b[2], S, width), axis_span(b[1], b[3], S, height)});
-    }
+    for (int64_t k = 0; k < g.size(0); ++k) rows.push_back({base + k * S * S, S, {}, {}});
+  }
+  const float* boxes = p.boxes.data_ptr<float>();
+  const int64_t* index = p.index.defined() ? p.index.data_ptr<int64_t>() : nullptr;
+  std::vector<MaskView<T>> views;
+  views.reserve(p.n);
+  for (int64_t n = 0; n < p.n; ++n) {
+    MaskView<T> v = rows[mask_row(index, n, p.m)];  // a valid row: prepare checked the index
+    const float* b = boxes + n * 4;
+    v.x = axis_span(b[0], b[2], v.size, width);
+    v.y = axis_span(b[1], b[3], v.size, height);
+    views.push_back(v);
   }
   return views;
-}
-
-// Contiguous groups and float32 boxes, after the checks every kernel runs.
-struct Prepared {
-  std::vector<at::Tensor> groups;
-  at::Tensor boxes;
-  int64_t n;
-};
-
-Prepared prepare(at::TensorList masks, const at::Tensor& boxes, int64_t height, int64_t width, const char* op) {
-  Prepared p;
-  p.n = check_inputs(masks, boxes, height, width, op);
-  for (const auto& m : masks) {
-    if (m.size(0) > 0) p.groups.push_back(m.contiguous());
-  }
-  p.boxes = boxes.to(at::kFloat).contiguous();
-  check_boxes_finite_cpu(p.boxes.data_ptr<float>(), p.n, op);
-  return p;
 }
 
 template <typename T, typename Out>
@@ -100,17 +118,17 @@ void paste_rows(const std::vector<MaskView<T>>& views, int64_t height, int64_t w
 }
 
 at::Tensor paste_masks_cpu(at::TensorList masks, const at::Tensor& boxes, int64_t height, int64_t width,
-                           c10::optional<double> threshold) {
+                           c10::optional<double> threshold, const c10::optional<at::Tensor>& index) {
   const char* op = "paste_masks";
   TORCH_CHECK_VALUE(!threshold.has_value() || std::isfinite(*threshold), op, ": threshold must be finite or None, got ",
                     *threshold);
-  const Prepared p = prepare(masks, boxes, height, width, op);
+  const Prepared p = prepare(masks, boxes, index, height, width, op);
   const bool binary = threshold.has_value();
   auto out = at::empty({p.n, height, width}, boxes.options().dtype(binary ? at::kBool : at::kFloat));
   if (out.numel() == 0) return out;
   const float thr = binary ? static_cast<float>(*threshold) : 0.f;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, masks[0].scalar_type(), "paste_masks_cpu", [&] {
-    const auto views = mask_views<scalar_t>(p.groups, p.boxes.data_ptr<float>(), p.n, height, width);
+    const auto views = mask_views<scalar_t>(p, height, width);
     if (binary) {
       paste_rows<scalar_t, bool>(views, height, width, thr, out.data_ptr<bool>());
     } else {
@@ -185,17 +203,18 @@ std::string mask_rle(const MaskView<T>& v, int64_t height, int64_t width, float 
 }
 
 std::tuple<at::Tensor, at::Tensor> paste_masks_rle_cpu(at::TensorList masks, const at::Tensor& boxes, int64_t height,
-                                                      int64_t width, double threshold) {
+                                                      int64_t width, double threshold,
+                                                      const c10::optional<at::Tensor>& index) {
   const char* op = "paste_masks_rle";
   TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold > 0, op,
                     ": threshold must be a positive finite number (pixels outside the boxes are 0), got ", threshold);
   TORCH_CHECK_VALUE(height * width <= int64_t{0xffffffff}, op, ": COCO RLE counts are 32-bit; image of ", height,
                     " x ", width, " pixels is too large");
-  const Prepared p = prepare(masks, boxes, height, width, op);
+  const Prepared p = prepare(masks, boxes, index, height, width, op);
   std::vector<std::string> strings(p.n);
   if (p.n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, masks[0].scalar_type(), "paste_masks_rle_cpu", [&] {
-      const auto views = mask_views<scalar_t>(p.groups, p.boxes.data_ptr<float>(), p.n, height, width);
+      const auto views = mask_views<scalar_t>(p, height, width);
       at::parallel_for(0, p.n, 1, [&](int64_t begin, int64_t end) {
         std::vector<AxisTaps> ytaps;
         for (int64_t i = begin; i < end; ++i) {

@@ -268,10 +268,10 @@ void unpool_rois(const std::vector<Acc*>& grad_levels, const std::vector<Level<T
   });
 }
 
-// Level index of every RoI: given (checked) or by the FPN LevelMapper.
+// Level index of every RoI: given (checked) or by the FPN LevelMapper with canonical_scale at level 4.
 template <typename T>
 std::vector<int64_t> roi_levels_cpu(const at::Tensor& rois, const c10::optional<at::Tensor>& levels,
-                                    at::ArrayRef<double> scales, const char* op) {
+                                    at::ArrayRef<double> scales, double canonical_scale, const char* op) {
   const int64_t R = rois.size(0), L = static_cast<int64_t>(scales.size());
   std::vector<int64_t> out(R);
   if (levels.has_value()) {
@@ -288,7 +288,7 @@ std::vector<int64_t> roi_levels_cpu(const at::Tensor& rois, const c10::optional<
   using Acc = at::opmath_type<T>;
   for (int64_t r = 0; r < R; ++r) {
     const T* b = q + r * 5;
-    out[r] = fpn_level<Acc>(b[1], b[2], b[3], b[4], k_min, k_min + L - 1);
+    out[r] = fpn_level<Acc>(b[1], b[2], b[3], b[4], k_min, k_min + L - 1, static_cast<Acc>(canonical_scale));
   }
   return out;
 }
@@ -318,9 +318,11 @@ std::vector<at::Tensor> cast_grads(const std::vector<at::Tensor>& acc, at::Scala
 
 at::Tensor roi_align_multilevel_cpu(at::TensorList features, const at::Tensor& rois,
                                     const c10::optional<at::Tensor>& levels, at::ArrayRef<double> spatial_scales,
-                                    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+                                    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                                    double canonical_scale) {
   const char* op = "roi_align_multilevel";
-  check_multilevel_args(features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio, op);
+  check_multilevel_args(features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio, canonical_scale,
+                        op);
   const int64_t C = features[0].size(1);
   const auto rois_c = rois.contiguous();
   const int64_t R = rois.size(0);
@@ -328,7 +330,7 @@ at::Tensor roi_align_multilevel_cpu(at::TensorList features, const at::Tensor& r
   if (R == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "roi_align_multilevel_cpu", [&] {
     check_roi_values_cpu<scalar_t>(rois_c.data_ptr<scalar_t>(), R, features[0].size(0), op);
-    const auto roi_levels = roi_levels_cpu<scalar_t>(rois_c, levels, spatial_scales, op);
+    const auto roi_levels = roi_levels_cpu<scalar_t>(rois_c, levels, spatial_scales, canonical_scale, op);
     std::vector<at::Tensor> nchw;
     std::vector<Level<scalar_t>> lv;
     for (size_t l = 0; l < features.size(); ++l) {
@@ -349,8 +351,9 @@ at::Tensor roi_align_multilevel_cpu(at::TensorList features, const at::Tensor& r
 std::vector<at::Tensor> roi_align_multilevel_backward_cpu(
     const at::Tensor& grad, const at::Tensor& rois, const c10::optional<at::Tensor>& levels,
     at::ArrayRef<double> spatial_scales, int64_t batch_size, int64_t channels, at::IntArrayRef heights,
-    at::IntArrayRef widths, int64_t sampling_ratio, bool aligned) {
+    at::IntArrayRef widths, int64_t sampling_ratio, bool aligned, double canonical_scale) {
   const char* op = "roi_align_multilevel_backward";
+  check_canonical_scale(canonical_scale, op);
   const int64_t L = static_cast<int64_t>(spatial_scales.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(heights.size()) == L && static_cast<int64_t>(widths.size()) == L, op,
                     ": heights/widths must have one entry per level");
@@ -368,7 +371,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cpu(
                                                  spatial_scales);
     if (R > 0) {
       check_roi_values_cpu<scalar_t>(rois_c.data_ptr<scalar_t>(), R, batch_size, op);
-      const auto roi_levels = roi_levels_cpu<scalar_t>(rois_c, levels, spatial_scales, op);
+      const auto roi_levels = roi_levels_cpu<scalar_t>(rois_c, levels, spatial_scales, canonical_scale, op);
       unpool_rois<scalar_t, Acc>(gp, shapes, roi_levels.data(), 0, rois_c.data_ptr<scalar_t>(), R, channels,
                                  grad_c.data_ptr<scalar_t>(), ph, pw, sampling_ratio, aligned);
     }

@@ -1,14 +1,16 @@
-// CUDA kernel of paste_masks: one block per (image row, mask); its threads sweep the row.
+// CUDA kernel of paste_masks: one block per (image row, output); its threads sweep the row.
 //
-// Every output element is written exactly once (no separate zeroing pass): pixels outside the
-// mask's box span get the fill value, pixels inside it are sampled with the shared arithmetic of
-// paste_masks_common.h, so the sampling work is proportional to the boxes' areas. The table of
-// resolution groups (data pointer, first mask, mask size) travels by value in the kernel arguments,
-// so masks of every resolution are pasted by one launch without a host-to-device copy; more than
-// kMaxGroups groups, or more than 65535 masks, take several launches. Nothing waits on the host, and
-// nothing asserts on the device (which would leave the CUDA context unusable): a box that the CPU
-// kernel refuses (a non-finite coordinate, a width or height that overflows float32) pastes nothing
-// here; dynamask.ops.full_checks() raises for it before the launch instead.
+// Output n pastes mask row index[n] (or mask n without an index) into box n. Every output element is
+// written exactly once (no separate zeroing pass): pixels outside the box span get the fill value,
+// pixels inside it are sampled with the shared arithmetic of paste_masks_common.h, so the sampling
+// work is proportional to the boxes' areas. The table of resolution groups (data pointer, first mask
+// row, mask size) travels by value in the kernel arguments, so masks of every resolution are pasted
+// by one launch without a host-to-device copy; more than kMaxGroups groups take one launch per
+// kMaxGroups groups (each writes the outputs whose mask is in its groups), more than 65535 outputs
+// several launches. Nothing waits on the host, and nothing asserts on the device (which would leave
+// the CUDA context unusable): a box that the CPU kernel refuses (a non-finite coordinate, a width or
+// height that overflows float32) or an index that is not a mask row pastes nothing here;
+// dynamask.ops.full_checks() raises for them before the launch instead.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,19 +37,29 @@ struct GroupTable {
   int num;
 };
 
+// Pastes the outputs [out_begin, out_begin + gridDim.y) whose mask row lies in this launch's groups;
+// fill_invalid: this launch also writes the outputs whose index is not a mask row (as nothing).
 template <typename T, typename Out>
-__global__ void paste_kernel(GroupTable<T> groups, int64_t mask_begin, const float* __restrict__ boxes,
-                             int64_t height, int64_t width, float threshold, Out* __restrict__ out) {
+__global__ void paste_kernel(GroupTable<T> groups, const int64_t* __restrict__ index, int64_t num_masks,
+                             int64_t out_begin, bool fill_invalid, const float* __restrict__ boxes, int64_t height,
+                             int64_t width, float threshold, Out* __restrict__ out) {
   const int64_t y = blockIdx.x;
-  const int64_t n = mask_begin + blockIdx.y;
-  int g = 0;
-  while (g + 1 < groups.num && n >= groups.first[g + 1]) ++g;
-  const int64_t S = groups.size[g];
-  const T* mask = groups.data[g] + (n - groups.first[g]) * S * S;
-  const float* b = boxes + n * 4;
-  const AxisSpan sx = axis_span(b[0], b[2], S, width), sy = axis_span(b[1], b[3], S, height);
+  const int64_t n = out_begin + blockIdx.y;
+  const int64_t m = mask_row(index, n, num_masks);
   Out* row = out + (n * height + y) * width;
   const Out fill = Output<Out>::of(0.f, threshold);
+  if (m < groups.first[0] || m >= groups.first[groups.num]) {  // another launch's mask, or none
+    if (m < 0 && fill_invalid) {
+      for (int64_t x = threadIdx.x; x < width; x += blockDim.x) row[x] = fill;
+    }
+    return;
+  }
+  int g = 0;
+  while (g + 1 < groups.num && m >= groups.first[g + 1]) ++g;
+  const int64_t S = groups.size[g];
+  const T* mask = groups.data[g] + (m - groups.first[g]) * S * S;
+  const float* b = boxes + n * 4;
+  const AxisSpan sx = axis_span(b[0], b[2], S, width), sy = axis_span(b[1], b[3], S, height);
   if (y < sy.lo || y >= sy.hi || sx.lo >= sx.hi) {
     for (int64_t x = threadIdx.x; x < width; x += blockDim.x) row[x] = fill;
     return;
@@ -58,10 +70,17 @@ __global__ void paste_kernel(GroupTable<T> groups, int64_t mask_begin, const flo
   }
 }
 
+// groups: the non-empty groups (num_masks rows in all); index: undefined, or [N] contiguous int64.
 template <typename T, typename Out>
-void launch(const std::vector<at::Tensor>& groups, const at::Tensor& boxes, int64_t height, int64_t width,
-            float threshold, at::Tensor& out) {
+void launch(const std::vector<at::Tensor>& groups, int64_t num_masks, const at::Tensor& index,
+            const at::Tensor& boxes, int64_t height, int64_t width, float threshold, at::Tensor& out) {
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n = out.size(0);
+  const int64_t* index_ptr = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+  if (groups.empty()) {  // every output pastes nothing (only reachable with an index: n > 0 = num_masks)
+    out.fill_(Output<Out>::of(0.f, threshold));
+    return;
+  }
   int64_t first = 0;
   for (size_t g0 = 0; g0 < groups.size(); g0 += kMaxGroups) {
     GroupTable<T> table;
@@ -75,37 +94,44 @@ void launch(const std::vector<at::Tensor>& groups, const at::Tensor& boxes, int6
       first += m.size(0);
     }
     table.first[table.num] = first;
-    for (int64_t m0 = begin; m0 < first; m0 += kMaxGridY) {
-      const dim3 grid(static_cast<unsigned>(height), static_cast<unsigned>(std::min(kMaxGridY, first - m0)));
-      paste_kernel<T, Out><<<grid, kThreads, 0, stream>>>(table, m0, boxes.data_ptr<float>(), height, width,
-                                                           threshold, out.data_ptr<Out>());
+    // Without an index, output j reads mask j: only this table's rows have work. With one, any output
+    // may read them, so every launch sweeps every output.
+    const int64_t out_begin = index_ptr ? 0 : begin, out_end = index_ptr ? n : first;
+    for (int64_t o0 = out_begin; o0 < out_end; o0 += kMaxGridY) {
+      const dim3 grid(static_cast<unsigned>(height), static_cast<unsigned>(std::min(kMaxGridY, out_end - o0)));
+      paste_kernel<T, Out><<<grid, kThreads, 0, stream>>>(table, index_ptr, num_masks, o0, g0 == 0,
+                                                           boxes.data_ptr<float>(), height, width, threshold,
+                                                           out.data_ptr<Out>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
 }
 
 at::Tensor paste_masks_cuda(at::TensorList masks, const at::Tensor& boxes, int64_t height, int64_t width,
-                            c10::optional<double> threshold) {
+                            c10::optional<double> threshold, const c10::optional<at::Tensor>& index) {
   const char* op = "paste_masks";
   TORCH_CHECK_VALUE(!threshold.has_value() || std::isfinite(*threshold), op, ": threshold must be finite or None, got ",
                     *threshold);
-  const int64_t n = check_inputs(masks, boxes, height, width, op);
+  const int64_t num_masks = check_inputs(masks, boxes, height, width, index, op);
   TORCH_CHECK_VALUE(height <= INT32_MAX, op, ": image height ", height, " is too large");
   const c10::cuda::CUDAGuard guard(boxes.device());
   const bool binary = threshold.has_value();
-  auto out = at::empty({n, height, width}, boxes.options().dtype(binary ? at::kBool : at::kFloat));
+  auto out = at::empty({boxes.size(0), height, width}, boxes.options().dtype(binary ? at::kBool : at::kFloat));
   if (out.numel() == 0) return out;
   std::vector<at::Tensor> groups;
   for (const auto& m : masks) {
     if (m.size(0) > 0) groups.push_back(m.contiguous());
   }
   const auto boxes_f = boxes.to(at::kFloat).contiguous();
+  const auto index_c = index.has_value() ? index->contiguous() : at::Tensor();
   const float thr = binary ? static_cast<float>(*threshold) : 0.f;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, masks[0].scalar_type(), "paste_masks_cuda", [&] {
+  // with no masks at all (an index, every entry out of range) the dtype is irrelevant: nothing is read
+  const auto dtype = masks.empty() ? at::kFloat : masks[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "paste_masks_cuda", [&] {
     if (binary) {
-      launch<scalar_t, bool>(groups, boxes_f, height, width, thr, out);
+      launch<scalar_t, bool>(groups, num_masks, index_c, boxes_f, height, width, thr, out);
     } else {
-      launch<scalar_t, float>(groups, boxes_f, height, width, thr, out);
+      launch<scalar_t, float>(groups, num_masks, index_c, boxes_f, height, width, thr, out);
     }
   });
   return out;

@@ -79,33 +79,34 @@ __device__ inline void unpool_bin(Acc* grad_plane, int64_t height, int64_t width
 }
 
 template <typename T>
-__device__ inline int64_t level_of(const T* roi, const int64_t* levels, int64_t r, int64_t k_min, int num_levels) {
+__device__ inline int64_t level_of(const T* roi, const int64_t* levels, int64_t r, int64_t k_min, int num_levels,
+                                  double canonical_scale) {
   using Acc = at::opmath_type<T>;
   if (levels != nullptr) {
     const int64_t l = levels[r];
     return (l >= 0 && l < num_levels) ? l : -1;  // -1: pooled to zeros
   }
   return fpn_level<Acc>(static_cast<Acc>(roi[1]), static_cast<Acc>(roi[2]), static_cast<Acc>(roi[3]),
-                        static_cast<Acc>(roi[4]), k_min, k_min + num_levels - 1);
+                        static_cast<Acc>(roi[4]), k_min, k_min + num_levels - 1, static_cast<Acc>(canonical_scale));
 }
 
 // Whether RoI r can be pooled, and on which level (l < 0: it cannot).
 template <typename T>
 __device__ inline int64_t valid_level(const T* roi, const int64_t* levels, int64_t r, int64_t k_min, int num_levels,
-                                      int64_t batch_size) {
-  return roi_is_valid(roi, batch_size) ? level_of(roi, levels, r, k_min, num_levels) : -1;
+                                      double canonical_scale, int64_t batch_size) {
+  return roi_is_valid(roi, batch_size) ? level_of(roi, levels, r, k_min, num_levels, canonical_scale) : -1;
 }
 
 template <typename T>
 __global__ void multilevel_forward_kernel(int64_t total, Table<T> tab, const T* rois, const int64_t* levels,
-                                          int64_t k_min, int64_t batch_size, int64_t channels, int64_t pooled_h,
+                                          int64_t k_min, double canonical_scale, int64_t batch_size, int64_t channels, int64_t pooled_h,
                                           int64_t pooled_w, int64_t sampling_ratio, bool aligned, T* out) {
   using Acc = at::opmath_type<T>;
   for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t pw = i % pooled_w, ph = (i / pooled_w) % pooled_h, c = (i / pooled_w / pooled_h) % channels;
     const int64_t r = i / pooled_w / pooled_h / channels;
     const T* roi = rois + r * 5;
-    const int64_t l = valid_level(roi, levels, r, k_min, tab.num, batch_size);
+    const int64_t l = valid_level(roi, levels, r, k_min, tab.num, canonical_scale, batch_size);
     if (l < 0) {
       out[i] = T(0);
       continue;
@@ -119,15 +120,15 @@ __global__ void multilevel_forward_kernel(int64_t total, Table<T> tab, const T* 
 
 template <typename T>
 __global__ void multilevel_backward_kernel(int64_t total, Table<at::opmath_type<T>> tab, const T* rois,
-                                           const int64_t* levels,
-                                           int64_t k_min, int64_t batch_size, int64_t channels, int64_t pooled_h,
+                                           const int64_t* levels, int64_t k_min, double canonical_scale,
+                                           int64_t batch_size, int64_t channels, int64_t pooled_h,
                                            int64_t pooled_w, int64_t sampling_ratio, bool aligned, const T* grad) {
   using Acc = at::opmath_type<T>;
   for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t pw = i % pooled_w, ph = (i / pooled_w) % pooled_h, c = (i / pooled_w / pooled_h) % channels;
     const int64_t r = i / pooled_w / pooled_h / channels;
     const T* roi = rois + r * 5;
-    const int64_t l = valid_level(roi, levels, r, k_min, tab.num, batch_size);
+    const int64_t l = valid_level(roi, levels, r, k_min, tab.num, canonical_scale, batch_size);
     if (l < 0) continue;
     const auto g = geometry_of(roi, tab.scale[l], pooled_h, pooled_w, sampling_ratio, aligned);
     const int64_t H = tab.height[l], W = tab.width[l], b = static_cast<int64_t>(roi[0]);
@@ -209,9 +210,11 @@ void check_common_cuda(const at::Tensor& rois, const c10::optional<at::Tensor>& 
 
 at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& rois,
                                      const c10::optional<at::Tensor>& levels, at::ArrayRef<double> spatial_scales,
-                                     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+                                     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                                     double canonical_scale) {
   const char* op = "roi_align_multilevel";
-  check_multilevel_args(features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio, op);
+  check_multilevel_args(features, rois, levels, spatial_scales, pooled_h, pooled_w, sampling_ratio, canonical_scale,
+                        op);
   TORCH_CHECK_VALUE(rois.is_cuda(), op, ": rois must be a CUDA tensor here");
   const int64_t C = features[0].size(1);
   c10::cuda::CUDAGuard guard(rois.device());
@@ -237,7 +240,7 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
     }
     multilevel_forward_kernel<scalar_t><<<num_blocks(total), kThreads, 0, stream>>>(
         total, tab, rois_c.data_ptr<scalar_t>(), levels_c.defined() ? levels_c.data_ptr<int64_t>() : nullptr, k_min,
-        feats[0].size(0), C, pooled_h, pooled_w, sampling_ratio, aligned, out.data_ptr<scalar_t>());
+        canonical_scale, feats[0].size(0), C, pooled_h, pooled_w, sampling_ratio, aligned, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -246,9 +249,10 @@ at::Tensor roi_align_multilevel_cuda(at::TensorList features, const at::Tensor& 
 std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
     const at::Tensor& grad, const at::Tensor& rois, const c10::optional<at::Tensor>& levels,
     at::ArrayRef<double> spatial_scales, int64_t batch_size, int64_t channels, at::IntArrayRef heights,
-    at::IntArrayRef widths, int64_t sampling_ratio, bool aligned) {
+    at::IntArrayRef widths, int64_t sampling_ratio, bool aligned, double canonical_scale) {
   const char* op = "roi_align_multilevel_backward";
   check_common_cuda(rois, levels, op);
+  check_canonical_scale(canonical_scale, op);
   const int64_t L = static_cast<int64_t>(spatial_scales.size());
   TORCH_CHECK_VALUE(L <= kMaxLevels && static_cast<int64_t>(heights.size()) == L &&
                         static_cast<int64_t>(widths.size()) == L,
@@ -284,7 +288,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
     }
     multilevel_backward_kernel<scalar_t><<<num_blocks(total), kThreads, 0, stream>>>(
         total, tab, rois_c.data_ptr<scalar_t>(), levels_c.defined() ? levels_c.data_ptr<int64_t>() : nullptr, k_min,
-        batch_size, channels, grad.size(2), grad.size(3), sampling_ratio, aligned, grad_c.data_ptr<scalar_t>());
+        canonical_scale, batch_size, channels, grad.size(2), grad.size(3), sampling_ratio, aligned, grad_c.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return cast_all(grads, grad.scalar_type());

@@ -10,7 +10,8 @@ from torch import Tensor
 
 
 def paste_masks_reference(
-    masks: Tensor | Sequence[Tensor], boxes: Tensor, image_size: tuple[int, int], threshold: float | None = 0.5
+    masks: Tensor | Sequence[Tensor], boxes: Tensor, image_size: tuple[int, int], threshold: float | None = 0.5,
+    *, index: Tensor | None = None
 ) -> Tensor:
     """Same contract as :func:`dynamask.ops.paste_masks`; work ∝ N·H·W, for tests only.
 
@@ -21,6 +22,8 @@ def paste_masks_reference(
     H, W = image_size
     groups = [masks] if isinstance(masks, Tensor) else list(masks)
     flat = [m for g in groups for m in g]
+    if index is not None:  # box n's mask is row index[n]
+        flat = [flat[i] for i in index.tolist()]
     if len(flat) != boxes.shape[0]:
         raise ValueError(f"masks hold {len(flat)} masks but boxes has {boxes.shape[0]} rows")
     out = torch.zeros(len(flat), H, W, dtype=torch.float64)

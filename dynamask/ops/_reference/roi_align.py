@@ -69,24 +69,26 @@ def roi_align_reference(
     return out
 
 
-def fpn_levels_reference(rois: Tensor, spatial_scales: list[float]) -> Tensor:
-    """FPN LevelMapper (torchvision's formula, in the boxes' dtype); non-positive areas -> finest level."""
+def fpn_levels_reference(rois: Tensor, spatial_scales: list[float], canonical_scale: float = 224.0) -> Tensor:
+    """FPN LevelMapper (torchvision's formula, in the boxes' dtype, a box of side ``canonical_scale`` at
+    level 4); non-positive areas -> finest level."""
     k_min = round(-math.log2(spatial_scales[0]))
     k_max = k_min + len(spatial_scales) - 1
     w = rois[:, 3] - rois[:, 1]
     h = rois[:, 4] - rois[:, 2]
     area = w * h
-    k = torch.floor(4 + torch.log2(torch.sqrt(area) / 224) + 1e-6)
+    k = torch.floor(4 + torch.log2(torch.sqrt(area) / canonical_scale) + 1e-6)
     k = torch.where(area > 0, k, torch.full_like(k, k_min))
     return (k.clamp(k_min, k_max) - k_min).to(torch.int64)
 
 
 def roi_align_multilevel_reference(
-    features: list[Tensor], rois: Tensor, output_size, spatial_scales, sampling_ratio=2, aligned=True, levels=None
+    features: list[Tensor], rois: Tensor, output_size, spatial_scales, sampling_ratio=2, aligned=True, levels=None,
+    canonical_scale=224.0
 ) -> Tensor:
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
     if levels is None:
-        levels = fpn_levels_reference(rois, list(spatial_scales))
+        levels = fpn_levels_reference(rois, list(spatial_scales), canonical_scale)
     out = features[0].new_zeros((rois.shape[0], features[0].shape[1], ph, pw))
     for l, f in enumerate(features):
         idx = (levels == l).nonzero().flatten()
