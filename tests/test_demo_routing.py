@@ -16,14 +16,23 @@ from dynamask.data.shapes import CATEGORIES, generate, split_paths
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_routing_json_and_report_table(tmp_path):
+def _demo():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     try:
         import demo
     finally:
         sys.path.pop(0)
-    generate(str(tmp_path / "data"), train=0, val=3, size=64, seed=0, max_objects=3)
-    val = CocoDetection(*split_paths(str(tmp_path / "data"), "val"))
+    return demo
+
+
+def _val(tmp_path, n: int) -> CocoDetection:
+    generate(str(tmp_path / "data"), train=0, val=n, size=64, seed=0, max_objects=3)
+    return CocoDetection(*split_paths(str(tmp_path / "data"), "val"))
+
+
+def test_routing_json_and_report_table(tmp_path):
+    demo = _demo()
+    val = _val(tmp_path, 3)
     torch.manual_seed(0)
     model = tiny_model(num_classes=8, min_size=64, max_size=64).eval()
     path = tmp_path / "routing.json"
@@ -53,15 +62,10 @@ def test_routing_json_and_report_table(tmp_path):
 
 
 def test_routing_json_reports_the_dynamic_phase_switch_beside_the_fitted_one(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    try:
-        import demo
-    finally:
-        sys.path.pop(0)
     from dynamask.engine.routing_probe import gt_box_routing, routing_summary
 
-    generate(str(tmp_path / "data"), train=0, val=2, size=64, seed=0, max_objects=3)
-    val = CocoDetection(*split_paths(str(tmp_path / "data"), "val"))
+    demo = _demo()
+    val = _val(tmp_path, 2)
     torch.manual_seed(0)
     before = tiny_model(num_classes=8, min_size=64, max_size=64).eval()
     after = tiny_model(num_classes=8, min_size=64, max_size=64).eval()
