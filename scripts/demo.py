@@ -1,7 +1,8 @@
 """The main job: generate the shapes data set, train a small DynaMask on it under a time cap, fit its
 mask switch to the budget (`dynamask fit-switch`), evaluate it, and write runs/demo/report.md (AP table,
-per-category resolution plot, FLOPs, overlays) and runs/demo/routing.json (how well the switch routes on the validation split's ground-truth boxes, beside
-each category's gain in mask IoU from resolution; also a table in the report).
+per-category resolution plot, FLOPs, overlays) and runs/demo/routing.json (how well the switch routes on
+the validation split's ground-truth boxes, beside each category's gain in mask IoU from resolution; also a
+table in the report).
 
 Sizes come from the environment so that a quick smoke run is possible:
 DEMO_MINUTES (training cap, default 18), DEMO_TRAIN / DEMO_VAL (images, 900 / 100), DEMO_SIZE (px, 128),
