@@ -84,6 +84,24 @@ def check_claims(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
             f"- **Routing value ≥ 0.6 (default switch, `{d['name']}`):** {'holds' if ok else 'does not hold'}: "
             f"captured {c if c is None else round(c, 3)}."
         )
+    # the library's fit (priced on detections; rows priced on the training positives are variants)
+    fits = sorted((r for r in msm if r.get("estimator") == "fit"
+                   and (r.get("fit") or {}).get("calibrated_on") == "detections"), key=lambda r: r["name"])
+    if fits:
+        by_budget: dict[float, list[dict[str, Any]]] = {}
+        for r in fits:
+            by_budget.setdefault(r["target_gmacs"], []).append(r)
+        parts = []
+        for budget, rs in sorted(by_budget.items()):
+            cs = [r["routing_captured"] for r in rs if r["routing_captured"] is not None]
+            parts.append(f"C_t {budget:g}: " + " / ".join(f"{c:.2f}" for c in cs)
+                         + (f" (mean {sum(cs) / len(cs):.2f})" if cs else ""))
+        every = [r["routing_captured"] for r in fits]
+        ok = all(c is not None and c >= 0.6 for c in every)
+        lines.append(
+            f"- **Routing value ≥ 0.6 (the switch fit, `dynamask fit-switch`, every init and budget):** "
+            f"{'holds' if ok else 'does not hold'}: captured " + "; ".join(parts) + " (inits in order)."
+        )
     if caps:
         lines.append("  Every switch row, best first: " + ", ".join(f"`{n}` {c:.3f}" for c, n in caps) + ".")
 

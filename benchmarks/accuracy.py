@@ -82,12 +82,14 @@ class CoupledVariant:
 @dataclass(frozen=True)
 class FitPlan:
     """Switches fitted to the frozen base model by the library (:mod:`dynamask.engine.switch_fit`): one
-    cache of ``batches`` training batches, one fit of ``epochs`` per init, priced at each budget."""
+    cache of ``batches`` training batches, one fit of ``epochs`` per init, priced at each budget on the
+    detections of ``calibration_images`` training images."""
 
     batches: int = 900
     epochs: int = 15
     inits: tuple[int, ...] = (0, 1, 2)
     budgets: tuple[float, ...] = ()
+    calibration_images: int = 200  # training images whose detections each row's price is set on
 
     def names(self) -> list[str]:
         return [f"fit-iou-roi-ct{c:g}-init{i}" for i in self.inits for c in self.budgets]
@@ -191,10 +193,10 @@ def _variants(budgets: tuple[float, float, float]) -> tuple[tuple[SwitchVariant,
 def full_config(seed: int = 0) -> StudyConfig:
     # 14→112 ladder; head costs {14: .0217, 28: .0487, 56: .0880, 112: .1517} GMAC per RoI
     switches, coupled = _variants((0.05, 0.08, 0.11))
-    # fit: 900 batches (14 400 positives) collected in ~13 min on one thread, ~? min per fit
+    # fit rows: the study's budgets and the Mask R-CNN head's cost (0.0397 GMAC, Tab. 2 compares at equal cost)
     return StudyConfig(seed=seed, arch=_arch(192, trunk=64, stages=(32, 16, 8), roi=14, fpn=128, rois=8),
                        maskrcnn=_maskrcnn(192, fpn=128, width=64), switches=switches, coupled=coupled,
-                       fit=FitPlan(budgets=(0.05, 0.08, 0.11)))
+                       fit=FitPlan(budgets=(0.04, 0.05, 0.08, 0.11)))
 
 
 def quick_config(seed: int = 0) -> StudyConfig:
@@ -207,7 +209,7 @@ def quick_config(seed: int = 0) -> StudyConfig:
                        arch=_arch(64, trunk=16, stages=(8, 8, 8), roi=7, fpn=32, rois=2),
                        maskrcnn=_maskrcnn(64, fpn=32, width=16),
                        switches=tuple(v for v in switches if v.name in pick), coupled=coupled[:1],
-                       fit=FitPlan(batches=2, epochs=2, inits=(0,), budgets=(0.006,)))
+                       fit=FitPlan(batches=2, epochs=2, inits=(0,), budgets=(0.006,), calibration_images=2))
 
 
 # ---------------------------------------------------------------------------------------------- utils
@@ -595,8 +597,10 @@ class Study:
         self.save_rows(rows)
 
     def fit_rows(self) -> None:
-        """Switches fitted by the library to the frozen base model (:class:`FitPlan`): the collected
-        training RoIs are cached in ``ckpt/switch_data.pt``, the fitted switches in ``ckpt/fit.pth``."""
+        """Switches fitted by the library to the frozen base model (:class:`FitPlan`): the collected training
+        RoIs are cached in ``ckpt/switch_data.pt``, each init's fitted (unpriced) switch in ``ckpt/fit.pth``;
+        each row's price is set on the detections of ``plan.calibration_images`` training images
+        (:func:`dynamask.engine.switch_fit.calibrate_on_detections`, as ``dynamask fit-switch`` does)."""
         from dynamask.engine import switch_fit
         from dynamask.engine.routing_probe import gt_box_routing
         from dynamask.flops import mask_head_gmacs, msm_gmacs
@@ -609,41 +613,37 @@ class Study:
         costs = list(mask_head_gmacs(heads.mask_head).values())
         path = self.ckpt("fit")
         state: dict[str, Any] = load_state(path) if os.path.exists(path) else {}
-        if any(n not in state for n in plan.names()):
-            data_path = self.ckpt("switch_data")
-            if os.path.exists(data_path):
-                d = load_state(data_path)
-                data = switch_fit.SwitchData(d["inputs"], d["iou"])
-            else:
-                t0 = time.time()
-                log(f"switch fit: collecting {plan.batches} training batches on the frozen base model")
-                batches = switch_fit.sample_batches(self.train, batch_size=self.cfg.batch, num_batches=plan.batches,
-                                                    seed=self.cfg.seed + 3)
-                data = switch_fit.collect(model, batches, total=plan.batches, progress=self.progress)
-                save_state(data_path, {"inputs": data.inputs, "iou": data.iou})
-                self.timing("fit_collect", {"seconds": time.time() - t0, "rois": data.inputs.shape[0]})
-            cost_t = torch.tensor(costs)
+        if any(f"init{i}" not in state for i in plan.inits):
+            data = self._switch_data(model, plan)
             for init in plan.inits:
-                todo = [c for c in plan.budgets if f"fit-iou-roi-ct{c:g}-init{init}" not in state]
-                if not todo:
+                if f"init{init}" in state:
                     continue
-                msm = heads.msm
-                rep = switch_fit.fit_switch(msm, data, costs=costs, target_gmacs=todo[0], epochs=plan.epochs,
+                rep = switch_fit.fit_switch(heads.msm, data, costs=costs, target_gmacs=None, epochs=plan.epochs,
                                             seed=init, progress=self.progress)
                 self.timing(f"fit_init{init}", {"seconds": rep.seconds, "losses": rep.losses})
-                scores = switch_fit._raw(msm, data.inputs)
-                for c in todo:
-                    mu = switch_fit.calibrate_mu(scores, cost_t, c)
-                    msm.set_cost_penalty(mu * cost_t)
-                    state[f"fit-iou-roi-ct{c:g}-init{init}"] = {k: v.clone() for k, v in msm.state_dict().items()}
+                state[f"init{init}"] = {k: v.clone() for k, v in heads.msm.state_dict().items()}
                 save_state(path, state)
         names = [n for n in plan.names() if not self.have_rows([n])]
-        switches = {}
-        for name in names:
-            m = new_switch(model, "roi")
-            m.load_state_dict(state[name])
-            m.eval()
-            switches[name] = ((m, "roi"), msm_gmacs(m))
+        switches, penalties = {}, {}
+        cost_t = torch.tensor(costs)
+        for init in plan.inits:
+            todo = [n for n in names if n.endswith(f"-init{init}")]
+            if not todo:
+                continue
+            heads.msm.load_state_dict(state[f"init{init}"])
+            t0 = time.time()
+            batches = switch_fit.sample_batches(self.train, batch_size=self.cfg.batch,
+                                                num_batches=-(-plan.calibration_images // self.cfg.batch),
+                                                seed=self.cfg.seed + 4)
+            scores = switch_fit.detection_scores(model, ([*b[0]] for b in batches), progress=False)
+            self.timing(f"fit_price_init{init}", {"seconds": time.time() - t0, "detections": int(scores.shape[0])})
+            for name in todo:
+                m = new_switch(model, "roi")
+                m.load_state_dict(state[f"init{init}"])
+                switch_fit.price(m, scores, cost_t, float(name.split("-ct")[1].split("-")[0]))
+                m.eval()
+                penalties[name] = [float(x) for x in m.cost_penalty]
+                switches[name] = ((m, "roi"), msm_gmacs(m))
         t0 = time.time()
         log(f"fitted switches: {len(names)} rows on the validation detections")
         metrics = evaluate_policies(model, self.val, costs=mask_head_gmacs(model), switches=switches, fixed=False,
@@ -658,9 +658,27 @@ class Study:
             row = self._row(name, "msm", metrics[name], probe, probe["choices"][name], variant=v,
                             trained="frozen base")
             row["fit"] = {"batches": plan.batches, "epochs": plan.epochs, "init": int(name.rsplit("init", 1)[1]),
-                          "cost_penalty": [float(x) for x in state[name]["cost_penalty"]]}
+                          "calibrated_on": "detections", "calibration_images": plan.calibration_images,
+                          "cost_penalty": penalties[name]}
             rows.append(row)
         self.save_rows(rows)
+
+    def _switch_data(self, model, plan: FitPlan):
+        """The switch fit's training RoIs (collected once, cached)."""
+        from dynamask.engine import switch_fit
+
+        data_path = self.ckpt("switch_data")
+        if os.path.exists(data_path):
+            d = load_state(data_path)
+            return switch_fit.SwitchData(d["inputs"], d["iou"])
+        t0 = time.time()
+        log(f"switch fit: collecting {plan.batches} training batches on the frozen base model")
+        batches = switch_fit.sample_batches(self.train, batch_size=self.cfg.batch, num_batches=plan.batches,
+                                            seed=self.cfg.seed + 3)
+        data = switch_fit.collect(model, batches, total=plan.batches, progress=self.progress)
+        save_state(data_path, {"inputs": data.inputs, "iou": data.iou})
+        self.timing("fit_collect", {"seconds": time.time() - t0, "rois": data.inputs.shape[0]})
+        return data
 
     def _gt_size_choice(self, k: int) -> np.ndarray:
         """Eq. 8 on every ground-truth box of the validation split (input frame), in probe order."""

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=cli_checks.positive_int, default=2, help="images per batch (default 2)")
     p.add_argument("--epochs", type=cli_checks.positive_int, default=15,
                    help="epochs of the switch over the collected RoIs (default 15)")
+    p.add_argument("--calibration-images", type=int, default=200,
+                   help="training images whose detections the price is set on (default 200; 0: set it on the "
+                        "training positives)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flip-prob", type=cli_checks.unit_interval, default=0.5,
                    help="horizontal flips of the training images (default 0.5, as training)")
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         raise ValueError(f"--out {args.out} is the input checkpoint: write the fitted one beside it")
     check_device(args.device)
+    if args.calibration_images < 0:
+        raise ValueError(f"--calibration-images must be >= 0, got {args.calibration_images}")
     # everything is checked before the model runs on the data: the collection takes minutes
     model, ckpt = model_from_checkpoint(args.checkpoint)
     from dynamask.models.detector import DynaMaskRCNN
@@ -81,15 +86,16 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     report = switch_fit.fit_model_switch(model, dataset, target_gmacs=target, num_batches=args.batches,
                                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                                         progress=not args.no_progress)
+                                         calibration_images=args.calibration_images, progress=not args.no_progress)
     extra = dict(ckpt.get("extra", {}))
     extra["switch_fit"] = {**report.as_dict(), "from": os.path.abspath(args.checkpoint), "batches": args.batches,
                            "batch_size": args.batch_size, "seed": args.seed}
     save_checkpoint(args.out, arch=ckpt["arch"], label_map=saved, model=model.cpu(), epoch=ckpt.get("epoch"),
                     iteration=ckpt.get("iteration"), extra=extra)
-    shares = ", ".join(f"{s}²: {100 * f:.0f}%" for s, f in zip(costs, report.train_shares))
+    shares = ", ".join(f"{s}²: {100 * f:.0f}%" for s, f in zip(costs, report.shares))
+    on = "training positives" if report.calibrated_on == "positives" else "detections of training images"
     print(f"fitted the switch on {report.rois} training RoIs ({report.epochs} epochs, {report.seconds:.0f} s); "
-          f"price {report.mu:.4g} per GMAC; training RoIs at {shares}; mean head cost {report.train_gmacs:.4g} GMAC "
-          f"(budget {'none' if target is None else f'{target:.4g}'})")
+          f"price {report.mu:.4g} per GMAC, set on {report.calibration_rois} {on}: {shares}; mean head cost "
+          f"{report.mean_gmacs:.4g} GMAC (budget {'none' if target is None else f'{target:.4g}'})")
     print(f"wrote {args.out}")
     return 0

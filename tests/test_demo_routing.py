@@ -16,14 +16,23 @@ from dynamask.data.shapes import CATEGORIES, generate, split_paths
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_routing_json_and_report_table(tmp_path):
+def _demo():
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     try:
         import demo
     finally:
         sys.path.pop(0)
-    generate(str(tmp_path / "data"), train=0, val=3, size=64, seed=0, max_objects=3)
-    val = CocoDetection(*split_paths(str(tmp_path / "data"), "val"))
+    return demo
+
+
+def _val(tmp_path, n: int) -> CocoDetection:
+    generate(str(tmp_path / "data"), train=0, val=n, size=64, seed=0, max_objects=3)
+    return CocoDetection(*split_paths(str(tmp_path / "data"), "val"))
+
+
+def test_routing_json_and_report_table(tmp_path):
+    demo = _demo()
+    val = _val(tmp_path, 3)
     torch.manual_seed(0)
     model = tiny_model(num_classes=8, min_size=64, max_size=64).eval()
     path = tmp_path / "routing.json"
@@ -50,3 +59,22 @@ def test_routing_json_and_report_table(tmp_path):
     assert "IoU gain 7²→56²" in text
     for _, name, _ in CATEGORIES:
         assert f"| {name} |" in text
+
+
+def test_routing_json_reports_the_dynamic_phase_switch_beside_the_fitted_one(tmp_path):
+    from dynamask.engine.routing_probe import gt_box_routing, routing_summary
+
+    demo = _demo()
+    val = _val(tmp_path, 2)
+    torch.manual_seed(0)
+    before = tiny_model(num_classes=8, min_size=64, max_size=64).eval()
+    after = tiny_model(num_classes=8, min_size=64, max_size=64).eval()
+    after.load_state_dict(before.state_dict())
+    costs = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    after.roi_heads.msm.set_cost_penalty(costs)  # another choice: the fitted model's
+    summary = demo.write_routing(after, val, str(tmp_path / "routing.json"), dynamic_phase_model=before)
+    want = routing_summary(gt_box_routing(before, val, progress=False))["routing_value"]
+    assert summary["dynamic_phase_switch"] == want
+    assert summary["routing_value"] == routing_summary(gt_box_routing(after, val, progress=False))["routing_value"]
+    text = "\n".join(demo.routing_lines(summary, [7, 14, 28, 56]))
+    assert "before the refit" in text

@@ -102,7 +102,7 @@ def test_fit_switch_learns_which_rois_gain_and_meets_the_budget():
     # cost within it, and the RoIs it sends to 2 are ones that gain there
     rep = switch_fit.fit_switch(msm, train, costs=costs, target_gmacs=1.75, epochs=8, lr=3e-3, seed=0,
                                 progress=False)
-    assert rep.mu > 0 and rep.train_gmacs <= 1.75 and rep.train_shares[2] > 0.1
+    assert rep.mu > 0 and rep.mean_gmacs <= 1.75 and rep.shares[2] > 0.1
     assert torch.allclose(msm.cost_penalty, rep.mu * torch.tensor(costs))
     choice = msm(test.inputs.float()).argmax(dim=1)
     assert (best[choice == 2] == 2).float().mean() >= 0.95
@@ -166,9 +166,20 @@ def test_a_fitted_model_routes_by_its_priced_switch_and_the_checkpoint_keeps_the
     costs = list(mask_head_gmacs(model.roi_heads.mask_head).values())
     target = (costs[0] + costs[1]) / 2
     rep = switch_fit.fit_model_switch(model, train, target_gmacs=target, num_batches=3, batch_size=2, epochs=2,
-                                      progress=False)
-    assert rep.rois > 0 and rep.train_gmacs <= target
+                                      calibration_images=4, progress=False)
+    assert rep.rois > 0 and rep.calibrated_on == "detections" and rep.calibration_rois > 0
     assert torch.allclose(model.roi_heads.msm.cost_penalty, rep.mu * torch.tensor(costs))
+    # the price meets the budget on the detections of those images, and is the smallest that does
+    # (the same batches as the fit's calibration: another batching could round a detection in or out)
+    images = [b[0] for b in switch_fit.sample_batches(train, batch_size=2, num_batches=2, seed=1)]
+    penalty = model.roi_heads.msm.cost_penalty.clone()
+    scores = switch_fit.detection_scores(model, images, progress=False)
+    assert torch.equal(model.roi_heads.msm.cost_penalty, penalty)  # restored
+    cost_t = torch.tensor(costs)
+    assert scores.shape[0] == rep.calibration_rois
+    assert float(cost_t[(scores - rep.mu * cost_t).argmax(1)].mean()) <= target + 1e-12
+    if rep.mu > 0:
+        assert float(cost_t[(scores - 0.999 * rep.mu * cost_t).argmax(1)].mean()) > target
     path = save_checkpoint(str(tmp_path / "fit.pth"), arch=make_arch("dynamask_resnet_fpn", **kw),
                            label_map={i: (i, str(i)) for i in range(1, 8)}, model=model)
     loaded, _ = model_from_checkpoint(path)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -159,12 +159,14 @@ def calibrate_mu(scores: Tensor, costs: Tensor, target: float) -> float:
 
 @dataclass
 class FitReport:
-    rois: int
+    rois: int  # training RoIs the switch learned from
     epochs: int
     mu: float  # price per GMAC
     target_gmacs: float | None
-    train_gmacs: float  # mean head cost of the fitted choices on the training RoIs
-    train_shares: list[float]  # share of training RoIs at each resolution
+    calibrated_on: str  # "positives" (the training RoIs) or "detections" (of training images, at inference)
+    calibration_rois: int  # RoIs μ was set on
+    mean_gmacs: float  # their mean head cost under the priced choice
+    shares: list[float]  # their share at each resolution
     losses: list[float]  # mean regression loss per epoch
     seconds: float
 
@@ -227,24 +229,90 @@ def fit_switch(msm: MaskSwitchModule, data: SwitchData, *, costs: Sequence[float
         bar.set_postfix(loss=f"{losses[-1]:.5f}")
     bar.close()
     msm.eval()
-    scores = _raw(msm, data.inputs)
+    mu, mean, shares = price(msm, _raw(msm, data.inputs), cost, target_gmacs)
+    return FitReport(rois=n, epochs=epochs, mu=mu, target_gmacs=target_gmacs, calibrated_on="positives",
+                     calibration_rois=n, mean_gmacs=mean, shares=shares, losses=losses, seconds=time.time() - t0)
+
+
+def price(msm: MaskSwitchModule, scores: Tensor, cost: Tensor,
+          target_gmacs: float | None) -> tuple[float, float, list[float]]:
+    """Sets ``msm``'s cost penalty to μ·C for the μ that meets ``target_gmacs`` on ``scores`` ``[N, K]`` (its
+    unpriced outputs on some RoIs; None: μ = 0). Returns μ, the RoIs' mean cost and their share at each
+    resolution under the priced choice."""
     mu = 0.0 if target_gmacs is None else calibrate_mu(scores, cost, target_gmacs)
     msm.set_cost_penalty((mu * cost).to(cast(Tensor, msm.cost_penalty)))
+    if scores.shape[0] == 0:
+        return mu, 0.0, [0.0] * cost.numel()
     choice = (scores - mu * cost).argmax(dim=1)
-    shares = torch.bincount(choice, minlength=k).double() / n
-    return FitReport(rois=n, epochs=epochs, mu=mu, target_gmacs=target_gmacs, train_gmacs=float(cost[choice].mean()),
-                     train_shares=[float(s) for s in shares], losses=losses, seconds=time.time() - t0)
+    shares = torch.bincount(choice, minlength=cost.numel()).double() / scores.shape[0]
+    return mu, float(cost[choice].mean()), [float(x) for x in shares]
+
+
+@torch.no_grad()
+def detection_scores(model: DynaMaskRCNN, batches: Iterable[list[Tensor]], *, total: int | None = None,
+                     progress: bool = True) -> Tensor:
+    """The switch's unpriced outputs ``[N, K]`` on every detection the mask head runs on when ``model``
+    (eval mode, policy "msm") segments ``batches`` of images: the RoIs a budget is spent on at inference.
+    The switch's cost penalty and the policy are restored afterwards."""
+    from tqdm import tqdm
+
+    heads = cast(DynaMaskRoIHeads, model.roi_heads)
+    msm = heads.msm
+    saved, policy = msm.cost_penalty.clone(), heads.mask_policy
+    out: list[Tensor] = []
+    hook = msm.register_forward_hook(lambda module, args, result: out.append(result.detach().float().cpu()))
+    msm.cost_penalty.zero_()
+    heads.mask_policy = "msm"
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for images in tqdm(batches, total=total, desc="switch fit: pricing on detections", disable=not progress,
+                           dynamic_ncols=True, mininterval=5.0):
+            model([im.to(device) for im in images])
+    finally:
+        hook.remove()
+        msm.cost_penalty.copy_(saved)
+        heads.mask_policy = policy
+    return torch.cat(out) if out else torch.zeros((0, msm.num_resolutions))
 
 
 def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float | None, num_batches: int = 900,
-                     batch_size: int = 4, epochs: int = 15, seed: int = 0, progress: bool = True) -> FitReport:
+                     batch_size: int = 4, epochs: int = 15, seed: int = 0, calibration_images: int = 200,
+                     progress: bool = True) -> FitReport:
     """:func:`collect` on ``num_batches`` batches of ``dataset`` (training images, with their transforms),
-    then :func:`fit_switch` of ``model.roi_heads.msm``. The model is left in eval mode, its switch fitted."""
+    then :func:`fit_switch` of ``model.roi_heads.msm``, then the price μ set again on the detections of
+    ``calibration_images`` training images (:func:`detection_scores`): a budget is a mean over every RoI the
+    head runs on at inference, and detections (any score) are not distributed as training positives are;
+    0 keeps the price set on the positives. The model is left in eval mode, its switch fitted."""
     if not isinstance(model.roi_heads, DynaMaskRoIHeads):
         raise ValueError("fit_model_switch needs a DynaMask model (roi_heads with an MSM)")
     heads = model.roi_heads
     data = collect(model, sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed),
                    total=num_batches, progress=progress)
+    if calibration_images < 0:
+        raise ValueError(f"calibration_images must be >= 0, got {calibration_images}")
     costs = list(mask_head_gmacs(heads.mask_head).values())
-    return fit_switch(heads.msm, data, costs=costs, target_gmacs=target_gmacs, epochs=epochs, seed=seed,
-                      progress=progress)
+    report = fit_switch(heads.msm, data, costs=costs, target_gmacs=target_gmacs, epochs=epochs, seed=seed,
+                        progress=progress)
+    if calibration_images == 0 or target_gmacs is None:
+        return report
+    return calibrate_on_detections(model, dataset, report, num_images=calibration_images, seed=seed,
+                                   progress=progress)
+
+
+def calibrate_on_detections(model: DynaMaskRCNN, dataset: Any, report: FitReport, *, num_images: int,
+                            seed: int = 0, batch_size: int = 2, progress: bool = True) -> FitReport:
+    """Sets the fitted switch's price μ again so that the mean cost over the detections of ``num_images``
+    images of ``dataset`` (a seeded sample) meets ``report.target_gmacs``; returns the updated report."""
+    heads = cast(DynaMaskRoIHeads, model.roi_heads)
+    t0 = time.time()
+    cost = torch.tensor(list(mask_head_gmacs(heads.mask_head).values()), dtype=torch.float32)
+    n = min(num_images, len(dataset))
+    batches = ([im for im in sample[0]] for sample in
+               sample_batches(dataset, batch_size=batch_size, num_batches=-(-n // batch_size), seed=seed + 1))
+    scores = detection_scores(model, batches, total=-(-n // batch_size), progress=progress)
+    if scores.shape[0] == 0:  # nothing detected (an untrained model): the price set on the positives stays
+        return report
+    mu, mean, shares = price(heads.msm, scores, cost, report.target_gmacs)
+    return replace(report, mu=mu, calibrated_on="detections", calibration_rois=int(scores.shape[0]), mean_gmacs=mean,
+                   shares=shares, seconds=report.seconds + time.time() - t0)
