@@ -18,6 +18,12 @@ def _msm(rows):
     return [r for r in rows if r["policy"] == "msm"]
 
 
+def _fitted(rows):
+    """The library's switch fit (priced on detections; rows priced on the training positives are variants)."""
+    return [r for r in _msm(rows) if r.get("estimator") == "fit"
+            and (r.get("fit") or {}).get("calibrated_on") == "detections"]
+
+
 def model_defaults() -> dict[str, Any]:
     """The routing options a DynaMask model trains with when none is given (read from the RoI heads' own
     defaults, so that the report follows the library)."""
@@ -84,9 +90,7 @@ def check_claims(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
             f"- **Routing value ≥ 0.6 (default switch, `{d['name']}`):** {'holds' if ok else 'does not hold'}: "
             f"captured {c if c is None else round(c, 3)}."
         )
-    # the library's fit (priced on detections; rows priced on the training positives are variants)
-    fits = sorted((r for r in msm if r.get("estimator") == "fit"
-                   and (r.get("fit") or {}).get("calibrated_on") == "detections"), key=lambda r: r["name"])
+    fits = sorted(_fitted(rows), key=lambda r: r["name"])
     if fits:
         by_budget: dict[float, list[dict[str, Any]]] = {}
         for r in fits:
@@ -205,11 +209,16 @@ def _plots(out: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[s
             if rs:
                 ax.scatter([r["mask_gmacs_per_instance"] for r in rs], [100 * r["segm_ap"] for r in rs], marker=mk,
                            color=col, s=60, label=lab, zorder=3)
+        fitted = {r["name"] for r in _fitted(rows)}
         for kind, col in (("coupled", "tab:blue"), ("frozen", "tab:green"), ("decoupled", "tab:purple")):
-            rs = [r for r in _msm(rows) if (r.get("routing_loss") or "").endswith(kind)]
+            rs = [r for r in _msm(rows) if (r.get("routing_loss") or "").endswith(kind) and r["name"] not in fitted]
             if rs:
                 ax.scatter([r["mask_gmacs_per_instance"] for r in rs], [100 * r["segm_ap"] for r in rs], color=col,
                            label=f"switch ({kind})", zorder=3)
+        rs = _fitted(rows)
+        if rs:
+            ax.scatter([r["mask_gmacs_per_instance"] for r in rs], [100 * r["segm_ap"] for r in rs], color="black",
+                       marker="^", label="switch fit (dynamask fit-switch)", zorder=4)
         ax.set_xlabel("mask-head GMAC per instance (switch included)")
         ax.set_ylabel("segm AP (%)")
         ax.grid(alpha=0.3)
