@@ -13,6 +13,9 @@ What it trains (one seed, one data set; every row evaluated on the same validati
    supervision; each switch learns from detached per-resolution losses), all at once on the same
    batches, for ``switch_iters``: the routing signal (paper / common grid / boundary band), what the switch
    reads (RoI feature / trunk output), the budget C_t, the Gumbel temperature, the budget weight.
+3b. ``fit``: the library's switch fit (:mod:`dynamask.engine.switch_fit`, as ``dynamask fit-switch`` runs it) on
+   the frozen ``base`` model: ``FitPlan.batches`` training batches collected once, a regression switch fitted per
+   init, priced at each budget on the detections of ``FitPlan.calibration_images`` training images.
 4. ``coupled``: the paper's dynamic phase (Eq. 3: the switch's Gumbel choice selects the supervised
    resolution) from the pretrain, ``phase_iters``, at each budget C_t (Tab. 5), and variants.
 5. ``maskrcnn``: torchvision's Mask R-CNN head (28², class-specific) on the same backbone, trained with the
