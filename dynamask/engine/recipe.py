@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 # The paper's 54%↓ row (Tab. 5): C_t = 0.4 GMAC against its head's 1.40 GMAC at 112², with λ2 = 0.4. Our
-# head's costs differ from the paper's (DESIGN.md §2), so the default budget keeps the paper's ratio of
-# target to top-resolution cost rather than its absolute 0.4.
+# head's costs differ from the paper's (docs/method.md §3, "Per-RoI cost bound"), so the default budget keeps
+# the paper's ratio of target to top-resolution cost rather than its absolute 0.4.
 PAPER_TARGET_GMACS = 0.4
 PAPER_TOP_GMACS = 1.40
 PAPER_TARGET_RATIO = PAPER_TARGET_GMACS / PAPER_TOP_GMACS

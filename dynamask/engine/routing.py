@@ -1,4 +1,4 @@
-"""How well a mask switch routes (DESIGN.md §3 "How the switch is judged"), as pure numpy functions.
+"""How well a mask switch routes (docs/method.md §3, "How the switch is judged"), as pure numpy functions.
 
 Inputs are a per-instance quality matrix ``iou [N, K]`` (mask IoU with the ground truth of each
 instance's mask at each of the K resolutions, measured on the same boxes) and the switch's choices
