@@ -638,7 +638,7 @@ class Study:
             batches = switch_fit.sample_batches(self.train, batch_size=self.cfg.batch,
                                                 num_batches=-(-plan.calibration_images // self.cfg.batch),
                                                 seed=self.cfg.seed + 4)
-            scores = switch_fit.detection_scores(model, ([*b[0]] for b in batches), progress=False)
+            scores = switch_fit.detection_scores(model, (images for images, _ in batches), progress=False)
             self.timing(f"fit_price_init{init}", {"seconds": time.time() - t0, "detections": int(scores.shape[0])})
             for name in todo:
                 m = new_switch(model, "roi")

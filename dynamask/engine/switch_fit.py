@@ -307,10 +307,9 @@ def calibrate_on_detections(model: DynaMaskRCNN, dataset: Any, report: FitReport
     heads = cast(DynaMaskRoIHeads, model.roi_heads)
     t0 = time.time()
     cost = torch.tensor(list(mask_head_gmacs(heads.mask_head).values()), dtype=torch.float32)
-    n = min(num_images, len(dataset))
-    batches = ([im for im in sample[0]] for sample in
-               sample_batches(dataset, batch_size=batch_size, num_batches=-(-n // batch_size), seed=seed + 1))
-    scores = detection_scores(model, batches, total=-(-n // batch_size), progress=progress)
+    num_batches = -(-min(num_images, len(dataset)) // batch_size)
+    batches = sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed + 1)
+    scores = detection_scores(model, (images for images, _ in batches), total=num_batches, progress=progress)
     if scores.shape[0] == 0:  # nothing detected (an untrained model): the price set on the positives stays
         return report
     mu, mean, shares = price(heads.msm, scores, cost, report.target_gmacs)
