@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -34,10 +35,30 @@ def interleaved_medians(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its AVX flags, from ``lscpu`` (e.g. "Intel(R) Xeon(R) Processor @ 2.80GHz,
+    avx2 avx512f avx512bw ...")."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("Flags:"):
+                flags = " ".join(f for f in line.split()[1:] if f == "avx2" or f.startswith("avx512"))
+    except OSError:
+        pass
+    return f"{model}, {flags or 'no AVX2/AVX-512 flags'}"
+
+
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model, AVX flags, thread count and the instruction set that dynamask's
+    CPU kernels picked (``dynamask.ops.cpu_isa``)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    from dynamask import ops
+
+    return f"CPU ({cpu_name()}; {torch.get_num_threads()} threads; dynamask kernels: {ops.cpu_isa()})"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -8,8 +8,11 @@ Cases (fractions of RoIs routed to 14/28/56/112): all-112; the paper's Table 9 m
 at inference: 14×14 multi-level RoIAlign, routing (``group_by_resolution``), the stages each RoI needs
 (including the per-image projections and the one ``roi_align_stages`` call) and the sigmoid; pasting is
 excluded (the same for both). Features are random P2–P5 of one 800×1216 image, RoIs random boxes with
-FPN-typical sizes. Medians of interleaved runs; ``torch.set_num_threads(2)`` on CPU. CPU bar: the
-0.35/0.34/0.21/0.10 mix ≤ 0.6× the all-112 time.
+FPN-typical sizes. Medians of interleaved runs; ``torch.set_num_threads(--threads)`` on CPU. Each case's
+GMAC is counted by the library's rule (``dynamask.flops``: each RoI's head MACs at its resolution, plus the
+per-image projections; torchvision's: its convs, deconv and 91-class predictor), and its GMAC per second
+is given against torchvision's head's. Bars (issues 5 and 20): the 0.35/0.34/0.21/0.10 mix ≤ 0.6× the
+all-112 time; all-112 at ≥ 0.9× torchvision's GMAC per second.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import functools
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -25,9 +29,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import interleaved_medians  # noqa: E402
+from _timing import device_name, interleaved_medians, markdown_table, publish  # noqa: E402
 
 from dynamask import ops  # noqa: E402
+from dynamask.flops import conv_macs, mask_head_macs, maskrcnn_mask_head_gmacs  # noqa: E402
 from dynamask.models import DynaMaskHead  # noqa: E402
 
 MIXES = {
@@ -79,15 +84,36 @@ class TorchvisionMaskBranch(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), labels].sigmoid()
 
 
+def head_gmacs(head: DynaMaskHead, mix, n: int, feats) -> float:
+    """GMAC of one call of ``run_ours`` by the library's counting rule: each RoI's cumulative head MACs at
+    its resolution (:func:`dynamask.flops.mask_head_macs`) plus the per-image 1×1 projections of the levels
+    that the reached stages fuse."""
+    counts = [round(f * n) for f in mix]
+    counts[-1] = n - sum(counts[:-1])
+    per_roi = mask_head_macs(head)
+    total = sum(c * m for c, m in zip(counts, per_roi))
+    for s in range(1, head.num_resolutions):
+        if sum(counts[s:]) > 0:
+            level = feats[head.stage_levels[s - 1]]
+            total += conv_macs(head.project[s - 1], (level.shape[-2], level.shape[-1]))
+    return total / 1e9
+
+
+def torchvision_gmacs(tv: TorchvisionMaskBranch, n: int) -> float:
+    return n * maskrcnn_mask_head_gmacs(SimpleNamespace(mask_head=tv.head, mask_predictor=tv.predictor))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rois", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and ops.cuda_available() else "cpu")
+    ap.add_argument("--out", help="also write the markdown here")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     head = DynaMaskHead().to(device).eval()
     tv = TorchvisionMaskBranch().to(device).eval()
@@ -95,18 +121,25 @@ def main() -> None:
     labels = torch.randint(1, 91, (args.rois,), device=device)
     cases = {name: functools.partial(run_ours, head, feats, rois, choice_for(mix, args.rois, device))
              for name, mix in MIXES.items()}
-    cases["torchvision Mask R-CNN head (28×28)"] = lambda: tv(feats, boxes, image, labels)
+    gmacs = {name: head_gmacs(head, mix, args.rois, feats) for name, mix in MIXES.items()}
+    tv_name = "torchvision Mask R-CNN head (28×28)"
+    cases[tv_name] = lambda: tv(feats, boxes, image, labels)
+    gmacs[tv_name] = torchvision_gmacs(tv, args.rois)
     with torch.no_grad():
         med = interleaved_medians(cases, device.type, args.repeats)
     base = med["all-112"]
-    print(f"Mask head inference, {args.rois} RoIs, one 800×1216 image, device {device} "
-          f"({torch.get_num_threads()} threads), median of {args.repeats} interleaved runs.\n")
-    print("| case | median ms | × all-112 |")
-    print("|---|---|---|")
-    for name, t in med.items():
-        print(f"| {name} | {t * 1e3:.1f} | {t / base:.2f} |")
+    tv_rate = gmacs[tv_name] / med[tv_name]
+    rows = [[name, f"{t * 1e3:.1f}", f"{t / base:.2f}", f"{gmacs[name]:.1f}", f"{gmacs[name] / t:.1f}",
+             f"{gmacs[name] / t / tv_rate:.2f}"] for name, t in med.items()]
+    lines = [f"Mask head inference, {args.rois} RoIs, one 800×1216 image; {device_name(device.type)}; torch "
+             f"{torch.__version__}; median of {args.repeats} interleaved runs.", "",
+             markdown_table(["case", "median ms", "× all-112", "GMAC", "GMAC/s", "GMAC/s ÷ torchvision's"], rows), ""]
     ratio = med["Table 9 mix 0.35/0.34/0.21/0.10"] / base
-    print(f"\nBar (CPU): mix 0.35/0.34/0.21/0.10 ≤ 0.6× all-112: {ratio:.2f}× → {'PASS' if ratio <= 0.6 else 'FAIL'}")
+    rate = gmacs["all-112"] / base / tv_rate
+    lines.append(f"Bars ({device.type}): mix 0.35/0.34/0.21/0.10 ≤ 0.6× all-112: {ratio:.2f}× → "
+                 f"{'PASS' if ratio <= 0.6 else 'FAIL'}; all-112 GMAC/s ≥ 0.9× torchvision's head's: {rate:.2f}× → "
+                 f"{'PASS' if rate >= 0.9 else 'FAIL'}")
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

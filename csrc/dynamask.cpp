@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "ops/cpu/cpu_isa.h"
+
 namespace dynamask {
 
 bool cuda_available() {
@@ -16,11 +18,15 @@ bool cuda_available() {
 #endif
 }
 
+std::string cpu_isa_name() { return isa_name(cpu_isa()); }
+
 }  // namespace dynamask
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_available", &dynamask::cuda_available,
         "Whether the CUDA kernels were compiled into this build.");
+  m.def("cpu_isa", &dynamask::cpu_isa_name,
+        "The instruction set of the CPU kernels' hot loops in this process: avx512, avx2 or baseline.");
   // The torch this extension was compiled against; dynamask/_extension.py compares it at import.
   m.attr("TORCH_VERSION") = std::to_string(TORCH_VERSION_MAJOR) + "." +
                             std::to_string(TORCH_VERSION_MINOR) + "." +

@@ -415,3 +415,43 @@ def test_half_forward_and_backward(dtype, device):
         assert g.dtype == dtype, name
         s = s_bwd[name]
         _assert_within(g, e, 2 * u * (e.abs() + s) + 2 * terms[name] * U32 * s, f"{dtype} grad of {name}")
+
+
+def _offset_layouts(off):
+    """The same offsets in the layouts the CPU kernel reads in place, and one it copies."""
+    b, c, h, w = off.shape
+    wide = torch.zeros(b, c + 14, h, w, dtype=off.dtype).contiguous(memory_format=torch.channels_last)
+    wide[:, :c] = off
+    return {
+        "nchw": off.contiguous(),
+        "channels-last": off.contiguous(memory_format=torch.channels_last),
+        "channel slice of channels-last": wide[:, :c],  # what the FAM's 32-wide offset convs give
+        "channel slice of nchw": torch.cat([off, off[:, :3]], 1)[:, :c],
+        "transposed planes (copied)": off.transpose(2, 3).contiguous().transpose(2, 3),
+    }
+
+
+@pytest.mark.parametrize("C,groups,dg,H,W", [(16, 1, 1, 9, 8), (6, 2, 2, 7, 9), (16, 1, 1, 6, 1), (8, 1, 1, 1, 7)],
+                         ids=["fixed-width", "generic", "out_w=1", "out_h=1"])
+@pytest.mark.parametrize("input_layout", ["nchw", "channels-last"])
+def test_offsets_in_any_layout_give_identical_results(C, groups, dg, H, W, input_layout):
+    """The CPU forward reads offsets through their strides (channels-last, or a channel slice of a wider
+    tensor: the FAM's offset convs) instead of copying them: every layout gives bit-identical outputs to
+    contiguous offsets, and the offsets' gradients flow back through the view."""
+    t, kw = _make(3, C, 6, H, W, groups=groups, dg=dg, offset_scale=2.0, mask=False)
+    x = t["input"] if input_layout == "nchw" else t["input"].contiguous(memory_format=torch.channels_last)
+    res = torch.randn(3, 6, H, W, dtype=torch.float64)
+    ref = ops.deform_conv2d(x, t["offset"].contiguous(), t["weight"], t["bias"], residual=res, activation="relu", **kw)
+    for name, off in _offset_layouts(t["offset"]).items():
+        out = ops.deform_conv2d(x, off, t["weight"], t["bias"], residual=res, activation="relu", **kw)
+        assert torch.equal(out, ref), name
+    # gradients through a channel slice equal those of the contiguous offsets
+    base = t["offset"].clone().requires_grad_()
+    (g_base,) = torch.autograd.grad(ops.deform_conv2d(x, base, t["weight"], t["bias"], **kw).square().sum(), [base])
+    wide = torch.zeros(3, base.shape[1] + 14, H, W, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    wide[:, :base.shape[1]] = t["offset"]
+    wide.requires_grad_()
+    (g_wide,) = torch.autograd.grad(
+        ops.deform_conv2d(x, wide[:, :base.shape[1]], t["weight"], t["bias"], **kw).square().sum(), [wide])
+    torch.testing.assert_close(g_wide[:, :base.shape[1]], g_base, rtol=0, atol=0)
+    assert not g_wide[:, base.shape[1]:].any()

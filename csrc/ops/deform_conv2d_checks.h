@@ -81,6 +81,8 @@ inline Geometry check_args(const at::Tensor& input, const at::Tensor& offset, co
                     "): input ", g.height, "x", g.width, " is smaller than the dilated kernel with padding");
   check_shape(offset, "offset", {g.batch, 2 * K * g.deform_groups, g.out_h, g.out_w},
               "[B, 2 * deform_groups * kh * kw, H_out, W_out]", op);
+  g.off_c = g.out_h * g.out_w;  // contiguous offsets; a kernel that reads them in another layout resets these
+  g.off_p = 1;
   g.has_mask = mask.has_value();
   if (mask) {
     check_shape(*mask, "mask", {g.batch, K * g.deform_groups, g.out_h, g.out_w},

@@ -100,6 +100,11 @@ struct Geometry {
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int64_t groups, deform_groups;
   bool has_mask;
+  // Strides of the offsets within one image: between channels and between output positions
+  // (p = oy * out_w + ox). Contiguous NCHW offsets (what check_args assumes, and what the CUDA kernels
+  // and the CPU backward pass) have (out_h * out_w, 1); the CPU forward also reads channels-last
+  // offsets, and a channel slice of them, in place (offset_strides_if_flat).
+  int64_t off_c, off_p;
 
   DYNAMASK_INLINE int64_t taps() const { return kernel_h * kernel_w; }
   DYNAMASK_INLINE int64_t out_plane() const { return out_h * out_w; }
@@ -115,9 +120,8 @@ struct Geometry {
 template <typename T>
 DYNAMASK_INLINE void tap_position_ij(const Geometry& g, const T* offset_at, int64_t k, int64_t i, int64_t j,
                                      int64_t p, int64_t oy, int64_t ox, T& y, T& x) {
-  const int64_t plane = g.out_plane();
-  y = sample_coord<T>(oy, g.stride_h, g.pad_h, i, g.dil_h, offset_at[(2 * k) * plane + p]);
-  x = sample_coord<T>(ox, g.stride_w, g.pad_w, j, g.dil_w, offset_at[(2 * k + 1) * plane + p]);
+  y = sample_coord<T>(oy, g.stride_h, g.pad_h, i, g.dil_h, offset_at[(2 * k) * g.off_c + p * g.off_p]);
+  x = sample_coord<T>(ox, g.stride_w, g.pad_w, j, g.dil_w, offset_at[(2 * k + 1) * g.off_c + p * g.off_p]);
 }
 
 template <typename T>

@@ -18,7 +18,15 @@ def cuda_available() -> bool:
     return bool(_C.cuda_available())
 
 
+def cpu_isa() -> str:
+    """The instruction set of the CPU kernels' hot loops in this process: ``"avx512"``, ``"avx2"`` or
+    ``"baseline"`` (the widest the CPU has, unless ``DYNAMASK_NO_AVX512=1`` or ``DYNAMASK_NO_AVX2=1`` is set;
+    read once per process). Benchmarks print it beside their figures."""
+    return str(_C.cpu_isa())
+
+
 __all__ = [
+    "cpu_isa",
     "cuda_available",
     "deform_conv2d",
     "full_checks",

@@ -1,13 +1,11 @@
 // CPU kernels of the fused deformable convolution.
 //
-// Never a whole-batch columns buffer: images are taken a bounded chunk at a time (read through an
-// NHWC view, copied only when the input is not channels-last, so each bilinear corner is a contiguous
-// run of channels). Forward: tiles of output positions of a group of images are sampled in parallel
-// into one reused channels-last columns tensor [images, out_h, out_w, groups * kh*kw * C/groups],
-// which is the input of a grouped 1x1 convolution (torch's, oneDNN on x86) with the bias; the
-// residual and ReLU are applied while that result is copied into the output (NCHW, or channels-last
-// for a channels-last input). The corners and weights of a sample are computed once per (position,
-// tap, deform group) and reused for all the group's channels.
+// Never a columns buffer larger than a tile: images are read through an NHWC view (copied a bounded
+// chunk at a time only when the input is not channels-last, so each bilinear corner is a contiguous
+// run of channels). Forward: each work item samples one tile of one image's output positions into a
+// channels-last columns tile, multiplies it by the weight (sequential GEMM) and applies bias, residual
+// and ReLU while the tile is in cache (forward_impl). The corners and weights of a sample are computed
+// once per (position, tap, deform group) and reused for all the group's channels.
 //
 // Backward recomputes a tile's columns, accumulates grad_weight per thread, multiplies grad by the
 // weight into a second tile buffer and scatters it: into grad_input (each work item owns one image's
@@ -18,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -41,13 +40,6 @@ inline int64_t images_per_chunk(const Geometry& g) {
   return std::max<int64_t>(1, std::min<int64_t>(g.batch, (int64_t(1) << 23) / image));
 }
 
-// Images whose sampled columns feed one 1x1-convolution call in the forward: at most 4M column
-// elements (16 MB in float) at once, and at least one image.
-inline int64_t images_per_gemm(const Geometry& g) {
-  const int64_t image = std::max<int64_t>(1, g.channels * g.taps() * g.out_plane());
-  return std::max<int64_t>(1, std::min<int64_t>(g.batch, (int64_t(1) << 22) / image));
-}
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
@@ -60,6 +52,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // mkl_service.h's mkl_set_num_threads_local). The symbol is weak, so builds of torch on another BLAS
 // (OpenBLAS runs sequentially inside a parallel region by itself) link and run without it.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+// The Fortran BLAS single-precision GEMM (LP64, as torch itself declares and calls it); weak, so a torch
+// without it links and takes the at::mm_out path (tile_gemm).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 namespace dynamask {
 namespace deform_conv {
@@ -122,7 +119,7 @@ void sample_tile(const Geometry& g, const T* img, const T* off_b, const T* mask_
     const int64_t p = p0 + pl;
     T* colrow = col + pl * C * K;
     for (int64_t d = 0; d < g.deform_groups; ++d) {
-      const T* off_d = off_b + d * 2 * K * plane;
+      const T* off_d = off_b + d * 2 * K * g.off_c;
       const T* mask_d = mask_b ? mask_b + d * K * plane : nullptr;
       for (int64_t i = 0, k = 0; i < g.kernel_h; ++i)
       for (int64_t j = 0; j < g.kernel_w; ++j, ++k) {
@@ -164,7 +161,7 @@ void scatter_tile(const Geometry& g, const T* img, const T* off_b, const T* mask
     const int64_t p = p0 + pl;
     const T* gcolrow = gcol + pl * C * K;
     for (int64_t d = 0; d < g.deform_groups; ++d) {
-      const T* off_d = off_b + d * 2 * K * plane;
+      const T* off_d = off_b + d * 2 * K * g.off_c;
       const T* mask_d = mask_b ? mask_b + d * K * plane : nullptr;
       for (int64_t i = 0, k = 0; i < g.kernel_h; ++i)
       for (int64_t j = 0; j < g.kernel_w; ++j, ++k) {
@@ -279,7 +276,7 @@ inline void corner_dots(const T* __restrict__ gc, const T* __restrict__ v0, cons
 }
 
 template <typename T, int CC>
-void sample_tile_fixed(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np,
+void sample_tile_fixed_per_tap(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np,
                        T* col) {
   const int64_t K = g.taps(), plane = g.out_plane();
   int64_t oy = p0 / g.out_w, ox = p0 - oy * g.out_w;
@@ -301,6 +298,111 @@ void sample_tile_fixed(const Geometry& g, const T* img, const T* off_b, const T*
       }
       bilinear_row<T, CC>(dst, img + t.pos[0] * CC, img + t.pos[1] * CC, img + t.pos[2] * CC, img + t.pos[3] * CC,
                           w0, w1, w2, w3);
+    }
+  }
+}
+
+// The sampler's bookkeeping, planned for a block of positions at once: where a tap's four corners are and
+// their weights (deform_taps, and the mask) for each (tap, position) of the block, in loops over positions
+// that the compiler vectorises (16 lanes under AVX-512), then the channel loops read the plan. Computed
+// per tap and position, that bookkeeping took about as long as the channel arithmetic it feeds.
+// The arithmetic is deform_taps' (the same comparisons, floor and products in the same order), so the
+// columns are bit-identical to sample_tile_fixed_per_tap's; a weight is nonzero only for a corner on the
+// map of a sample strictly inside (-1, H) x (-1, W), and every other corner reads position 0 with weight 0.
+constexpr int64_t kPlanBlock = 64;  // positions per plan: 9 taps x 64 positions x 8 numbers stays in L1
+constexpr int64_t kPlanTaps = 9;    // kernels up to 3x3 are planned; larger ones sample per tap
+
+template <typename T>
+struct PlanBlock {
+  int32_t q[4][kPlanTaps][kPlanBlock];
+  T w[4][kPlanTaps][kPlanBlock];
+};
+
+// Whether the plan's 32-bit positions and coordinates hold this geometry.
+inline bool plannable(const Geometry& g) {
+  const int64_t lim = int64_t(1) << 30;
+  return g.taps() <= kPlanTaps && g.height * g.width < lim && g.out_h * g.stride_h + g.pad_h + g.kernel_h * g.dil_h < lim &&
+         g.out_w * g.stride_w + g.pad_w + g.kernel_w * g.dil_w < lim;
+}
+
+// One tap over n positions: base coordinates (by, bx: the tap's grid position, as in sample_coord), the
+// offsets dy, dx and the mask m (all contiguous, length n) -> corner positions q and weights w.
+// Written so that GCC vectorises it (built with -fno-trapping-math, see setup.py): non-short-circuit
+// conditions, selects, and floor as truncation corrected by one below zero (the same value as floor for
+// every sample in range, which is the only one whose floor is used).
+template <typename T>
+inline void plan_row(int64_t n, const int32_t* __restrict__ by, const int32_t* __restrict__ bx,
+                     const T* __restrict__ dy, const T* __restrict__ dx, const T* __restrict__ m, int32_t H, int32_t W,
+                     int32_t* __restrict__ q0, int32_t* __restrict__ q1, int32_t* __restrict__ q2,
+                     int32_t* __restrict__ q3, T* __restrict__ w0, T* __restrict__ w1, T* __restrict__ w2,
+                     T* __restrict__ w3) {
+  const T fh = static_cast<T>(H), fw = static_cast<T>(W);
+  for (int64_t b = 0; b < n; ++b) {
+    const T y = static_cast<T>(by[b]) + dy[b], x = static_cast<T>(bx[b]) + dx[b];
+    const bool in = (y > T(-1)) & (y < fh) & (x > T(-1)) & (x < fw);
+    const T yc = in ? y : T(0), xc = in ? x : T(0);  // no float-to-int conversion out of range
+    const int32_t ty = static_cast<int32_t>(yc), tx = static_cast<int32_t>(xc);
+    const int32_t yl = ty - (yc < static_cast<T>(ty) ? 1 : 0), xl = tx - (xc < static_cast<T>(tx) ? 1 : 0);
+    const T ly = yc - static_cast<T>(yl), lx = xc - static_cast<T>(xl), hy = T(1) - ly, hx = T(1) - lx;
+    const bool vyl = in & (yl >= 0), vyh = in & (yl + 1 <= H - 1), vxl = xl >= 0, vxh = xl + 1 <= W - 1;
+    const bool v0 = vyl & vxl, v1 = vyl & vxh, v2 = vyh & vxl, v3 = vyh & vxh;
+    const T mb = m[b];
+    q0[b] = v0 ? yl * W + xl : 0;
+    q1[b] = v1 ? yl * W + xl + 1 : 0;
+    q2[b] = v2 ? (yl + 1) * W + xl : 0;
+    q3[b] = v3 ? (yl + 1) * W + xl + 1 : 0;
+    w0[b] = v0 ? (hy * hx) * mb : T(0);
+    w1[b] = v1 ? (hy * lx) * mb : T(0);
+    w2[b] = v2 ? (ly * hx) * mb : T(0);
+    w3[b] = v3 ? (ly * lx) * mb : T(0);
+  }
+}
+
+template <typename T, int CC>
+void sample_tile_fixed(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0, int64_t np,
+                       T* col) {
+  if (!plannable(g)) return sample_tile_fixed_per_tap<T, CC>(g, img, off_b, mask_b, p0, np, col);
+  const int64_t K = g.taps(), plane = g.out_plane();
+  const int32_t H = static_cast<int32_t>(g.height), W = static_cast<int32_t>(g.width);
+  PlanBlock<T> plan;
+  int32_t oy[kPlanBlock], ox[kPlanBlock], by[kPlanBlock], bx[kPlanBlock];
+  T dy[kPlanBlock], dx[kPlanBlock], m[kPlanBlock];
+  for (int64_t b0 = 0; b0 < np; b0 += kPlanBlock) {
+    const int64_t n = std::min(kPlanBlock, np - b0), p = p0 + b0;
+    int32_t y0 = static_cast<int32_t>(p / g.out_w), x0 = static_cast<int32_t>(p - y0 * g.out_w);
+    for (int64_t b = 0; b < n; ++b, x0 = (x0 + 1 == g.out_w) ? (++y0, 0) : x0 + 1) {
+      oy[b] = y0;
+      ox[b] = x0;
+    }
+    if (!mask_b) std::fill(m, m + n, T(1));
+    for (int64_t i = 0, k = 0; i < g.kernel_h; ++i)
+    for (int64_t j = 0; j < g.kernel_w; ++j, ++k) {
+      const int32_t ay = static_cast<int32_t>(i * g.dil_h - g.pad_h), ax = static_cast<int32_t>(j * g.dil_w - g.pad_w);
+      const int32_t sh = static_cast<int32_t>(g.stride_h), sw = static_cast<int32_t>(g.stride_w);
+      const T* offy = off_b + (2 * k) * g.off_c + p * g.off_p;
+      const T* offx = off_b + (2 * k + 1) * g.off_c + p * g.off_p;
+      for (int64_t b = 0; b < n; ++b) {  // gathered once: the offsets may be channels-last
+        dy[b] = offy[b * g.off_p];
+        dx[b] = offx[b * g.off_p];
+        by[b] = oy[b] * sh + ay;
+        bx[b] = ox[b] * sw + ax;
+      }
+      if (mask_b) std::copy(mask_b + k * plane + p, mask_b + k * plane + p + n, m);
+      plan_row<T>(n, by, bx, dy, dx, m, H, W, plan.q[0][k], plan.q[1][k], plan.q[2][k], plan.q[3][k], plan.w[0][k],
+                  plan.w[1][k], plan.w[2][k], plan.w[3][k]);
+    }
+    for (int64_t b = 0; b < n; ++b) {
+      T* colrow = col + (b0 + b) * CC * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const T w0 = plan.w[0][k][b], w1 = plan.w[1][k][b], w2 = plan.w[2][k][b], w3 = plan.w[3][k][b];
+        T* __restrict__ dst = colrow + k * CC;
+        if (w0 == T(0) && w1 == T(0) && w2 == T(0) && w3 == T(0)) {
+          for (int c = 0; c < CC; ++c) dst[c] = T(0);
+          continue;
+        }
+        bilinear_row<T, CC>(dst, img + int64_t(plan.q[0][k][b]) * CC, img + int64_t(plan.q[1][k][b]) * CC,
+                            img + int64_t(plan.q[2][k][b]) * CC, img + int64_t(plan.q[3][k][b]) * CC, w0, w1, w2, w3);
+      }
     }
   }
 }
@@ -394,11 +496,18 @@ inline void scatter_any(const Geometry& g, const T* img, const T* off_b, const T
   }
 }
 
-// The same two functions generated for AVX2 (8 floats per register instead of 4), picked at run
-// time by cpu_has_avx2(): the channel loops of the fixed-width paths are where the time goes.
+// The same two functions generated for AVX2 (8 floats per register instead of 4) and AVX-512 (16),
+// picked at run time by cpu_isa() (cpu_isa.h): the channel loops of the fixed-width paths are where
+// the time goes.
 template <typename T, int CC>
 DYNAMASK_AVX2 void sample_any_avx2(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0,
                                    int64_t np, T* col) {
+  sample_any<T, CC>(g, img, off_b, mask_b, p0, np, col);
+}
+
+template <typename T, int CC>
+DYNAMASK_AVX512 void sample_any_avx512(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0,
+                                       int64_t np, T* col) {
   sample_any<T, CC>(g, img, off_b, mask_b, p0, np, col);
 }
 
@@ -409,22 +518,28 @@ DYNAMASK_AVX2 void scatter_any_avx2(const Geometry& g, const T* img, const T* of
 }
 
 template <typename T, int CC>
-inline void sample_dispatch(bool avx2, const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0,
+DYNAMASK_AVX512 void scatter_any_avx512(const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0,
+                                        int64_t np, const T* gcol, T* gin, T* goff_b, T* gmask_b) {
+  scatter_any<T, CC>(g, img, off_b, mask_b, p0, np, gcol, gin, goff_b, gmask_b);
+}
+
+template <typename T, int CC>
+inline void sample_dispatch(Isa isa, const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0,
                             int64_t np, T* col) {
-  if (avx2) {
-    sample_any_avx2<T, CC>(g, img, off_b, mask_b, p0, np, col);
-  } else {
-    sample_any<T, CC>(g, img, off_b, mask_b, p0, np, col);
+  switch (isa) {
+    case Isa::kAvx512: return sample_any_avx512<T, CC>(g, img, off_b, mask_b, p0, np, col);
+    case Isa::kAvx2: return sample_any_avx2<T, CC>(g, img, off_b, mask_b, p0, np, col);
+    default: return sample_any<T, CC>(g, img, off_b, mask_b, p0, np, col);
   }
 }
 
 template <typename T, int CC>
-inline void scatter_dispatch(bool avx2, const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0,
+inline void scatter_dispatch(Isa isa, const Geometry& g, const T* img, const T* off_b, const T* mask_b, int64_t p0,
                              int64_t np, const T* gcol, T* gin, T* goff_b, T* gmask_b) {
-  if (avx2) {
-    scatter_any_avx2<T, CC>(g, img, off_b, mask_b, p0, np, gcol, gin, goff_b, gmask_b);
-  } else {
-    scatter_any<T, CC>(g, img, off_b, mask_b, p0, np, gcol, gin, goff_b, gmask_b);
+  switch (isa) {
+    case Isa::kAvx512: return scatter_any_avx512<T, CC>(g, img, off_b, mask_b, p0, np, gcol, gin, goff_b, gmask_b);
+    case Isa::kAvx2: return scatter_any_avx2<T, CC>(g, img, off_b, mask_b, p0, np, gcol, gin, goff_b, gmask_b);
+    default: return scatter_any<T, CC>(g, img, off_b, mask_b, p0, np, gcol, gin, goff_b, gmask_b);
   }
 }
 
@@ -434,79 +549,150 @@ at::Tensor wrap(const T* ptr, at::IntArrayRef sizes, at::IntArrayRef strides, co
   return at::from_blob(const_cast<T*>(ptr), sizes, strides, opts);
 }
 
-// Forward: a bounded chunk of images is sampled (in parallel over tiles of positions) into a
-// channels-last columns tensor [images, out_h, out_w, groups * kh*kw * C/groups], which IS the input
-// of a grouped 1x1 convolution with the weight [C_out, kh*kw * C/groups, 1, 1] and the bias: torch's
-// convolution (oneDNN on x86) ran that GEMM about twice as fast as a BLAS sgemm call per tile
-// (benchmarks/results/deform_conv_cpu.md, "Design measurements"). The residual and ReLU are
-// applied while copying the result into the output. out (and residual) are NCHW, or channels-last
-// when the input is: a channels-last input needs no layout copy for the sampler, and the 1x1
-// convolution's output is then copied into out without a transposition.
+// The forward's epilogue on one GEMM tile y [np, Cout] (row-major): dst[pl * dp + o * dc] =
+// act(y[pl, o] + bias[o] + res[pl * dp + o * dc]), act = ReLU or identity (NaN -> 0 under ReLU, as
+// `v > 0 ? v : 0`). dst may be y itself (channels-last: dp = Cout, dc = 1) or out's NCHW plane slice
+// (dp = 1, dc = plane). The branches are template parameters so that the loops vectorise.
+template <typename T, bool RES, bool RELU>
+inline void epilogue_tile(const T* y, int64_t np, int64_t Cout, int64_t dp, int64_t dc, const T* __restrict__ bias,
+                          const T* res, T* dst) {
+  if (dc == 1) {
+    for (int64_t pl = 0; pl < np; ++pl) {
+      const T* src = y + pl * Cout;  // not restrict: d may be src itself (elementwise, so in place is fine)
+      const T* __restrict__ r = RES ? res + pl * dp : nullptr;
+      T* d = dst + pl * dp;
+      for (int64_t o = 0; o < Cout; ++o) {
+        T v = src[o] + bias[o];
+        if constexpr (RES) v += r[o];
+        d[o] = RELU ? (v > T(0) ? v : T(0)) : v;
+      }
+    }
+    return;
+  }
+  for (int64_t o = 0; o < Cout; ++o) {
+    const T bo = bias[o];
+    const T* __restrict__ r = RES ? res + o * dc : nullptr;
+    T* __restrict__ d = dst + o * dc;
+    for (int64_t pl = 0; pl < np; ++pl) {
+      T v = y[pl * Cout + o] + bo;
+      if constexpr (RES) v += r[pl];
+      d[pl] = RELU ? (v > T(0) ? v : T(0)) : v;
+    }
+  }
+}
+
 template <typename T>
-void forward_impl(const Geometry& g, const at::Tensor& input, const T* offset, const T* mask, const at::Tensor& weight_p,
-                  const at::Tensor& bias, const T* residual, bool relu, at::Tensor& out) {
+inline void epilogue_any(const T* y, int64_t np, int64_t Cout, int64_t dp, int64_t dc, const T* bias, const T* res,
+                         T* dst, bool relu) {
+  if (res) {
+    relu ? epilogue_tile<T, true, true>(y, np, Cout, dp, dc, bias, res, dst)
+         : epilogue_tile<T, true, false>(y, np, Cout, dp, dc, bias, res, dst);
+  } else {
+    relu ? epilogue_tile<T, false, true>(y, np, Cout, dp, dc, bias, res, dst)
+         : epilogue_tile<T, false, false>(y, np, Cout, dp, dc, bias, res, dst);
+  }
+}
+
+template <typename T>
+DYNAMASK_AVX2 void epilogue_avx2(const T* y, int64_t np, int64_t Cout, int64_t dp, int64_t dc, const T* bias,
+                                 const T* res, T* dst, bool relu) {
+  epilogue_any<T>(y, np, Cout, dp, dc, bias, res, dst, relu);
+}
+
+template <typename T>
+DYNAMASK_AVX512 void epilogue_avx512(const T* y, int64_t np, int64_t Cout, int64_t dp, int64_t dc, const T* bias,
+                                     const T* res, T* dst, bool relu) {
+  epilogue_any<T>(y, np, Cout, dp, dc, bias, res, dst, relu);
+}
+
+template <typename T>
+inline void epilogue_dispatch(Isa isa, const T* y, int64_t np, int64_t Cout, int64_t dp, int64_t dc, const T* bias,
+                              const T* res, T* dst, bool relu) {
+  switch (isa) {
+    case Isa::kAvx512: return epilogue_avx512<T>(y, np, Cout, dp, dc, bias, res, dst, relu);
+    case Isa::kAvx2: return epilogue_avx2<T>(y, np, Cout, dp, dc, bias, res, dst, relu);
+    default: return epilogue_any<T>(y, np, Cout, dp, dc, bias, res, dst, relu);
+  }
+}
+
+// Column-major C[m, n] (ld ldc) = A[m, k] (ld lda) @ B[k, n] (ld ldb), run by the calling thread alone
+// (inside a SequentialBlasGuard). float calls the BLAS that torch links (sgemm_, exported by
+// libtorch_cpu on x86 with MKL) directly: at::mm_out on from_blob tensors cost several microseconds
+// per call, thousands of calls per layer. Without that symbol, and for double, at::mm_out.
+template <typename T>
+inline void tile_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                      int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) {
+      const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+      const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+      const float one = 1.f, zero = 0.f;
+      sgemm_("N", "N", &mi, &ni, &ki, &one, a, &la, b, &lb, &zero, c, &lc);
+      return;
+    }
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  // Row-major view of the same product: C^T[n, m] = B^T[n, k] @ A^T[k, m].
+  auto out = wrap<T>(c, {n, m}, {ldc, 1}, opts);
+  at::mm_out(out, wrap<T>(b, {n, k}, {ldb, 1}, opts), wrap<T>(a, {k, m}, {lda, 1}, opts));
+}
+
+// Forward, one tile of output positions of one image at a time, in parallel over (image, tile): the
+// tile is sampled into the worker's channels-last columns [positions, groups * kh*kw * C/groups] (about
+// 256 KB, so it stays in the core's cache), multiplied by the weight with a sequential GEMM
+// (y[p, o] = sum_j col[p, j] * wt[j, o]) and finished while still hot: bias, residual and ReLU. For a
+// channels-last output the GEMM writes the tile's rows of `out` in place; for NCHW it writes a tile
+// buffer that the epilogue transposes into `out`. No buffer ever holds a whole image's columns: an
+// earlier version sampled whole images into one buffer and ran torch's 1x1 convolution on it, which
+// sent every column through memory twice and ran oneDNN at 27-50 GMAC/s where MKL's GEMM on a tile
+// reaches 44-74 on the head's shapes (benchmarks/results/deform_conv_cpu.md, "Design measurements").
+// wt: [groups, kh*kw * C/groups, C_out/groups] contiguous; bias may be null.
+template <typename T>
+void forward_impl(const Geometry& g, const at::Tensor& input, const T* offset, int64_t off_b, const T* mask,
+                  const T* wt, const T* bias, const T* residual, bool relu, at::Tensor& out) {
   const bool channels_last = out.is_contiguous(at::MemoryFormat::ChannelsLast) && !out.is_contiguous();
   const int64_t C = g.channels, K = g.taps(), Cout = g.out_channels, plane = g.out_plane(), HW = g.height * g.width;
+  const int64_t Cg = g.in_per_group(), Coutg = g.out_per_group(), KC = K * Cg;
   const int64_t P = tile_positions(g), tiles = ceil_div(plane, P), chunk = images_per_chunk(g);
-  const int64_t per_gemm = images_per_gemm(g);
-  const bool avx2 = cpu_has_avx2();
-  const at::Tensor w1x1 = weight_p.view({Cout, K * g.in_per_group(), 1, 1});
+  const Isa isa = cpu_isa();
   T* out_p = out.data_ptr<T>();
-  // One columns buffer for every chunk: fresh pages would cost a page fault per 4 KB each time.
-  const at::Tensor cols_buffer = at::empty({per_gemm, g.out_h, g.out_w, C * K}, input.options());
+  const std::vector<T> zeros(bias ? 0 : static_cast<size_t>(Cout), T(0));
+  const T* bias_p = bias ? bias : zeros.data();  // the epilogue always adds one
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t nb = std::min(chunk, g.batch - b0);
     const at::Tensor nhwc = input.narrow(0, b0, nb).permute({0, 2, 3, 1}).contiguous();
     const T* nhwc_p = nhwc.data_ptr<T>();
-    for (int64_t c0 = 0; c0 < nb; c0 += per_gemm) {
-      const int64_t nc = std::min(per_gemm, nb - c0);
-      const at::Tensor cols = cols_buffer.narrow(0, 0, nc);
-      T* cols_p = cols.data_ptr<T>();
-      with_channel_specialisation(g, [&](auto cc) {
-        constexpr int CC = decltype(cc)::value;
-        at::parallel_for(0, nc * tiles, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t item = begin; item < end; ++item) {
-            const int64_t il = item / tiles, bl = c0 + il, b = b0 + bl;
-            const int64_t p0 = (item - il * tiles) * P, np = std::min(P, plane - p0);
-            sample_dispatch<T, CC>(avx2, g, nhwc_p + bl * HW * C, offset + b * 2 * g.deform_groups * K * plane,
-                              mask ? mask + b * g.deform_groups * K * plane : nullptr, p0, np,
-                              cols_p + (il * plane + p0) * C * K);
+    with_channel_specialisation(g, [&](auto cc) {
+      constexpr int CC = decltype(cc)::value;
+      at::parallel_for(0, nb * tiles, 1, [&](int64_t begin, int64_t end) {
+        const SequentialBlasGuard sequential_blas;
+        std::vector<T> col(static_cast<size_t>(P * C * K));
+        std::vector<T> ytile(channels_last ? 0 : static_cast<size_t>(P * Cout));
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t bl = item / tiles, b = b0 + bl;
+          const int64_t p0 = (item - bl * tiles) * P, np = std::min(P, plane - p0);
+          sample_dispatch<T, CC>(isa, g, nhwc_p + bl * HW * C, offset + b * off_b,
+                                 mask ? mask + b * g.deform_groups * K * plane : nullptr, p0, np, col.data());
+          T* y = channels_last ? out_p + (b * plane + p0) * Cout : ytile.data();
+          for (int64_t grp = 0; grp < g.groups; ++grp) {
+            // Row-major y[np, Coutg] (ld Cout) = col[np, KC] (ld C*K) @ wt[KC, Coutg]: BLAS is column-major,
+            // so this is y^T = wt^T col^T with every operand untransposed.
+            tile_gemm<T>(Coutg, np, KC, wt + grp * KC * Coutg, Coutg, col.data() + grp * KC, C * K, y + grp * Coutg,
+                         Cout);
           }
-        });
-      });
-      const at::Tensor y = at::conv2d(cols.permute({0, 3, 1, 2}), w1x1,
-                                      bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
-                                      at::IntArrayRef{1, 1}, at::IntArrayRef{0, 0}, at::IntArrayRef{1, 1}, g.groups);
-      const int64_t first = b0 + c0;
-      if (channels_last) {
-        // y is channels-last already, like out: the epilogue is one elementwise pass.
-        const at::Tensor y_cl = y.contiguous(at::MemoryFormat::ChannelsLast);
-        const T* y_p = y_cl.data_ptr<T>();
-        const int64_t offset0 = first * plane * Cout, n = nc * plane * Cout;
-        at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            T v = y_p[i];
-            if (residual) v += residual[offset0 + i];
-            out_p[offset0 + i] = (relu && !(v > T(0))) ? T(0) : v;
-          }
-        });
-        continue;
-      }
-      const at::Tensor y_nchw = y.contiguous();
-      const T* y_p = y_nchw.data_ptr<T>();
-      at::parallel_for(0, nc * Cout, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {  // row = (image in the chunk, output channel)
-          const T* src = y_p + row * plane;
-          T* dst = out_p + (first * Cout + row) * plane;
-          const T* res = residual ? residual + (first * Cout + row) * plane : nullptr;
-          for (int64_t p = 0; p < plane; ++p) {
-            T v = src[p];
-            if (res) v += res[p];
-            dst[p] = (relu && !(v > T(0))) ? T(0) : v;
+          if (channels_last) {
+            // y is out's rows [b, p0 : p0 + np, :]; the residual has out's layout.
+            epilogue_dispatch<T>(isa, y, np, Cout, Cout, 1, bias_p, residual ? residual + (b * plane + p0) * Cout : nullptr,
+                                 y, relu);
+          } else {
+            // NCHW: element (pl, o) of the tile goes to out[b, o, p0 + pl].
+            epilogue_dispatch<T>(isa, y, np, Cout, 1, plane, bias_p,
+                                 residual ? residual + b * Cout * plane + p0 : nullptr, out_p + b * Cout * plane + p0,
+                                 relu);
           }
         }
       });
-    }
+    });
   }
 }
 
@@ -518,7 +704,7 @@ void backward_impl(const Geometry& g, const at::Tensor& input, const T* grad, co
   const int64_t P = tile_positions(g), tiles = ceil_div(plane, P), chunk = images_per_chunk(g);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const bool need_cols_grad = grad_input != nullptr || grad_offset != nullptr;
-  const bool avx2 = cpu_has_avx2();
+  const Isa isa = cpu_isa();
   const auto opts = input.options();
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t nb = std::min(chunk, g.batch - b0);
@@ -545,7 +731,7 @@ void backward_impl(const Geometry& g, const at::Tensor& input, const T* grad, co
         for (int64_t tile = s * tiles / splits; tile < (s + 1) * tiles / splits; ++tile) {
           const int64_t p0 = tile * P, np = std::min(P, plane - p0);
           if (gw) {
-            sample_dispatch<T, CC>(avx2, g, img, off_b, mask_b, p0, np, col.data());
+            sample_dispatch<T, CC>(isa, g, img, off_b, mask_b, p0, np, col.data());
             for (int64_t grp = 0; grp < g.groups; ++grp) {
               auto gwg = wrap<T>(gw + grp * Coutg * K * Cg, {Coutg, K * Cg}, {K * Cg, 1}, opts);
               gwg.addmm_(wrap<T>(grad_b + grp * Coutg * plane + p0, {Coutg, np}, {plane, 1}, opts),
@@ -558,7 +744,7 @@ void backward_impl(const Geometry& g, const at::Tensor& input, const T* grad, co
               at::mm_out(gcg, wrap<T>(grad_b + grp * Coutg * plane + p0, {np, Coutg}, {1, plane}, opts),
                          wrap<T>(weight_p + grp * Coutg * K * Cg, {Coutg, K * Cg}, {K * Cg, 1}, opts));
             }
-            scatter_dispatch<T, CC>(avx2, g, img, off_b, mask_b, p0, np, gcol.data(), gin_p ? gin_p + item * HW * C : nullptr,
+            scatter_dispatch<T, CC>(isa, g, img, off_b, mask_b, p0, np, gcol.data(), gin_p ? gin_p + item * HW * C : nullptr,
                               grad_offset ? grad_offset + b * 2 * g.deform_groups * K * plane : nullptr,
                               grad_mask ? grad_mask + b * g.deform_groups * K * plane : nullptr);
           }
@@ -598,14 +784,26 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& offset, 
                           : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   if (out.numel() == 0) return out;
-  const auto offset_c = offset.contiguous();  // the input is read through an NHWC view (copied only if not one)
-  const auto weight_p = weight.permute({0, 2, 3, 1}).contiguous();  // [C_out, kh, kw, C_in / groups]
+  // The offsets are read in place when each image's positions are evenly spaced (NCHW, channels-last,
+  // or a channel slice of channels-last: the FAM's offset convs write 32 channels of which 18 are read).
+  // Position p = oy * out_w + ox is then at p * off_p (a size-1 dimension's stride is never used).
+  Geometry gs = g;
+  const bool flat = g.out_h == 1 || g.out_w == 1 || offset.stride(2) == offset.stride(3) * g.out_w;
+  const auto offset_c = flat ? offset : offset.contiguous();
+  gs.off_c = offset_c.stride(1);
+  gs.off_p = g.out_w > 1 ? offset_c.stride(3) : offset_c.stride(2);
+  const int64_t off_b = offset_c.stride(0);
+  // [groups, kh*kw * C_in/groups, C_out/groups]: the GEMM's right operand, rows in the columns' order.
+  const auto wt = weight.permute({0, 2, 3, 1})
+                      .reshape({g.groups, g.out_per_group(), g.taps() * g.in_per_group()})
+                      .transpose(1, 2)
+                      .contiguous();
   const auto mask_c = mask ? mask->contiguous() : at::Tensor();
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
   const auto residual_c = residual ? residual->contiguous(format) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "deform_conv2d_cpu", [&] {
-    forward_impl<scalar_t>(g, input, offset_c.data_ptr<scalar_t>(),
-                           mask ? mask_c.data_ptr<scalar_t>() : nullptr, weight_p, bias_c,
+    forward_impl<scalar_t>(gs, input, offset_c.data_ptr<scalar_t>(), off_b, mask ? mask_c.data_ptr<scalar_t>() : nullptr,
+                           wt.data_ptr<scalar_t>(), bias ? bias_c.data_ptr<scalar_t>() : nullptr,
                            residual ? residual_c.data_ptr<scalar_t>() : nullptr, relu, out);
   });
   return out;

@@ -164,6 +164,14 @@ DYNAMASK_AVX2 void pool_group_channels_last_avx2(const std::vector<RoiTaps<Acc>>
   pool_group_channels_last(taps, order, first, last, lv, image, c0, n, C, out, s);
 }
 
+template <typename T, typename Acc>
+DYNAMASK_AVX512 void pool_group_channels_last_avx512(const std::vector<RoiTaps<Acc>>& taps, const int64_t* order,
+                                                     int64_t first, int64_t last, const Level<T>& lv, int64_t image,
+                                                     int64_t c0, int64_t n, int64_t C, T* out,
+                                                     ChannelsLastScratch<T, Acc>& s) {
+  pool_group_channels_last(taps, order, first, last, lv, image, c0, n, C, out, s);
+}
+
 // Whether the channels-last path is cheaper: the planar kernel wins on narrow levels (the mask
 // targets' single channel) and on large output planes, whose separable passes do less work.
 inline bool prefer_channels_last(int64_t channels, int64_t pooled_h, int64_t pooled_w) {
@@ -196,7 +204,7 @@ void pool_rois_channels_last(const std::vector<Level<T>>& levels, const int64_t*
   int64_t block = (C + 2 * threads - 1) / (2 * threads);
   block = std::min<int64_t>(32, (block + 7) / 8 * 8);
   const int64_t nblocks = (C + block - 1) / block;
-  const bool avx2 = cpu_has_avx2();
+  const Isa isa = cpu_isa();
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     ChannelsLastScratch<T, Acc> scratch;
     for (int64_t b = b0; b < b1; ++b) {
@@ -205,7 +213,9 @@ void pool_rois_channels_last(const std::vector<Level<T>>& levels, const int64_t*
         const int64_t first = groups[g], last = groups[g + 1], r = order[first];
         const auto& lv = levels[roi_levels[r]];
         const int64_t image = static_cast<int64_t>(rois[r * 5]);
-        if (avx2) {
+        if (isa == Isa::kAvx512) {
+          pool_group_channels_last_avx512(taps, order.data(), first, last, lv, image, c0, n, C, out, scratch);
+        } else if (isa == Isa::kAvx2) {
           pool_group_channels_last_avx2(taps, order.data(), first, last, lv, image, c0, n, C, out, scratch);
         } else {
           pool_group_channels_last(taps, order.data(), first, last, lv, image, c0, n, C, out, scratch);
