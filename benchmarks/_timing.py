@@ -58,7 +58,8 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name()
     from dynamask import ops
 
-    return f"CPU ({cpu_name()}; {torch.get_num_threads()} threads; dynamask kernels: {ops.cpu_isa()})"
+    isa = ops.cpu_isa() if hasattr(ops, "cpu_isa") else "avx2 or baseline (a build before the AVX-512 instances)"
+    return f"CPU ({cpu_name()}; {torch.get_num_threads()} threads; dynamask kernels: {isa})"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,76 +1,124 @@
-"""Training speed probe for choosing the demo recipe: seconds per iteration of a small Mask R-CNN on shapes.
+"""Training-step speed: DynaMask against torchvision's Mask R-CNN on the same backbone, images and recipe.
 
-    python benchmarks/train_speed.py --threads 2 --configs 128,4,narrow 192,4,narrow 256,4,narrow
+    python benchmarks/train_speed.py                       # the demo model and R50-FPN, 2 threads
+    python benchmarks/train_speed.py --models demo --iters 8 --out benchmarks/results/train_speed_cpu.md
 
-Reports wall and process-CPU seconds per training iteration (median of --iters after 2 warm-up ones), the
-iterations that fit in 15 minutes, and eval milliseconds per image, as a markdown table. On a shared machine
-the CPU column is the steadier one (it also counts OpenMP spinning, so measure with --threads 1 for work).
+Two pairs of models, each pair on the same synthetic shapes images (``dynamask.data.shapes``) with the same
+RPN and box-head settings:
+
+- ``demo``: the demo's DynaMask (``scripts/demo.py``'s ``ARCH_KWARGS``: ResNet-18-FPN at 128 px, narrow
+  widths) against torchvision's Mask R-CNN with the same backbone, FPN and box-head widths and its own mask
+  head (four 3×3 convs at the FPN width, deconv, class-specific 28² predictor);
+- ``r50``: the default DynaMask ResNet-50-FPN against torchvision's default Mask R-CNN ResNet-50-FPN, at
+  ``--size`` px (512 by default: a CPU step at 800 px takes minutes).
+
+One training step (forward with losses, backward, SGD step) per timed call, the two models of a pair in turn
+(A, B, A, B: the machine's drift hits both); medians of ``--iters`` after one warm-up step; seconds per image
+and the ratio DynaMask ÷ torchvision. DynaMask trains every resolution of every sampled RoI (the pretrain
+phase; the dynamic phase adds the switch on detached features). Randomly initialised weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
-from dynamask.data import CocoDetection, RandomHorizontalFlip, collate_fn
-from dynamask.data.shapes import generate, split_paths
-from dynamask.engine.baselines import maskrcnn_resnet_fpn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from _timing import device_name, markdown_table, publish  # noqa: E402
 
-WIDTHS = {"wide": {}, "narrow": dict(fpn_channels=128, box_representation_size=256, mask_head_layers=(128, 128))}
-SMALL = dict(rpn_batch_size_per_image=64, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
-             rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, box_batch_size_per_image=64,
-             box_detections_per_img=30)
+from dynamask.data import CocoDetection, collate_fn  # noqa: E402
+from dynamask.data.shapes import generate, split_paths  # noqa: E402
+from dynamask.engine.baselines import maskrcnn_resnet_fpn  # noqa: E402
+from dynamask.models import dynamask_resnet_fpn  # noqa: E402
+
+# Settings both models of a pair share (torchvision's MaskRCNN arguments, which the DynaMask builder takes too).
+SHARED = ("depth", "num_classes", "min_size", "max_size", "rpn_batch_size_per_image", "box_batch_size_per_image",
+          "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+          "rpn_post_nms_top_n_test", "box_detections_per_img", "fpn_channels", "box_representation_size")
 
 
-def measure(root: str, size: int, batch: int, width: str, iters: int) -> str:
-    ds = CocoDetection(*split_paths(root, "train"), transforms=RandomHorizontalFlip())
-    torch.manual_seed(0)
-    model = maskrcnn_resnet_fpn(num_classes=ds.num_classes, depth=18, min_size=size, max_size=size,
-                                **SMALL, **WIDTHS[width])
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loader = iter(torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=collate_fn))
-    wall, cpu = [], []
-    for _ in range(iters + 2):
-        images, targets = next(loader)
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = sum(model(images, targets).values())
-        opt.zero_grad()
+def model_pair(name: str, size: int) -> tuple[dict, dict, int, int]:
+    """(DynaMask kwargs, torchvision kwargs, image size, images per step) for a pair."""
+    if name == "demo":
+        from demo import ARCH_KWARGS, BATCH, SIZE
+
+        ours = dict(ARCH_KWARGS)
+        peer = {k: v for k, v in ours.items() if k in SHARED}
+        peer["mask_head_layers"] = (ours["fpn_channels"],) * 4
+        return ours, peer, SIZE, BATCH
+    if name == "r50":
+        common = dict(depth=50, num_classes=8, min_size=size, max_size=size)
+        return dict(common), dict(common), size, 2
+    raise ValueError(f"unknown model pair {name!r} (demo or r50)")
+
+
+def step_fn(model: torch.nn.Module, loader) -> callable:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    batches = iter(loader)
+
+    def step() -> None:
+        nonlocal batches
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, targets = next(batches)
+        loss = sum(model(list(images), list(targets)).values())
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    w, c = sorted(wall[2:])[iters // 2], sorted(cpu[2:])[iters // 2]
-    model.eval()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(6):
-            model([ds[i][0]])
-    ev = (time.perf_counter() - t0) / 6
-    return (f"| {size} | {batch} | {width} | {w:.2f} | {c:.2f} | {1 / w:.2f} | {int(900 / w)} | {1000 * ev:.0f} "
-            f"| {os.getloadavg()[0]:.1f} |")
+
+    return step
+
+
+def measure(name: str, size: int, iters: int, root: str) -> list[str]:
+    ours_kw, peer_kw, px, batch = model_pair(name, size)
+    generate(root, train=4 * batch, val=0, size=px, seed=0)
+    ds = CocoDetection(*split_paths(root, "train"))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, collate_fn=collate_fn)
+    torch.manual_seed(0)
+    models = {"DynaMask": dynamask_resnet_fpn(**ours_kw).train(),
+              "torchvision Mask R-CNN": maskrcnn_resnet_fpn(**peer_kw).train()}
+    steps = {k: step_fn(m, loader) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(iters + 1):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i > 0:  # the first step of each is a warm-up
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) / batch for k, v in times.items()}
+    peer = med["torchvision Mask R-CNN"]
+    return [[f"{name} ({px} px, {batch} images/step)", k, f"{t:.3f}", f"{t / peer:.2f}"] for k, t in med.items()]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=6)
-    p.add_argument("--configs", nargs="+", default=["128,4,narrow", "192,4,narrow", "256,4,narrow", "192,4,wide"],
-                   help="SIZE,BATCH,WIDTHS (widths: narrow or wide)")
-    args = p.parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["demo", "r50"], choices=["demo", "r50"])
+    ap.add_argument("--size", type=int, default=512, help="image size of the r50 pair")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", help="also write the markdown here")
+    args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as root:
-        generate(root, train=64, val=0, size=256, seed=0)
-        print(f"torch threads: {args.threads}, cores: {os.cpu_count()}")
-        print("| px | batch | widths | wall s/iter | CPU s/iter | it/s | iters in 15 min | eval ms/img | load avg |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for cfg in args.configs:
-            size, batch, width = cfg.split(",")
-            print(measure(root, int(size), int(batch), width, args.iters), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(args.models):
+            rows += measure(name, args.size, args.iters, os.path.join(tmp, str(i)))
+            print(f"{name}: done", file=sys.stderr, flush=True)
+    import dynamask
+
+    text = (f"Training step (forward with losses, backward, SGD), {device_name('cpu')}; torch {torch.__version__}; "
+            f"dynamask from {os.path.dirname(dynamask.__file__)}; median of {args.iters} alternating steps after one "
+            "warm-up.\n\n" + markdown_table(["pair", "model", "s per image", "÷ torchvision"], rows) + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

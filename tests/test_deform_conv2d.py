@@ -63,6 +63,7 @@ CASES = [
     (2, 32, 4, 8, 7, (3, 3), 2, 1, 1, 1, 1, True, False, 1.0),
     (5, 4, 3, 6, 6, (3, 3), 1, 0, 1, 1, 1, True, True, 0.5),  # samples on the border: clamped corners
     (1, 64, 6, 5, 5, (3, 3), 1, 1, 1, 1, 1, True, True, 1.0),
+    (2, 8, 4, 9, 9, (5, 5), 1, 2, 1, 1, 1, True, True, 1.5),  # > 9 taps: sampled per tap, not planned
 ]
 
 

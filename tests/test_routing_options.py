@@ -176,7 +176,7 @@ def test_switch_reading_the_coarse_mask_sees_trunk_mask_and_edge_logits():
     assert heads.msm.se.fc1.in_features == c0 + 2
     # the view, against the head's own layers run by hand
     x = torch.randn(3, head.in_channels, s0, s0)
-    t = head.trunk(x)
+    t = head.run_trunk(x)  # the trunk as the model runs it (channels-last on the CPU: same layers, same rounding)
     view = switch_view("mask", head, x)
     assert not view.requires_grad
     torch.testing.assert_close(view[:, :c0], t)

@@ -72,7 +72,7 @@ def head_outputs(model: DynaMaskRCNN, features: dict[str, Tensor], boxes: list[T
     if rois.shape[0] == 0:
         empty = [roi_features.new_zeros((0, s, s)) for s in head.resolutions]
         return empty, {name: torch.zeros(0, dtype=torch.int64) for name in switches}
-    trunk = head.trunk(roi_features)
+    trunk = head.run_trunk(roi_features)
     cls = torch.cat(labels) if labels is not None and head.mask_classes > 1 else None
     logits, _ = head.forward_train(roi_features, levels, scales, rois, trunk, cls)
     choices = {}

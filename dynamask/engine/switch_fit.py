@@ -69,7 +69,7 @@ def frozen_head_outputs(model: DynaMaskRCNN, images: list[Tensor],
     roi_features, levels, scales, rois = heads._pool_masks(features, props, il.image_sizes)
     if rois.shape[0] == 0:
         return None
-    trunk = head.trunk(roi_features)
+    trunk = head.run_trunk(roi_features)
     mask_logits, edge_logits = head.forward_train(roi_features, levels, scales, rois, trunk, classes)
     mask_t = mask_losses.mask_targets([t["masks"] for t in tg], props, matched, head.resolutions)
     edge_t = [mask_losses.edge_targets(m) for m in mask_t]

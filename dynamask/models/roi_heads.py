@@ -264,7 +264,7 @@ class DynaMaskRoIHeads(RoIHeads):
         roi_features, levels, scales, rois = self._pool_masks(features, proposals, image_shapes)
         if rois.shape[0] == 0:
             return self._zero_mask_losses(roi_features)
-        trunk = self.mask_head.trunk(roi_features) if needs_trunk(self.switch_input) else None
+        trunk = self.mask_head.run_trunk(roi_features) if needs_trunk(self.switch_input) else None
         mask_logits, edge_logits = self.mask_head.forward_train(roi_features, levels, scales, rois, trunk,
                                                                 self._labels(labels))
         # under autocast the logits come in half precision; the losses (and Gumbel noise) run in float
@@ -330,7 +330,7 @@ class DynaMaskRoIHeads(RoIHeads):
         reads it (else None) and the resolution index per RoI ``[R]`` int64 (image-major)."""
         pooled = self._pool_masks(features, boxes, image_shapes)
         # a switch that reads the trunk's output: run the trunk once, before the choice, for every RoI
-        trunk = (self.mask_head.trunk(pooled.features)
+        trunk = (self.mask_head.run_trunk(pooled.features)
                  if self.mask_policy == "msm" and needs_trunk(self.switch_input) else None)
         return pooled, trunk, self.choose(pooled.features, boxes, image_shapes, trunk)
 

@@ -54,7 +54,7 @@ def switch_view(kind: str, head: DynaMaskHead, roi_features: Tensor, trunk: Tens
     if kind == "roi":
         return roi_features.detach()
     with torch.no_grad():
-        t = head.trunk(roi_features) if trunk is None else trunk
+        t = head.run_trunk(roi_features) if trunk is None else trunk
         if kind == "trunk":
             return t.detach()
         return torch.cat([t, head.mask_predictors[0](t), head.edge_predictors[0](t)], dim=1).detach()
