@@ -82,3 +82,29 @@ def test_fam_equals_the_concatenating_formulation():
     off2 = F.conv2d(fused, fam.offset2.weight, fam.offset2.bias, padding=1)
     torch.testing.assert_close(out, deform(fused, off2, fam.deform2), rtol=1e-10, atol=1e-10)
     assert ops.cpu_isa() in ("baseline", "avx2", "avx512")
+
+
+@pytest.mark.cuda
+def test_cuda_fam_matches_cpu():
+    """On CUDA the offset convs are two 18-wide convs summed (no padding, NCHW): the FAM's output and
+    gradients equal the CPU's (32-wide, channels-last) in float64."""
+    torch.manual_seed(0)
+    fam = FeatureAggregation(channels=8).double()
+    for conv in (fam.offset1, fam.offset2):
+        nn.init.normal_(conv.weight, std=0.3)
+    low = torch.randn(3, 8, 10, 10, dtype=torch.float64)
+    crop = torch.randn(3, 8, 10, 10, dtype=torch.float64)
+    outs, grads = [], []
+    for device, layout in (("cpu", torch.channels_last), ("cuda", torch.contiguous_format)):
+        m = FeatureAggregation(channels=8).double().to(device)
+        m.load_state_dict(fam.state_dict())
+        a = low.to(device).contiguous(memory_format=layout).requires_grad_()
+        b = crop.to(device).contiguous(memory_format=layout).requires_grad_()
+        out = m(a, b)
+        go = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape).to(device)
+        g = torch.autograd.grad(out, [a, b, m.offset1.weight, m.deform1.weight], go)
+        outs.append(out.cpu())
+        grads.append([x.cpu() for x in g])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-9)
+    for name, a, b in zip(["low", "crop", "offset1.weight", "deform1.weight"], grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=name)
