@@ -57,9 +57,15 @@ def make_inputs(num_rois: int, device: torch.device, image=(800, 1216)):
     return feats, rois, boxes.to(device), image
 
 
-def choice_for(mix, n: int, device) -> torch.Tensor:
+def mix_counts(mix, n: int) -> list[int]:
+    """RoIs routed to each resolution for fractions ``mix`` of ``n`` (the last takes the rounding rest)."""
     counts = [round(f * n) for f in mix]
     counts[-1] = n - sum(counts[:-1])
+    return counts
+
+
+def choice_for(mix, n: int, device) -> torch.Tensor:
+    counts = mix_counts(mix, n)
     choice = torch.cat([torch.full((c,), k, dtype=torch.int64) for k, c in enumerate(counts)])
     return choice[torch.randperm(n, generator=torch.Generator().manual_seed(1))].to(device)
 
@@ -88,8 +94,7 @@ def head_gmacs(head: DynaMaskHead, mix, n: int, feats) -> float:
     """GMAC of one call of ``run_ours`` by the library's counting rule: each RoI's cumulative head MACs at
     its resolution (:func:`dynamask.flops.mask_head_macs`) plus the per-image 1×1 projections of the levels
     that the reached stages fuse."""
-    counts = [round(f * n) for f in mix]
-    counts[-1] = n - sum(counts[:-1])
+    counts = mix_counts(mix, n)
     per_roi = mask_head_macs(head)
     total = sum(c * m for c, m in zip(counts, per_roi))
     for s in range(1, head.num_resolutions):

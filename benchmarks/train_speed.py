@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -59,7 +60,7 @@ def model_pair(name: str, size: int) -> tuple[dict, dict, int, int]:
     raise ValueError(f"unknown model pair {name!r} (demo or r50)")
 
 
-def step_fn(model: torch.nn.Module, loader) -> callable:
+def step_fn(model: torch.nn.Module, loader) -> Callable[[], None]:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     batches = iter(loader)
 

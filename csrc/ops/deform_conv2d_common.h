@@ -103,7 +103,7 @@ struct Geometry {
   // Strides of the offsets within one image: between channels and between output positions
   // (p = oy * out_w + ox). Contiguous NCHW offsets (what check_args assumes, and what the CUDA kernels
   // and the CPU backward pass) have (out_h * out_w, 1); the CPU forward also reads channels-last
-  // offsets, and a channel slice of them, in place (offset_strides_if_flat).
+  // offsets, and a channel slice of them, in place (deform_conv2d_cpu sets these).
   int64_t off_c, off_p;
 
   DYNAMASK_INLINE int64_t taps() const { return kernel_h * kernel_w; }
