@@ -71,9 +71,13 @@ def test_roi_align_ops_opcheck_on_every_layout(layout):
     ml = (feats, rois, None, [0.25, 0.125], 3, 4, 2, True)
     torch.library.opcheck(OPS.roi_align_multilevel.default, ml)
     assert _fake_strides(OPS.roi_align_multilevel, ml) == [OPS.roi_align_multilevel(*ml).stride()]
-    st = (feats, rois, [0, 1], [4, 2], [3, 2], [0.25, 0.125], 2, True)
-    torch.library.opcheck(OPS.roi_align_stages.default, st)
-    assert _fake_strides(OPS.roi_align_stages, st) == [o.stride() for o in OPS.roi_align_stages(*st)]
+    for channels_last in (False, True):
+        st = (feats, rois, [0, 1], [4, 2], [3, 2], [0.25, 0.125], 2, True, channels_last)
+        torch.library.opcheck(OPS.roi_align_stages.default, st)
+        real = OPS.roi_align_stages(*st)
+        assert _fake_strides(OPS.roi_align_stages, st) == [o.stride() for o in real]
+        assert all(o.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                   for o in real)
     # a non-contiguous rois tensor (every other row of a larger one)
     sparse = torch.cat([rois, rois], 0)[::2]
     torch.library.opcheck(OPS.roi_align_multilevel.default, (feats, sparse, None, [0.25, 0.125], 3, 3, 0, False))

@@ -124,6 +124,24 @@ def test_stages_equal_roi_align_with_mixed_channels(aligned, sampling_ratio):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stages_channels_last_equal_nchw_crops(dtype):
+    """channels_last=True writes the same values (bit for bit: same passes, only the store differs) in
+    channels-last memory: large planes (several channel blocks of the kernel's scratch), mixed channels,
+    an empty stage, boxes on and off the map, zero-area boxes, on a non-contiguous pyramid."""
+    feats = [f.transpose(2, 3).contiguous().transpose(2, 3) for f in pyramid(n=2, channels=[24, 5, 1, 3], dtype=dtype)]
+    rois = torch.cat([random_rois(12, 2), boundary_rois()]).to(dtype)
+    n = rois.shape[0]
+    stages = [(2, 28, n), (1, 56, 15), (0, 112, 9), (3, 7, 0), (0, 14, n)]
+    plain = roi_align_stages(feats, rois, stages, SCALES)
+    last = roi_align_stages(feats, rois, stages, SCALES, channels_last=True)
+    for (l, s, c), a, b in zip(stages, plain, last):
+        assert b.shape == (c, feats[l].shape[1], s, s) and b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a, b)
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(b, roi_align(feats[l], rois[:c], s, SCALES[l], 2, True), rtol=tol, atol=tol)
+
+
 def test_hand_derived_linear_ramp():
     """On f(y, x) = x every sample equals its x coordinate, so (aligned=True, boxes inside the map)
     each bin equals the x coordinate of its centre in feature pixels."""
@@ -173,7 +191,9 @@ def test_gradcheck_multilevel():
             )
 
 
-def test_gradcheck_stages():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_stages(channels_last):
+    """channels_last=True: the gradients of the crops arrive channels-last."""
     feats = [
         torch.randn(2, c, 16 // 2**k, 20 // 2**k, dtype=torch.float64, requires_grad=True)
         for k, c in enumerate([2, 3, 1])
@@ -184,7 +204,8 @@ def test_gradcheck_stages():
     stages = [(2, 2, 1), (1, 3, 2), (0, 4, 3)]
     for sr in (0, 2):
         assert torch.autograd.gradcheck(
-            lambda *f, sr=sr: tuple(roi_align_stages(list(f), rois, stages, SCALES[:3], sr, True)), feats
+            lambda *f, sr=sr: tuple(roi_align_stages(list(f), rois, stages, SCALES[:3], sr, True,
+                                                     channels_last=channels_last)), feats
         )
 
 
@@ -514,6 +535,11 @@ def test_cuda_equals_cpu(dtype):
             side = float((rois[:n, 3:5] - rois[:n, 1:3]).abs().max()) * SCALES[l] / size
             terms = 4 * (sr or math.ceil(side + 1)) ** 2 + 1
             assert_within(a, b.double(), 2 * terms * u * s + coordinate_slack(feats, rois, SCALES, u), f"stage {l}")
+
+        # channels-last crops on CUDA: the same values in the other layout
+        for a, b in zip(roi_align_stages(cf, rois.cuda(), stages, SCALES, sr, True, channels_last=True),
+                        roi_align_stages(cf, rois.cuda(), stages, SCALES, sr, True)):
+            assert a.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
 
     # backward on dyadic boxes: exact coordinates and weights, so only the order of the sums differs
     drois = dyadic_rois(8, 2).to(dtype)

@@ -15,10 +15,12 @@ TORCH_LIBRARY_FRAGMENT(dynamask, m) {
       "int batch_size, int channels, int[] heights, int[] widths, int sampling_ratio, bool aligned, "
       "float canonical_scale=224.) -> Tensor[]");
   // Several (level, size, count) crops of a RoI prefix in one call; entry j crops
-  // features[stage_levels[j]] for rois[:stage_counts[j]] at stage_sizes[j] x stage_sizes[j].
+  // features[stage_levels[j]] for rois[:stage_counts[j]] at stage_sizes[j] x stage_sizes[j]. The crops are
+  // NCHW, or channels-last (same shape and values) when channels_last is set.
   m.def(
       "roi_align_stages(Tensor[] features, Tensor rois, int[] stage_levels, int[] stage_sizes, "
-      "int[] stage_counts, float[] spatial_scales, int sampling_ratio, bool aligned) -> Tensor[]");
+      "int[] stage_counts, float[] spatial_scales, int sampling_ratio, bool aligned, bool channels_last=False) "
+      "-> Tensor[]");
   m.def(
       "roi_align_stages_backward(Tensor[] grads, Tensor rois, int[] stage_levels, float[] spatial_scales, "
       "int batch_size, int[] channels, int[] heights, int[] widths, int sampling_ratio, bool aligned) "

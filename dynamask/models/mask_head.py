@@ -152,14 +152,15 @@ class DynaMaskHead(nn.Module):
         projected = [self.project[s - 1](features[self.stage_levels[s - 1]]) for s in active]
         scales = [float(spatial_scales[self.stage_levels[s - 1]]) for s in active]
         stages = [(j, self.resolutions[s], int(reach[s])) for j, s in enumerate(active)]
-        crops = ops.roi_align_stages(projected, rois, stages, scales, sampling_ratio=2, aligned=True)
-        if x.device.type == "cpu":
-            # The stages run channels-last on the CPU: oneDNN's convolutions with 18 output channels (the
-            # offset convs) ran faster on NHWC (benchmarks/results/mask_head_cpu.md), and the deformable
-            # conv samples NHWC and returns
-            # NHWC, so no layer copies its input to another layout.
+        # The stages run channels-last on the CPU: oneDNN's convolutions with few output channels (the
+        # offset convs) ran faster on NHWC (benchmarks/results/mask_head_cpu.md), and the deformable conv
+        # samples NHWC and returns NHWC, so no layer copies its input to another layout. The crops are
+        # written channels-last by the RoIAlign kernel itself (a copy afterwards was a pass over memory).
+        on_cpu = x.device.type == "cpu"
+        crops = ops.roi_align_stages(projected, rois, stages, scales, sampling_ratio=2, aligned=True,
+                                     channels_last=on_cpu)
+        if on_cpu:
             x = x.contiguous(memory_format=torch.channels_last)
-            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         for s in range(1, self.num_resolutions):
             n = int(reach[s])
             if n == 0:

@@ -20,9 +20,11 @@ def _multilevel_backward_fake(grad, rois, levels, spatial_scales, batch_size, ch
 
 
 @torch.library.register_fake("dynamask::roi_align_stages")
-def _stages_fake(features, rois, stage_levels, stage_sizes, stage_counts, spatial_scales, sampling_ratio, aligned):
+def _stages_fake(features, rois, stage_levels, stage_sizes, stage_counts, spatial_scales, sampling_ratio, aligned,
+                 channels_last=False):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     return [
-        features[l].new_empty((n, features[l].shape[1], s, s))
+        features[l].new_empty((n, features[l].shape[1], s, s)).contiguous(memory_format=layout)
         for l, s, n in zip(stage_levels, stage_sizes, stage_counts)
     ]
 
@@ -56,7 +58,7 @@ def _multilevel_backward(ctx, grad):
 
 
 def _stages_setup(ctx, inputs, output):
-    features, rois, stage_levels, _, _, spatial_scales, sampling_ratio, aligned = inputs
+    features, rois, stage_levels, _, _, spatial_scales, sampling_ratio, aligned = inputs[:8]
     ctx.save_for_backward(rois)
     ctx.stage_levels = stage_levels
     ctx.spatial_scales = spatial_scales
@@ -75,7 +77,7 @@ def _stages_backward(ctx, grads):
         grads, rois, ctx.stage_levels, ctx.spatial_scales, ctx.batch_size, ctx.channels, ctx.heights,
         ctx.widths, ctx.sampling_ratio, ctx.aligned,
     )
-    return list(out), None, None, None, None, None, None, None
+    return list(out), None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("dynamask::roi_align_multilevel", _multilevel_backward, setup_context=_multilevel_setup)

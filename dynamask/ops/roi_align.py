@@ -117,6 +117,8 @@ def roi_align_stages(
     spatial_scales: Sequence[float],
     sampling_ratio: int = 2,
     aligned: bool = True,
+    *,
+    channels_last: bool = False,
 ) -> list[Tensor]:
     """Several crops of prefixes of ``rois``, each from its own level and at its own size, in one call.
 
@@ -126,6 +128,9 @@ def roi_align_stages(
         stages: entries ``(level_index, output_size, count)``; entry j crops
             ``features[level_index]`` for ``rois[:count]`` at ``output_size x output_size``.
         spatial_scales: L floats.
+        channels_last: return the crops in ``torch.channels_last`` memory format (same shapes and values).
+            The CPU kernel writes them so directly, which the mask head's channels-last stages read without
+            a layout copy; on CUDA it is a copy of the NCHW crops.
 
     Returns:
         One tensor per stage, ``[count_j, C_{level_j}, S_j, S_j]``; equal to
@@ -143,6 +148,7 @@ def roi_align_stages(
         checks.check_rois("roi_align_stages", rois_t, feats[0].shape[0], max(counts, default=0))
     return list(
         torch.ops.dynamask.roi_align_stages(
-            feats, rois_t, levels, sizes, counts, [float(s) for s in spatial_scales], int(sampling_ratio), bool(aligned)
+            feats, rois_t, levels, sizes, counts, [float(s) for s in spatial_scales], int(sampling_ratio),
+            bool(aligned), bool(channels_last),
         )
     )

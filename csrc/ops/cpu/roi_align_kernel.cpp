@@ -236,6 +236,63 @@ void pool_rois(const std::vector<Level<T>>& levels, const int64_t* roi_levels, i
   });
 }
 
+// dst[p * ld + c] = src[c * plane + p] for c < n, p < plane: n planes to n channels of a channels-last
+// plane (row stride ld). Writes are contiguous runs of n; the n read streams are in cache (pool_rois_nhwc).
+template <typename T>
+inline void planes_to_channels_last(const T* __restrict src, int64_t n, int64_t plane, T* __restrict dst,
+                                    int64_t ld) {
+  for (int64_t p = 0; p < plane; ++p)
+    for (int64_t c = 0; c < n; ++c) dst[p * ld + c] = src[c * plane + p];
+}
+
+// pool_rois with a channels-last output: rois[0:num_rois] of levels[level] into out [num_rois, ph, pw, C]
+// (the memory of a channels-last [num_rois, C, ph, pw]). Same planar passes and values; each thread takes
+// whole RoIs (a channel split would have threads writing the same cache lines), pools a block of channels
+// into a scratch [block, ph, pw] of <= 64K elements (in L2) and transposes it into place. Copying NCHW
+// crops to channels-last afterwards cost the mask head a pass over memory per stage.
+template <typename T>
+void pool_rois_nhwc(const std::vector<Level<T>>& levels, int64_t level, const T* rois, int64_t num_rois,
+                    int64_t channels, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                    T* out) {
+  using Acc = at::opmath_type<T>;
+  if (num_rois == 0 || channels == 0) return;
+  const auto taps = all_roi_taps(levels, nullptr, level, rois, num_rois, pooled_h, pooled_w, sampling_ratio,
+                                 aligned);
+  const int64_t plane = pooled_h * pooled_w;
+  constexpr int64_t kScratch = 64 * 1024;
+  int64_t block = std::max<int64_t>(1, std::min(channels, kScratch / plane));
+  if (block >= 8 && block < channels) block = block / 8 * 8;
+  const auto& lv = levels[level];
+  const int64_t hw = lv.height * lv.width;
+  at::parallel_for(0, num_rois, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<Acc> buf;
+    std::vector<T> planes(block * plane);
+    for (int64_t r = r0; r < r1; ++r) {
+      const auto& t = taps[r];
+      T* o = out + r * plane * channels;
+      if (t.empty()) {
+        std::fill(o, o + plane * channels, T(0));
+        continue;
+      }
+      const T* img = lv.data + static_cast<int64_t>(rois[r * 5]) * channels * hw;
+      const bool x_first = t.x_first();
+      Acc* b = scratch(buf, t.scratch_size(x_first));
+      for (int64_t c0 = 0; c0 < channels; c0 += block) {
+        const int64_t n = std::min(block, channels - c0);
+        for (int64_t c = 0; c < n; ++c) {
+          const T* f = img + (c0 + c) * hw;
+          if (x_first) {
+            pool_plane_x_first(t, f, lv.width, b, planes.data() + c * plane);
+          } else {
+            pool_plane_y_first(t, f, lv.width, b, planes.data() + c * plane);
+          }
+        }
+        planes_to_channels_last(planes.data(), n, plane, o + c0, channels);
+      }
+    }
+  });
+}
+
 // grad_levels[l] += the transpose of pool_rois for grad [num_rois, C, ph, pw]. Threads own channel
 // ranges and walk all RoIs, so no two threads add into the same plane.
 template <typename T, typename Acc>
@@ -383,7 +440,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cpu(
 std::vector<at::Tensor> roi_align_stages_cpu(at::TensorList features, const at::Tensor& rois,
                                              at::IntArrayRef stage_levels, at::IntArrayRef stage_sizes,
                                              at::IntArrayRef stage_counts, at::ArrayRef<double> spatial_scales,
-                                             int64_t sampling_ratio, bool aligned) {
+                                             int64_t sampling_ratio, bool aligned, bool channels_last) {
   const char* op = "roi_align_stages";
   check_rois_and_levels(features, rois, spatial_scales, op);
   check_stages(features, rois, stage_levels, stage_sizes, stage_counts, op);
@@ -392,7 +449,8 @@ std::vector<at::Tensor> roi_align_stages_cpu(at::TensorList features, const at::
   std::vector<at::Tensor> outs;
   for (size_t j = 0; j < stage_levels.size(); ++j) {
     const auto& f = features[stage_levels[j]];
-    outs.push_back(at::empty({stage_counts[j], f.size(1), stage_sizes[j], stage_sizes[j]}, f.options()));
+    outs.push_back(at::empty({stage_counts[j], f.size(1), stage_sizes[j], stage_sizes[j]}, f.options(),
+                             channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rois.scalar_type(), "roi_align_stages_cpu", [&] {
     int64_t max_count = 0;
@@ -404,8 +462,13 @@ std::vector<at::Tensor> roi_align_stages_cpu(at::TensorList features, const at::
       const auto f = features[l].contiguous();
       const int64_t C = f.size(1);
       std::vector<Level<scalar_t>> lv{{f.data_ptr<scalar_t>(), f.size(2), f.size(3), C, spatial_scales[l]}};
-      pool_rois<scalar_t>(lv, nullptr, 0, rois_c.data_ptr<scalar_t>(), stage_counts[j], C, stage_sizes[j],
-                          stage_sizes[j], sampling_ratio, aligned, outs[j].data_ptr<scalar_t>());
+      if (channels_last) {
+        pool_rois_nhwc<scalar_t>(lv, 0, rois_c.data_ptr<scalar_t>(), stage_counts[j], C, stage_sizes[j],
+                                 stage_sizes[j], sampling_ratio, aligned, outs[j].data_ptr<scalar_t>());
+      } else {
+        pool_rois<scalar_t>(lv, nullptr, 0, rois_c.data_ptr<scalar_t>(), stage_counts[j], C, stage_sizes[j],
+                            stage_sizes[j], sampling_ratio, aligned, outs[j].data_ptr<scalar_t>());
+      }
     }
   });
   return outs;

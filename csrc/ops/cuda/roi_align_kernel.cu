@@ -297,7 +297,7 @@ std::vector<at::Tensor> roi_align_multilevel_backward_cuda(
 std::vector<at::Tensor> roi_align_stages_cuda(at::TensorList features, const at::Tensor& rois,
                                               at::IntArrayRef stage_levels, at::IntArrayRef stage_sizes,
                                               at::IntArrayRef stage_counts, at::ArrayRef<double> spatial_scales,
-                                              int64_t sampling_ratio, bool aligned) {
+                                              int64_t sampling_ratio, bool aligned, bool channels_last) {
   const char* op = "roi_align_stages";
   check_rois_and_levels(features, rois, spatial_scales, op);
   check_common_cuda(rois, c10::nullopt, op);
@@ -338,6 +338,10 @@ std::vector<at::Tensor> roi_align_stages_cuda(at::TensorList features, const at:
         total, tab, rois_c.data_ptr<scalar_t>(), feats[0].size(0), sampling_ratio, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  // The kernel writes NCHW; channels-last crops are a layout copy here (the CPU kernel writes them
+  // directly). The mask head asks for them on the CPU only.
+  if (channels_last)
+    for (auto& o : outs) o = o.contiguous(at::MemoryFormat::ChannelsLast);
   return outs;
 }
 
