@@ -93,6 +93,15 @@ class FitPlan:
     inits: tuple[int, ...] = (0, 1, 2)
     budgets: tuple[float, ...] = ()
     calibration_images: int = 200  # training images whose detections each row's price is set on
+    average_epochs: int | None = None  # switch_fit.fit_switch's (None: its default, the last half of the epochs)
+
+    def averaged(self) -> int:
+        return (self.epochs + 1) // 2 if self.average_epochs is None else self.average_epochs
+
+    def state_key(self, init: int) -> str:
+        """The cached fit of one init in ``ckpt/fit.pth`` (fits that average other epochs are other entries;
+        stop 16's, of the last epoch's weights, are under ``init{i}``)."""
+        return f"init{init}-avg{self.averaged()}"
 
     def names(self) -> list[str]:
         return [f"fit-iou-roi-ct{c:g}-init{i}" for i in self.inits for c in self.budgets]
@@ -616,15 +625,15 @@ class Study:
         costs = list(mask_head_gmacs(heads.mask_head).values())
         path = self.ckpt("fit")
         state: dict[str, Any] = load_state(path) if os.path.exists(path) else {}
-        if any(f"init{i}" not in state for i in plan.inits):
+        if any(plan.state_key(i) not in state for i in plan.inits):
             data = self._switch_data(model, plan)
             for init in plan.inits:
-                if f"init{init}" in state:
+                if plan.state_key(init) in state:
                     continue
                 rep = switch_fit.fit_switch(heads.msm, data, costs=costs, target_gmacs=None, epochs=plan.epochs,
-                                            seed=init, progress=self.progress)
-                self.timing(f"fit_init{init}", {"seconds": rep.seconds, "losses": rep.losses})
-                state[f"init{init}"] = {k: v.clone() for k, v in heads.msm.state_dict().items()}
+                                            seed=init, average_epochs=plan.average_epochs, progress=self.progress)
+                self.timing(f"fit_{plan.state_key(init)}", {"seconds": rep.seconds, "losses": rep.losses})
+                state[plan.state_key(init)] = {k: v.clone() for k, v in heads.msm.state_dict().items()}
                 save_state(path, state)
         names = [n for n in plan.names() if not self.have_rows([n])]
         switches, penalties = {}, {}
@@ -633,7 +642,7 @@ class Study:
             todo = [n for n in names if n.endswith(f"-init{init}")]
             if not todo:
                 continue
-            heads.msm.load_state_dict(state[f"init{init}"])
+            heads.msm.load_state_dict(state[plan.state_key(init)])
             t0 = time.time()
             batches = switch_fit.sample_batches(self.train, batch_size=self.cfg.batch,
                                                 num_batches=-(-plan.calibration_images // self.cfg.batch),
@@ -642,7 +651,7 @@ class Study:
             self.timing(f"fit_price_init{init}", {"seconds": time.time() - t0, "detections": int(scores.shape[0])})
             for name in todo:
                 m = new_switch(model, "roi")
-                m.load_state_dict(state[f"init{init}"])
+                m.load_state_dict(state[plan.state_key(init)])
                 switch_fit.price(m, scores, cost_t, float(name.split("-ct")[1].split("-")[0]))
                 m.eval()
                 penalties[name] = [float(x) for x in m.cost_penalty]
@@ -660,7 +669,8 @@ class Study:
             v = SwitchVariant(name, signal="iou", reads="roi", target_gmacs=c, estimator="fit")
             row = self._row(name, "msm", metrics[name], probe, probe["choices"][name], variant=v,
                             trained="frozen base")
-            row["fit"] = {"batches": plan.batches, "epochs": plan.epochs, "init": int(name.rsplit("init", 1)[1]),
+            row["fit"] = {"batches": plan.batches, "epochs": plan.epochs, "averaged_epochs": plan.averaged(),
+                          "init": int(name.rsplit("init", 1)[1]),
                           "calibrated_on": "detections", "calibration_images": plan.calibration_images,
                           "cost_penalty": penalties[name]}
             rows.append(row)

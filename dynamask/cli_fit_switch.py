@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=cli_checks.positive_int, default=2, help="images per batch (default 2)")
     p.add_argument("--epochs", type=cli_checks.positive_int, default=15,
                    help="epochs of the switch over the collected RoIs (default 15)")
+    p.add_argument("--average-epochs", type=cli_checks.positive_int, default=None,
+                   help="keep the mean of the switch's weights after each of the last N epochs (default: the last "
+                        "half; 1 keeps the last epoch's)")
     p.add_argument("--calibration-images", type=int, default=200,
                    help="training images whose detections the price is set on (default 200; 0: set it on the "
                         "training positives)")
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.calibration_images < 0:
         raise ValueError(f"--calibration-images must be >= 0, got {args.calibration_images}")
+    if args.average_epochs is not None and args.average_epochs > args.epochs:
+        raise ValueError(f"--average-epochs {args.average_epochs} exceeds --epochs {args.epochs}")
     # everything is checked before the model runs on the data: the collection takes minutes
     model, ckpt = model_from_checkpoint(args.checkpoint)
     from dynamask.models.detector import DynaMaskRCNN
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     report = switch_fit.fit_model_switch(model, dataset, target_gmacs=target, num_batches=args.batches,
                                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                                         calibration_images=args.calibration_images, progress=not args.no_progress)
+                                         calibration_images=args.calibration_images,
+                                         average_epochs=args.average_epochs, progress=not args.no_progress)
     extra = dict(ckpt.get("extra", {}))
     extra["switch_fit"] = {**report.as_dict(), "from": os.path.abspath(args.checkpoint), "batches": args.batches,
                            "batch_size": args.batch_size, "seed": args.seed}
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                     iteration=ckpt.get("iteration"), extra=extra)
     shares = ", ".join(f"{s}²: {100 * f:.0f}%" for s, f in zip(costs, report.shares))
     on = "training positives" if report.calibrated_on == "positives" else "detections of training images"
-    print(f"fitted the switch on {report.rois} training RoIs ({report.epochs} epochs, {report.seconds:.0f} s); "
+    print(f"fitted the switch on {report.rois} training RoIs ({report.epochs} epochs, weights averaged over the "
+          f"last {report.averaged_epochs}, {report.seconds:.0f} s); "
           f"price {report.mu:.4g} per GMAC, set on {report.calibration_rois} {on}: {shares}; mean head cost "
           f"{report.mean_gmacs:.4g} GMAC (budget {'none' if target is None else f'{target:.4g}'})")
     print(f"wrote {args.out}")

@@ -108,6 +108,38 @@ def test_fit_switch_learns_which_rois_gain_and_meets_the_budget():
     assert (best[choice == 2] == 2).float().mean() >= 0.95
 
 
+def test_fit_switch_keeps_the_mean_of_the_last_epochs_weights():
+    """The kept weights are the mean of those after each averaged epoch. The same seed gives the same epochs
+    (one generator draws the order), so the weights after epochs 2 and 3 are those of 2- and 3-epoch fits
+    that keep their last epoch's weights; 1 keeps the last epoch's, the default averages the last half."""
+    data = _separable_data(64, 0)
+    costs = [1.0, 2.0, 4.0]
+
+    def fitted(epochs, average):
+        msm = small_msm()
+        rep = switch_fit.fit_switch(msm, data, costs=costs, target_gmacs=None, epochs=epochs, lr=3e-3, seed=0,
+                                    average_epochs=average, progress=False)
+        return {k: v.double() for k, v in msm.state_dict().items() if k != "cost_penalty"}, rep
+
+    after2, _ = fitted(2, 1)
+    after3, rep = fitted(3, 1)
+    assert rep.averaged_epochs == 1 and any(not torch.equal(after2[k], after3[k]) for k in after2)
+    mean, rep = fitted(3, 2)
+    assert rep.averaged_epochs == 2
+    for k in mean:
+        torch.testing.assert_close(mean[k], (after2[k] + after3[k]) / 2, rtol=1e-5, atol=1e-6)
+    after1, _ = fitted(1, 1)
+    default, rep = fitted(3, None)
+    assert rep.averaged_epochs == 2 and all(torch.equal(default[k], mean[k]) for k in mean)
+    all3, rep = fitted(3, 3)
+    for k in all3:
+        torch.testing.assert_close(all3[k], (after1[k] + after2[k] + after3[k]) / 3, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="average_epochs"):
+        fitted(3, 4)
+    with pytest.raises(ValueError, match="average_epochs"):
+        fitted(3, 0)
+
+
 def test_fit_switch_refuses_bad_input_before_training():
     msm = small_msm()
     data = _separable_data(16, 0)
@@ -221,6 +253,9 @@ def test_cli_fit_switch_writes_a_fitted_checkpoint_and_refuses_bad_input(tmp_pat
     assert "below the cheapest" in capsys.readouterr().err
     assert main(["fit-switch", src, "--data", data, "--out", out, "--budget-at", "13"]) == 1
     assert "resolutions are" in capsys.readouterr().err
+    assert main(["fit-switch", src, "--data", data, "--out", out, "--budget-at", "14", "--epochs", "3",
+                 "--average-epochs", "4"]) == 1
+    assert "exceeds --epochs" in capsys.readouterr().err
     assert not os.path.exists(out)
     assert main(["fit-switch", src, "--data", data, "--out", out, "--budget-at", "14", "--batches", "2",
                  "--epochs", "1", "--no-progress"]) == 0
@@ -228,6 +263,7 @@ def test_cli_fit_switch_writes_a_fitted_checkpoint_and_refuses_bad_input(tmp_pat
     ckpt = load_checkpoint(out)
     fit = ckpt["extra"]["switch_fit"]
     assert ckpt["iteration"] == 7 and fit["target_gmacs"] == pytest.approx(costs[14]) and fit["rois"] > 0
+    assert fit["averaged_epochs"] == 1
     assert torch.allclose(ckpt["model"]["roi_heads.msm.cost_penalty"], fit["mu"] * torch.tensor(list(costs.values())))
     # the stages are the input's
     before = load_checkpoint(src)["model"]

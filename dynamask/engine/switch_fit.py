@@ -9,7 +9,10 @@ switch that sees each training RoI's outcome at every resolution can learn more 
    IoU with the ground truth on the finest grid (:func:`~dynamask.engine.routing_probe.mask_iou_top_grid`:
    the quantity the routing value judges).
 2. :func:`fit_switch`: a fresh MSM regresses each RoI's IoUs, centred per RoI (only the differences between
-   resolutions decide), for some epochs over the cache; then the price μ per GMAC is set by bisection so that
+   resolutions decide), for some epochs over the cache, and keeps the mean of its weights after each of the
+   last epochs (stochastic weight averaging: the share of the routing gain a single epoch's weights capture
+   moved by up to ±0.1 from one epoch to the next, and so between inits; the average removes most of that;
+   benchmarks/results/accuracy_cpu.md); then the price μ per GMAC is set by bisection so that
    the training RoIs' mean head cost meets the budget C_t (:func:`calibrate_mu`), and stored in the MSM as its
    ``cost_penalty`` μ·C_k. The switch then chooses argmax_k(predicted IoU_k − μ C_k): the Lagrangian choice.
 
@@ -161,6 +164,7 @@ def calibrate_mu(scores: Tensor, costs: Tensor, target: float) -> float:
 class FitReport:
     rois: int  # training RoIs the switch learned from
     epochs: int
+    averaged_epochs: int  # the kept weights are the mean of those after each of the last this many epochs
     mu: float  # price per GMAC
     target_gmacs: float | None
     calibrated_on: str  # "positives" (the training RoIs) or "detections" (of training images, at inference)
@@ -183,10 +187,12 @@ def _raw(msm: MaskSwitchModule, inputs: Tensor, batch: int = 256) -> Tensor:
 
 def fit_switch(msm: MaskSwitchModule, data: SwitchData, *, costs: Sequence[float], target_gmacs: float | None,
                epochs: int = 15, batch_size: int = 16, lr: float = 5e-4, weight_decay: float = 1e-4, seed: int = 0,
-               progress: bool = True) -> FitReport:
+               average_epochs: int | None = None, progress: bool = True) -> FitReport:
     """Fits ``msm`` (reset first) to ``data`` and prices its resolutions for ``target_gmacs`` (GMAC per RoI;
     None: no price, each RoI gets its predicted best). ``costs``: the head's GMAC per RoI at each resolution
-    (:func:`dynamask.flops.mask_head_gmacs`). The MSM is left in eval mode."""
+    (:func:`dynamask.flops.mask_head_gmacs`). ``average_epochs``: the MSM keeps the mean of its parameters
+    after each of the last this many epochs (default: the last half, ``(epochs + 1) // 2``; 1 keeps the last
+    epoch's). The MSM is left in eval mode."""
     from tqdm import tqdm
 
     k = msm.num_resolutions
@@ -196,6 +202,9 @@ def fit_switch(msm: MaskSwitchModule, data: SwitchData, *, costs: Sequence[float
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"fit_switch: epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, "
                          f"{lr}")
+    averaged = (epochs + 1) // 2 if average_epochs is None else average_epochs
+    if not 1 <= averaged <= epochs:
+        raise ValueError(f"fit_switch: average_epochs must be in [1, epochs = {epochs}], got {average_epochs}")
     n = data.inputs.shape[0]
     if n == 0:
         raise ValueError("fit_switch: no RoIs to learn from")
@@ -211,9 +220,11 @@ def fit_switch(msm: MaskSwitchModule, data: SwitchData, *, costs: Sequence[float
     opt = torch.optim.AdamW(msm.parameters(), lr=lr, weight_decay=weight_decay)
     target = data.iou - data.iou.mean(dim=1, keepdim=True)  # only the differences between resolutions decide
     losses = []
+    params = list(msm.parameters())
+    mean = [torch.zeros_like(p) for p in params]  # running mean of the parameters over the averaged epochs
     msm.train()
     bar = tqdm(total=epochs, desc="switch fit: training", disable=not progress, dynamic_ncols=True)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen)
         total = 0.0
         for j in range(0, n, batch_size):
@@ -225,13 +236,22 @@ def fit_switch(msm: MaskSwitchModule, data: SwitchData, *, costs: Sequence[float
             opt.step()
             total += float(loss.detach()) * idx.numel()
         losses.append(total / n)
+        seen = epoch - (epochs - averaged)  # how many averaged epochs are done before this one
+        if seen >= 0:
+            with torch.no_grad():
+                for m, p in zip(mean, params):
+                    m.add_(p.detach() - m, alpha=1.0 / (seen + 1))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.5f}")
     bar.close()
+    with torch.no_grad():
+        for m, p in zip(mean, params):
+            p.copy_(m)
     msm.eval()
-    mu, mean, shares = price(msm, _raw(msm, data.inputs), cost, target_gmacs)
-    return FitReport(rois=n, epochs=epochs, mu=mu, target_gmacs=target_gmacs, calibrated_on="positives",
-                     calibration_rois=n, mean_gmacs=mean, shares=shares, losses=losses, seconds=time.time() - t0)
+    mu, mean_cost, shares = price(msm, _raw(msm, data.inputs), cost, target_gmacs)
+    return FitReport(rois=n, epochs=epochs, averaged_epochs=averaged, mu=mu, target_gmacs=target_gmacs,
+                     calibrated_on="positives", calibration_rois=n, mean_gmacs=mean_cost, shares=shares,
+                     losses=losses, seconds=time.time() - t0)
 
 
 def price(msm: MaskSwitchModule, scores: Tensor, cost: Tensor,
@@ -278,12 +298,13 @@ def detection_scores(model: DynaMaskRCNN, batches: Iterable[list[Tensor]], *, to
 
 def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float | None, num_batches: int = 900,
                      batch_size: int = 4, epochs: int = 15, seed: int = 0, calibration_images: int = 200,
-                     progress: bool = True) -> FitReport:
+                     average_epochs: int | None = None, progress: bool = True) -> FitReport:
     """:func:`collect` on ``num_batches`` batches of ``dataset`` (training images, with their transforms),
     then :func:`fit_switch` of ``model.roi_heads.msm``, then the price μ set again on the detections of
     ``calibration_images`` training images (:func:`detection_scores`): a budget is a mean over every RoI the
     head runs on at inference, and detections (any score) are not distributed as training positives are;
-    0 keeps the price set on the positives. The model is left in eval mode, its switch fitted."""
+    0 keeps the price set on the positives. ``average_epochs``: see :func:`fit_switch`. The model is left in
+    eval mode, its switch fitted."""
     if not isinstance(model.roi_heads, DynaMaskRoIHeads):
         raise ValueError("fit_model_switch needs a DynaMask model (roi_heads with an MSM)")
     heads = model.roi_heads
@@ -293,7 +314,7 @@ def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float |
         raise ValueError(f"calibration_images must be >= 0, got {calibration_images}")
     costs = list(mask_head_gmacs(heads.mask_head).values())
     report = fit_switch(heads.msm, data, costs=costs, target_gmacs=target_gmacs, epochs=epochs, seed=seed,
-                        progress=progress)
+                        average_epochs=average_epochs, progress=progress)
     if calibration_images == 0 or target_gmacs is None:
         return report
     return calibrate_on_detections(model, dataset, report, num_images=calibration_images, seed=seed,
