@@ -57,12 +57,13 @@ CASES = [
     (2, 12, 8, 8, 10, (2, 3), (2, 1), 0, 1, 2, 3, True, True, 1.5),  # non-square kernel, stride
     (2, 10, 6, 6, 6, (3, 3), 1, 1, 1, 2, 1, True, True, 40.0),  # samples far outside the input
     (4, 3, 5, 5, 5, (1, 1), 1, 0, 1, 1, 3, True, True, 0.7),
-    # one weight group and one deform group with 4/8/16/32/64 channels: the compile-time-width loops
+    # one weight group and one deform group with 4/8/16/32/64/128 channels: the compile-time-width loops
     (3, 8, 8, 9, 9, (3, 3), 1, 1, 1, 1, 1, True, True, 2.0),
     (2, 16, 5, 7, 6, (3, 3), 1, 1, 1, 1, 1, False, True, 40.0),  # samples far outside the input
     (2, 32, 4, 8, 7, (3, 3), 2, 1, 1, 1, 1, True, False, 1.0),
     (5, 4, 3, 6, 6, (3, 3), 1, 0, 1, 1, 1, True, True, 0.5),  # samples on the border: clamped corners
     (1, 64, 6, 5, 5, (3, 3), 1, 1, 1, 1, 1, True, True, 1.0),
+    (2, 128, 3, 4, 5, (3, 3), 1, 1, 1, 1, 1, False, True, 3.0),  # the head's 28² stage width
     (2, 8, 4, 9, 9, (5, 5), 1, 2, 1, 1, 1, True, True, 1.5),  # > 9 taps: sampled per tap, not planned
 ]
 

@@ -469,6 +469,7 @@ inline void with_channel_specialisation(const Geometry& g, F&& f) {
       case 16: return f(std::integral_constant<int, 16>());
       case 32: return f(std::integral_constant<int, 32>());
       case 64: return f(std::integral_constant<int, 64>());
+      case 128: return f(std::integral_constant<int, 128>());
       default: break;
     }
   }
