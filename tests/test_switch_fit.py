@@ -138,6 +138,10 @@ def test_fit_switch_keeps_the_mean_of_the_last_epochs_weights():
         fitted(3, 4)
     with pytest.raises(ValueError, match="average_epochs"):
         fitted(3, 0)
+    # the model-level fit refuses it before collecting anything (no dataset is ever read)
+    with pytest.raises(ValueError, match="average_epochs"):
+        switch_fit.fit_model_switch(tiny_model(num_classes=3), None, target_gmacs=None, epochs=2, average_epochs=3,
+                                    progress=False)
 
 
 def test_fit_switch_refuses_bad_input_before_training():

@@ -307,6 +307,8 @@ def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float |
     eval mode, its switch fitted."""
     if not isinstance(model.roi_heads, DynaMaskRoIHeads):
         raise ValueError("fit_model_switch needs a DynaMask model (roi_heads with an MSM)")
+    if average_epochs is not None and not 1 <= average_epochs <= epochs:  # before the minutes of collecting
+        raise ValueError(f"fit_switch: average_epochs must be in [1, epochs = {epochs}], got {average_epochs}")
     heads = model.roi_heads
     data = collect(model, sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed),
                    total=num_batches, progress=progress)
