@@ -156,6 +156,16 @@ void pool_plane_y_first(const RoiTaps<Acc>& t, const T* plane, int64_t width, Ac
       [&](int64_t h) { return out + h * pw; });
 }
 
+// One plane by whichever pass order t chose; buf: scratch of t.scratch_size(x_first) elements.
+template <typename T, typename Acc>
+inline void pool_plane(const RoiTaps<Acc>& t, bool x_first, const T* plane, int64_t width, Acc* buf, T* out) {
+  if (x_first) {
+    pool_plane_x_first(t, plane, width, buf, out);
+  } else {
+    pool_plane_y_first(t, plane, width, buf, out);
+  }
+}
+
 // ---- backward: the transposes. grad: [ph, pw] of one RoI and channel; gplane: [H, W] accumulator.
 
 template <typename T, typename Acc>
@@ -224,20 +234,17 @@ void pool_rois(const std::vector<Level<T>>& levels, const int64_t* roi_levels, i
           const int64_t hw = lv.height * lv.width;
           const T* f = lv.data + (static_cast<int64_t>(rois[r * 5]) * channels + c) * hw;
           const bool x_first = t.x_first();
-          Acc* b = scratch(buf, t.scratch_size(x_first));
-          if (x_first) {
-            pool_plane_x_first(t, f, lv.width, b, o);
-          } else {
-            pool_plane_y_first(t, f, lv.width, b, o);
-          }
+          pool_plane(t, x_first, f, lv.width, scratch(buf, t.scratch_size(x_first)), o);
         }
       }
     }
   });
 }
 
-// dst[p * ld + c] = src[c * plane + p] for c < n, p < plane: n planes to n channels of a channels-last
-// plane (row stride ld). Writes are contiguous runs of n; the n read streams are in cache (pool_rois_nhwc).
+// dst[p * ld + c] = src[c * plane + p] for c < n, p < plane: n pooled planes (in cache) into n channels of
+// channels-last output rows of stride ld (in memory). Pixel-major, so each output pixel is written as one
+// contiguous run; roi_align_channels_last.h's to_channels_last reads planes sequentially instead (its source
+// is in memory), and used here it made the op 25% slower (322 against 255 ms at the head's stages).
 template <typename T>
 inline void planes_to_channels_last(const T* __restrict src, int64_t n, int64_t plane, T* __restrict dst,
                                     int64_t ld) {
@@ -248,8 +255,9 @@ inline void planes_to_channels_last(const T* __restrict src, int64_t n, int64_t 
 // pool_rois with a channels-last output: rois[0:num_rois] of levels[level] into out [num_rois, ph, pw, C]
 // (the memory of a channels-last [num_rois, C, ph, pw]). Same planar passes and values; each thread takes
 // whole RoIs (a channel split would have threads writing the same cache lines), pools a block of channels
-// into a scratch [block, ph, pw] of <= 64K elements (in L2) and transposes it into place. Copying NCHW
-// crops to channels-last afterwards cost the mask head a pass over memory per stage.
+// into a scratch [block, ph, pw] of <= 64K elements (in L2) and transposes it into place
+// (planes_to_channels_last). Copying NCHW crops to channels-last afterwards cost the mask head a pass over
+// memory per stage.
 template <typename T>
 void pool_rois_nhwc(const std::vector<Level<T>>& levels, int64_t level, const T* rois, int64_t num_rois,
                     int64_t channels, int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
@@ -279,14 +287,8 @@ void pool_rois_nhwc(const std::vector<Level<T>>& levels, int64_t level, const T*
       Acc* b = scratch(buf, t.scratch_size(x_first));
       for (int64_t c0 = 0; c0 < channels; c0 += block) {
         const int64_t n = std::min(block, channels - c0);
-        for (int64_t c = 0; c < n; ++c) {
-          const T* f = img + (c0 + c) * hw;
-          if (x_first) {
-            pool_plane_x_first(t, f, lv.width, b, planes.data() + c * plane);
-          } else {
-            pool_plane_y_first(t, f, lv.width, b, planes.data() + c * plane);
-          }
-        }
+        for (int64_t c = 0; c < n; ++c)
+          pool_plane(t, x_first, img + (c0 + c) * hw, lv.width, b, planes.data() + c * plane);
         planes_to_channels_last(planes.data(), n, plane, o + c0, channels);
       }
     }
