@@ -1,8 +1,8 @@
-"""The main job: generate the shapes data set, train a small DynaMask on it under a time cap, fit its
-mask switch to the budget (`dynamask fit-switch`), evaluate it, and write runs/demo/report.md (AP table,
-per-category resolution plot, FLOPs, overlays) and runs/demo/routing.json (how well the switch routes on
-the validation split's ground-truth boxes, beside each category's gain in mask IoU from resolution; also a
-table in the report).
+"""The main job: generate the shapes data set, train a small DynaMask on it under a time cap (the run
+ends by fitting its mask switch to the budget, as every `dynamask train` of DynaMask does), evaluate it,
+and write runs/demo/report.md (AP table, per-category resolution plot, FLOPs, overlays) and
+runs/demo/routing.json (how well the switch routes on the validation split's ground-truth boxes, beside
+each category's gain in mask IoU from resolution; also a table in the report).
 
 Sizes come from the environment so that a quick smoke run is possible:
 DEMO_MINUTES (training cap, default 18), DEMO_TRAIN / DEMO_VAL (images, 900 / 100), DEMO_SIZE (px, 128),
@@ -20,9 +20,10 @@ cost); the learning rate is divided by 10 after epochs 4 and 5. What makes it fa
 channels, a narrow mask head whose resolutions are 7/14/28/56 (mask_roi_size 7), anchors scaled to the
 small images, and at most 8 RoIs per image training the mask branch.
 
-After training, the switch is refitted to the budget by regression on 300 training batches
-(`dynamask fit-switch`, docs/method.md §3): on the stop-14 demo checkpoint it captured 0.77 / 0.75 of the
-routing gain (two inits) against 0.52 for the switch the dynamic phase trained. The report shows both.
+Training ends with the switch fitted to the budget by regression on 300 training batches
+(`dynamask.engine.train_switch`, docs/method.md §3): on the stop-14 demo checkpoint such a fit captured
+0.77 / 0.75 of the routing gain (two inits) against 0.52 for the switch the dynamic phase trained. The
+report shows both (the checkpoint keeps the dynamic phase's switch).
 """
 
 from __future__ import annotations
@@ -95,13 +96,8 @@ def main() -> int:
          "--epochs", str(EPOCHS), "--pretrain-epochs", str(PRETRAIN_EPOCHS),
          "--batch-size", str(BATCH), "--optimizer", "adamw", "--lr", str(LR), "--warmup-iters", "100",
          "--lr-steps", *map(str, LR_STEPS),
-         "--clip-grad-norm", "10", "--workers", "0", "--time-limit", f"{minutes:.2f}", *progress])
-    # the switch refitted to the same budget by regression (the stages untouched), then evaluated
-    fitted = os.path.join(train_dir, "fitted.pth")
-    run(["fit-switch", os.path.join(train_dir, "last.pth"), "--data", data, "--out", fitted,
-         "--budget-at", str(BUDGET_AT), "--batches", str(FIT_BATCHES), "--batch-size", str(BATCH),
-         "--epochs", str(FIT_EPOCHS), *progress])
-    run(["eval", fitted, "--data", data, "--out", os.path.join(train_dir, "eval_fitted"), *progress])
+         "--clip-grad-norm", "10", "--workers", "0", "--time-limit", f"{minutes:.2f}",
+         "--switch-fit-batches", str(FIT_BATCHES), "--switch-fit-epochs", str(FIT_EPOCHS), *progress])
     write_report(data, train_dir, t0, minutes)
     print(f"report: {os.path.join(OUT, 'report.md')}")
     return 0
@@ -200,19 +196,22 @@ def write_report(data: str, train_dir: str, t0: float, minutes: float) -> None:
     from dynamask.data import CocoDetection
     from dynamask.engine.checkpoint import model_from_checkpoint
     from dynamask.engine.evaluate import evaluate, format_metrics
+    from dynamask.engine.train_switch import use_dynamic_phase_switch
     from dynamask.viz import save_overlay
 
-    eval_dir = os.path.join(train_dir, "eval_fitted")
-    with open(os.path.join(eval_dir, "metrics.json")) as f:
+    eval_dir = os.path.join(train_dir, "eval")
+    with open(os.path.join(eval_dir, "metrics.json")) as f:  # `train --data` evaluated last.pth, fitted
         metrics = json.load(f)
-    with open(os.path.join(train_dir, "eval", "metrics.json")) as f:  # `train --data` evaluated last.pth
-        dynamic = json.load(f)
-    model, ckpt = model_from_checkpoint(os.path.join(train_dir, "fitted.pth"))
+    model, ckpt = model_from_checkpoint(os.path.join(train_dir, "last.pth"))
     model.eval()
-    before, _ = model_from_checkpoint(os.path.join(train_dir, "last.pth"))
-    before.eval()
-    gmacs = flops.mask_head_gmacs(model)
     val = CocoDetection(os.path.join(data, "val"), os.path.join(data, "annotations", "val.json"))
+    # the same model with the switch the dynamic phase trained (kept in the checkpoint beside the fitted one)
+    before, _ = model_from_checkpoint(os.path.join(train_dir, "last.pth"))
+    if not use_dynamic_phase_switch(before, ckpt):
+        raise SystemExit("demo: the training run did not fit its switch (see its log)")
+    before.eval()
+    dynamic = evaluate(before, val, boundary=False, progress=False)
+    gmacs = flops.mask_head_gmacs(model)
     overlays = []
     with torch.no_grad():
         for i in range(min(4, len(val))):
@@ -250,7 +249,7 @@ def write_report(data: str, train_dir: str, t0: float, minutes: float) -> None:
         "",
         f"Trained {ckpt['iteration']} iterations ({ckpt['iteration'] / iters_per_epoch:.1f} epochs of "
         f"{iters_per_epoch}, AdamW at lr {LR:g}) on {'a GPU' if torch.cuda.is_available() else 'the CPU'}; "
-        f"then the switch refitted to the budget (`dynamask fit-switch`: {fit.get('rois', '?')} training RoIs, "
+        f"then, as the run ended, its switch fitted to the budget ({fit.get('rois', '?')} training RoIs, "
         f"{fit.get('epochs', '?')} epochs, {fit.get('seconds', 0) / 60:.1f} min of fitting); "
         f"whole job, set-up included, {seconds / 60:.1f} minutes.",
         "",
@@ -283,7 +282,7 @@ def write_report(data: str, train_dir: str, t0: float, minutes: float) -> None:
         "",
         "Detections scoring at least 0.5 (a category the model is not yet sure of has few or none).",
         "",
-        ("![resolutions](train/eval_fitted/resolution.png)" if os.path.exists(os.path.join(eval_dir, "resolution.png"))
+        ("![resolutions](train/eval/resolution.png)" if os.path.exists(os.path.join(eval_dir, "resolution.png"))
          else "(no detections)"),
         "",
         *routing_lines(routing, list(gmacs)),

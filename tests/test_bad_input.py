@@ -64,7 +64,8 @@ def _train_cfg(shapes, out, **kw):
     img, ann = split_paths(shapes, "train")
     base = dict(train_images=img, train_ann=ann, out_dir=str(out), arch="maskrcnn_resnet_fpn", arch_kwargs=MRCNN,
                 epochs=1, batch_size=2, lr=0.01, warmup_iters=1, lr_steps=(), workers=0, log_every=1,
-                progress=False, seed=3)
+                progress=False, seed=3,
+                switch_fit_batches=2, switch_fit_epochs=2, switch_fit_calibration_images=2)
     base.update(kw)
     return TrainConfig(**base)
 

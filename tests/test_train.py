@@ -50,7 +50,8 @@ def _cfg(shapes, out, **kw):
     img, ann = split_paths(shapes, "train")
     base = dict(train_images=img, train_ann=ann, out_dir=str(out), arch="maskrcnn_resnet_fpn", arch_kwargs=TINY,
                 epochs=2, pretrain_epochs=1, batch_size=2, lr=0.01, warmup_iters=2, lr_steps=(1,), workers=0,
-                log_every=1, progress=False, seed=3)
+                log_every=1, progress=False, seed=3,
+                switch_fit_batches=2, switch_fit_epochs=2, switch_fit_calibration_images=2)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -286,7 +287,8 @@ def test_dynamask_trains_across_the_phase_switch_at_many_scales(shapes, tmp_path
     assert lr == pytest.approx([1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5])  # the lr of the step after each row
     train_short = [min(s) for s in sizes["train"]]
     assert all(48 <= s <= 80 for s in train_short) and len(set(train_short)) > 1
-    assert {min(s) for s in sizes["eval"]} == {80} and len(sizes["eval"]) == 2
+    # at test size: the evaluation's 2 images, and the switch fit's 2 batches of 3 and 2 calibration images
+    assert {min(s) for s in sizes["eval"]} == {80} and len(sizes["eval"]) == 2 + 2 * 3 + 2
     assert r["plan"][0].startswith("schedule: 1 pretrain epoch(s)") and "= 3 epochs of 2 iterations" in r["plan"][0]
     assert "after dynamic epoch 1 (iteration 4)" in r["plan"][2] and "shorter side 48-80" in r["plan"][3]
     ckpt = load_checkpoint(r["checkpoint"])
@@ -346,7 +348,8 @@ def test_cli_paper_recipe_dry_run(shapes, tmp_path, capsys):
     tiny = json.dumps(dict(TINY_DYNAMASK, box_detections_per_img=5))
     run = str(tmp_path / "run")
     assert main(["train", "--recipe", "paper", "--data", shapes, "--out", run, "--backbone-weights", weights,
-                 "--arch-kwargs", tiny, "--max-iters", "1", "--workers", "0", "--no-progress"]) == 0
+                 "--arch-kwargs", tiny, "--max-iters", "1", "--workers", "0", "--no-progress",
+                 "--switch-fit-batches", "1", "--switch-fit-epochs", "1", "--switch-fit-calibration-images", "1"]) == 0
     out, err = capsys.readouterr()
     assert "total batch of 16; this run has 2 x 1 = 2" in err
     assert "1 pretrain epoch(s) (every resolution supervised, no mask switch) + 12 dynamic epoch(s)" in out

@@ -41,7 +41,8 @@ def _data(root, *, train, val, empty=()):
 def _cfg(img, ann, out, **kw):
     base = dict(train_images=img, train_ann=ann, out_dir=str(out), arch="dynamask_resnet_fpn", arch_kwargs=TINY,
                 epochs=1, pretrain_epochs=0, batch_size=1, optimizer="adamw", lr=1e-4, warmup_iters=1,
-                lr_steps=(), workers=0, log_every=1, progress=False, seed=0)
+                lr_steps=(), workers=0, log_every=1, progress=False, seed=0,
+                switch_fit_batches=2, switch_fit_epochs=2, switch_fit_calibration_images=2)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -197,3 +198,82 @@ def test_entropy_term_is_the_global_batch_one_even_with_no_roi_on_a_process(tmp_
         assert float(r["loss"]) == pytest.approx(reference.item(), abs=1e-6)
     assert torch.allclose(ranks[0]["grad"], 2 * everything.grad, atol=1e-6)
     assert ranks[1]["grad"].shape == (0, 4)
+
+
+def _fit_worker(rank, world, port, cfg, out, on_iteration):
+    """``_worker``, then this process's switch (state dict) saved for the test to compare."""
+    _worker(rank, world, port, cfg, out, on_iteration)
+    torch.save(_HELD["model"].roi_heads.msm.state_dict(), os.path.join(out, f"msm{rank}.pt"))
+
+
+_HELD: dict = {}
+
+
+@pytest.mark.slow
+def test_switch_fit_at_the_end_is_sharded_gathered_and_the_same_on_both_processes(tmp_path):
+    """The switch fit that ends a run, in 2 processes: 3 batches (2 on one process, 1 on the other) and 3
+    calibration images; both processes end with the same switch, fitted on the RoIs of all 3 batches (the
+    rows of one process collecting the same 3 batches alone, in another order)."""
+    from dynamask.data import CocoDetection
+    from dynamask.engine import switch_fit, train_switch
+
+    img, ann = _data(tmp_path / "data", train=4, val=0)
+    out = tmp_path / "run"
+    os.makedirs(out)
+
+    def builder(**kw):
+        _HELD["model"] = dynamask_resnet_fpn(**kw)
+        return _HELD["model"]
+
+    builders()
+    BUILDERS["held_dynamask"] = builder
+    try:
+        cfg = _cfg(img, ann, out, arch="held_dynamask", flip_prob=0.0, switch_fit_batches=3,
+                   switch_fit_calibration_images=3)
+        _spawn(_fit_worker, (2, _free_port(), cfg, str(out), None))
+    finally:
+        BUILDERS.pop("held_dynamask", None)
+    ranks = [json.load(open(out / f"rank{r}.json")) for r in range(2)]
+    assert [r["status"] for r in ranks] == ["done", "done"]
+    states = [torch.load(out / f"msm{r}.pt", weights_only=True) for r in range(2)]
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    ckpt = load_checkpoint(str(out / "last.pth"))
+    fit = ckpt["extra"]["switch_fit"]
+    assert fit["world_size"] == 2 and fit["batches"] == 3
+    for k, v in states[0].items():
+        assert torch.equal(ckpt["model"][f"roi_heads.msm.{k}"], v), k
+    # one process alone, the same 3 batches: the same RoIs (IoU rows), in batch order 0, 1, 2 against 0, 2 | 1
+    model = builder(**ckpt["arch"]["kwargs"])
+    model.load_state_dict(ckpt["model"])
+    assert train_switch.use_dynamic_phase_switch(model, ckpt)
+    alone = switch_fit.collect(model, switch_fit.sample_batches(CocoDetection(img, ann), batch_size=1, num_batches=3,
+                                                                seed=0), progress=False)
+    assert fit["rois"] == alone.iou.shape[0] > 0
+
+
+def _gather_worker(rank, world, port, out, parts):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from dynamask.engine import distributed as dist_utils
+
+        got = [dist_utils.all_gather_rows(p[rank], torch.device("cpu")) for p in parts]
+        torch.save(got, os.path.join(out, f"gather{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_all_gather_rows_concatenates_uneven_and_empty_shares_in_rank_order(tmp_path):
+    parts = [
+        [torch.arange(6, dtype=torch.float16).reshape(3, 2), torch.zeros(0, 2, dtype=torch.float16)],  # 3 + 0
+        [torch.ones(1, 2, 2), torch.full((2, 2, 2), 7.0)],  # 1 + 2, trailing dims kept
+        [torch.zeros(0, 4), torch.zeros(0, 4)],  # nothing anywhere
+    ]
+    _spawn(_gather_worker, (2, _free_port(), str(tmp_path), parts))
+    for r in range(2):
+        got = torch.load(tmp_path / f"gather{r}.pt", weights_only=True)
+        for g, p in zip(got, parts):
+            expected = torch.cat(p)
+            assert g.dtype == expected.dtype and torch.equal(g, expected)

@@ -145,8 +145,12 @@ def save_checkpoint(
     iteration: int | None = None,
     rng: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    states: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> str:
-    """Write a checkpoint atomically (a temporary file in the same folder, then ``os.replace``)."""
+    """Write a checkpoint atomically (a temporary file in the same folder, then ``os.replace``).
+
+    ``extra``: plain values (a run's settings, reports). ``states``: named state dicts kept beside the
+    model's (e.g. the switch the dynamic phase trained, ``dynamask.engine.train_switch``)."""
     _check_plain(arch, "arch")
     ckpt: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -169,6 +173,8 @@ def save_checkpoint(
     if extra:
         _check_plain(extra, "extra")
         ckpt["extra"] = extra
+    if states:
+        ckpt["states"] = {str(name): {str(k): v.detach().cpu() for k, v in sd.items()} for name, sd in states.items()}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)

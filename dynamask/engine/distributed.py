@@ -106,3 +106,33 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
     if is_distributed() and world_size() > 1:
         for b in model.buffers():
             dist.broadcast(b, src=0)
+
+
+def all_gather_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every process's ``[n_p, ...]`` tensor (same trailing shape and dtype everywhere, ``n_p`` may differ,
+    0 included) concatenated in rank order, on every process, on the CPU.
+
+    Two collectives whatever the sizes: the row counts, then the rows padded to the largest count (on
+    ``device``: nccl gathers CUDA tensors only).
+    """
+    if not is_distributed() or world_size() == 1:
+        return t.cpu()
+    counts = torch.tensor([t.shape[0]], dtype=torch.int64, device=device)
+    all_counts = [torch.zeros_like(counts) for _ in range(world_size())]
+    dist.all_gather(all_counts, counts)
+    sizes = [int(c.item()) for c in all_counts]
+    if max(sizes) == 0:
+        return t.cpu()
+    padded = t.new_zeros((max(sizes), *t.shape[1:]), device=device)
+    padded[: t.shape[0]] = t.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n].cpu() for p, n in zip(parts, sizes)])
+
+
+def broadcast_module(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers of ``module`` to every process (in place)."""
+    if is_distributed() and world_size() > 1:
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, src=0)

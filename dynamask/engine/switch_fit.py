@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dynamask.engine import distributed as dist_utils
 from dynamask.engine.routing_probe import mask_iou_top_grid
 from dynamask.flops import mask_head_gmacs
 from dynamask.models import mask_losses
@@ -40,6 +41,10 @@ from dynamask.models.roi_heads import DynaMaskRoIHeads
 from dynamask.models.switch_input import switch_view
 
 Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
+
+
+class NoRoIsError(ValueError):
+    """The training batches held no positive RoI for the switch to learn from."""
 
 
 class FrozenHead(NamedTuple):
@@ -91,32 +96,47 @@ class SwitchData:
             raise ValueError(f"SwitchData: {self.inputs.shape[0]} inputs but {self.iou.shape[0]} IoU rows")
 
 
-def sample_batches(dataset: Any, *, batch_size: int, num_batches: int, seed: int) -> Iterator[Batch]:
+def sample_batches(dataset: Any, *, batch_size: int, num_batches: int, seed: int,
+                   shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
     """``num_batches`` batches of ``batch_size`` from a seeded shuffle of ``dataset`` (epochs as needed);
-    the dataset's own transforms (e.g. flips) apply."""
+    the dataset's own transforms (e.g. flips) apply. ``shard = (rank, world)``: only the batches whose
+    number is ``rank`` modulo ``world`` are loaded and yielded (one process's share; the shares of all
+    processes are the whole sequence)."""
     from dynamask.data import collate_fn
 
     if batch_size < 1 or num_batches < 0:
         raise ValueError(f"batch_size must be >= 1 and num_batches >= 0, got {batch_size} and {num_batches}")
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"sample_batches: shard must be (rank, world) with 0 <= rank < world, got {shard}")
     if len(dataset) == 0:
         raise ValueError("sample_batches: the dataset is empty")
     rng = np.random.default_rng(seed)
     order: list[int] = []
-    for _ in range(num_batches):
+    for b in range(num_batches):
         idx: list[int] = []
         while len(idx) < batch_size:
             if not order:
                 order = rng.permutation(len(dataset)).tolist()
             idx.append(order.pop())
+        if b % world != rank:
+            continue
         images, targets = collate_fn([dataset[i] for i in idx])
         yield list(images), list(targets)
 
 
+def shard_size(num_batches: int, shard: tuple[int, int]) -> int:
+    """How many of ``num_batches`` batches :func:`sample_batches` yields to ``shard = (rank, world)``."""
+    rank, world = shard
+    return len(range(rank, num_batches, world))
+
+
 @torch.no_grad()
 def collect(model: DynaMaskRCNN, batches: Iterable[Batch], *, total: int | None = None,
-            progress: bool = True) -> SwitchData:
+            progress: bool = True, allow_empty: bool = False) -> SwitchData:
     """Runs the frozen ``model`` (a DynaMask detector; put in eval mode here) on ``batches`` of training
-    images and targets and returns the switch's inputs and per-resolution IoUs of their positive RoIs."""
+    images and targets and returns the switch's inputs and per-resolution IoUs of their positive RoIs.
+    No positive RoI is an error unless ``allow_empty`` (one process's share, gathered with the others')."""
     from tqdm import tqdm
 
     heads = cast(DynaMaskRoIHeads, model.roi_heads)
@@ -136,8 +156,17 @@ def collect(model: DynaMaskRCNN, batches: Iterable[Batch], *, total: int | None 
         probs = [x.float().sigmoid() for x in out.mask_logits]
         ious.append(mask_iou_top_grid(probs, out.mask_targets[-1]).float().cpu())
     if not xs:
-        raise ValueError("switch fit: the batches held no positive RoI to learn from")
+        if not allow_empty:
+            raise NoRoIsError("switch fit: the batches held no positive RoI to learn from")
+        shape = switch_view_shape(heads, head)
+        return SwitchData(torch.zeros((0, *shape), dtype=torch.float16), torch.zeros((0, head.num_resolutions)))
     return SwitchData(torch.cat(xs), torch.cat(ious))
+
+
+def switch_view_shape(heads: DynaMaskRoIHeads, head: Any) -> tuple[int, int, int]:
+    """``(C_in, S_0, S_0)``: the shape of one RoI's switch input (:func:`switch_view`)."""
+    s = head.resolutions[0]
+    return (int(heads.msm.conv1.in_channels), s, s)
 
 
 def calibrate_mu(scores: Tensor, costs: Tensor, target: float) -> float:
@@ -309,18 +338,28 @@ def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float |
         raise ValueError("fit_model_switch needs a DynaMask model (roi_heads with an MSM)")
     if average_epochs is not None and not 1 <= average_epochs <= epochs:  # before the minutes of collecting
         raise ValueError(f"fit_switch: average_epochs must be in [1, epochs = {epochs}], got {average_epochs}")
-    heads = model.roi_heads
-    data = collect(model, sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed),
-                   total=num_batches, progress=progress)
     if calibration_images < 0:
         raise ValueError(f"calibration_images must be >= 0, got {calibration_images}")
+    heads = model.roi_heads
+    shard = (dist_utils.rank(), dist_utils.world_size())
+    device = next(model.parameters()).device
+    data = collect(model, sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed,
+                                         shard=shard),
+                   total=shard_size(num_batches, shard), progress=progress, allow_empty=shard[1] > 1)
+    if shard[1] > 1:
+        # every process fits the same switch on everyone's RoIs (no process waits on another's fit); rank 0's
+        # result is broadcast at the end, in case the device's arithmetic differs between processes
+        data = SwitchData(dist_utils.all_gather_rows(data.inputs, device), dist_utils.all_gather_rows(data.iou, device))
+        if data.inputs.shape[0] == 0:  # the same on every process: all raise together
+            raise NoRoIsError("switch fit: the batches held no positive RoI to learn from")
     costs = list(mask_head_gmacs(heads.mask_head).values())
     report = fit_switch(heads.msm, data, costs=costs, target_gmacs=target_gmacs, epochs=epochs, seed=seed,
                         average_epochs=average_epochs, progress=progress)
-    if calibration_images == 0 or target_gmacs is None:
-        return report
-    return calibrate_on_detections(model, dataset, report, num_images=calibration_images, seed=seed,
-                                   progress=progress)
+    if calibration_images > 0 and target_gmacs is not None:
+        report = calibrate_on_detections(model, dataset, report, num_images=calibration_images, seed=seed,
+                                         progress=progress)
+    dist_utils.broadcast_module(heads.msm)
+    return report
 
 
 def calibrate_on_detections(model: DynaMaskRCNN, dataset: Any, report: FitReport, *, num_images: int,
@@ -331,8 +370,11 @@ def calibrate_on_detections(model: DynaMaskRCNN, dataset: Any, report: FitReport
     t0 = time.time()
     cost = torch.tensor(list(mask_head_gmacs(heads.mask_head).values()), dtype=torch.float32)
     num_batches = -(-min(num_images, len(dataset)) // batch_size)
-    batches = sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed + 1)
-    scores = detection_scores(model, (images for images, _ in batches), total=num_batches, progress=progress)
+    shard = (dist_utils.rank(), dist_utils.world_size())
+    batches = sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed + 1, shard=shard)
+    scores = detection_scores(model, (images for images, _ in batches), total=shard_size(num_batches, shard),
+                              progress=progress)
+    scores = dist_utils.all_gather_rows(scores, next(model.parameters()).device)  # every process: the same μ
     if scores.shape[0] == 0:  # nothing detected (an untrained model): the price set on the positives stays
         return report
     mu, mean, shares = price(heads.msm, scores, cost, report.target_gmacs)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dynamask.checks import check_mask_costs
 from dynamask.engine import distributed as dist_utils
-from dynamask.engine import recipe
+from dynamask.engine import recipe, switch_fit, train_switch
 from dynamask.engine.checkpoint import (
     build_model,
     load_checkpoint,
@@ -107,6 +107,15 @@ class TrainConfig:
     switch_input: str | None = option(
         None, "what the switch reads: the RoI feature (roi, the default), the trunk's output (trunk), or the "
         "trunk's output with its 14x14 mask and edge logits (mask)", group=METHOD, choices=SWITCH_INPUTS)
+    switch_fit: bool = option(
+        True, "keep the mask switch the dynamic phase trained: no regression fit of the switch to the budget C_t "
+        "when training ends (dynamask.engine.train_switch)", group=METHOD)
+    switch_fit_batches: int = option(900, "training batches (of --batch-size images, over all processes) the "
+                                     "switch fit runs the trained model on (default 900)", group=METHOD)
+    switch_fit_epochs: int = option(15, "epochs of the switch fit over those RoIs (default 15)", group=METHOD)
+    switch_fit_calibration_images: int = option(
+        200, "training images on whose detections the fitted switch's price is set (default 200; 0: on the "
+        "training RoIs)", group=METHOD)
     seed: int = option(0)
     # seconds of training in this run; then checkpoint and stop (the flag is in minutes)
     time_limit: float | None = option(None, "minutes; then checkpoint and stop", scale=60.0, metavar="MINUTES")
@@ -278,6 +287,8 @@ class _Run:
     epoch: int = 0
     iteration: int = 0
     last_good: str | None = None  # the checkpoint a non-finite loss leaves in place
+    fit: dict[str, Any] | None = None  # the switch fit's report, once the switch is fitted
+    dynamic_switch: dict[str, Tensor] | None = None  # then, the switch the dynamic phase trained
 
 
 def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
@@ -289,20 +300,53 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
                                 world=dist_utils.world_size(), optimizer=cfg.optimizer, lr=cfg.lr,
                                 warmup_iters=cfg.warmup_iters, warmup_factor=cfg.warmup_factor,
                                 lr_steps=cfg.lr_steps, gamma=cfg.gamma)
+    fits = run.phases and cfg.switch_fit and train_switch.can_fit(run.model)
+    if fits:
+        plan.append(f"then the mask switch is fitted to the budget: {cfg.switch_fit_batches} training batches, "
+                    f"{cfg.switch_fit_epochs} epochs (--no-switch-fit keeps the dynamic phase's switch)")
     if dist_utils.is_main():
         print("\n".join(plan), flush=True)
+    if run.fit is not None:  # a resumed run that was fitted and has nothing left to train
+        extra[train_switch.FIT_KEY] = run.fit
     stop_reason = _loop(run, cfg, device, extra, on_iteration, tqdm)
     status = "done" if stop_reason is None else "stopped"
     result: dict[str, Any] = {"status": status, "epoch": run.epoch, "iteration": run.iteration,
                               "checkpoint": run.ckpt_path, "stop_reason": stop_reason, "plan": plan}
-    # evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted)
-    if (status == "done" or stop_reason in ("time limit", "max_iters")) and cfg.val_ann:
+    # fit and evaluate a finished run, or one cut short by its own time or iteration cap (not one interrupted)
+    ended = status == "done" or stop_reason in ("time limit", "max_iters")
+    if ended and fits and run.fit is None:
+        result["switch_fit"] = _fit_switch(run, cfg, extra)
+    if ended and cfg.val_ann:
         metrics = _evaluate_at_end(run, cfg, device)
         if metrics is not None:
             result["metrics"] = metrics
     if dist_utils.is_distributed():
         torch.distributed.barrier()
     return result
+
+
+def _fit_switch(run: _Run, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any] | None:
+    """The switch fit that ends the run (:mod:`dynamask.engine.train_switch`), then the checkpoint again.
+    Returns the fit's report (None when the data gave it nothing to learn from: the dynamic phase's switch
+    stays, with a warning)."""
+    is_main = dist_utils.is_main()
+    rng = rng_state()  # as training left it: a run resumed for more epochs continues from it
+    try:
+        run.fit, run.dynamic_switch = train_switch.fit_at_end(
+            run.model, run.seeded.dataset, batches=cfg.switch_fit_batches, batch_size=cfg.batch_size,
+            epochs=cfg.switch_fit_epochs, seed=cfg.seed, calibration_images=cfg.switch_fit_calibration_images,
+            progress=cfg.progress and is_main)
+    except switch_fit.NoRoIsError as exc:  # raised by every process alike (decided on the gathered data)
+        if is_main:
+            print(f"warning: {exc}; the checkpoint keeps the switch the dynamic phase trained")
+        return None
+    finally:
+        set_rng_state(rng)
+    extra[train_switch.FIT_KEY] = run.fit
+    _save(run, extra)
+    if is_main:
+        print(train_switch.fit_summary(run.fit, run.model), flush=True)
+    return run.fit
 
 
 # ------------------------------------------------------------------------------------------- building
@@ -418,6 +462,12 @@ def _restore(run: _Run, cfg: TrainConfig, ckpt: dict[str, Any]) -> None:
     if "scaler" in ckpt:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.epoch, run.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+    fit = ckpt.get("extra", {}).get(train_switch.FIT_KEY)
+    if fit is not None:
+        if run.epoch < run.total_epochs:  # more to train: from the dynamic phase's switch, fitted again at the end
+            train_switch.use_dynamic_phase_switch(unwrap(run.model), ckpt)
+        else:
+            run.fit, run.dynamic_switch = fit, train_switch.dynamic_phase_switch(ckpt)
     saved_ipe = ckpt.get("extra", {}).get("iters_per_epoch")
     if saved_ipe is not None and saved_ipe != run.iters_per_epoch:
         raise ValueError(
@@ -464,10 +514,11 @@ def _save(run: _Run, extra: dict[str, Any]) -> str | None:
     if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
         raise NonFiniteLossError(f"non-finite weights at iteration {run.iteration}; not saved. Training stopped; "
                                  f"last good checkpoint: {run.last_good or 'none (no checkpoint was written yet)'}")
+    states = None if run.dynamic_switch is None else {train_switch.DYNAMIC_SWITCH_KEY: run.dynamic_switch}
     return save_checkpoint(
         run.ckpt_path, arch=run.arch, label_map=run.label_map, model=run.model, optimizer=run.optimizer,
         scheduler=run.scheduler, scaler=run.scaler, epoch=run.epoch, iteration=run.iteration, rng=rng_state(),
-        extra=extra,
+        extra=extra, states=states,
     )
 
 

@@ -52,6 +52,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.max_iters is not None:  # iterations in total, resume included
         check_number(cfg.max_iters, "max_iters", low=1, integer=True)
     check_number(cfg.log_every, "log_every", low=1, integer=True)
+    check_number(cfg.switch_fit_batches, "switch_fit_batches", low=1, integer=True)
+    check_number(cfg.switch_fit_epochs, "switch_fit_epochs", low=1, integer=True)
+    check_number(cfg.switch_fit_calibration_images, "switch_fit_calibration_images", low=0, integer=True)
     if cfg.mask_costs is not None:
         for res, cost in cfg.mask_costs.items():
             check_number(cost, f"mask_costs[{res}]", low=0)
