@@ -84,9 +84,11 @@ class CoupledVariant:
 
 @dataclass(frozen=True)
 class FitPlan:
-    """Switches fitted to the frozen base model by the library (:mod:`dynamask.engine.switch_fit`): one
-    cache of ``batches`` training batches, one fit of ``epochs`` per init, priced at each budget on the
-    detections of ``calibration_images`` training images."""
+    """Switches fitted by the library (:mod:`dynamask.engine.switch_fit`) to a frozen model of the study,
+    ``on``: the base model (rows ``fit-iou-roi-ct*-init*``), or a dynamic-phase row's model (rows
+    ``train-fit-ct*-init*``: the switch ``dynamask train`` ends with). One cache of ``batches`` training
+    batches, one fit of ``epochs`` per init, priced at each budget on the detections of
+    ``calibration_images`` training images."""
 
     batches: int = 900
     epochs: int = 15
@@ -94,20 +96,26 @@ class FitPlan:
     budgets: tuple[float, ...] = ()
     calibration_images: int = 200  # training images whose detections each row's price is set on
     average_epochs: int | None = None  # switch_fit.fit_switch's (None: its default, the last half of the epochs)
+    on: str = "base"  # the checkpoint (ckpt/ON.pth) whose switch is fitted
 
     def averaged(self) -> int:
         return (self.epochs + 1) // 2 if self.average_epochs is None else self.average_epochs
 
     def state_key(self, init: int) -> str:
-        """The cached fit of one init in ``ckpt/fit.pth`` (fits that average other epochs are other entries;
-        stop 16's, of the last epoch's weights, are under ``init{i}``)."""
+        """The cached fit of one init in :meth:`cache` ``("fit")`` (fits that average other epochs are other
+        entries; stop 16's, of the last epoch's weights, are under ``init{i}``)."""
         return f"init{init}-avg{self.averaged()}"
 
+    def cache(self, what: str) -> str:
+        """The checkpoint name of this plan's ``what`` ("fit" or "switch_data")."""
+        return what if self.on == "base" else f"{what}-{self.on}"
+
     def names(self) -> list[str]:
-        return [f"fit-iou-roi-ct{c:g}-init{i}" for i in self.inits for c in self.budgets]
+        prefix = "fit-iou-roi" if self.on == "base" else "train-fit"
+        return [f"{prefix}-ct{c:g}-init{i}" for i in self.inits for c in self.budgets]
 
 
-VARIANT_FIELDS = ("switches", "coupled", "maskrcnn_after", "fit")
+VARIANT_FIELDS = ("switches", "coupled", "maskrcnn_after", "fit", "train_fit")
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,7 @@ class StudyConfig:
     coupled: tuple[CoupledVariant, ...] = ()
     maskrcnn_after: int = 1  # run Mask R-CNN after this many coupled variants (priority order)
     fit: FitPlan | None = None
+    train_fit: FitPlan | None = None  # the fit that ends `dynamask train`: on the default dynamic-phase row's model
     iters_scale: float = 1.0  # the iteration counts above are the full schedule times this
 
 
@@ -210,7 +219,8 @@ def full_config(seed: int = 0) -> StudyConfig:
     # training images)
     return StudyConfig(seed=seed, arch=_arch(192, trunk=64, stages=(32, 16, 8), roi=14, fpn=128, rois=8),
                        maskrcnn=_maskrcnn(192, fpn=128, width=64), switches=switches, coupled=coupled,
-                       fit=FitPlan(budgets=(0.04, 0.05, 0.08, 0.09, 0.11)))
+                       fit=FitPlan(budgets=(0.04, 0.05, 0.08, 0.09, 0.11)),
+                       train_fit=FitPlan(budgets=(0.05, 0.08, 0.11), on=coupled[0].name))
 
 
 def quick_config(seed: int = 0) -> StudyConfig:
@@ -223,7 +233,9 @@ def quick_config(seed: int = 0) -> StudyConfig:
                        arch=_arch(64, trunk=16, stages=(8, 8, 8), roi=7, fpn=32, rois=2),
                        maskrcnn=_maskrcnn(64, fpn=32, width=16),
                        switches=tuple(v for v in switches if v.name in pick), coupled=coupled[:1],
-                       fit=FitPlan(batches=2, epochs=2, inits=(0,), budgets=(0.006,), calibration_images=2))
+                       fit=FitPlan(batches=2, epochs=2, inits=(0,), budgets=(0.006,), calibration_images=2),
+                       train_fit=FitPlan(batches=2, epochs=2, inits=(0,), budgets=(0.006,), calibration_images=2,
+                                         on=coupled[0].name))
 
 
 # ---------------------------------------------------------------------------------------------- utils
@@ -508,6 +520,7 @@ class Study:
         res = [self.cfg.arch["mask_roi_size"] * 2**k for k in range(4)]
         return ([f"fixed-{s}" for s in res] + ["size-rule", "oracle"] + [v.name for v in self.cfg.switches]
                 + (self.cfg.fit.names() if self.cfg.fit else [])
+                + (self.cfg.train_fit.names() if self.cfg.train_fit else [])
                 + [v.name for v in self.cfg.coupled] + ["maskrcnn-28"])
 
     # -- phases
@@ -610,22 +623,22 @@ class Study:
                                   variant=variant, trained="frozen base" if variant else "base"))
         self.save_rows(rows)
 
-    def fit_rows(self) -> None:
-        """Switches fitted by the library to the frozen base model (:class:`FitPlan`): the collected training
-        RoIs are cached in ``ckpt/switch_data.pt``, each init's fitted (unpriced) switch in ``ckpt/fit.pth``;
-        each row's price is set on the detections of ``plan.calibration_images`` training images
-        (:func:`dynamask.engine.switch_fit.calibrate_on_detections`, as ``dynamask fit-switch`` does)."""
+    def fit_rows(self, plan: FitPlan | None) -> None:
+        """Switches fitted by the library to a frozen model of the study (:class:`FitPlan`): the collected
+        training RoIs are cached in ``ckpt/switch_data[-ON].pt``, each init's fitted (unpriced) switch in
+        ``ckpt/fit[-ON].pth``; each row's price is set on the detections of ``plan.calibration_images``
+        training images (:func:`dynamask.engine.switch_fit.calibrate_on_detections`, as ``dynamask
+        fit-switch`` and ``dynamask train`` do). A plan on a dynamic-phase row's model waits for that row."""
         from dynamask.engine import switch_fit
         from dynamask.engine.routing_probe import gt_box_routing
         from dynamask.flops import mask_head_gmacs, msm_gmacs
 
-        plan = self.cfg.fit
-        if plan is None or self.have_rows(plan.names()):
+        if plan is None or self.have_rows(plan.names()) or not os.path.exists(self.ckpt(plan.on)):
             return
-        model = self.model_from("base")
+        model = self.model_from(plan.on)
         heads = model.roi_heads
         costs = list(mask_head_gmacs(heads.mask_head).values())
-        path = self.ckpt("fit")
+        path = self.ckpt(plan.cache("fit"))
         state: dict[str, Any] = load_state(path) if os.path.exists(path) else {}
         if any(plan.state_key(i) not in state for i in plan.inits):
             data = self._switch_data(model, plan)
@@ -634,7 +647,7 @@ class Study:
                     continue
                 rep = switch_fit.fit_switch(heads.msm, data, costs=costs, target_gmacs=None, epochs=plan.epochs,
                                             seed=init, average_epochs=plan.average_epochs, progress=self.progress)
-                self.timing(f"fit_{plan.state_key(init)}", {"seconds": rep.seconds, "losses": rep.losses})
+                self.timing(f"{plan.cache('fit')}_{plan.state_key(init)}", {"seconds": rep.seconds, "losses": rep.losses})
                 state[plan.state_key(init)] = {k: v.clone() for k, v in heads.msm.state_dict().items()}
                 save_state(path, state)
         names = [n for n in plan.names() if not self.have_rows([n])]
@@ -650,7 +663,8 @@ class Study:
                                                 num_batches=-(-plan.calibration_images // self.cfg.batch),
                                                 seed=self.cfg.seed + 4)
             scores = switch_fit.detection_scores(model, (images for images, _ in batches), progress=False)
-            self.timing(f"fit_price_init{init}", {"seconds": time.time() - t0, "detections": int(scores.shape[0])})
+            self.timing(f"{plan.cache('fit')}_price_init{init}",
+                        {"seconds": time.time() - t0, "detections": int(scores.shape[0])})
             for name in todo:
                 m = new_switch(model, "roi")
                 m.load_state_dict(state[plan.state_key(init)])
@@ -664,14 +678,15 @@ class Study:
                                     size_rule=False, oracle=False, progress=self.progress)
         probe = gt_box_routing(model, self.val, switches={n: s for n, (s, _) in switches.items()},
                                progress=self.progress)
-        self.timing(f"fit_eval+{len(names)}", {"seconds": time.time() - t0})
+        self.timing(f"{plan.cache('fit')}_eval+{len(names)}", {"seconds": time.time() - t0})
         rows = []
         for name in names:
             c = float(name.split("-ct")[1].split("-")[0])
             v = SwitchVariant(name, signal="iou", reads="roi", target_gmacs=c, estimator="fit")
             row = self._row(name, "msm", metrics[name], probe, probe["choices"][name], variant=v,
-                            trained="frozen base")
-            row["fit"] = {"batches": plan.batches, "epochs": plan.epochs, "averaged_epochs": plan.averaged(),
+                            trained="frozen base" if plan.on == "base" else f"frozen {plan.on}")
+            row["fit"] = {"on": plan.on, "batches": plan.batches, "epochs": plan.epochs,
+                          "averaged_epochs": plan.averaged(),
                           "init": int(name.rsplit("init", 1)[1]),
                           "calibrated_on": "detections", "calibration_images": plan.calibration_images,
                           "cost_penalty": penalties[name]}
@@ -682,17 +697,17 @@ class Study:
         """The switch fit's training RoIs (collected once, cached)."""
         from dynamask.engine import switch_fit
 
-        data_path = self.ckpt("switch_data")
+        data_path = self.ckpt(plan.cache("switch_data"))
         if os.path.exists(data_path):
             d = load_state(data_path)
             return switch_fit.SwitchData(d["inputs"], d["iou"])
         t0 = time.time()
-        log(f"switch fit: collecting {plan.batches} training batches on the frozen base model")
+        log(f"switch fit: collecting {plan.batches} training batches on the frozen {plan.on} model")
         batches = switch_fit.sample_batches(self.train, batch_size=self.cfg.batch, num_batches=plan.batches,
                                             seed=self.cfg.seed + 3)
         data = switch_fit.collect(model, batches, total=plan.batches, progress=self.progress)
         save_state(data_path, {"inputs": data.inputs, "iou": data.iou})
-        self.timing("fit_collect", {"seconds": time.time() - t0, "rois": data.inputs.shape[0]})
+        self.timing(f"{plan.cache('fit')}_collect", {"seconds": time.time() - t0, "rois": data.inputs.shape[0]})
         return data
 
     def _gt_size_choice(self, k: int) -> np.ndarray:
@@ -826,11 +841,13 @@ class Study:
                 torch.set_num_threads(1)
             self.base()
             self.base_rows()
-            self.fit_rows()
+            self.fit_rows(self.cfg.fit)
             for i, v in enumerate(self.cfg.coupled):
                 if i == self.cfg.maskrcnn_after and part == "all" and helper is None:
                     self.maskrcnn_row()
                 self.coupled_row(v)
+                if i == 0:  # the default dynamic-phase row: the fit `dynamask train` ends with, on its model
+                    self.fit_rows(self.cfg.train_fit)
         if helper is not None:
             self._join_maskrcnn(helper)
         if part in ("all", "maskrcnn"):

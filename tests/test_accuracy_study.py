@@ -65,6 +65,15 @@ def test_quick_study_writes_the_schema(study):
             assert r["mask_gmacs_per_instance"] == pytest.approx(costs[r["resolution"]])
     assert (out / "accuracy_cpu.md").read_text().count("| fixed-") == 4
     assert (out / "accuracy_cpu_pareto.png").exists()
+    # the fit `dynamask train` ends with: on the default dynamic-phase row's model, judged as the default switch
+    by = {r["name"]: r for r in doc["rows"]}
+    fit = by["train-fit-ct0.006-init0"]
+    assert fit["fit"]["on"] == "coupled-paper-roi-ct0.006" and fit["trained"] == "frozen coupled-paper-roi-ct0.006"
+    assert by["fit-iou-roi-ct0.006-init0"]["fit"]["on"] == "base"
+    report = (out / "accuracy_cpu.md").read_text()
+    assert "(default switch: the fit `dynamask train` ends with, on the dynamic phase's model " \
+           "`coupled-paper-roi-ct0.006`, C_t 0.006, every init)" in report and "`train-fit-ct0.006-init0`)" in report
+    assert "(the dynamic phase's switch, Gumbel-trained, `coupled-paper-roi-ct0.006`;" in report
 
 
 def test_rerun_skips_finished_rows_and_refuses_another_config(study):
