@@ -647,7 +647,8 @@ class Study:
                     continue
                 rep = switch_fit.fit_switch(heads.msm, data, costs=costs, target_gmacs=None, epochs=plan.epochs,
                                             seed=init, average_epochs=plan.average_epochs, progress=self.progress)
-                self.timing(f"{plan.cache('fit')}_{plan.state_key(init)}", {"seconds": rep.seconds, "losses": rep.losses})
+                self.timing(f"{plan.cache('fit')}_{plan.state_key(init)}",
+                            {"seconds": rep.seconds, "losses": rep.losses})
                 state[plan.state_key(init)] = {k: v.clone() for k, v in heads.msm.state_dict().items()}
                 save_state(path, state)
         names = [n for n in plan.names() if not self.have_rows([n])]
