@@ -185,6 +185,22 @@ def test_collect_keeps_the_switch_input_and_each_resolutions_iou():
         empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
                   "masks": torch.zeros(0, 64, 80, dtype=torch.uint8)} for _ in images]
         switch_fit.collect(model, [(images, empty)], progress=False)
+    empty_ok = switch_fit.collect(model, [(images, empty)], progress=False, allow_empty=True)
+    assert empty_ok.inputs.shape == (0, *data.inputs.shape[1:]) and empty_ok.inputs.dtype == torch.float16
+    assert empty_ok.iou.shape == (0, data.iou.shape[1])
+    # a cap per batch keeps a subset of the rows, in their order, the same for the same seed
+    n = data.inputs.shape[0]
+    assert n > 2
+    capped = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        capped.append(switch_fit.collect(model, [(images, targets)], progress=False, max_rois_per_batch=2, seed=1))
+    assert capped[0].inputs.shape[0] == 2 and torch.equal(capped[0].inputs, capped[1].inputs)
+    rows = [next(i for i in range(n) if torch.equal(data.inputs[i], x)) for x in capped[0].inputs]
+    assert rows == sorted(rows) and len(set(rows)) == 2
+    assert torch.equal(capped[0].iou, data.iou[rows])
+    with pytest.raises(ValueError, match="max_rois_per_batch"):
+        switch_fit.collect(model, [(images, targets)], progress=False, max_rois_per_batch=0)
 
 
 def test_a_fitted_model_routes_by_its_priced_switch_and_the_checkpoint_keeps_the_price(tmp_path):

@@ -145,3 +145,16 @@ def test_sharded_batches_partition_the_sequence():
             assert shards[b % world][b // world] == whole[b]
     with pytest.raises(ValueError, match="shard"):
         next(switch_fit.sample_batches(_Numbers(), batch_size=2, num_batches=7, seed=3, shard=(2, 2)))
+
+
+def test_the_fit_keeps_at_most_about_max_rois(shapes, fitted_run):
+    _, result = fitted_run
+    model, _ = model_from_checkpoint(result["checkpoint"])
+    data = CocoDetection(*split_paths(shapes, "train"))
+    kw = dict(target_gmacs=None, num_batches=3, batch_size=2, epochs=1, calibration_images=0, progress=False)
+    whole = switch_fit.fit_model_switch(model, data, max_rois=None, **kw)
+    assert whole.rois > 3
+    capped = switch_fit.fit_model_switch(model, data, max_rois=3, **kw)  # 1 per batch
+    assert capped.rois == 3
+    with pytest.raises(ValueError, match="max_rois"):
+        switch_fit.fit_model_switch(model, data, max_rois=0, **kw)

@@ -43,6 +43,12 @@ from dynamask.models.switch_input import switch_view
 Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
 
 
+# at most about this many training RoIs in a fit by default: their switch inputs stay in memory (100 KB each for a
+# 256-channel 14x14 RoI feature in float16: 2 GB), and under DDP every process holds all of them. A COCO batch can
+# hold 100+ positives per image; the accuracy study's fits learned from 14 400.
+MAX_ROIS = 20_000
+
+
 class NoRoIsError(ValueError):
     """The training batches held no positive RoI for the switch to learn from."""
 
@@ -133,16 +139,22 @@ def shard_size(num_batches: int, shard: tuple[int, int]) -> int:
 
 @torch.no_grad()
 def collect(model: DynaMaskRCNN, batches: Iterable[Batch], *, total: int | None = None,
-            progress: bool = True, allow_empty: bool = False) -> SwitchData:
+            progress: bool = True, allow_empty: bool = False, max_rois_per_batch: int | None = None,
+            seed: int = 0) -> SwitchData:
     """Runs the frozen ``model`` (a DynaMask detector; put in eval mode here) on ``batches`` of training
     images and targets and returns the switch's inputs and per-resolution IoUs of their positive RoIs.
-    No positive RoI is an error unless ``allow_empty`` (one process's share, gathered with the others')."""
+    ``max_rois_per_batch``: keep at most this many of each batch's positives (a random subset, seeded by
+    ``seed``): the inputs are kept in memory, 100 KB per RoI for a 256-channel RoI feature. No positive RoI
+    is an error unless ``allow_empty`` (one process's share, gathered with the others')."""
     from tqdm import tqdm
 
     heads = cast(DynaMaskRoIHeads, model.roi_heads)
     head = heads.mask_head
     model.eval()
     device = next(model.parameters()).device
+    if max_rois_per_batch is not None and max_rois_per_batch < 1:
+        raise ValueError(f"max_rois_per_batch must be None or >= 1, got {max_rois_per_batch}")
+    gen = torch.Generator().manual_seed(seed)
     xs: list[Tensor] = []
     ious: list[Tensor] = []
     for images, targets in tqdm(batches, total=total, desc="switch fit: collecting", disable=not progress,
@@ -152,9 +164,14 @@ def collect(model: DynaMaskRCNN, batches: Iterable[Batch], *, total: int | None 
         out = frozen_head_outputs(model, images, targets)
         if out is None:
             continue
-        xs.append(switch_view(heads.switch_input, head, out.roi_features, out.trunk).half().cpu())
-        probs = [x.float().sigmoid() for x in out.mask_logits]
-        ious.append(mask_iou_top_grid(probs, out.mask_targets[-1]).float().cpu())
+        x = switch_view(heads.switch_input, head, out.roi_features, out.trunk).half().cpu()
+        probs = [p.float().sigmoid() for p in out.mask_logits]
+        iou = mask_iou_top_grid(probs, out.mask_targets[-1]).float().cpu()
+        if max_rois_per_batch is not None and x.shape[0] > max_rois_per_batch:
+            keep = torch.randperm(x.shape[0], generator=gen)[:max_rois_per_batch].sort().values
+            x, iou = x[keep], iou[keep]
+        xs.append(x)
+        ious.append(iou)
     if not xs:
         if not allow_empty:
             raise NoRoIsError("switch fit: the batches held no positive RoI to learn from")
@@ -327,13 +344,15 @@ def detection_scores(model: DynaMaskRCNN, batches: Iterable[list[Tensor]], *, to
 
 def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float | None, num_batches: int = 900,
                      batch_size: int = 4, epochs: int = 15, seed: int = 0, calibration_images: int = 200,
-                     average_epochs: int | None = None, progress: bool = True) -> FitReport:
+                     average_epochs: int | None = None, max_rois: int | None = MAX_ROIS,
+                     progress: bool = True) -> FitReport:
     """:func:`collect` on ``num_batches`` batches of ``dataset`` (training images, with their transforms),
     then :func:`fit_switch` of ``model.roi_heads.msm``, then the price μ set again on the detections of
     ``calibration_images`` training images (:func:`detection_scores`): a budget is a mean over every RoI the
     head runs on at inference, and detections (any score) are not distributed as training positives are;
-    0 keeps the price set on the positives. ``average_epochs``: see :func:`fit_switch`. The model is left in
-    eval mode, its switch fitted."""
+    0 keeps the price set on the positives. ``average_epochs``: see :func:`fit_switch`. ``max_rois``: at most
+    about this many training RoIs in all (each batch keeps at most ``ceil(max_rois / num_batches)`` of its
+    positives; None: all). The model is left in eval mode, its switch fitted."""
     if not isinstance(model.roi_heads, DynaMaskRoIHeads):
         raise ValueError("fit_model_switch needs a DynaMask model (roi_heads with an MSM)")
     if average_epochs is not None and not 1 <= average_epochs <= epochs:  # before the minutes of collecting
@@ -343,9 +362,13 @@ def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float |
     heads = model.roi_heads
     shard = (dist_utils.rank(), dist_utils.world_size())
     device = next(model.parameters()).device
+    if max_rois is not None and max_rois < 1:
+        raise ValueError(f"max_rois must be None or >= 1, got {max_rois}")
+    per_batch = None if max_rois is None else -(-max_rois // max(num_batches, 1))
     data = collect(model, sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed,
                                          shard=shard),
-                   total=shard_size(num_batches, shard), progress=progress, allow_empty=shard[1] > 1)
+                   total=shard_size(num_batches, shard), progress=progress, allow_empty=shard[1] > 1,
+                   max_rois_per_batch=per_batch, seed=seed + 1000 * shard[0])
     if shard[1] > 1:
         # every process fits the same switch on everyone's RoIs (no process waits on another's fit); rank 0's
         # result is broadcast at the end, in case the device's arithmetic differs between processes
