@@ -743,8 +743,9 @@ class Study:
             row["mean_index"] = {n: (float(np.mean(gt_choice[np.asarray(probe["categories"]) == n]))
                                      if n in probe["categories"] else None) for n in names}
         if variant is not None:
-            coupled = getattr(variant, "coupled", False) if trained != "frozen base" else False
-            mode = "frozen" if trained == "frozen base" else ("coupled" if coupled else "decoupled")
+            frozen = trained.startswith("frozen")  # a switch trained or fitted on a frozen model
+            coupled = getattr(variant, "coupled", False) if not frozen else False
+            mode = "frozen" if frozen else ("coupled" if coupled else "decoupled")
             row["routing_loss"] = f"{variant.signal}-{mode}"
             row["target_gmacs"] = variant.target_gmacs
             row["switch_input"] = variant.reads
