@@ -98,11 +98,6 @@ def run(args: argparse.Namespace) -> int:
                            "batch_size": args.batch_size, "seed": args.seed}
     save_checkpoint(args.out, arch=ckpt["arch"], label_map=saved, model=model.cpu(), epoch=ckpt.get("epoch"),
                     iteration=ckpt.get("iteration"), extra=extra)
-    shares = ", ".join(f"{s}²: {100 * f:.0f}%" for s, f in zip(costs, report.shares))
-    on = "training positives" if report.calibrated_on == "positives" else "detections of training images"
-    print(f"fitted the switch on {report.rois} training RoIs ({report.epochs} epochs, weights averaged over the "
-          f"last {report.averaged_epochs}, {report.seconds:.0f} s); "
-          f"price {report.mu:.4g} per GMAC, set on {report.calibration_rois} {on}: {shares}; mean head cost "
-          f"{report.mean_gmacs:.4g} GMAC (budget {'none' if target is None else f'{target:.4g}'})")
+    print(report.summary(list(costs)))
     print(f"wrote {args.out}")
     return 0

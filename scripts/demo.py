@@ -28,6 +28,7 @@ report shows both (the checkpoint keeps the dynamic phase's switch).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -206,7 +207,7 @@ def write_report(data: str, train_dir: str, t0: float, minutes: float) -> None:
     model.eval()
     val = CocoDetection(os.path.join(data, "val"), os.path.join(data, "annotations", "val.json"))
     # the same model with the switch the dynamic phase trained (kept in the checkpoint beside the fitted one)
-    before, _ = model_from_checkpoint(os.path.join(train_dir, "last.pth"))
+    before = copy.deepcopy(model)
     if not use_dynamic_phase_switch(before, ckpt):
         raise SystemExit("demo: the training run did not fit its switch (see its log)")
     before.eval()

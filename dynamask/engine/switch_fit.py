@@ -52,6 +52,9 @@ MAX_ROIS = 20_000
 class NoRoIsError(ValueError):
     """The training batches held no positive RoI for the switch to learn from."""
 
+    def __init__(self) -> None:
+        super().__init__("switch fit: the batches held no positive RoI to learn from")
+
 
 class FrozenHead(NamedTuple):
     """The frozen mask head on one training batch's positive RoIs (sampled as training samples them)."""
@@ -174,15 +177,15 @@ def collect(model: DynaMaskRCNN, batches: Iterable[Batch], *, total: int | None 
         ious.append(iou)
     if not xs:
         if not allow_empty:
-            raise NoRoIsError("switch fit: the batches held no positive RoI to learn from")
-        shape = switch_view_shape(heads, head)
+            raise NoRoIsError()
+        shape = switch_view_shape(heads)
         return SwitchData(torch.zeros((0, *shape), dtype=torch.float16), torch.zeros((0, head.num_resolutions)))
     return SwitchData(torch.cat(xs), torch.cat(ious))
 
 
-def switch_view_shape(heads: DynaMaskRoIHeads, head: Any) -> tuple[int, int, int]:
+def switch_view_shape(heads: DynaMaskRoIHeads) -> tuple[int, int, int]:
     """``(C_in, S_0, S_0)``: the shape of one RoI's switch input (:func:`switch_view`)."""
-    s = head.resolutions[0]
+    s = heads.mask_head.resolutions[0]
     return (int(heads.msm.conv1.in_channels), s, s)
 
 
@@ -222,6 +225,15 @@ class FitReport:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def summary(self, resolutions: Sequence[int]) -> str:
+        """One line on the fit, with the share at each of the head's ``resolutions``."""
+        shares = ", ".join(f"{s}²: {100 * f:.0f}%" for s, f in zip(resolutions, self.shares))
+        on = "training positives" if self.calibrated_on == "positives" else "detections of training images"
+        budget = "none" if self.target_gmacs is None else f"{self.target_gmacs:.4g}"
+        return (f"switch fit: {self.rois} training RoIs, {self.epochs} epochs (weights averaged over the last "
+                f"{self.averaged_epochs}), {self.seconds:.0f} s; price {self.mu:.4g} per GMAC set on "
+                f"{self.calibration_rois} {on}: {shares}; mean head cost {self.mean_gmacs:.4g} GMAC (budget {budget})")
 
 
 @torch.no_grad()
@@ -359,11 +371,11 @@ def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float |
         raise ValueError(f"fit_switch: average_epochs must be in [1, epochs = {epochs}], got {average_epochs}")
     if calibration_images < 0:
         raise ValueError(f"calibration_images must be >= 0, got {calibration_images}")
+    if max_rois is not None and max_rois < 1:
+        raise ValueError(f"max_rois must be None or >= 1, got {max_rois}")
     heads = model.roi_heads
     shard = (dist_utils.rank(), dist_utils.world_size())
     device = next(model.parameters()).device
-    if max_rois is not None and max_rois < 1:
-        raise ValueError(f"max_rois must be None or >= 1, got {max_rois}")
     per_batch = None if max_rois is None else -(-max_rois // max(num_batches, 1))
     data = collect(model, sample_batches(dataset, batch_size=batch_size, num_batches=num_batches, seed=seed,
                                          shard=shard),
@@ -374,7 +386,7 @@ def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float |
         # result is broadcast at the end, in case the device's arithmetic differs between processes
         data = SwitchData(dist_utils.all_gather_rows(data.inputs, device), dist_utils.all_gather_rows(data.iou, device))
         if data.inputs.shape[0] == 0:  # the same on every process: all raise together
-            raise NoRoIsError("switch fit: the batches held no positive RoI to learn from")
+            raise NoRoIsError()
     costs = list(mask_head_gmacs(heads.mask_head).values())
     report = fit_switch(heads.msm, data, costs=costs, target_gmacs=target_gmacs, epochs=epochs, seed=seed,
                         average_epochs=average_epochs, progress=progress)

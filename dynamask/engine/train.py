@@ -332,7 +332,7 @@ def _fit_switch(run: _Run, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str,
     is_main = dist_utils.is_main()
     rng = rng_state()  # as training left it: a run resumed for more epochs continues from it
     try:
-        run.fit, run.dynamic_switch = train_switch.fit_at_end(
+        report, run.fit, run.dynamic_switch = train_switch.fit_at_end(
             run.model, run.seeded.dataset, batches=cfg.switch_fit_batches, batch_size=cfg.batch_size,
             epochs=cfg.switch_fit_epochs, seed=cfg.seed, calibration_images=cfg.switch_fit_calibration_images,
             progress=cfg.progress and is_main)
@@ -345,7 +345,7 @@ def _fit_switch(run: _Run, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str,
     extra[train_switch.FIT_KEY] = run.fit
     _save(run, extra)
     if is_main:
-        print(train_switch.fit_summary(run.fit, run.model), flush=True)
+        print(report.summary(train_switch.resolutions(run.model)), flush=True)
     return run.fit
 
 

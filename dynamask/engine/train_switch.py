@@ -33,10 +33,12 @@ def can_fit(model: torch.nn.Module) -> bool:
 
 
 def fit_at_end(model: torch.nn.Module, dataset: Any, *, batches: int, batch_size: int, epochs: int, seed: int,
-               calibration_images: int, progress: bool) -> tuple[dict[str, Any], dict[str, Tensor]]:
+               calibration_images: int,
+               progress: bool) -> tuple[switch_fit.FitReport, dict[str, Any], dict[str, Tensor]]:
     """Fits ``model``'s switch (in place; every process of a DDP run calls this) to its own budget on
-    ``batches`` batches of ``dataset`` (training images, their transforms applied). Returns the fit's report
-    (plain values) and the switch's state dict from before (the dynamic phase's switch, on the CPU)."""
+    ``batches`` batches of ``dataset`` (training images, their transforms applied). Returns the fit's report,
+    what the checkpoint's ``extra`` records of it (plain values) and the switch's state dict from before (the
+    dynamic phase's switch, on the CPU)."""
     heads = cast(DynaMaskRoIHeads, model.roi_heads)
     before = {k: v.detach().cpu().clone() for k, v in heads.msm.state_dict().items()}
     report = switch_fit.fit_model_switch(cast(DynaMaskRCNN, model), dataset, target_gmacs=heads.target_gmacs,
@@ -44,7 +46,7 @@ def fit_at_end(model: torch.nn.Module, dataset: Any, *, batches: int, batch_size
                                          calibration_images=calibration_images, progress=progress)
     fit = {**report.as_dict(), "batches": batches, "batch_size": batch_size, "seed": seed,
            "world_size": dist_utils.world_size()}
-    return fit, before
+    return report, fit, before
 
 
 def dynamic_phase_switch(ckpt: dict[str, Any]) -> dict[str, Tensor] | None:
@@ -64,13 +66,6 @@ def use_dynamic_phase_switch(model: torch.nn.Module, ckpt: dict[str, Any]) -> bo
     return True
 
 
-def fit_summary(fit: dict[str, Any], model: torch.nn.Module) -> str:
-    """One line on a finished fit of ``model``'s switch (``fit_at_end``'s report)."""
-    resolutions = cast(DynaMaskRoIHeads, model.roi_heads).mask_head.resolutions
-    shares = ", ".join(f"{s}²: {100 * f:.0f}%" for s, f in zip(resolutions, fit["shares"]))
-    on = "training positives" if fit["calibrated_on"] == "positives" else "detections of training images"
-    budget = "none" if fit["target_gmacs"] is None else f"{fit['target_gmacs']:.4g}"
-    return (f"switch fit: {fit['rois']} training RoIs, {fit['epochs']} epochs (weights averaged over the last "
-            f"{fit['averaged_epochs']}), {fit['seconds']:.0f} s; price {fit['mu']:.4g} per GMAC set on "
-            f"{fit['calibration_rois']} {on}: {shares}; mean head cost {fit['mean_gmacs']:.4g} GMAC (budget "
-            f"{budget})")
+def resolutions(model: torch.nn.Module) -> list[int]:
+    """The mask head's resolutions (for :meth:`~dynamask.engine.switch_fit.FitReport.summary`)."""
+    return list(cast(DynaMaskRoIHeads, model.roi_heads).mask_head.resolutions)
