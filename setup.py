@@ -32,6 +32,26 @@ except ImportError as exc:  # pragma: no cover - only hit when torch is missing 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0"
+# The torch releases the package is built and tested against (README, "Installing into your own
+# environment"): 2.11 (the oldest, checked by scripts/check_torch_range.sh in CI) through 2.14 (the
+# default, pinned in pyproject.toml's build requirements). torch 2.15.0 is not supported yet: no
+# torchvision release for it has been published to test with.
+SUPPORTED_TORCH = ((2, 11), (2, 14))
+
+
+def _check_torch_range() -> None:
+    found = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    lo, hi = SUPPORTED_TORCH
+    if not lo <= found <= hi:
+        raise SystemExit(
+            f"dynamask supports torch {lo[0]}.{lo[1]} through {hi[0]}.{hi[1]}, but this build would compile against "
+            f"torch {torch.__version__}. Install a supported torch (e.g. pip install torch==2.14.1 "
+            "torchvision==0.29.1), or set DYNAMASK_ALLOW_ANY_TORCH=1 to try this one anyway."
+        )
+
+
+if os.environ.get("DYNAMASK_ALLOW_ANY_TORCH") != "1":
+    _check_torch_range()
 
 
 def _want_cuda() -> bool:

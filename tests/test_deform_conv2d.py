@@ -218,7 +218,11 @@ def test_half_and_autocast_on_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ops.deform_conv2d(*(t[n].bfloat16() for n in ("input", "offset", "weight", "bias")),
                                 mask=t["mask"], **kw)
-    assert out.dtype == torch.float32
+    # computed in float32, returned in the input's dtype (as torchvision's deform_conv2d does)
+    assert out.dtype == torch.bfloat16
+    want = ops.deform_conv2d(*(t[n].bfloat16().float() for n in ("input", "offset", "weight", "bias")),
+                             mask=t["mask"], **kw).bfloat16()
+    assert torch.equal(out, want)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -281,6 +285,8 @@ def test_cuda_epilogue_prime_batch_and_stream():
     t, kw = _make(37, 16, 16, 14, 14, dg=1, dtype=torch.float32, device="cuda")
     res = torch.randn(37, 16, 14, 14, device="cuda")
     stream = torch.cuda.Stream()
+    # the inputs were made on the default stream: the side stream must wait for them before reading
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         out = ops.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], mask=t["mask"], residual=res,
                                 activation="relu", **kw)

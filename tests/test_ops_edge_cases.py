@@ -41,18 +41,55 @@ def test_roi_align_stages_on_an_empty_map_pools_zeros():
                        torch.zeros(2, 4, 3, 3, dtype=torch.float64))
 
 
-def test_deform_conv2d_offset_gradient_on_an_empty_map():
-    # crashed (SIGSEGV) in the backward: corners at position 0 of a map that has none
-    x = torch.randn(1, 4, 0, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    off = torch.randn(1, 18, 2, 4, dtype=torch.float64, requires_grad=True)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deform_conv2d_offset_gradient_on_an_empty_map(device):
+    # crashed (SIGSEGV) in the CPU backward, and in the CUDA forward (an illegal address that loses the
+    # CUDA context): corners at position 0 of a map that has none
+    kw = dict(dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(1, 4, 0, 6, **kw)
+    w = torch.randn(3, 4, 3, 3, **kw)
+    off = torch.randn(1, 18, 2, 4, **kw)
     out = ops.deform_conv2d(x, off, w, padding=(2, 0))
     assert out.shape == (1, 3, 2, 4) and torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
     for t in (x, w, off):
         assert torch.equal(t.grad, torch.zeros_like(t))
-    ref = deform_conv2d_reference(x.detach(), off.detach(), w.detach(), padding=(2, 0))
-    assert torch.equal(ref, out.detach())
+    ref = deform_conv2d_reference(x.detach().cpu(), off.detach().cpu(), w.detach().cpu(), padding=(2, 0))
+    assert torch.equal(ref, out.detach().cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_deform_conv2d_off_map_samples_do_not_read_the_map(device, bad):
+    # The CUDA sampler read all four corners of an off-map sample (position 0, weight 0), so an inf or
+    # NaN at input[c, 0, 0] made every off-map sample NaN there (0 * inf); the CPU writes 0.
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    x[:, :, 0, 0] = bad
+    w = torch.randn(3, 2, 1, 1, dtype=torch.float64)
+    off = torch.zeros(1, 2, 5, 5, dtype=torch.float64)
+    off[:, 0, 2:, :] = 50.0  # rows 2..4 of the output sample 50 px below the map: off it
+    mask = torch.rand(1, 1, 5, 5, dtype=torch.float64)
+    dev = [t.to(device) for t in (x, off, w, mask)]
+    out = ops.deform_conv2d(dev[0], dev[1], dev[2], mask=dev[3]).cpu()
+    assert torch.equal(out[:, :, 2:], torch.zeros(1, 3, 3, 5, dtype=torch.float64))
+    # The on-map samples other than (0, 0) are finite and equal the reference, the border ones too (their
+    # off-map corners, weight 0, read a corner of their own, not (0, 0)); (0, 0) itself carries `bad`.
+    ref = deform_conv2d_reference(x, off, w, mask=mask)
+    on_map = torch.ones(5, 5, dtype=torch.bool)
+    on_map[2:] = False
+    on_map[0, 0] = False
+    torch.testing.assert_close(out[:, :, on_map], ref[:, :, on_map], rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(out[:, :, on_map]).all() and not torch.isfinite(out[:, :, 0, 0]).any()
+    # the weight gradient recomputes the columns (the same sampler): with every sample off the map, the
+    # columns are all zero, so the weight's gradient is exactly zero (NaN if the corner were read)
+    ws = dev[2].clone().requires_grad_(True)
+    out = ops.deform_conv2d(dev[0], torch.full_like(dev[1], 50.0), ws, mask=dev[3])
+    assert torch.equal(out.detach().cpu(), torch.zeros(1, 3, 5, 5, dtype=torch.float64))
+    out.sum().backward()
+    assert torch.equal(ws.grad.cpu(), torch.zeros_like(w))
 
 
 def test_infinite_or_nan_spatial_scale_is_refused():
@@ -150,3 +187,24 @@ def test_cpu_kernels_refuse_what_cuda_zeroes():
         ops.roi_align_multilevel(feats, torch.tensor([[0.5, 1, 1, 4, 4]]), 3, [0.25])
     with pytest.raises(ValueError, match=r"choice.*4"):
         ops.group_by_resolution(torch.tensor([0, 4]), 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_roi_align_stages_backward_refuses_a_level_out_of_range(device):
+    # the op is public (torch.ops.dynamask); it indexed the level table with stage_levels[j] unchecked
+    rois = torch.tensor([[0, 1.0, 1, 6, 6], [0, 2, 2, 7, 7]], device=device)
+    grad = torch.ones(2, 3, 4, 4, device=device)
+    args = ([1.0, 0.5], 1, [3, 3], [8, 4], [8, 4], 2, True)
+    for bad in (2, -1, 7):
+        with pytest.raises(ValueError, match=rf"stage 0 names level {bad} but there are 2 levels"):
+            torch.ops.dynamask.roi_align_stages_backward([grad], rois, [bad], *args)
+    with pytest.raises(ValueError, match=r"grads\[0\] must be \[count, C, S, S\] with count <= 2"):
+        torch.ops.dynamask.roi_align_stages_backward([torch.ones(3, 3, 4, 4, device=device)], rois, [0], *args)
+    with pytest.raises(ValueError, match="one grad per stage expected"):
+        torch.ops.dynamask.roi_align_stages_backward([grad, grad], rois, [0], *args)
+    # a valid call still gives the gradient the autograd path gives
+    feats = [torch.randn(1, 3, 8, 8, device=device, requires_grad=True), torch.randn(1, 3, 4, 4, device=device)]
+    (out,) = ops.roi_align_stages(feats, rois, [(0, 4, 2)], [1.0, 0.5])
+    out.backward(grad)
+    direct = torch.ops.dynamask.roi_align_stages_backward([grad], rois, [0], *args)
+    assert torch.equal(direct[0], feats[0].grad) and not direct[1].any()

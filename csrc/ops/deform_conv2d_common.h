@@ -21,7 +21,10 @@ DYNAMASK_INLINE T sample_coord(int64_t out_idx, int64_t stride, int64_t pad, int
 }
 
 // The four corners of one deformable sample at (y, x): (y_l, x_l), (y_l, x_h), (y_h, x_l), (y_h, x_h).
-//  pos[i]:   flat offset y*W+x into a plane (0 where the corner is off the map, so reads stay safe)
+//  pos[i]:   flat offset y*W+x into a plane; a corner off the map gets the position of the sample's
+//            nearest corner on it (clamped to the map), so that a read stays on the map and reads a pixel
+//            the sample itself uses (never an unrelated pixel, whose inf or NaN would turn the sample's
+//            0 * value into NaN); 0 when no corner lies on the map (then nothing is read at all)
 //  valid[i]: 1 where the corner lies on the map, else 0
 //  w[i]:     bilinear weight, 0 where invalid, and all 0 when the sample is at or beyond one pixel
 //            outside the map (torchvision: h <= -1 || h >= H || w <= -1 || w >= W reads 0)
@@ -58,12 +61,15 @@ DYNAMASK_INLINE bool deform_taps(T y, T x, int64_t height, int64_t width, Taps<T
   const int64_t y_h = y_l + 1, x_h = x_l + 1;
   const bool vy_l = y_l >= 0, vy_h = y_h <= height - 1, vx_l = x_l >= 0, vx_h = x_h <= width - 1;
   const bool v[4] = {vy_l && vx_l, vy_l && vx_h, vy_h && vx_l, vy_h && vx_h};
-  const int64_t p[4] = {y_l * width + x_l, y_l * width + x_h, y_h * width + x_l, y_h * width + x_h};
+  // y >= -1 and y < height give y_l <= height - 1 and y_h >= 0: only these two ends need clamping
+  const int64_t yl_c = y_l < 0 ? 0 : y_l, yh_c = y_h > height - 1 ? height - 1 : y_h;
+  const int64_t xl_c = x_l < 0 ? 0 : x_l, xh_c = x_h > width - 1 ? width - 1 : x_h;
+  const int64_t p[4] = {yl_c * width + xl_c, yl_c * width + xh_c, yh_c * width + xl_c, yh_c * width + xh_c};
   const T ly = y - yf, lx = x - xf, hy = T(1) - ly, hx = T(1) - lx;
   const T bw[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
   const bool inside = y > T(-1) && x > T(-1);  // the upper bounds were checked above
   for (int i = 0; i < 4; ++i) {
-    t.pos[i] = v[i] ? p[i] : 0;
+    t.pos[i] = p[i];
     t.valid[i] = v[i] ? T(1) : T(0);
     t.w[i] = (v[i] && inside) ? bw[i] : T(0);
   }

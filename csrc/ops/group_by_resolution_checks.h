@@ -1,6 +1,8 @@
 #pragma once
-// Argument checks of group_by_resolution shared by the CPU and CUDA kernels (shape and dtype only;
-// the values are checked by the kernels: fully on the CPU, by device-side asserts on CUDA).
+// Argument checks of group_by_resolution shared by the CPU and CUDA kernels (shape and dtype only).
+// The values are checked by the CPU kernel, which refuses a choice outside [0, K). The CUDA kernel
+// asserts nothing on the device (an assert would leave the CUDA context unusable): such a choice goes
+// last in perm and is not counted. dynamask.ops.full_checks() checks the values on any device.
 #include <ATen/ATen.h>
 
 namespace dynamask {

@@ -1,7 +1,8 @@
 #pragma once
 // Argument checks of the paste ops shared by the CPU and CUDA kernels. Shapes, dtypes and devices
-// are checked on both; finiteness of the boxes is a full check on the CPU and a device-side assert
-// on CUDA.
+// are checked on both; finiteness of the boxes is a full check on the CPU only. The CUDA kernels
+// assert nothing on the device (an assert would leave the CUDA context unusable): a box with a
+// non-finite coordinate pastes nothing there. dynamask.ops.full_checks() checks it on any device.
 #include <ATen/ATen.h>
 
 #include <cmath>

@@ -1,7 +1,9 @@
 #pragma once
-// Argument checks shared by the CPU and CUDA RoIAlign kernels. Shape, dtype and device checks run
-// on both; checks that read the data (batch indices, finiteness, level indices) run on the CPU only,
-// and are device-side asserts inside the CUDA kernels so the CUDA forward path never syncs.
+// Argument checks shared by the CPU and CUDA RoIAlign kernels. Shape, dtype and device checks (and
+// the host-side level lists of the stage ops) run on both. Checks that read tensor data (batch
+// indices, finiteness, per-RoI level indices) run on the CPU only: the CUDA kernels assert nothing on
+// the device, so that the forward path never syncs; a RoI that fails them pools to zeros there (its
+// gradient is zero), and dynamask.ops.full_checks() runs the CPU's checks on CUDA inputs first.
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -48,6 +50,27 @@ inline void check_stages(at::TensorList features, const at::Tensor& rois, at::In
                       "; it must be positive");
     TORCH_CHECK_VALUE(stage_counts[j] >= 0 && stage_counts[j] <= rois.size(0), op, ": stage ", j, " has count ",
                       stage_counts[j], " but there are ", rois.size(0), " rois");
+  }
+}
+
+// The backward of roi_align_stages: one gradient per stage, each naming a level in [0, num_levels) and
+// holding at most one crop per RoI. The op is public (torch.ops.dynamask), so a level out of range
+// must be refused here rather than index past the level table.
+inline void check_stages_backward(at::TensorList grads, const at::Tensor& rois, at::IntArrayRef stage_levels,
+                                  int64_t num_levels, const char* op) {
+  TORCH_CHECK_VALUE(grads.size() == stage_levels.size(), op, ": one grad per stage expected, got ", grads.size(),
+                    " grads for ", stage_levels.size(), " stages");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) <= kMaxLevels, op, ": at most ", kMaxLevels, " stages, got ",
+                    grads.size());
+  for (size_t j = 0; j < stage_levels.size(); ++j) {
+    TORCH_CHECK_VALUE(stage_levels[j] >= 0 && stage_levels[j] < num_levels, op, ": stage ", j, " names level ",
+                      stage_levels[j], " but there are ", num_levels, " levels");
+    const auto& g = grads[j];
+    if (g.numel() == 0) continue;
+    TORCH_CHECK_VALUE(g.dim() == 4 && g.size(0) <= rois.size(0) && g.size(2) == g.size(3), op, ": grads[", j,
+                      "] must be [count, C, S, S] with count <= ", rois.size(0), ", got shape ", g.sizes());
+    TORCH_CHECK_VALUE(g.device() == rois.device(), op, ": grads[", j, "] is on ", g.device(), " but rois is on ",
+                      rois.device());
   }
 }
 

@@ -12,6 +12,8 @@ except ImportError:  # pragma: no cover - older torch
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         return torch.channels_last if cl else torch.contiguous_format
 
+from dynamask.ops._autocast import register_float32_autocast  # noqa: E402
+
 _ops = torch.ops.dynamask
 
 
@@ -82,7 +84,7 @@ def _backward(ctx, grad):
 
 torch.library.register_autograd("dynamask::deform_conv2d", _backward, setup_context=_setup)
 
-# Under autocast the op runs in float32, as torchvision's deform_conv2d does: the bilinear weights and
-# the position derivatives lose too much in half precision. Explicit half inputs are accepted.
-for _device in ("cuda", "cpu"):
-    torch.library.register_autocast("dynamask::deform_conv2d", _device, torch.float32)
+# Under autocast the op computes in float32 and returns the input's dtype, as torchvision's deform_conv2d
+# does: the bilinear weights and the position derivatives lose too much in half precision. Explicit half
+# inputs are accepted (and computed in float inside the kernels).
+register_float32_autocast("dynamask::deform_conv2d", lambda args: [args[0].dtype])

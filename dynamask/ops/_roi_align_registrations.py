@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dynamask.ops._autocast import register_float32_autocast
+
 _ops = torch.ops.dynamask
 
 
@@ -35,10 +37,21 @@ def _stages_backward_fake(grads, rois, stage_levels, spatial_scales, batch_size,
     return [rois.new_empty((batch_size, c, h, w)) for c, h, w in zip(channels, heights, widths)]
 
 
+# The dispatcher drops a trailing argument that equals its schema default (canonical_scale=224,
+# channels_last=False) before autograd sees the call, so a call passes 8 or 9 inputs (setup_context sees
+# all 9: torch fills the defaults back in). torch 2.11's register_autograd wants exactly one gradient per
+# input passed (2.14 also accepts one per schema argument), and ``ctx.needs_input_grad`` has one entry per
+# input passed in both: the backward returns that many.
+
+
+def _grads_for(ctx, feature_grads: list) -> tuple:
+    return (feature_grads,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
 def _multilevel_setup(ctx, inputs, output):
-    features, rois, levels, spatial_scales, _, _, sampling_ratio, aligned, canonical_scale = inputs
+    features, rois, levels, spatial_scales, _, _, sampling_ratio, aligned = inputs[:8]
     ctx.save_for_backward(rois, levels)
-    ctx.canonical_scale = canonical_scale
+    ctx.canonical_scale = inputs[8] if len(inputs) > 8 else 224.0  # (torch fills it in; older ones may not)
     ctx.spatial_scales = spatial_scales
     ctx.batch_size = features[0].shape[0]
     ctx.channels = features[0].shape[1]
@@ -54,7 +67,7 @@ def _multilevel_backward(ctx, grad):
         grad, rois, levels, ctx.spatial_scales, ctx.batch_size, ctx.channels, ctx.heights, ctx.widths,
         ctx.sampling_ratio, ctx.aligned, ctx.canonical_scale,
     )
-    return list(grads), None, None, None, None, None, None, None, None
+    return _grads_for(ctx, list(grads))
 
 
 def _stages_setup(ctx, inputs, output):
@@ -77,14 +90,13 @@ def _stages_backward(ctx, grads):
         grads, rois, ctx.stage_levels, ctx.spatial_scales, ctx.batch_size, ctx.channels, ctx.heights,
         ctx.widths, ctx.sampling_ratio, ctx.aligned,
     )
-    return list(out), None, None, None, None, None, None, None, None
+    return _grads_for(ctx, list(out))
 
 
 torch.library.register_autograd("dynamask::roi_align_multilevel", _multilevel_backward, setup_context=_multilevel_setup)
 torch.library.register_autograd("dynamask::roi_align_stages", _stages_backward, setup_context=_stages_setup)
 
-# Under autocast the ops run in float32, as torchvision's roi_align does: the kernels accumulate in
-# float anyway, and the mask head's convolutions downstream pick their own precision.
-for _name in ("roi_align_multilevel", "roi_align_stages"):
-    for _device in ("cuda", "cpu"):
-        torch.library.register_autocast(f"dynamask::{_name}", _device, torch.float32)
+# Under autocast the ops compute in float32 and return the features' dtype, as torchvision's roi_align
+# does: the kernels accumulate in float anyway, and the crops keep the precision of the network around.
+register_float32_autocast("dynamask::roi_align_multilevel", lambda args: [args[0][0].dtype])
+register_float32_autocast("dynamask::roi_align_stages", lambda args: [args[0][l].dtype for l in args[2]])

@@ -308,7 +308,8 @@ void sample_tile_fixed_per_tap(const Geometry& g, const T* img, const T* off_b, 
 // per tap and position, that bookkeeping took about as long as the channel arithmetic it feeds.
 // The arithmetic is deform_taps' (the same comparisons, floor and products in the same order), so the
 // columns are bit-identical to sample_tile_fixed_per_tap's; a weight is nonzero only for a corner on the
-// map of a sample strictly inside (-1, H) x (-1, W), and every other corner reads position 0 with weight 0.
+// map of a sample strictly inside (-1, H) x (-1, W), and every other corner reads the sample's nearest corner
+// on the map (clamped) with weight 0.
 constexpr int64_t kPlanBlock = 64;  // positions per plan: 9 taps x 64 positions x 8 numbers stays in L1
 constexpr int64_t kPlanTaps = 9;    // kernels up to 3x3 are planned; larger ones sample per tap
 
@@ -347,10 +348,13 @@ inline void plan_row(int64_t n, const int32_t* __restrict__ by, const int32_t* _
     const bool vyl = in & (yl >= 0), vyh = in & (yl + 1 <= H - 1), vxl = xl >= 0, vxh = xl + 1 <= W - 1;
     const bool v0 = vyl & vxl, v1 = vyl & vxh, v2 = vyh & vxl, v3 = vyh & vxh;
     const T mb = m[b];
-    q0[b] = v0 ? yl * W + xl : 0;
-    q1[b] = v1 ? yl * W + xl + 1 : 0;
-    q2[b] = v2 ? (yl + 1) * W + xl : 0;
-    q3[b] = v3 ? (yl + 1) * W + xl + 1 : 0;
+    // corners off the map read the sample's nearest corner on it (deform_taps' rule), never position 0
+    const int32_t ylc = yl < 0 ? 0 : yl, yhc = yl + 1 > H - 1 ? H - 1 : yl + 1;
+    const int32_t xlc = xl < 0 ? 0 : xl, xhc = xl + 1 > W - 1 ? W - 1 : xl + 1;
+    q0[b] = ylc * W + xlc;
+    q1[b] = ylc * W + xhc;
+    q2[b] = yhc * W + xlc;
+    q3[b] = yhc * W + xhc;
     w0[b] = v0 ? (hy * hx) * mb : T(0);
     w1[b] = v1 ? (hy * lx) * mb : T(0);
     w2[b] = v2 ? (ly * hx) * mb : T(0);

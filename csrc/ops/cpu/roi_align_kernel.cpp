@@ -482,7 +482,7 @@ std::vector<at::Tensor> roi_align_stages_backward_cpu(
     int64_t sampling_ratio, bool aligned) {
   const char* op = "roi_align_stages_backward";
   const int64_t L = static_cast<int64_t>(spatial_scales.size());
-  TORCH_CHECK_VALUE(grads.size() == stage_levels.size(), op, ": one grad per stage expected");
+  check_stages_backward(grads, rois, stage_levels, L, op);
   TORCH_CHECK_VALUE(static_cast<int64_t>(channels.size()) == L && static_cast<int64_t>(heights.size()) == L &&
                         static_cast<int64_t>(widths.size()) == L,
                     op, ": channels/heights/widths must have one entry per level");

@@ -69,13 +69,26 @@ __global__ void im2col_kernel(Geometry g, int64_t b0, int64_t nb, const scalar_t
     Taps<acc_t> t;
     sample_taps<scalar_t, acc_t>(g, offset, b, d, k, p, t);
     const acc_t m = mask ? static_cast<acc_t>(mask[((b * g.deform_groups + d) * K + k) * plane + p]) : acc_t(1);
+    // Only corners with a nonzero weight are read. A sample with no corner on the map has position 0
+    // and weight 0 everywhere: reading it anyway would read past an empty map (H*W = 0 has no data at
+    // all) and turn an inf or NaN at input[c, 0, 0] into a NaN sample (0 * inf), where the CPU writes 0.
+    acc_t w[4];
+    bool any = false;
+    for (int q = 0; q < 4; ++q) {
+      w[q] = m * t.w[q];
+      any = any || w[q] != acc_t(0);
+    }
     const scalar_t* img = input + (b * g.channels + d * Cd) * HW;
     scalar_t* col = cols + ((bl * g.channels + d * Cd) * K + k) * plane + p;
     for (int64_t c = 0; c < Cd; ++c) {
-      const scalar_t* pl = img + c * HW;
-      const acc_t v = t.w[0] * static_cast<acc_t>(pl[t.pos[0]]) + t.w[1] * static_cast<acc_t>(pl[t.pos[1]]) +
-                      t.w[2] * static_cast<acc_t>(pl[t.pos[2]]) + t.w[3] * static_cast<acc_t>(pl[t.pos[3]]);
-      col[c * K * plane] = static_cast<scalar_t>(m * v);
+      acc_t v = acc_t(0);
+      if (any) {
+        const scalar_t* pl = img + c * HW;
+        for (int q = 0; q < 4; ++q) {
+          if (w[q] != acc_t(0)) v += w[q] * static_cast<acc_t>(pl[t.pos[q]]);
+        }
+      }
+      col[c * K * plane] = static_cast<scalar_t>(v);
     }
   }
 }

@@ -352,8 +352,7 @@ std::vector<at::Tensor> roi_align_stages_backward_cuda(
   const char* op = "roi_align_stages_backward";
   check_common_cuda(rois, c10::nullopt, op);
   const int64_t L = static_cast<int64_t>(spatial_scales.size());
-  TORCH_CHECK_VALUE(grads.size() == stage_levels.size() && static_cast<int64_t>(grads.size()) <= kMaxLevels, op,
-                    ": one grad per stage expected");
+  check_stages_backward(grads, rois, stage_levels, L, op);
   TORCH_CHECK_VALUE(L <= kMaxLevels && static_cast<int64_t>(channels.size()) == L &&
                         static_cast<int64_t>(heights.size()) == L && static_cast<int64_t>(widths.size()) == L,
                     op, ": channels/heights/widths must have one entry per level");
@@ -369,12 +368,6 @@ std::vector<at::Tensor> roi_align_stages_backward_cuda(
   std::vector<at::Tensor> gs;
   for (size_t j = 0; j < grads.size(); ++j) {
     const auto& g = grads[j];
-    if (g.numel() > 0) {
-      TORCH_CHECK_VALUE(g.dim() == 4 && g.size(0) <= rois.size(0) && g.size(2) == g.size(3), op, ": grads[", j,
-                        "] must be [count, C, S, S] with count <= ", rois.size(0), ", got shape ", g.sizes());
-      TORCH_CHECK_VALUE(g.device() == rois.device(), op, ": grads[", j, "] is on ", g.device(), " but rois is on ",
-                        rois.device());
-    }
     gs.push_back(g.to(acc_type).contiguous());
   }
   const auto rois_c = rois.contiguous();
