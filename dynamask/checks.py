@@ -93,12 +93,70 @@ def check_output_dir(path: str, *, name: str = "--out") -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{name} {path}: exists and is not a folder")
     try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
-        os.close(fd)
-        os.remove(probe)
+        _probe_writable(path)
     except OSError as exc:
         raise ValueError(f"{name} {path}: cannot write there ({exc.strerror or exc})") from exc
+
+
+def _probe_writable(folder: str) -> None:
+    """Create ``folder`` if needed and make and remove a file there (an OSError says why it cannot)."""
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    os.close(fd)
+    os.remove(probe)
+
+
+def check_output_file(path: str, *, name: str = "--out") -> None:
+    """``path`` can be written as a file: not a folder, its folder created if needed and proved writable (a
+    file made and removed there), so that a run fails now rather than at its save, after the work before it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{name} {path}: is a folder; give the file to write (e.g. {os.path.join(path, 'x')})")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        _probe_writable(folder)
+    except OSError as exc:
+        blocker = _first_file_above(folder)
+        if blocker != folder or os.path.isfile(folder):  # makedirs met a file where a folder must be
+            raise ValueError(f"{name} {path}: {blocker} is a file, not a folder") from None
+        raise ValueError(f"{name} {path}: cannot write there ({exc.strerror or exc})") from exc
+
+
+def _first_file_above(folder: str) -> str:
+    """The nearest existing path at or above ``folder`` when it is a file (what blocks the folder), else
+    ``folder``."""
+    path = folder
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    return path if os.path.exists(path) and not os.path.isdir(path) else folder
+
+
+def torch_load_detail(exc: BaseException) -> str:
+    """What went wrong in ``torch.load(..., weights_only=True)``, on one line, without torch's hint that
+    ``weights_only=False`` "will likely succeed": for a file of unknown origin that advice runs whatever
+    code the file holds."""
+    lines = []
+    for line in str(exc).splitlines():
+        line = line.replace("WeightsUnpickler error:", "").strip()
+        if line and "weights_only" not in line and not line.startswith(("Please file", "Check the documentation")):
+            lines.append(line)
+    return lines[0] if lines else type(exc).__name__
+
+
+def first_non_finite(state: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of a state dict holding NaN or infinity, or None."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta":
+            if not bool(torch.isfinite(value).all()):
+                return str(key)
+    return None
+
+
+def model_num_classes(model: torch.nn.Module) -> int | None:
+    """The classes a detector's box predictor scores, the background included (torchvision's
+    ``num_classes``); None for a model without torchvision's ``roi_heads.box_predictor.cls_score``."""
+    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
+    cls_score = getattr(predictor, "cls_score", None)
+    return int(cls_score.out_features) if isinstance(cls_score, torch.nn.Linear) else None
 
 
 def model_resolutions(model: torch.nn.Module) -> list[int] | None:

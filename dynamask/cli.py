@@ -74,8 +74,10 @@ def _convert_parser(sub) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from dynamask.checks import check_output_file
     from dynamask.data.cityscapes import convert_cityscapes, image_root
 
+    check_output_file(args.out)
     try:
         coco = convert_cityscapes(args.root, args.split, args.out, visible=args.visible)
     except ImportError as exc:
@@ -84,6 +86,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     crowd = sum(a["iscrowd"] for a in anns)
     print(f"{len(coco['images'])} images, {len(anns) - crowd} instances and {crowd} crowd regions "
           f"of {len(coco['categories'])} classes: {args.out}")
+    dropped = coco["info"].get("dropped_instances", [])
+    if dropped:
+        first = dropped[0]
+        print(f"dropped {len(dropped)} instance{'s' if len(dropped) > 1 else ''} with no pixel in the image "
+              f"(listed in the file's info.dropped_instances; e.g. {first['file']} object {first['object']} "
+              f"({first['label']!r}): {first['reason']})")
     print(f"image root (--images / --train-images): {image_root(args.root, args.split)}")
     return 0
 
@@ -102,6 +110,11 @@ def _train_parser(sub) -> None:
                    help="ImageNet ResNet weights (a local torchvision state dict; nothing is downloaded). "
                         "--recipe paper default: $TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth")
     add_train_flags(p, TrainConfig)  # every setting of a run, from TrainConfig's fields
+    p.add_argument("--no-switch-fit", dest="switch", action="store_const", const="paper",
+                   help="the same as --switch paper")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the plan (every line train prints before its first step), "
+                        "then exit: nothing is trained, fitted or written")
     p.set_defaults(func=_cmd_train)
 
 
@@ -115,7 +128,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     val_images, val_ann = args.val_images, args.val_ann
     if args.data and not (val_images and val_ann) and os.path.isfile(split_paths(args.data, "val")[1]):
         kwargs["val_images"], kwargs["val_ann"] = split_paths(args.data, "val")
-    result = train(TrainConfig(**kwargs))
+    result = train(TrainConfig(**kwargs), dry_run=args.dry_run)
+    if result["status"] == "dry run":
+        if _launch_rank() == 0:
+            print("dry run: nothing trained, fitted or written")
+        return 0
     if _launch_rank() == 0:  # train() has closed the process group by now: torchrun's RANK says who speaks
         print(
             f"{result['status']}: epoch {result['epoch']}, iteration {result['iteration']}, "
@@ -187,6 +204,10 @@ def _eval_parser(sub) -> None:
     p.add_argument("--cityscapes-gt", metavar="DIR", default=None,
                    help="also the official Cityscapes instance evaluation against DIR/<city>/*_gtFine_instanceIds.png "
                         "(ROOT/gtFine/val; needs `pip install cityscapesscripts`)")
+    p.add_argument("--switch", choices=("fitted", "dynamic-phase"), default=None,
+                   help="which mask switch of a DynaMask checkpoint to evaluate: the fitted one, or the one the "
+                        "dynamic phase trained (the paper's; kept in a fitted checkpoint). Default: the one the "
+                        "checkpoint ends with")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -223,6 +244,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     saved = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
     if saved != dataset.label_map:
         raise CliError(f"{args.checkpoint} was trained on categories {saved}, but {ann} has {dataset.label_map}")
+    if args.switch is not None:
+        print(_choose_switch(model, ckpt, args.switch, args.checkpoint))
     check_mask_costs(args.mask_costs, model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     costs = args.mask_costs  # None: a DynaMask model's own (dynamask.flops.HeadCosts), the MSM included
@@ -240,6 +263,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         print(f"files in {args.out}")
     return 0
+
+
+def _choose_switch(model, ckpt: dict[str, Any], which: str, path: str) -> str:
+    """Puts the asked switch into ``model`` (built from ``ckpt``); returns the line that says which it is."""
+    from dynamask.engine import train_switch
+
+    if not train_switch.can_fit(model):
+        raise CliError(f"--switch: {path} has no mask switch (a {ckpt['arch']['name']} checkpoint)")
+    fitted = train_switch.FIT_KEY in ckpt.get("extra", {})
+    if which == "fitted":
+        if not fitted:
+            raise CliError(f"--switch fitted: {path} holds no fitted switch (trained with --switch paper); "
+                           "fit one with `dynamask fit-switch`")
+        return "switch: the fitted one"
+    if not fitted:
+        return "switch: the dynamic phase's (the only one this checkpoint has)"
+    if not train_switch.use_dynamic_phase_switch(model, ckpt):
+        raise CliError(f"--switch dynamic-phase: {path} was fitted but does not keep the dynamic phase's switch")
+    return "switch: the dynamic phase's (the paper's), in place of the fitted one"
 
 
 # --------------------------------------------------------------------------------------------- infer
@@ -260,27 +302,46 @@ def _infer_parser(sub) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    import shutil
+    import tempfile
 
     from dynamask.checks import check_device, check_output_dir
-    from dynamask.data.images import to_image_tensor
-    from dynamask.predictor import Predictor
-    from dynamask.viz import save_overlay
 
     if args.batch_size < 1:
         raise CliError("--batch-size must be at least 1")
     check_device(args.device)
     files = _image_files(args.images)
     check_output_dir(args.out)
+    cli_checks.check_infer_out(args.out)
     overlays = _overlay_paths(files, args.out)
+    # everything is written in a folder of its own inside --out and moved in once the run has succeeded, so
+    # a run that fails (--strict, Ctrl-C, a full disk) leaves the earlier run's files as they were
+    stage = tempfile.mkdtemp(prefix=".infer-", dir=args.out)
+    try:
+        status, written = _infer_into(args, files, overlays, stage)
+        cli_checks.publish(stage, args.out, written, stale=cli_checks.INFER_RESULT_FILES)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return status
+
+
+def _infer_into(args: argparse.Namespace, files: list[str], overlays: list[str],
+                stage: str) -> tuple[int, list[str]]:
+    """Run ``infer`` writing every file in ``stage``; returns the exit status and the names written."""
+    from tqdm import tqdm
+
+    from dynamask.data.images import to_image_tensor
+    from dynamask.predictor import Predictor
+    from dynamask.viz import save_overlay
+
     predictor = Predictor(args.weights, device=args.device, batch_size=args.batch_size, amp=args.amp,
                           score_thresh=args.score_thresh)
-    cli_checks.remove_old_results(args.out)
     # The inputs come from no COCO file: image i of the list (from 1) has id i, whether or not one before it
     # was skipped, so ids and overlay names stay those of the list given.
     results: list[dict[str, Any]] = []
     done: list[int] = []  # indices into files of the images read, in order
     skipped: list[dict[str, str]] = []
+    written: list[str] = []
     with tqdm(total=len(files), desc="infer", disable=args.no_progress, dynamic_ncols=True) as bar:
 
         def readable():
@@ -302,33 +363,41 @@ def _cmd_infer(args: argparse.Namespace) -> int:
             results += inst.to_coco(index + 1)
             output = {"boxes": inst.boxes, "scores": inst.scores, "masks": inst.masks[:, None].float(),
                       "mask_resolution": inst.mask_resolution}
-            save_overlay(image, output, overlays[index], score_thresh=0.0,  # already thresholded
+            name = os.path.basename(overlays[index])
+            save_overlay(image, output, os.path.join(stage, name), score_thresh=0.0,  # already thresholded
                          title=os.path.basename(files[index]))
+            written.append(name)
             bar.update(1)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f)
-    with open(os.path.join(args.out, "images.json"), "w") as f:
-        json.dump({str(i + 1): files[i] for i in done}, f, indent=1)
+
+    def write_json(name: str, value: Any, **kw: Any) -> None:
+        with open(os.path.join(stage, name), "w") as f:
+            json.dump(value, f, **kw)
+        written.append(name)
+
+    write_json("results.json", results)
+    write_json("images.json", {str(i + 1): files[i] for i in done}, indent=1)
+    if skipped:
+        write_json("skipped.json", skipped, indent=1)
     print(f"{len(done)} images, {len(results)} instances: overlays, results.json and images.json in {args.out}")
     if skipped:
-        with open(os.path.join(args.out, "skipped.json"), "w") as f:
-            json.dump(skipped, f, indent=1)
         names = ", ".join(os.path.basename(s["file"]) for s in skipped)
         print(f"dynamask infer: skipped {len(skipped)} of {len(files)} images ({names}); listed in "
               f"{os.path.join(args.out, 'skipped.json')}", file=sys.stderr)
-        return 1
-    return 0
+        return 1, written
+    return 0, written
 
 
 def _image_files(items: Sequence[str]) -> list[str]:
-    """The files named, and the image files inside the folders named (sorted), in the order given."""
+    """The files named, and the image files inside the folders named (sorted), in the order given. A link
+    named like an image that leads nowhere (a missing target, a loop) is listed too, so that it is reported
+    as skipped rather than passed over in silence."""
     from dynamask.data.images import IMAGE_EXTENSIONS, is_image_file
 
     files: list[str] = []
     for item in items:
         if os.path.isdir(item):
             found = sorted(os.path.join(item, n) for n in os.listdir(item)
-                           if is_image_file(n) and os.path.isfile(os.path.join(item, n)))
+                           if is_image_file(n) and _file_or_broken_link(os.path.join(item, n)))
             if not found:
                 raise CliError(f"{item}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
             files += found
@@ -337,6 +406,10 @@ def _image_files(items: Sequence[str]) -> list[str]:
         else:
             raise FileNotFoundError(f"image not found: {item}")
     return files
+
+
+def _file_or_broken_link(path: str) -> bool:
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
 def _overlay_paths(files: Sequence[str], out: str) -> list[str]:

@@ -9,8 +9,10 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-# Files `dynamask infer` writes whole; an earlier run's are removed first so none is mixed with a new run.
+# Files `dynamask infer` writes whole, from one run: a new run replaces them only once it has succeeded.
 INFER_RESULT_FILES = ("results.json", "images.json", "skipped.json")
+# What `dynamask eval --out` writes (dynamask.engine.evaluate); `infer` would overwrite its results.json.
+EVAL_OUTPUT_FILES = ("metrics.json", "summary.txt")
 
 
 def unit_interval(text: str) -> float:
@@ -24,24 +26,66 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_at_least(text: str, low: int, says: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {says}, got {value}")
     return value
 
 
-def remove_old_results(out: str) -> None:
-    """Remove what an earlier ``infer`` wrote in ``out`` whole, so a new run's files are never mixed with
-    it (overlays are replaced one by one; ``images.json`` names the ones of this run)."""
-    for name in INFER_RESULT_FILES:
-        path = os.path.join(out, name)
-        if os.path.isfile(path):
-            os.remove(path)
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "at least 1")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a budget, a cost)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed, a count that may be 0)."""
+    return _int_at_least(text, 0, ">= 0")
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: through symbolic links (realpath) and hard links (samefile)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def check_infer_out(out: str) -> None:
+    """Refuse an ``--out`` folder holding ``dynamask eval``'s outputs: infer's results.json would replace
+    eval's, leaving its metrics.json without the results they were computed from."""
+    found = [name for name in EVAL_OUTPUT_FILES if os.path.isfile(os.path.join(out, name))]
+    if found:
+        raise ValueError(f"--out {out} holds the outputs of `dynamask eval` ({', '.join(found)}); infer would "
+                         "replace its results.json: choose another folder")
+
+
+def publish(stage: str, out: str, written: list[str], *, stale: tuple[str, ...] = ()) -> None:
+    """Move the files a run wrote in ``stage`` (names relative to it) into ``out``, then remove the files
+    named in ``stale`` that this run did not write (an earlier run's, which would be mixed with it). The
+    results files go last, so that until then the earlier run's are whole."""
+    last = [n for n in written if n in INFER_RESULT_FILES]
+    for name in [n for n in written if n not in last] + last:
+        os.replace(os.path.join(stage, name), os.path.join(out, name))
+    for name in stale:
+        if name not in written and os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
 
 
 def train_exit_status(result: Mapping[str, Any]) -> int:

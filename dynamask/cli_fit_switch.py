@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--train-images")
     p.add_argument("--train-ann")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--target-gmacs", type=float, help="C_t: mean mask-head GMAC per RoI")
+    budget.add_argument("--target-gmacs", type=cli_checks.positive_float, help="C_t: mean mask-head GMAC per RoI")
     budget.add_argument("--budget-at", type=int, metavar="S",
                         help="C_t = the head's cost at resolution S (e.g. 28: on average as costly as 28² for all)")
     budget.add_argument("--no-budget", action="store_true", help="no price: each RoI gets its predicted best")
@@ -33,10 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--average-epochs", type=cli_checks.positive_int, default=None,
                    help="keep the mean of the switch's weights after each of the last N epochs (default: the last "
                         "half; 1 keeps the last epoch's)")
-    p.add_argument("--calibration-images", type=int, default=200,
+    p.add_argument("--calibration-images", type=cli_checks.non_negative_int, default=200,
                    help="training images whose detections the price is set on (default 200; 0: set it on the "
                         "training positives)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli_checks.non_negative_int, default=0)
     p.add_argument("--flip-prob", type=cli_checks.unit_interval, default=0.5,
                    help="horizontal flips of the training images (default 0.5, as training)")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: a GPU when present, else cpu)")
@@ -45,29 +45,47 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from dynamask.checks import check_device, check_output_file
+    from dynamask.cli import _split_files  # (imported here: dynamask.cli registers this command)
+
+    images, ann = _split_files(args, "train", args.train_images, args.train_ann)
+    if cli_checks.same_file(args.out, args.checkpoint):  # through links too: it holds a run's resumable state
+        raise ValueError(f"--out {args.out} is the input checkpoint {args.checkpoint}: write the fitted one "
+                         "beside it")
+    check_device(args.device)
+    if args.average_epochs is not None and args.average_epochs > args.epochs:
+        raise ValueError(f"--average-epochs {args.average_epochs} exceeds --epochs {args.epochs}")
+    check_output_file(args.out)  # everything is checked before the model runs on the data: that takes minutes
+    try:
+        model, ckpt, costs, report, before = _fit(args, images, ann)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dynamask fit-switch: interrupted: the switch was not fitted; {args.checkpoint} is unchanged and "
+              f"{args.out} was not written", file=sys.stderr)
+        return 130
+    _save(args, model, ckpt, report, before)
+    print(report.summary(list(costs)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _fit(args: argparse.Namespace, images: str, ann: str):
+    """Load the checkpoint and the data, check them against each other, fit the switch (in place).
+    Returns ``(model, checkpoint, costs, report, the switch's state dict from before the fit)``."""
     import torch
 
-    from dynamask.checks import check_device
-    from dynamask.cli import _split_files  # (imported here: dynamask.cli registers this command)
     from dynamask.data import Compose, RandomHorizontalFlip
     from dynamask.data.lvis import open_dataset
     from dynamask.engine import switch_fit
-    from dynamask.engine.checkpoint import model_from_checkpoint, save_checkpoint
+    from dynamask.engine.checkpoint import model_from_checkpoint
     from dynamask.flops import mask_head_gmacs
-
-    images, ann = _split_files(args, "train", args.train_images, args.train_ann)
-    if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
-        raise ValueError(f"--out {args.out} is the input checkpoint: write the fitted one beside it")
-    check_device(args.device)
-    if args.calibration_images < 0:
-        raise ValueError(f"--calibration-images must be >= 0, got {args.calibration_images}")
-    if args.average_epochs is not None and args.average_epochs > args.epochs:
-        raise ValueError(f"--average-epochs {args.average_epochs} exceeds --epochs {args.epochs}")
-    # everything is checked before the model runs on the data: the collection takes minutes
-    model, ckpt = model_from_checkpoint(args.checkpoint)
     from dynamask.models.detector import DynaMaskRCNN
     from dynamask.models.roi_heads import DynaMaskRoIHeads
 
+    model, ckpt = model_from_checkpoint(args.checkpoint)
     heads = getattr(model, "roi_heads", None)
     if not isinstance(model, DynaMaskRCNN) or not isinstance(heads, DynaMaskRoIHeads):
         raise ValueError(f"{args.checkpoint}: architecture {ckpt['arch'].get('name')!r} has no mask switch to fit")
@@ -87,17 +105,29 @@ def run(args: argparse.Namespace) -> int:
     saved = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
     if saved != dataset.label_map:
         raise ValueError(f"{args.checkpoint} was trained on categories {saved}, but {ann} has {dataset.label_map}")
+    before = {k: v.detach().cpu().clone() for k, v in heads.msm.state_dict().items()}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     report = switch_fit.fit_model_switch(model, dataset, target_gmacs=target, num_batches=args.batches,
                                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
                                          calibration_images=args.calibration_images,
                                          average_epochs=args.average_epochs, progress=not args.no_progress)
+    return model, ckpt, costs, report, before
+
+
+def _save(args: argparse.Namespace, model, ckpt: dict, report, before: dict) -> None:
+    """The fitted checkpoint: the input's weights with the fitted switch, its epoch and iteration, the fit's
+    report, and the dynamic phase's switch (``dynamask.engine.train_switch``): the one the input kept beside
+    a fit of `dynamask train`, or else the input's own switch, which this fit replaced."""
+    from dynamask.engine import train_switch
+    from dynamask.engine.checkpoint import save_checkpoint
+
     extra = dict(ckpt.get("extra", {}))
-    extra["switch_fit"] = {**report.as_dict(), "from": os.path.abspath(args.checkpoint), "batches": args.batches,
-                           "batch_size": args.batch_size, "seed": args.seed}
-    save_checkpoint(args.out, arch=ckpt["arch"], label_map=saved, model=model.cpu(), epoch=ckpt.get("epoch"),
-                    iteration=ckpt.get("iteration"), extra=extra)
-    print(report.summary(list(costs)))
-    print(f"wrote {args.out}")
-    return 0
+    states = dict(ckpt.get("states", {}))
+    if train_switch.DYNAMIC_SWITCH_KEY not in states and train_switch.FIT_KEY not in extra:
+        states[train_switch.DYNAMIC_SWITCH_KEY] = before
+    extra[train_switch.FIT_KEY] = {**report.as_dict(), "from": os.path.abspath(args.checkpoint),
+                                   "batches": args.batches, "batch_size": args.batch_size, "seed": args.seed}
+    label_map = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
+    save_checkpoint(args.out, arch=ckpt["arch"], label_map=label_map, model=model.cpu(), epoch=ckpt.get("epoch"),
+                    iteration=ckpt.get("iteration"), extra=extra, states=states or None)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from dynamask.checks import check_device, check_number
+from dynamask.checks import check_device, check_number, model_num_classes
 from dynamask.data.images import ImageInput, to_image_tensor
 from dynamask.engine.baselines import fixed_mask_resolution
 from dynamask.engine.checkpoint import model_from_checkpoint
@@ -102,6 +102,14 @@ class Predictor:
         device = check_device(device, name="device")
         if isinstance(checkpoint, nn.Module):
             model, self.label_map = checkpoint, _label_map(cat_ids, category_names)
+            classes = model_num_classes(model)
+            if self.label_map is not None and classes is not None and len(self.label_map) < classes - 1:
+                given = "cat_ids" if cat_ids is not None else "category_names"
+                raise ValueError(f"{given} has {len(self.label_map)} entries, but the model predicts labels "
+                                 f"1..{classes - 1} (num_classes {classes}); give one per label")
+        elif not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a checkpoint file's path or a model (an nn.Module), got "
+                            f"{type(checkpoint).__name__}")
         elif cat_ids is not None or category_names is not None:
             raise ValueError("cat_ids / category_names go with a model; a checkpoint carries its own label map")
         else:

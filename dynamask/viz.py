@@ -36,7 +36,10 @@ def save_overlay(image: torch.Tensor, output: dict[str, Any], path: str, *, scor
     for m, r in zip(masks, res):
         colour = np.array(RESOLUTION_COLOURS.get(int(r), (1.0, 1.0, 1.0)))
         img[m] = 0.45 * img[m] + 0.55 * colour
-    fig, ax = plt.subplots(figsize=(5, 5 * img.shape[0] / img.shape[1]), dpi=100)
+    # the figure's height follows the image's shape within 1-20 inches: a 2x3840 or 3840x1 image would
+    # otherwise ask for a figure of no height or one over matplotlib's 2^16-pixel limit
+    height = min(max(5 * img.shape[0] / img.shape[1], 1.0), 20.0)
+    fig, ax = plt.subplots(figsize=(5, height), dpi=100)
     ax.imshow(img)
     for b, r in zip(boxes, res):
         ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, lw=1,

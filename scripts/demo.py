@@ -44,7 +44,9 @@ TOTAL_MINUTES = float(os.environ.get("DEMO_TOTAL_MINUTES", "28.5"))
 # checkpoint, evaluation, fixed-resolution runs, overlays (~1 min measured), routing (~15 s est.), the switch fit
 # (300 batches collected in 2.3 min and 15 epochs in 1.8-3.1 min on one busy thread; est. 3 min on 2 threads)
 # and its evaluation (~0.5 min est.)
-AFTER_TRAINING_MINUTES = 5.25
+# + the training run's own evaluation of the dynamic phase's switch beside the fitted one, and its routing
+# probe (100 images of 128 px twice: ~0.75 min est.)
+AFTER_TRAINING_MINUTES = 6.0
 FIT_BATCHES = int(os.environ.get("DEMO_FIT_BATCHES", "300"))
 FIT_EPOCHS = 15
 N_TRAIN = int(os.environ.get("DEMO_TRAIN", "900"))

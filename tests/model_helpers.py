@@ -103,3 +103,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# A tiny DynaMask for 64-px shapes, the small switch fit and the run settings that the training tests share
+TRAIN_TINY = dict(depth=18, min_size=64, max_size=64, trunk_channels=16, stage_channels=[8, 8, 8], mask_roi_size=7,
+                  fpn_channels=32, box_representation_size=64, rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=32,
+                  rpn_pre_nms_top_n_test=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=32,
+                  box_detections_per_img=10)
+SMALL_FIT = dict(switch_fit_batches=3, switch_fit_epochs=2, switch_fit_calibration_images=3)
+
+
+def train_config(shapes: str, out, **kw):
+    """A TrainConfig of a tiny two-phase run on the shapes data set at ``shapes`` (no flips, so that a fit
+    made beside the run sees the same images)."""
+    from dynamask.data.shapes import split_paths
+    from dynamask.engine.train import TrainConfig
+
+    img, ann = split_paths(shapes, "train")
+    base = dict(train_images=img, train_ann=ann, out_dir=str(out), arch="dynamask_resnet_fpn", arch_kwargs=TRAIN_TINY,
+                pretrain_epochs=1, epochs=1, batch_size=2, optimizer="adamw", lr=1e-4, warmup_iters=1, lr_steps=(),
+                workers=0, log_every=1, progress=False, seed=5, flip_prob=0.0, **SMALL_FIT)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module", name="shapes")
+def shapes_fixture(tmp_path_factory):
+    """A shapes data set of 6 training and 2 validation images of 64 px (import it to use ``shapes``)."""
+    from dynamask.data.shapes import generate
+
+    root = str(tmp_path_factory.mktemp("shapes"))
+    generate(root, train=6, val=2, size=64, seed=2)
+    return root

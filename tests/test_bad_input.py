@@ -273,11 +273,13 @@ def test_8_infer_skips_a_bad_file_and_never_mixes_runs(tiny_ckpt, tmp_path, caps
                                                     "4": str(folder / "d.png")}
     assert [s["file"] for s in json.load(open(out / "skipped.json"))] == [str(folder / "c.png")]
     assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png", "d.png"]
-    # --strict stops at the bad file, and leaves no results.json of the earlier run behind
+    # --strict stops at the bad file and changes nothing: the earlier run's files stay whole (issue: bad input,
+    # third round; they were removed before the run)
+    earlier = {name: (out / name).read_bytes() for name in ("results.json", "images.json", "skipped.json")}
     code = main(["infer", str(folder), "--weights", tiny_ckpt, "--out", str(out), "--strict", "--device", "cpu",
                  "--no-progress"])
     assert code == 1 and "c.png: cannot read image" in capsys.readouterr().err
-    assert not (out / "results.json").exists() and not (out / "skipped.json").exists()
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
 
 
 # ------------------------------------------------------------------ 9. --lr nan
@@ -451,8 +453,9 @@ def test_interrupted_training_exits_non_zero(shapes, tmp_path, monkeypatch):
     real_train = train_module.train
 
     def signalled(sig):
-        def run(cfg):
-            return real_train(cfg, on_iteration=lambda it, losses: os.kill(os.getpid(), sig) if it == 1 else None)
+        def run(cfg, **kw):
+            return real_train(cfg, on_iteration=lambda it, losses: os.kill(os.getpid(), sig) if it == 1 else None,
+                              **kw)
         return run
 
     argv = ["train", "--data", shapes, "--arch", "maskrcnn_resnet_fpn", "--arch-kwargs", json.dumps(MRCNN),

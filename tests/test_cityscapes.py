@@ -50,12 +50,14 @@ FRAMES = {
     "bochum/bochum_000000_000600": [],                                         # no objects
 }
 
-# Polygon mode: vertices + 0.5, clipped to [0, 64] x [0, 48]; areas by hand (rectangles and one triangle).
+# Polygon mode: vertices + 0.5, clipped to [0, 64] x [0, 48]; areas are pixel counts of the polygons as
+# pycocotools rasterises them (what evaluation compares against): a rectangle's whole pixels, the pixels whose
+# centres a triangle covers, the border column and row pycocotools rounds in for the person and the bicycle.
 EXPECTED = [  # (image, label, iscrowd, bbox, area)
     (1, "car", 0, [4.5, 4.5, 19, 9], 19 * 9),
-    (1, "person", 0, [50.5, 10.5, 13.5, 20], 13.5 * 20),
-    (1, "car", 1, [0.5, 20.5, 20, 20], 20 * 20 / 2),
-    (1, "bicycle", 0, [0, 0, 10.5, 3.5], 10.5 * 3.5),
+    (1, "person", 0, [50.5, 10.5, 13.5, 20], 13 * 20),
+    (1, "car", 1, [0.5, 20.5, 20, 20], 190),
+    (1, "bicycle", 0, [0, 0, 10.5, 3.5], 11 * 4),
     (1, "rider", 0, [15.5, 8.5, 15, 12], 15 * 12),
     (2, "truck", 0, [2.5, 2.5, 29, 19], 29 * 19),
     (2, "bus", 0, [33.5, 2.5, 29, 19], 29 * 19),
@@ -124,7 +126,7 @@ def test_classes_crowd_clipping_counts_and_areas(converted):
         assert isinstance(a["segmentation"], list) and len(a["segmentation"]) == 1
         xs, ys = a["segmentation"][0][0::2], a["segmentation"][0][1::2]
         assert min(xs) >= 0 and max(xs) <= W and min(ys) >= 0 and max(ys) <= H
-        assert coco.annToMask(a).sum() > 0
+        assert coco.annToMask(a).sum() == a["area"] > 0
     # the person is cut at x = 64
     person = anns[1]["segmentation"][0]
     assert sorted(set(person[0::2])) == [50.5, 64.0]

@@ -287,8 +287,9 @@ def test_dynamask_trains_across_the_phase_switch_at_many_scales(shapes, tmp_path
     assert lr == pytest.approx([1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5])  # the lr of the step after each row
     train_short = [min(s) for s in sizes["train"]]
     assert all(48 <= s <= 80 for s in train_short) and len(set(train_short)) > 1
-    # at test size: the evaluation's 2 images, and the switch fit's 2 batches of 3 and 2 calibration images
-    assert {min(s) for s in sizes["eval"]} == {80} and len(sizes["eval"]) == 2 + 2 * 3 + 2
+    # at test size: the evaluation's 2 images, the switch fit's 2 batches of 3 and 2 calibration images, then
+    # the dynamic phase's switch evaluated on the 2 images and both switches probed on their ground-truth boxes
+    assert {min(s) for s in sizes["eval"]} == {80} and len(sizes["eval"]) == 2 + 2 * 3 + 2 + 2 + 2
     assert r["plan"][0].startswith("schedule: 1 pretrain epoch(s)") and "= 3 epochs of 2 iterations" in r["plan"][0]
     assert "after dynamic epoch 1 (iteration 4)" in r["plan"][2] and "shorter side 48-80" in r["plan"][3]
     ckpt = load_checkpoint(r["checkpoint"])
@@ -356,7 +357,7 @@ def test_cli_paper_recipe_dry_run(shapes, tmp_path, capsys):
     assert "= 13 epochs of 3 iterations" in out
     assert "sgd 0.02, linear warm-up over the first 500 iterations from x0.001; x0.1 after dynamic epoch 8 " \
            "(iteration 27), dynamic epoch 11 (iteration 36)" in out
-    assert "shorter side 640-800 in training (drawn per batch), 800 at test; longer side at most 1333" in out
+    assert "shorter side 640-800 in training (drawn per image), 800 at test; longer side at most 1333" in out
     ckpt = load_checkpoint(os.path.join(run, "last.pth"))
     kw = ckpt["arch"]["kwargs"]
     assert "weights_backbone" not in kw and kw["frozen_bn"] is True and kw["depth"] == 18  # --arch-kwargs wins
@@ -389,7 +390,7 @@ def test_cli_routing_flags_reach_the_train_config(shapes, tmp_path, monkeypatch)
     from dynamask.cli import main
 
     seen = []
-    monkeypatch.setattr(train_mod, "train", lambda cfg: seen.append(cfg) or {"status": "done", "epoch": 0,
+    monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: seen.append(cfg) or {"status": "done", "epoch": 0,
                                                                                "iteration": 0, "checkpoint": ""})
     common = ["train", "--data", shapes, "--out", str(tmp_path / "r"), "--arch", "dynamask_resnet_fpn", "--no-progress"]
     main(common + ["--routing-signal", "boundary", "--decoupled", "--switch-input", "trunk"])

@@ -1,39 +1,22 @@
 """The switch fit that ends a DynaMask training run (``dynamask.engine.train_switch``): it equals the
 library's fit of the trained model, changes nothing but the switch, resumes exactly through a fit made at a
-stop, is skipped with ``--no-switch-fit``; and the sharded batches of a DDP fit (DDP itself:
+stop, is skipped with ``--switch paper``; and the sharded batches of a DDP fit (DDP itself:
 test_train_ddp.py)."""
 
 import pytest
 import torch
+from model_helpers import TRAIN_TINY, shapes_fixture, train_config  # noqa: F401  (shapes_fixture: a fixture)
 
 from dynamask.data import CocoDetection
-from dynamask.data.shapes import generate, split_paths
+from dynamask.data.shapes import split_paths
 from dynamask.engine import switch_fit, train_switch
 from dynamask.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from dynamask.engine.train import TrainConfig, train
+from dynamask.engine.train import train
 
-TINY = dict(depth=18, min_size=64, max_size=64, trunk_channels=16, stage_channels=[8, 8, 8], mask_roi_size=7,
-            fpn_channels=32, box_representation_size=64, rpn_pre_nms_top_n_train=64, rpn_post_nms_top_n_train=32,
-            rpn_pre_nms_top_n_test=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=32,
-            box_detections_per_img=10)
-FIT = dict(switch_fit_batches=3, switch_fit_epochs=2, switch_fit_calibration_images=3)
+TINY = TRAIN_TINY
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("shapes"))
-    generate(root, train=6, val=0, size=64, seed=2)
-    return root
-
-
-def _cfg(shapes, out, **kw):
-    img, ann = split_paths(shapes, "train")
-    # no flips: the reference fit below sees the same images as the run's own
-    base = dict(train_images=img, train_ann=ann, out_dir=str(out), arch="dynamask_resnet_fpn", arch_kwargs=TINY,
-                pretrain_epochs=1, epochs=1, batch_size=2, optimizer="adamw", lr=1e-4, warmup_iters=1, lr_steps=(),
-                workers=0, log_every=1, progress=False, seed=5, flip_prob=0.0, **FIT)
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = train_config
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +35,7 @@ def test_the_run_ends_with_the_librarys_fit_of_the_trained_model(shapes, fitted_
     ckpt = load_checkpoint(result["checkpoint"])
     fit = ckpt["extra"]["switch_fit"]
     assert result["switch_fit"] == fit and fit["batches"] == 3 and fit["epochs"] == 2 and fit["world_size"] == 1
-    assert any("the mask switch is fitted" in line for line in result["plan"])
+    assert any(line.startswith("switch: fitted when training ends") for line in result["plan"])
     dynamic = train_switch.dynamic_phase_switch(ckpt)
     assert dynamic is not None and dynamic.keys() == _msm(ckpt["model"]).keys()
     # the reference: the trained model with its dynamic-phase switch, fitted by the library with the same data
@@ -75,7 +58,7 @@ def test_the_run_ends_with_the_librarys_fit_of_the_trained_model(shapes, fitted_
 def test_no_switch_fit_keeps_the_dynamic_phase_switch_and_the_fit_touches_only_the_switch(shapes, fitted_run,
                                                                                        tmp_path):
     _, fitted = fitted_run
-    result = train(_cfg(shapes, tmp_path, switch_fit=False))
+    result = train(_cfg(shapes, tmp_path, switch="paper"))
     plain = load_checkpoint(result["checkpoint"])
     assert "switch_fit" not in plain["extra"] and "states" not in plain and "switch_fit" not in result
     assert not any("fitted" in line for line in result["plan"])

@@ -13,7 +13,12 @@ car, truck, bus, train, motorcycle, bicycle), with the table's label ids as COCO
 - Polygons stay polygons. Cityscapes' vertices are integer pixel indices (``cityscapesscripts`` fills the
   pixels whose centres they enclose), so 0.5 is added to turn them into COCO's continuous coordinates,
   where pixel ``i`` spans ``[i, i + 1]``; then each polygon is clipped to the image ``[0, W] x [0, H]``.
-  ``area`` is the clipped polygons' area (shoelace), ``bbox`` their extent.
+  ``area`` is the pixel count of the clipped polygon as pycocotools rasterises it (what evaluation
+  compares against: a self-intersecting "bow-tie" polygon, whose shoelace area is 0, keeps its pixels),
+  ``bbox`` its extent.
+- Thing instances with no pixel in the image (outside it, or, with ``visible=True``, hidden by the
+  objects drawn over them) are dropped; ``info["dropped_instances"]`` lists each (file, object, label,
+  reason).
 - Polygons overlap where one object hides another: Cityscapes draws them in file order, later over earlier.
   With ``visible=True`` each instance is instead written as the run-length-encoded pixels that stay
   visible when all polygons are drawn that way, which is the region of ``*_gtFine_instanceIds.png`` and so
@@ -26,10 +31,13 @@ import glob
 import json
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from dynamask.checks import check_output_file
 
 SPLITS = ("train", "val", "test")
 _GT_SUFFIX = "_gtFine_polygons.json"
@@ -82,8 +90,11 @@ def convert_cityscapes(root: str, split: str, out_file: str | None = None, *, vi
     categories = thing_categories()
     things = {c["id"] for c in categories}
     img_root = image_root(root, split)
+    if out_file is not None:  # before the conversion, which reads every file of the split
+        check_output_file(out_file, name="out_file")
     images: list[dict] = []
     annotations: list[dict] = []
+    dropped: list[dict[str, Any]] = []
     for image_id, gt_file in enumerate(files, start=1):
         city = os.path.basename(os.path.dirname(gt_file))
         stem = os.path.basename(gt_file)[: -len(_GT_SUFFIX)]
@@ -92,25 +103,34 @@ def convert_cityscapes(root: str, split: str, out_file: str | None = None, *, vi
         _check_image(os.path.join(img_root, file_name), gt_file, height, width)
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         make = _visible_annotations if visible else _polygon_annotations
-        anns = make(objects, table, things, height, width, gt_file)
+        anns = make(objects, table, things, height, width, gt_file, dropped)
         for ann in anns:
             ann.update(id=len(annotations) + 1, image_id=image_id)
             annotations.append(ann)
     coco = {
         "info": {"description": f"Cityscapes {split} (gtFine), thing classes, converted by dynamask"
-                                + (", visible regions" if visible else "")},
+                                + (", visible regions" if visible else ""),
+                 "dropped_instances": dropped},
         "images": images,
         "annotations": annotations,
         "categories": categories,
     }
     if out_file is not None:
-        folder = os.path.dirname(os.path.abspath(out_file))
-        os.makedirs(folder, exist_ok=True)
-        tmp = out_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(coco, f)
-        os.replace(tmp, out_file)
+        _write_json(coco, out_file)
     return coco
+
+
+def _write_json(value: Any, path: str) -> None:
+    """Atomically: a temporary file in the same folder, then ``os.replace``; removed if anything fails."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -184,8 +204,10 @@ def _check_image(path: str, gt_file: str, height: int, width: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- polygons
-def _polygon_annotations(objects, table, things: set[int], height: int, width: int,
-                         gt_file: str) -> list[dict[str, Any]]:
+def _polygon_annotations(objects, table, things: set[int], height: int, width: int, gt_file: str,
+                         dropped: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import pycocotools.mask as mask_utils
+
     anns = []
     for i, name, points in objects:
         where = f"{gt_file}: object {i} ({name!r})"
@@ -196,14 +218,16 @@ def _polygon_annotations(objects, table, things: set[int], height: int, width: i
             raise ValueError(f"{where}: polygon has {len(points)} points, needs at least 3")
         clipped = [(round(x, 3), round(y, 3))
                    for x, y in clip_polygon([(x + 0.5, y + 0.5) for x, y in points], width, height)]
-        area = polygon_area(clipped)
-        if len(clipped) < 3 or area <= 0:
-            continue  # outside the image, or degenerate
+        flat = [v for p in clipped for v in p]
+        area = float(mask_utils.area(mask_utils.frPyObjects([flat], height, width))[0]) if len(clipped) >= 3 else 0.0
+        if area <= 0:
+            dropped.append(_dropped(gt_file, i, name, "no pixel inside the image"))
+            continue
         xs, ys = [p[0] for p in clipped], [p[1] for p in clipped]
         x0, y0 = min(xs), min(ys)
         anns.append({
             "category_id": int(label.id),
-            "segmentation": [[v for p in clipped for v in p]],
+            "segmentation": [flat],
             "area": area,
             "bbox": [x0, y0, max(xs) - x0, max(ys) - y0],
             "iscrowd": int(group),
@@ -267,8 +291,8 @@ def polygon_area(points: Sequence[tuple[float, float]]) -> float:
 
 
 # --------------------------------------------------------------------------------------------- visible
-def _visible_annotations(objects, table, things: set[int], height: int, width: int,
-                         gt_file: str) -> list[dict[str, Any]]:
+def _visible_annotations(objects, table, things: set[int], height: int, width: int, gt_file: str,
+                         dropped: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each thing instance's pixels left visible when every polygon is drawn in file order, later over
     earlier, with PIL as ``cityscapesscripts``' ``json2instanceImg`` does; as compressed RLE."""
     from PIL import Image, ImageDraw
@@ -286,15 +310,16 @@ def _visible_annotations(objects, table, things: set[int], height: int, width: i
         if label.id in things:
             if len(points) < 3:
                 raise ValueError(f"{where}: polygon has {len(points)} points, needs at least 3")
-            wanted.append((k, label, group))
+            wanted.append((k, i, name, label, group))
         if len(points) >= 3:
             draw.polygon([tuple(p) for p in points], fill=k + 1)
     index = np.asarray(canvas, dtype=np.int32)
     anns = []
-    for k, label, group in wanted:
+    for k, i, name, label, group in wanted:
         mask = index == k + 1
         if not mask.any():
-            continue  # hidden entirely
+            dropped.append(_dropped(gt_file, i, name, "no pixel visible (outside the image or hidden)"))
+            continue
         ys, xs = np.nonzero(mask)
         x0, y0 = float(xs.min()), float(ys.min())
         anns.append({
@@ -305,3 +330,7 @@ def _visible_annotations(objects, table, things: set[int], height: int, width: i
             "iscrowd": int(group),
         })
     return anns
+
+
+def _dropped(gt_file: str, index: int, label: str, reason: str) -> dict[str, Any]:
+    return {"file": gt_file, "object": index, "label": label, "reason": reason}

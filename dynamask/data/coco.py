@@ -194,8 +194,8 @@ def _checked_coco(ann_file: str, image_dir: str | None = None) -> tuple[COCO, li
 
 def read_rgb_array(path: str) -> np.ndarray:
     """``[H, W, 3]`` uint8 of an existing image file, turned upright by its EXIF orientation (as phones and
-    image viewers show it); a file PIL cannot decode, or one over PIL's decompression-bomb limit, is a
-    ValueError naming it."""
+    image viewers show it); a file PIL cannot decode, one over PIL's decompression-bomb limit, or one whose
+    pixel values dynamask cannot scale is a ValueError naming it."""
     try:
         with Image.open(path) as img:
             return _to_rgb_array(upright(img))
@@ -203,6 +203,8 @@ def read_rgb_array(path: str) -> np.ndarray:
         raise ValueError(f"{path}: image refused as too large ({exc})") from exc
     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: cannot read image ({exc})") from exc
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def upright(img: Image.Image) -> Image.Image:
@@ -214,12 +216,31 @@ def upright(img: Image.Image) -> Image.Image:
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
-    """``[H, W, 3]`` uint8 from any PIL mode (16-bit grayscale scaled, alpha composited over black)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    """``[H, W, 3]`` uint8 from any PIL mode (alpha composited over black). Images of more than 8 bits are
+    scaled by a fixed range, never by their own maximum (which would make a pixel's brightness depend on
+    the others): 16-bit and 32-bit integer ones by 0..65535, 32-bit float ones by [0, 1]; values outside
+    that range are refused, since no scale for them is right."""
+    if img.mode.startswith("I;16"):
+        a = np.floor(np.asarray(img, dtype=np.float64) / 65535.0 * 255.0)
+    elif img.mode == "I":
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
-        a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"a 32-bit integer image with values from {a.min():.0f} to {a.max():.0f}: only "
+                             "0..65535 (16-bit data) is read; convert it to 8 or 16 bits")
+        a = np.floor(a / 65535.0 * 255.0)
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if a.size and not np.isfinite(a).all():
+            raise ValueError(f"a 32-bit float image with {int((~np.isfinite(a)).sum())} NaN or infinite values")
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise ValueError(f"a 32-bit float image with values from {a.min():.4g} to {a.max():.4g}: only [0, 1] "
+                             "is read; scale it to [0, 1] or convert it to 8 or 16 bits")
+        a = np.round(a * 255.0)
+    else:
+        a = None
+    if a is not None:
+        gray = a.astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
         rgb = rgba[:, :, :3] * (rgba[:, :, 3:4] / 255.0)

@@ -10,6 +10,7 @@ orientation (``PIL.ImageOps.exif_transpose``), so results refer to the image as 
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -28,23 +29,41 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     """``[3, H, W]`` float32 in [0, 1] from an image file; errors name the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.islink(path):  # a link whose target is gone, or a loop of links
+            raise FileNotFoundError(f"{path}: a symbolic link to nothing readable ({_link_problem(path)})")
         raise FileNotFoundError(f"image not found: {path}")
     return _uint8_to_tensor(read_rgb_array(path))
+
+
+def _link_problem(path: str) -> str:
+    try:
+        os.path.realpath(path, strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "a loop of links"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of links"
+    return f"its target {os.readlink(path)} does not exist"
 
 
 def to_image_tensor(image: ImageInput) -> torch.Tensor:
     """One image of any accepted form as ``[3, H, W]`` float32 in [0, 1] (on the input tensor's device)."""
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image)
-    if isinstance(image, Image.Image):  # upright by its EXIF orientation, as a file of it would be read
-        return _uint8_to_tensor(_to_rgb_array(upright(image)))
-    if isinstance(image, np.ndarray):
-        return _array_to_tensor(image)
-    if isinstance(image, torch.Tensor):
-        return _tensor_to_tensor(image)
-    raise TypeError(
-        f"an image must be a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}"
-    )
+        t = read_image(image)
+    elif isinstance(image, Image.Image):  # upright by its EXIF orientation, as a file of it would be read
+        t = _uint8_to_tensor(_to_rgb_array(upright(image)))
+    elif isinstance(image, np.ndarray):
+        t = _array_to_tensor(image)
+    elif isinstance(image, torch.Tensor):
+        t = _tensor_to_tensor(image)
+    else:
+        raise TypeError(
+            f"an image must be a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}"
+        )
+    if t.shape[1] == 0 or t.shape[2] == 0:  # the model would divide by its size
+        where = f"{os.fspath(image)}: " if isinstance(image, (str, os.PathLike)) else ""
+        raise ValueError(f"{where}the image is empty ({t.shape[2]}x{t.shape[1]} pixels)")
+    return t
 
 
 def _uint8_to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -82,6 +101,8 @@ def _array_to_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def _tensor_to_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "meta":
+        raise ValueError("an image tensor on the meta device holds no pixel values")
     if t.dim() != 3 or t.shape[0] != 3:
         raise ValueError(f"an image tensor must be [3, H, W], got shape {tuple(t.shape)}")
     if t.dtype == torch.uint8:

@@ -87,6 +87,25 @@ class LvisDetection(CocoDetection):
                     raise ValueError(f"{self.ann_file}: image {image_id}: {key} must list category ids of the file, "
                                      f"got {bad!r}")
                 table[image_id] = set(ids)
+        self._warn_negatives_annotated()
+
+    def _warn_negatives_annotated(self) -> None:
+        """Warn about images that annotate a category they also list as verified absent
+        (``neg_category_ids``): LVIS's evaluation then scores that category's detections there against
+        contradictory ground truth."""
+        import warnings
+
+        clashes = []
+        for image_id, negatives in self.neg_category_ids.items():
+            if negatives:
+                annotated = {a.get("category_id") for a in self.coco.imgToAnns.get(image_id, [])}
+                clashes += [(image_id, c) for c in sorted(annotated & negatives)]
+        if clashes:
+            shown = ", ".join(f"image {i}: category {c}" for i, c in clashes[:5])
+            more = f" and {len(clashes) - 5} more" if len(clashes) > 5 else ""
+            warnings.warn(f"{self.ann_file}: {len(clashes)} categories are both annotated on an image and listed in "
+                          f"its neg_category_ids ({shown}{more}); the file contradicts itself there",
+                          UserWarning, stacklevel=3)
 
     def image_path(self, index: int) -> str:
         info = self.coco.imgs[self.ids[index]]

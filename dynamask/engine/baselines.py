@@ -78,6 +78,12 @@ def maskrcnn_resnet_fpn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_detections_per_img=box_detections_per_img,
     )
+    try:
+        from dynamask.models.detector import SafeResizeTransform
+    except ModuleNotFoundError:  # an install without dynamask.models: torchvision's own
+        return model
+    t = model.transform  # the same resizing, but a 2x3840 image keeps a 1-pixel side instead of failing
+    model.transform = SafeResizeTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
     return model
 
 

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynamask.checks import check_kwargs, parameter_names
+from dynamask.checks import check_kwargs, first_non_finite, model_num_classes, parameter_names, torch_load_detail
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "label_map", "model")
+# What a training run saves and `--resume` needs; `dynamask fit-switch` writes checkpoints without them.
+RESUME_KEYS = ("optimizer", "scheduler", "epoch", "iteration", "rng")
 
 # Builder name -> builder function. A plain dict; the model builders are added from dynamask.models on first
 # use (the engine depends on the model, never the other way round).
@@ -191,11 +193,17 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", arch_name: str | None = None) -> dict:
-    """Load and check a checkpoint (``weights_only=True``).
+def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", arch_name: str | None = None,
+                    resume: bool = False) -> dict:
+    """Load and check a checkpoint (``weights_only=True``); weights holding NaN or infinity are refused.
 
     ``arch_name``: when given, a checkpoint of another architecture is refused with a clear error.
+    ``resume``: the checkpoint must hold a training run's state (:data:`RESUME_KEYS`), not only weights.
     """
+    if os.path.isdir(path):
+        inside = os.path.join(path, "last.pth")
+        hint = f" (did you mean {inside}?)" if os.path.isfile(inside) else ""
+        raise ValueError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -217,29 +225,60 @@ def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", arch
         )
     if arch_name is not None and ckpt["arch"].get("name") != arch_name:
         raise ValueError(f"{path}: checkpoint is of architecture {ckpt['arch'].get('name')!r}, not {arch_name!r}")
+    if not isinstance(ckpt["model"], dict):
+        raise ValueError(f"{path}: 'model' must be a state dict, got {type(ckpt['model']).__name__}")
+    # NaN weights give no detection at all, silently: never run (or train on) them
+    bad = first_non_finite(ckpt["model"])
+    if bad is not None:
+        raise ValueError(f"{path}: weights hold NaN or infinite values (parameter {bad!r}); this checkpoint "
+                         "cannot be used")
+    if resume:
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            extra = ckpt.get("extra")
+            made_by = " (written by `dynamask fit-switch`)" if isinstance(extra, dict) and "switch_fit" in extra else ""
+            raise ValueError(f"{path}: an inference-only checkpoint{made_by} cannot be resumed: it has no "
+                             f"{', '.join(missing)}; resume from the training run's own last.pth")
     return ckpt
 
 
 def _load_error(exc: Exception) -> str:
-    """What went wrong in ``torch.load``, without torch's hint that ``weights_only=False`` "will likely
-    succeed": for a file of unknown origin that advice runs whatever code the file holds."""
-    lines = []
-    for line in str(exc).splitlines():
-        line = line.replace("WeightsUnpickler error:", "").strip()
-        if line and "weights_only" not in line and not line.startswith(("Please file", "Check the documentation")):
-            lines.append(line)
-    detail = lines[0] if lines else type(exc).__name__
-    return f"{detail}; only tensors and plain values are read from a checkpoint"
+    """What went wrong in ``torch.load``, without torch's advice to load unsafely (see torch_load_detail)."""
+    return f"{torch_load_detail(exc)}; only tensors and plain values are read from a checkpoint"
 
 
 def model_from_checkpoint(
     path: str, *, map_location: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes and load its weights; returns ``(model, checkpoint)``."""
+    """Rebuild the model a checkpoint describes and load its weights; returns ``(model, checkpoint)``.
+
+    The label map must name every label the model can predict (checked before building, so a corrupt
+    ``num_classes`` is named rather than allocated)."""
     ckpt = load_checkpoint(path, map_location=map_location)
-    model = build_model(ckpt["arch"])
+    labels = len(ckpt["label_map"])
+    num_classes = ckpt["arch"].get("kwargs", {}).get("num_classes")
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(f"{path}: arch argument num_classes must be an integer >= 2, got {num_classes!r}")
+        _check_label_map(path, num_classes, labels)
+    try:
+        model = build_model(ckpt["arch"])
+    except (RuntimeError, MemoryError, OverflowError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"{path}: cannot build architecture {ckpt['arch'].get('name')!r} with arguments "
+                         f"{ckpt['arch'].get('kwargs', {})}: {detail[:300]}") from exc
+    built = model_num_classes(model)
+    if built is not None:
+        _check_label_map(path, built, labels)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit architecture {ckpt['arch']}: {exc}") from exc
     return model, ckpt
+
+
+def _check_label_map(path: str, num_classes: int, labels: int) -> None:
+    # a label the map lacks would fail only when the model first predicts it, mid-run
+    if labels < num_classes - 1:
+        raise ValueError(f"{path}: the model has num_classes {num_classes} (labels 1..{num_classes - 1}) but its "
+                         f"label_map names only {labels} labels")

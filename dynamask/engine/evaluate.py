@@ -141,6 +141,9 @@ def evaluate_results(
     known = sorted(int(r) for r in per_roi) if isinstance(per_roi, Mapping) else None
     dist = resolution_distribution(results, cat_names, score_threshold=score_threshold, resolutions=known)
     metrics["resolution"] = dist
+    # the cost below counts every detection the head segmented: the same detections' distribution beside it
+    metrics["resolution_all"] = resolution_distribution(results, cat_names, score_threshold=float("-inf"),
+                                                        resolutions=known)
     # the head segments every kept detection, whatever its score: its cost is averaged over all of them
     report = cost_report(results, costs, num_images=len(coco_gt.imgs)) if costs is not None else None
     metrics["mask_gmac_per_instance"] = report["mask_gmac_per_instance"] if report else None
@@ -246,9 +249,17 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             total = sum(counts.values())
             cells = [f"{100 * counts[r] / total:.0f}%" if total else "–" for r in res]
             lines.append(f"| {name} (n={total}) | " + " | ".join(cells) + " |")
+        every = metrics.get("resolution_all")
+        if every and every["instances"]:
+            counts = {int(r): n for r, n in every["overall"].items()}
+            total = sum(counts.values())
+            cells = [f"{100 * counts.get(r, 0) / total:.0f}%" for r in res]
+            lines.append(f"| all detections, any score (n={total}; what the cost below counts) | "
+                         + " | ".join(cells) + " |")
         if len(shown) < len(dist["per_category"]):
             lines.append(f"({len(shown)} of {len(dist['per_category'])} categories, those with the most instances; "
                          "all in metrics.json)")
+        lines.append(f"(rows: detections scoring >= {dist.get('score_threshold', 0.5):g}, but the last)")
     cost = metrics.get("mask_cost") or {}
     if metrics.get("mask_gmac_per_instance") is not None:
         msm = " (MSM included)" if cost.get("msm_gmac_per_roi") else ""
@@ -257,4 +268,16 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     if cost.get("head_gmac_per_image") is not None:
         lines.append(f"Per image: {cost['per_image_gmac']:.4f} GMAC of projections and MSM; whole mask head "
                      f"{cost['head_gmac_per_image']:.4f} GMAC")
+    switches = metrics.get("switches")
+    if switches:
+        labels = {"fitted": "fitted (the run's)", "dynamic_phase": "dynamic phase's (the paper's)"}
+
+        def num(v: float | None, fmt: str) -> str:
+            return "–" if v is None else format(v, fmt)
+
+        lines += ["", "| switch | segm AP | GMAC / instance | routing value captured |", "|---|---|---|---|"]
+        for key, row in switches.items():
+            ap = None if row.get("segm_AP") is None else 100 * row["segm_AP"]
+            gmac, captured = num(row.get("mask_gmac_per_instance"), ".4f"), num(row.get("routing_captured"), ".3f")
+            lines.append(f"| {labels.get(key, key)} | {num(ap, '.1f')} | {gmac} | {captured} |")
     return "\n".join(lines) + "\n"

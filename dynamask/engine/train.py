@@ -84,7 +84,7 @@ class TrainConfig:
     workers: int = option(2, "data-loading processes per training process")
     flip_prob: float = option(0.5)
     resize: tuple[int, int] | None = option(None, "multi-scale training: the model draws the shorter side from "
-                                            "LOW..HIGH per batch, and uses HIGH at test (paper: 640 800)",
+                                            "LOW..HIGH per image, and uses HIGH at test (paper: 640 800)",
                                             metavar=("LOW", "HIGH"))
     max_size: int | None = option(None, "cap of the longer side (the model's max_size)")
     # DynaMask's method (None: the model's default; see dynamask.engine.recipe). The budget is on unless
@@ -107,9 +107,12 @@ class TrainConfig:
     switch_input: str | None = option(
         None, "what the switch reads: the RoI feature (roi, the default), the trunk's output (trunk), or the "
         "trunk's output with its 14x14 mask and edge logits (mask)", group=METHOD, choices=SWITCH_INPUTS)
-    switch_fit: bool = option(
-        True, "keep the mask switch the dynamic phase trained: no regression fit of the switch to the budget C_t "
-        "when training ends (dynamask.engine.train_switch)", group=METHOD)
+    switch: Literal["paper", "fit"] | None = option(
+        None, "the mask switch the run ends with: fit (the default) regresses each RoI's mask IoU and prices the "
+        "resolutions so that the mean head cost meets C_t exactly, when training ends (dynamask.engine."
+        "train_switch); paper keeps the switch the dynamic phase trained through Gumbel-softmax under the soft "
+        "budget (Eq. 3), the paper's model and --recipe paper's default. --no-switch-fit: --switch paper",
+        group=METHOD)
     switch_fit_batches: int = option(900, "training batches (of --batch-size images, over all processes) the "
                                      "switch fit runs the trained model on (default 900)", group=METHOD)
     switch_fit_epochs: int = option(15, "epochs of the switch fit over those RoIs (default 15)", group=METHOD)
@@ -239,10 +242,13 @@ def _dataset(cfg: TrainConfig):
     return open_dataset(cfg.train_images, cfg.train_ann, Compose(transforms))  # COCO or LVIS
 
 
-def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train; returns ``{"status", "epoch", "iteration", "checkpoint", "metrics"?}``.
+def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+          dry_run: bool = False) -> dict[str, Any]:
+    """Train; returns ``{"status", "epoch", "iteration", "checkpoint", "plan", "metrics"?}``.
 
-    ``status``: "done", or "stopped" (signal, ``time_limit`` or ``max_iters``; a checkpoint was written).
+    ``status``: "done", or "stopped" (signal, ``time_limit`` or ``max_iters``; a checkpoint was written), or
+    "dry run": with ``dry_run`` the run is built and checked and its plan printed, and nothing is trained,
+    fitted or written (but the run folder, created and probed by the checks).
     A non-finite loss raises :class:`NonFiniteLossError` and leaves the last good checkpoint in place.
     ``on_iteration(iteration, losses)`` is called after each step (for tests and tools).
     """
@@ -256,7 +262,7 @@ def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], N
     device = _device(cfg)
     created_group = dist_utils.init_from_env(device.type)
     try:
-        return _train(cfg, device, on_iteration, tqdm, collate_fn)
+        return _train(cfg, device, on_iteration, tqdm, collate_fn, dry_run)
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
@@ -289,9 +295,10 @@ class _Run:
     last_good: str | None = None  # the checkpoint a non-finite loss leaves in place
     fit: dict[str, Any] | None = None  # the switch fit's report, once the switch is fitted
     dynamic_switch: dict[str, Tensor] | None = None  # then, the switch the dynamic phase trained
+    unfitted: bool = False  # a finished fitted run resumed with --switch paper (its fit undone)
 
 
-def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
+def _train(cfg, device, on_iteration, tqdm, collate_fn, dry_run: bool = False) -> dict[str, Any]:
     run = _build(cfg, device, collate_fn)
     extra = {"iters_per_epoch": run.iters_per_epoch, "world_size": dist_utils.world_size(),
              "config": _plain_config(cfg)}
@@ -300,14 +307,18 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
                                 world=dist_utils.world_size(), optimizer=cfg.optimizer, lr=cfg.lr,
                                 warmup_iters=cfg.warmup_iters, warmup_factor=cfg.warmup_factor,
                                 lr_steps=cfg.lr_steps, gamma=cfg.gamma)
-    fits = run.phases and cfg.switch_fit and train_switch.can_fit(run.model)
-    if fits:
-        plan.append(f"then the mask switch is fitted to the budget: {cfg.switch_fit_batches} training batches, "
-                    f"{cfg.switch_fit_epochs} epochs (--no-switch-fit keeps the dynamic phase's switch)")
+    fits = run.phases and resolved_switch(cfg) == "fit" and train_switch.can_fit(run.model)
+    plan.append(recipe.describe_switch(run.model, fit=fits, batches=cfg.switch_fit_batches,
+                                       epochs=cfg.switch_fit_epochs))
     if dist_utils.is_main():
         print("\n".join(plan), flush=True)
+    if dry_run:
+        return {"status": "dry run", "epoch": run.epoch, "iteration": run.iteration, "checkpoint": None,
+                "stop_reason": None, "plan": plan}
     if run.fit is not None:  # a resumed run that was fitted and has nothing left to train
         extra[train_switch.FIT_KEY] = run.fit
+    if run.unfitted:  # a finished fitted run resumed with --switch paper: the dynamic phase's switch is back
+        _save(run, extra)
     stop_reason = _loop(run, cfg, device, extra, on_iteration, tqdm)
     status = "done" if stop_reason is None else "stopped"
     result: dict[str, Any] = {"status": status, "epoch": run.epoch, "iteration": run.iteration,
@@ -323,6 +334,11 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn) -> dict[str, Any]:
     if dist_utils.is_distributed():
         torch.distributed.barrier()
     return result
+
+
+def resolved_switch(cfg: TrainConfig) -> str:
+    """The switch a run ends with: ``cfg.switch``, else the fit (``--recipe paper`` sets "paper")."""
+    return cfg.switch or "fit"
 
 
 def _fit_switch(run: _Run, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str, Any] | None:
@@ -355,7 +371,7 @@ def _build(cfg: TrainConfig, device: torch.device, collate_fn) -> _Run:
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "last.pth")
     resume_path = ckpt_path if cfg.resume == "auto" else cfg.resume
-    ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
+    ckpt = load_checkpoint(resume_path, map_location="cpu", resume=True) if resume_path else None
     model, arch, label_map, dataset = _build_model(cfg, device, ckpt, resume_path)
     phases = hasattr(model, "mask_training")
     pretrain_epochs = cfg.pretrain_epochs if phases else 0
@@ -405,6 +421,12 @@ def _build_model(cfg: TrainConfig, device: torch.device, ckpt: dict[str, Any] | 
                              f"({ {k: arch['kwargs'].get(k) for k in changed} }); a resumed run keeps its settings")
         build_arch = arch
     else:
+        given = kwargs.get("num_classes")
+        if given is not None and given < dataset.num_classes:
+            raise ValueError(
+                f"--arch-kwargs num_classes {given}: {cfg.train_ann} has {dataset.num_classes - 1} categories, so "
+                f"the model needs num_classes >= {dataset.num_classes} (num_classes counts the background, as "
+                "torchvision's); leave it out to take it from the data")
         kwargs.setdefault("num_classes", dataset.num_classes)
         build_arch = make_arch(cfg.arch, **kwargs)
 
@@ -422,6 +444,14 @@ def _build_model(cfg: TrainConfig, device: torch.device, ckpt: dict[str, Any] | 
         if cfg.budget and "target_gmacs" not in kwargs and heads is not None and hasattr(heads, "target_gmacs"):
             heads.target_gmacs = recipe.default_target_gmacs(model)  # the budget is on by default
             kwargs["target_gmacs"] = heads.target_gmacs
+        recipe.check_budget(model)  # a C_t below the cheapest resolution can never be met: refused now
+        msm = getattr(heads, "msm", None)
+        if msm is not None and bool(msm.cost_penalty.any()):
+            # weights of a fitted model: its price would bias the Gumbel logits the dynamic phase trains
+            msm.cost_penalty.zero_()
+            if dist_utils.is_main():
+                print("note: the weights' fitted switch price (cost_penalty) is reset to zero: the dynamic phase "
+                      "trains the switch without it, and a fit at the end sets a new one")
         arch = make_arch(cfg.arch, **kwargs)  # what the checkpoint records: rebuilds with no weight file
     return model, arch, label_map, dataset
 
@@ -466,6 +496,8 @@ def _restore(run: _Run, cfg: TrainConfig, ckpt: dict[str, Any]) -> None:
     if fit is not None:
         if run.epoch < run.total_epochs:  # more to train: from the dynamic phase's switch, fitted again at the end
             train_switch.use_dynamic_phase_switch(unwrap(run.model), ckpt)
+        elif resolved_switch(cfg) == "paper":  # finished, and asked for the paper's switch: put it back
+            run.unfitted = train_switch.use_dynamic_phase_switch(unwrap(run.model), ckpt)
         else:
             run.fit, run.dynamic_switch = fit, train_switch.dynamic_phase_switch(ckpt)
     saved_ipe = ckpt.get("extra", {}).get("iters_per_epoch")
@@ -625,7 +657,50 @@ def _evaluate_at_end(run: _Run, cfg: TrainConfig, device: torch.device) -> dict[
     dist_utils.broadcast_buffers(run.model)  # every shard evaluated with the checkpoint's statistics
     metrics = evaluate(run.model, val, device=device, costs=cfg.mask_costs,
                        out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress and is_main)
+    if run.fit is not None and run.dynamic_switch is not None:
+        # a fitted run: the dynamic phase's (the paper's) switch too, on the same model and images
+        switches = _compare_switches(run, cfg, val, device, metrics if is_main else None)
+        if is_main and metrics is not None:
+            metrics["switches"] = switches
     return metrics if is_main else None
+
+
+def _compare_switches(run: _Run, cfg: TrainConfig, val, device: torch.device,
+                      fitted: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Rows of both switches of a fitted run: segm AP, GMAC per instance and the routing value on the
+    validation split's ground-truth boxes (:mod:`dynamask.engine.routing_probe`). Every process evaluates
+    its shard of the images with the dynamic phase's switch swapped in; rank 0 probes the routing."""
+    import copy
+
+    from dynamask.engine.evaluate import evaluate
+    from dynamask.engine.routing import routing_value
+    from dynamask.engine.routing_probe import gt_box_routing
+
+    is_main = dist_utils.is_main()
+    model = cast(Any, unwrap(run.model))
+    heads = model.roi_heads
+    dynamic_msm = copy.deepcopy(heads.msm)
+    state = cast("dict[str, Tensor]", run.dynamic_switch)
+    dynamic_msm.load_state_dict({k: v.to(heads.msm.cost_penalty.device) for k, v in state.items()})
+    fitted_msm, heads.msm = heads.msm, dynamic_msm
+    try:
+        dynamic = evaluate(model, val, device=device, costs=cfg.mask_costs,
+                           out_dir=os.path.join(cfg.out_dir, "eval", "dynamic_phase_switch"),
+                           progress=cfg.progress and is_main)
+    finally:
+        heads.msm = fitted_msm
+    if not is_main or fitted is None or dynamic is None:
+        return None
+    probe = gt_box_routing(model, val, switches={"fitted": (fitted_msm, heads.switch_input),
+                                                 "dynamic_phase": (dynamic_msm, heads.switch_input)},
+                           progress=cfg.progress, device=device)
+    rows = {}
+    for name, m in (("fitted", fitted), ("dynamic_phase", dynamic)):
+        value = routing_value(probe["iou"], probe["choices"][name]) if len(probe["iou"]) else None
+        rows[name] = {"segm_AP": m["segm"]["AP"] if "segm" in m else None,
+                      "mask_gmac_per_instance": m.get("mask_gmac_per_instance"),
+                      "routing_captured": None if value is None else value.captured}
+    return rows
 
 
 def _plain_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -58,6 +58,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.mask_costs is not None:
         for res, cost in cfg.mask_costs.items():
             check_number(cost, f"mask_costs[{res}]", low=0)
+    if cfg.repeat_factor_threshold is not None:  # the share of images a category must reach: a fraction
+        check_number(cfg.repeat_factor_threshold, "repeat_factor_sampling", low=0, high=1, low_open=True)
     check_device(cfg.device, name="device")
     check_output_dir(cfg.out_dir, name="out_dir")
 

@@ -1,13 +1,15 @@
-"""The switch fit that ends a DynaMask training run (``dynamask train``; ``--no-switch-fit`` skips it).
+"""The switch fit that ends a DynaMask training run (``dynamask train --switch fit``, the default;
+``--switch paper`` keeps the dynamic phase's switch, as the paper's model has).
 
 The dynamic phase trains the Mask Switch through a Gumbel sample of the per-resolution losses (the paper's
-Eq. 3); on the accuracy study that switch captured 0.28 of the routing gain, and the regression fit of
-:mod:`dynamask.engine.switch_fit` on the same frozen model 0.62-0.72 at the same budget (three inits,
-``benchmarks/results/accuracy_cpu.md``). So a run ends with that fit, to the model's own budget C_t, and
-the checkpoint keeps the dynamic phase's switch beside it (``states["dynamic_phase_switch"]``): a run
-resumed for more epochs trains on from that switch, as one that never stopped, and is fitted again at its
-end. Under DDP every process collects its share of the batches and fits the same switch on all of them
-(:func:`~dynamask.engine.switch_fit.fit_model_switch`).
+Eq. 3). On the accuracy study (``benchmarks/results/accuracy_cpu.md``, seed 0) the default dynamic-phase model's
+switch (row ``coupled-paper-roi-ct0.08``) captured 0.276 of the routing gain at 0.0653 GMAC per instance; the
+regression fit of :mod:`dynamask.engine.switch_fit` on that model (rows ``train-fit-ct0.08-init*``, three
+inits) captured 0.645-0.649 at 0.079-0.083 GMAC, the budget C_t 0.08 that the Gumbel switch undershot. So a run
+ends with that fit, to the model's own budget C_t, and the checkpoint keeps the dynamic phase's switch beside
+it (``states["dynamic_phase_switch"]``): a run resumed for more epochs trains on from that switch, as one that
+never stopped, and is fitted again at its end. Under DDP every process collects its share of the batches and
+fits the same switch on all of them (:func:`~dynamask.engine.switch_fit.fit_model_switch`).
 """
 
 from __future__ import annotations

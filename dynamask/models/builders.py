@@ -29,7 +29,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _valida
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from dynamask.checks import check_kwargs
+from dynamask.checks import check_kwargs, first_non_finite, torch_load_detail
 from dynamask.models.detector import DynaMaskRCNN, valid_kwargs
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
@@ -43,15 +43,37 @@ StateDict = Mapping[str, Tensor]
 
 
 def _load(source: str | os.PathLike | StateDict, what: str) -> dict[str, Tensor]:
+    named = _named(source, what)
     if isinstance(source, (str, os.PathLike)):
-        obj = torch.load(source, map_location="cpu", weights_only=True)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{named}: file not found")
+        try:
+            obj = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:  # never relay torch's advice to load the file unsafely
+            raise ValueError(f"{named}: not a readable torch state dict ({torch_load_detail(exc)})") from None
     else:
         obj = source
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{what} must be a path to a state dict or a state dict, got {type(obj).__name__}")
+        raise TypeError(f"{named} must be a path to a state dict or a state dict, got {type(obj).__name__}")
+    bad = first_non_finite(obj)
+    if bad is not None:
+        raise ValueError(f"{named}: weights hold NaN or infinite values (parameter {bad!r})")
     return dict(obj)
+
+
+def _named(source: Any, what: str) -> str:
+    return f"{what} {os.fspath(source)}" if isinstance(source, (str, os.PathLike)) else what
+
+
+def _load_into(module: nn.Module, state: dict[str, Tensor], named: str) -> None:
+    """``module.load_state_dict(state)``; a mismatch names the file and its first differences."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{named}: weights do not fit this architecture ({detail[:300]})") from exc
 
 
 def load_torchvision_maskrcnn(model: DynaMaskRCNN, state: str | os.PathLike | StateDict) -> list[str]:
@@ -144,7 +166,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if is_trained else nn.BatchNorm2d
     body = RESNETS[depth](weights=None, norm_layer=norm_layer)
     if weights_backbone is not None:
-        body.load_state_dict(_load(weights_backbone, "weights_backbone"))
+        _load_into(body, _load(weights_backbone, "weights_backbone"), _named(weights_backbone, "weights_backbone"))
     if fpn_norm and torchvision_weights is not None:
         raise ValueError("fpn_norm=True has no torchvision weights to import (torchvision's FPN has no norm)")
     backbone = _resnet_fpn(body, trainable, fpn_channels, fpn_norm)
@@ -159,7 +181,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
     if torchvision_weights is not None and weights is None:
         load_torchvision_maskrcnn(model, torchvision_weights)
     if weights is not None:
-        model.load_state_dict(_load(weights, "weights"))
+        _load_into(model, _load(weights, "weights"), _named(weights, "weights"))
     return model
 
 

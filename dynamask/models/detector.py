@@ -8,6 +8,7 @@ a dict of losses in training; ``model(images)`` returns, per image, ``boxes``, `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -16,9 +17,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks, resize_boxes
 
-from dynamask.checks import check_kwargs
+from dynamask.checks import check_kwargs, model_num_classes
 from dynamask.models import mask_handoff, mask_inference, mask_losses
 from dynamask.models.inputs import check_images, check_targets
 from dynamask.models.mask_head import DynaMaskHead
@@ -36,6 +37,28 @@ def default_anchor_generator(sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES) -> Anc
     if len(sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per FPN level (5: P2-P6), got {len(sizes)}")
     return AnchorGenerator(tuple((int(s),) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
+
+
+class SafeResizeTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, except that no side is resized below 1 pixel: a 2x3840 image scaled to a
+    1333-pixel long side would have a short side of 0 (torchvision fails there); here it gets 1. Every other
+    image is resized exactly as torchvision does."""
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
+        h, w = image.shape[-2:]
+        if self.fixed_size is not None or (self.training and self._skip_resize):
+            return super().resize(image, target)
+        # the smallest scale any of the sizes torchvision may draw gives; floor() as its interpolate does
+        lowest = min(min(self.min_size) / min(h, w), self.max_size / max(h, w))
+        if math.floor(min(h, w) * lowest) >= 1:
+            return super().resize(image, target)
+        side = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+        scale = min(side / min(h, w), self.max_size / max(h, w))
+        size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
+        image, target = _resize_image_and_masks(image, side, self.max_size, target, (size[1], size[0]))
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
+        return image, target
 
 
 class DynaMaskRCNN(GeneralizedRCNN):
@@ -124,7 +147,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
             mask_rois_per_image=mask_rois_per_image, routing_signal=routing_signal, coupled=coupled,
             switch_input=switch_input,
         )
-        transform = GeneralizedRCNNTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
+        transform = SafeResizeTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
                                              image_std or [0.229, 0.224, 0.225], **kwargs)
         super().__init__(backbone, rpn, roi_heads, transform)
 
@@ -150,8 +173,9 @@ class DynaMaskRCNN(GeneralizedRCNN):
         """Training: dict of losses. Eval: per image ``boxes, labels, scores, masks [N,1,H,W],
         mask_resolution [N]`` in the original image frame.
 
-        Images must be finite floats in [0, 1] (float16 / bfloat16 ones are converted to the model's
-        dtype); in training, each target's ``masks`` must be ``[N, H, W]`` of its image, one per box.
+        Images must be ``[3, H, W]`` finite floats in [0, 1] (float16 / bfloat16 ones are converted to the
+        model's dtype); in training, each target's boxes must overlap its image, its labels be in
+        ``1 .. num_classes - 1`` and its ``masks`` be ``[N, H, W]`` of its image, one per box.
         ``model([])`` returns ``[]`` in eval mode.
         """
         images = check_images(images, next(self.parameters()).dtype)
@@ -159,7 +183,7 @@ class DynaMaskRCNN(GeneralizedRCNN):
             if not images:
                 raise ValueError("training needs at least one image, got an empty list")
             if targets is not None:
-                check_targets(images, targets, masks=True)
+                check_targets(images, targets, masks=True, num_classes=model_num_classes(self))
         elif not images:
             return []
         out = super().forward(images, targets)
