@@ -234,6 +234,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise CliError("--max-dets needs --lvis and a positive number")
     if args.out:
         check_output_dir(args.out)
+        cli_checks.check_eval_out(args.out)
     dataset = open_dataset(images, ann)
     if len(dataset) == 0:
         raise ValueError(f"{ann}: no images to evaluate")

@@ -76,6 +76,15 @@ def check_infer_out(out: str) -> None:
                          "replace its results.json: choose another folder")
 
 
+def check_eval_out(out: str) -> None:
+    """Refuse an ``--out`` folder holding ``dynamask infer``'s outputs: eval's results.json would replace
+    infer's, leaving its images.json naming results that are gone."""
+    found = [name for name in ("images.json", "skipped.json") if os.path.isfile(os.path.join(out, name))]
+    if found:
+        raise ValueError(f"--out {out} holds the outputs of `dynamask infer` ({', '.join(found)}); eval would "
+                         "replace its results.json: choose another folder")
+
+
 def publish(stage: str, out: str, written: list[str], *, stale: tuple[str, ...] = ()) -> None:
     """Move the files a run wrote in ``stage`` (names relative to it) into ``out``, then remove the files
     named in ``stale`` that this run did not write (an earlier run's, which would be mixed with it). The

@@ -149,6 +149,11 @@ def test_3_infer_leaves_eval_outputs_and_earlier_results_whole(tiny_ckpt, tmp_pa
     assert "bad.png: cannot read image" in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in earlier} == earlier
     assert sorted(os.listdir(out)) == ["good.png", "images.json", "results.json"]  # no staging folder left
+    # and the other way round: eval refuses infer's folder before reading anything
+    assert main(["eval", tiny_ckpt, "--images", str(tmp_path), "--ann", str(tmp_path / "missing.json"),
+                 "--out", str(out)]) == 1
+    _one_line_error(capsys, "eval", f"--out {out} holds the outputs of `dynamask infer` (images.json)")
+    assert {name: (out / name).read_bytes() for name in earlier} == earlier
 
 
 # ------------------------------------------------------------------ 4. 32-bit TIFFs
