@@ -115,10 +115,12 @@ def evaluate_policies(model: nn.Module, dataset, *, costs: Mapping[int, float],
             results.setdefault(name, []).extend(output_to_results(image_id, out, dataset.cat_ids, image_size=(h, w)))
         count += n
     metrics = {}
+    # every policy shares the detector's boxes: one box AP for all of them
+    bbox = coco_metrics(dataset.coco, next(iter(results.values())), "bbox")[0] if results else None
     for name, res in results.items():
         segm, _ = coco_metrics(dataset.coco, res, "segm")
         boundary, _ = coco_metrics(dataset.coco, res, "boundary")
-        metrics[name] = {"segm": segm, "boundary": boundary, "detections": count,
+        metrics[name] = {"bbox": bbox, "segm": segm, "boundary": boundary, "detections": count,
                          "mask_gmacs_per_instance": gmacs[name] / count if count else None}
     return metrics
 
@@ -130,9 +132,44 @@ def evaluate_fixed_model(model: nn.Module, dataset, *, gmacs_per_instance: float
     from dynamask.engine.evaluate import run_model
 
     res = run_model(model, dataset, progress=progress, default_resolution=fixed_mask_resolution(model))
+    bbox, _ = coco_metrics(dataset.coco, res, "bbox")
     segm, _ = coco_metrics(dataset.coco, res, "segm")
     boundary, _ = coco_metrics(dataset.coco, res, "boundary")
-    return {"segm": segm, "boundary": boundary, "detections": len(res), "mask_gmacs_per_instance": gmacs_per_instance}
+    return {"bbox": bbox, "segm": segm, "boundary": boundary, "detections": len(res),
+            "mask_gmacs_per_instance": gmacs_per_instance}
+
+
+@torch.no_grad()
+def maskrcnn_gt_box_iou(model: nn.Module, dataset, *, top: int, progress: bool = True) -> dict[str, Any]:
+    """torchvision Mask R-CNN's masks on the ground-truth boxes, scored as DynaMask's resolutions are
+    (:func:`dynamask.engine.routing_probe.gt_box_routing`): each instance's mask of its own class, upsampled
+    to the ``top`` x ``top`` grid, IoU with the target cut there. Returns ``{"iou": [N] float64,
+    "categories": N names}``."""
+    from tqdm import tqdm
+
+    from dynamask.engine.routing_probe import mask_iou_top_grid
+    from dynamask.models import mask_losses
+
+    model.eval()
+    heads = model.roi_heads
+    names = {int(c["id"]): str(c["name"]) for c in dataset.coco.loadCats(dataset.coco.getCatIds())}
+    ious, cats = [], []
+    for i in tqdm(range(len(dataset)), desc="Mask R-CNN on gt boxes", disable=not progress, dynamic_ncols=True):
+        image, target = dataset[i]
+        if target["boxes"].shape[0] == 0:
+            continue
+        images, targets = model.transform([image], [dict(target)])
+        features = model.backbone(images.tensors)
+        boxes = targets[0]["boxes"]
+        pooled = heads.mask_roi_pool(features, [boxes], images.image_sizes)
+        logits = heads.mask_predictor(heads.mask_head(pooled))  # [n, classes, 28, 28]
+        labels = targets[0]["labels"]
+        probs = logits[torch.arange(labels.shape[0]), labels].sigmoid()
+        n = boxes.shape[0]
+        gt = mask_losses.mask_targets([targets[0]["masks"]], [boxes], [torch.arange(n)], [top])[0]
+        ious.append(mask_iou_top_grid([probs], gt)[:, 0].numpy())
+        cats += [names[dataset.cat_ids[int(lab) - 1]] for lab in target["labels"].tolist()]
+    return {"iou": np.concatenate(ious) if ious else np.zeros(0), "categories": cats}
 
 
 def choice_shares(

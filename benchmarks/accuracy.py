@@ -46,7 +46,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _accuracy_eval import evaluate_fixed_model, evaluate_policies  # noqa: E402
+from _accuracy_eval import evaluate_fixed_model, evaluate_policies, maskrcnn_gt_box_iou  # noqa: E402
 from _accuracy_report import write_report  # noqa: E402
 
 
@@ -221,6 +221,20 @@ def full_config(seed: int = 0) -> StudyConfig:
                        maskrcnn=_maskrcnn(192, fpn=128, width=64), switches=switches, coupled=coupled,
                        fit=FitPlan(budgets=(0.04, 0.05, 0.08, 0.09, 0.11)),
                        train_fit=FitPlan(budgets=(0.05, 0.08, 0.11), on=coupled[0].name))
+
+
+# The budgets the default switch is judged at: 0.045 and 0.05 GMAC (the size rule's 0.0496 and 1.3x the Mask
+# R-CNN head's 0.0397 = 0.052: Tab. 8 and Tab. 6), 0.08, 0.09 (just under 0.6x the 112² cost, Tab. 5) and 0.11.
+CORE_FIT_BUDGETS = (0.045, 0.05, 0.08, 0.09, 0.11)
+
+
+def core_variants(cfg: StudyConfig) -> StudyConfig:
+    """The study without the switch variants the fit superseded: the default dynamic-phase row (its
+    Gumbel-trained switch is the paper's) and the fit ``dynamask train`` ends with on its model (the default
+    switch), at :data:`CORE_FIT_BUDGETS`."""
+    default = cfg.coupled[0]
+    train_fit = replace(cfg.train_fit or FitPlan(on=default.name), budgets=CORE_FIT_BUDGETS, on=default.name)
+    return replace(cfg, switches=(), fit=None, coupled=(default,), train_fit=train_fit)
 
 
 def quick_config(seed: int = 0) -> StudyConfig:
@@ -456,6 +470,7 @@ def train_switches(model, dataset, cfg: StudyConfig, variants, *, seed: int) -> 
 class Study:
     def __init__(self, cfg: StudyConfig, out: str, *, progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, out, progress
+        self.maskrcnn_ckpt: str | None = None  # --part grid: a Mask R-CNN row trained in another folder
         for d in ("ckpt", "rows"):
             os.makedirs(os.path.join(out, d), exist_ok=True)
         self.train, self.val = datasets(cfg, out)
@@ -686,6 +701,8 @@ class Study:
             v = SwitchVariant(name, signal="iou", reads="roi", target_gmacs=c, estimator="fit")
             row = self._row(name, "msm", metrics[name], probe, probe["choices"][name], variant=v,
                             trained="frozen base" if plan.on == "base" else f"frozen {plan.on}")
+            # the fit on the default dynamic-phase row's model is what `dynamask train` ends with by default
+            row["default_switch"] = plan.on != "base"
             row["fit"] = {"on": plan.on, "batches": plan.batches, "epochs": plan.epochs,
                           "averaged_epochs": plan.averaged(),
                           "init": int(name.rsplit("init", 1)[1]),
@@ -733,6 +750,7 @@ class Study:
         row: dict[str, Any] = {
             "name": name, "policy": policy, "resolution": resolution,
             "routing_loss": None, "target_gmacs": None,
+            "seed": self.cfg.seed, "bbox_ap": m["bbox"]["AP"] if "bbox" in m else None,
             "segm_ap": m["segm"]["AP"], "segm_ap50": m["segm"]["AP50"], "segm_ap75": m["segm"]["AP75"],
             "boundary_ap": m["boundary"]["AP"], "mask_gmacs_per_instance": m["mask_gmacs_per_instance"],
             "resolution_share": None, "routing_captured": None, "trained": trained, "detections": m["detections"],
@@ -818,10 +836,31 @@ class Study:
         gmacs = maskrcnn_mask_head_gmacs(model)
         m = evaluate_fixed_model(model, self.val, gmacs_per_instance=gmacs, progress=self.progress)
         row = self._row("maskrcnn-28", "maskrcnn", m, None, None, resolution=28, trained="maskrcnn")
+        # its 28² masks on the ground-truth boxes, scored on the grid DynaMask's resolutions are scored on
+        probe = maskrcnn_gt_box_iou(model, self.val, top=cfg.arch["mask_roi_size"] * 8, progress=self.progress)
+        cats = np.asarray(probe["categories"])
+        row["gt_box_iou"] = float(probe["iou"].mean()) if len(cats) else None
+        row["gt_box_iou_per_category"] = {str(c): float(probe["iou"][cats == c].mean()) for c in sorted(set(cats))}
         self.save_rows([row])
 
+    def grid(self, maskrcnn_ckpt: str | None = None) -> None:
+        """``OUT/grid.png``: the same validation instances at each resolution of the base model and from the
+        Mask R-CNN row's head (its checkpoint here, or ``maskrcnn_ckpt``: a Mask R-CNN row trained in another
+        folder with the same data and seed)."""
+        from _accuracy_grid import picture_grid
+
+        path = maskrcnn_ckpt or self.ckpt("maskrcnn")
+        maskrcnn = None
+        if os.path.exists(path):
+            maskrcnn = build_maskrcnn(self.cfg)
+            maskrcnn.load_state_dict(load_state(path)["model"])
+        picture_grid(self.model_from("base"), maskrcnn, self.val, os.path.join(self.out, "grid.png"))
+        log(f"picture grid: {os.path.join(self.out, 'grid.png')}")
+
     def run(self, part: str = "all", split_argv: list[str] | None = None) -> None:
-        """``part``: "all"; "dynamask" (every row but Mask R-CNN's); "maskrcnn" (only that row).
+        """``part``: "all"; "dynamask" (every row but Mask R-CNN's); "maskrcnn" (only that row); "ladder" (the
+        base model's rows only: fixed resolutions, size rule, oracle, and whatever switch variants the config
+        holds).
 
         ``split_argv`` (with "all"): after the pretrain, which uses every thread, the Mask R-CNN row runs in
         a second process on one thread (this script with these arguments, ``--part maskrcnn``, in
@@ -831,6 +870,13 @@ class Study:
         t0 = time.time()
         self.report()
         helper = None
+        if part == "ladder":
+            self.pretrain()
+            self.base()
+            self.base_rows()
+        if part == "grid":
+            self.grid(self.maskrcnn_ckpt)
+            return
         if part in ("all", "dynamask"):
             self.pretrain()
             if split_argv is not None and part == "all" and not self.have_rows(["maskrcnn-28"]):
@@ -884,13 +930,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters-scale", type=float, default=1.0,
                    help="multiply every phase's iterations (e.g. 0.4 on a machine shared with other jobs; "
                         "the report states it)")
-    p.add_argument("--part", choices=("all", "dynamask", "maskrcnn"), default="all",
+    p.add_argument("--part", choices=("all", "dynamask", "maskrcnn", "ladder", "grid"), default="all",
                    help="run every row (all), or only dynamask (every row but Mask R-CNN's) or maskrcnn (that row, "
                         "e.g. in its own --out with the same --seed; copy its rows/maskrcnn-28.json into the study's "
-                        "rows/). --split does this by itself")
+                        "rows/), or ladder (the base model's fixed-resolution, size-rule and oracle rows, without "
+                        "the switch variants). --split does this by itself")
+    p.add_argument("--roi-canonical-scale", type=float, default=None,
+                   help="the box side the RoI poolers send to P4 (the builders' roi_canonical_scale; default FPN's "
+                        "224, for ~800-px images): a study of another value needs its own --out")
     p.add_argument("--split", action="store_true",
                    help="after the pretrain, train the Mask R-CNN row in a second process on one thread while the "
                         "DynaMask rows continue on one thread (2 cores: the fastest way through the study)")
+    p.add_argument("--mask-rois", type=int, default=None,
+                   help="positive RoIs per image that train DynaMask's mask head (default 8; 0: all of them, as "
+                        "the Mask R-CNN row's and the paper's)")
+    p.add_argument("--variants", choices=("core", "all"), default="core",
+                   help="core: the default switch (the fit dynamask train ends with, on the default dynamic-phase "
+                        "row's model, at the budgets the claims are judged at) and the paper's Gumbel switch of that "
+                        "row; all: also every switch variant the fit superseded (frozen-model Gumbel and regression "
+                        "switches, fits on the base model, four more dynamic-phase rows)")
+    p.add_argument("--maskrcnn-ckpt", default=None,
+                   help="--part grid: the Mask R-CNN row's checkpoint when it was trained in another folder")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if not 0 < args.iters_scale <= 10:
@@ -898,6 +958,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = quick_config(args.seed) if args.quick else full_config(args.seed)
+    if args.roi_canonical_scale is not None:  # both models map boxes to levels alike
+        cfg = replace(cfg, arch={**cfg.arch, "roi_canonical_scale": args.roi_canonical_scale},
+                      maskrcnn={**cfg.maskrcnn, "roi_canonical_scale": args.roi_canonical_scale})
+    if args.mask_rois is not None:  # 0: every positive trains the mask head, as Mask R-CNN's and the paper's
+        cfg = replace(cfg, arch={**cfg.arch, "mask_rois_per_image": args.mask_rois or None})
+    if args.part == "ladder":  # the switch variants leave the config (a ladder-only study)
+        cfg = replace(cfg, switches=(), coupled=(), fit=None, train_fit=None)
+    elif args.variants == "core" and not args.quick:
+        cfg = core_variants(cfg)
     if args.iters_scale != 1.0:
         cfg = replace(cfg, iters_scale=args.iters_scale,
                       **{k: max(1, round(getattr(cfg, k) * args.iters_scale))
@@ -908,7 +977,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.split:
         split_argv = ["--seed", str(args.seed), "--iters-scale", repr(args.iters_scale), "--no-progress"]
         split_argv += ["--quick"] if args.quick else []
-    Study(cfg, args.out, progress=not args.no_progress).run(args.part, split_argv)
+    study = Study(cfg, args.out, progress=not args.no_progress)
+    study.maskrcnn_ckpt = args.maskrcnn_ckpt
+    study.run(args.part, split_argv)
     return 0
 
 

@@ -74,6 +74,25 @@ def test_quick_study_writes_the_schema(study):
     assert "(default switch: the fit `dynamask train` ends with, on the dynamic phase's model " \
            "`coupled-paper-roi-ct0.006`, C_t 0.006, every init)" in report and "`train-fit-ct0.006-init0`)" in report
     assert "(the dynamic phase's switch, Gumbel-trained, `coupled-paper-roi-ct0.006`;" in report
+    # issue 32's schema: every row its seed and box AP; the default switch's rows marked; Mask R-CNN's masks on
+    # the ground-truth boxes, scored as DynaMask's resolutions are
+    for r in doc["rows"]:
+        assert r["seed"] == 0 and isinstance(r["bbox_ap"], float), r["name"]
+    assert by["train-fit-ct0.006-init0"]["default_switch"] is True
+    assert by["fit-iou-roi-ct0.006-init0"]["default_switch"] is False
+    boxes = {r["bbox_ap"] for r in doc["rows"] if r["trained"] == "base"}
+    assert len(boxes) == 1  # the base model's policies share one detector
+    mr = by["maskrcnn-28"]
+    assert 0.0 <= mr["gt_box_iou"] <= 1.0 and set(mr["gt_box_iou_per_category"]) <= set(doc["categories"])
+
+
+def test_picture_grid_shows_every_resolution_and_maskrcnn(study):
+    accuracy, out = study
+    assert accuracy.main(["--quick", "--out", str(out), "--part", "grid", "--no-progress"]) == 0
+    from PIL import Image
+
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 6 * grid.height / 4  # one column per resolution, the image, the target and Mask R-CNN
 
 
 def test_rerun_skips_finished_rows_and_refuses_another_config(study):
