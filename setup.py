@@ -16,7 +16,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     import torch
@@ -137,22 +137,27 @@ def _extensions():
     ]
 
 
+def _run_time_dependencies() -> list[str]:
+    """torch pinned to the release this build compiles against (the kernels load only into it; pip then
+    picks the torchvision built for that torch), then pyproject.toml's [tool.dynamask] dependencies."""
+    path = os.path.join(ROOT, "pyproject.toml")
+    try:
+        import tomllib  # Python 3.11+
+
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except ModuleNotFoundError:  # Python 3.10: setuptools' own TOML reader
+        from setuptools.config.pyprojecttoml import load_file
+
+        config = load_file(path)
+    return [f"torch=={_torch_release()}", *config["tool"]["dynamask"]["dependencies"]]
+
+
+# Everything else (name, version, description, readme, licence, Python versions, extras, the `dynamask`
+# command) is pyproject.toml's [project] metadata.
 setup(
-    name="dynamask",
-    version="0.1.0",
-    description="DynaMask instance segmentation with dynamic mask resolution, on C++/CUDA kernels",
-    packages=find_packages(include=["dynamask", "dynamask.*"]),
-    python_requires=">=3.10",
-    # The kernels load only into the torch they were compiled against: pin it (pip then picks the
-    # torchvision built for that torch).
-    install_requires=[f"torch=={_torch_release()}", "torchvision", "numpy", "pycocotools", "tqdm", "matplotlib"],
-    extras_require={
-        "dev": ["pytest", "expecttest", "hypothesis", "ninja", "pybind11", "ruff==0.17.6", "mypy==2.4.1"],
-        "cityscapes": ["cityscapesscripts"],  # Cityscapes' label table and official instance evaluation
-        "lvis": ["lvis"],  # LVIS's evaluation API (pulls opencv-python)
-    },
+    install_requires=_run_time_dependencies(),
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["dynamask=dynamask.cli:main"]},
     zip_safe=False,
 )

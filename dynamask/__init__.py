@@ -4,8 +4,8 @@ from dynamask import (
     _extension,  # noqa: F401  (loads the kernels first, with a clear error if missing)
     ops,
 )
+from dynamask._version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["Instances", "Predictor", "ops", "__version__"]
 
 

@@ -1,12 +1,14 @@
-"""The ``dynamask`` command: ``shapes``, ``convert``, ``train``, ``eval``, ``infer``, ``fit-switch``.
+"""The ``dynamask`` command: ``shapes``, ``convert``, ``train``, ``eval``, ``infer``, ``fit-switch``, ``strip``.
 
     dynamask shapes --out data/shapes --train 2000 --val 200 --size 192 --seed 0
     dynamask convert cityscapes data/cityscapes --split val --out data/cityscapes/instances_val.json
     dynamask train --data data/shapes --out runs/x --arch dynamask_resnet_fpn --arch-kwargs '{"depth": 18}'
+    dynamask train --config runs/x/config.yaml --out runs/y      (replays run x's settings into runs/y)
     torchrun --nproc-per-node 2 -m dynamask train ...        (DDP: one process per GPU, or gloo on CPU)
     dynamask eval runs/x/last.pth --data data/shapes --out runs/x/eval
-    dynamask infer photos/ extra.jpg --weights runs/x/last.pth --out runs/x/infer
+    dynamask infer runs/x/last.pth photos/ extra.jpg --out runs/x/infer     (or: infer IMAGES --weights CKPT)
     dynamask fit-switch runs/x/last.pth --data data/shapes --out runs/x/fitted.pth --budget-at 28
+    dynamask strip runs/x/last.pth runs/x/model.pth                  (weights only, for inference)
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dynamask import cli_checks, cli_fit_switch
+from dynamask import cli_checks, cli_fit_switch, cli_replay, cli_strip
+from dynamask._version import __version__
+from dynamask.cli_help import HelpFormatter
 from dynamask.data.shapes import split_paths
 from dynamask.engine.train_flags import mask_costs
 
@@ -42,7 +47,7 @@ def _shapes_parser(sub) -> None:
     p.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
     p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
     p.add_argument("--size", type=int, default=192, help="image side in pixels (default 192)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
     p.add_argument("--max-objects", type=int, default=6, help="objects per image at most (default 6)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     p.set_defaults(func=_cmd_shapes)
@@ -65,8 +70,8 @@ def _convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a dataset's annotations to a COCO instances file")
     p.add_argument("format", choices=("cityscapes",), help="the dataset's format")
     p.add_argument("root", help="cityscapes: the folder holding gtFine/ and leftImg8bit/")
-    p.add_argument("--split", choices=("train", "val"), required=True)
-    p.add_argument("--out", required=True, help="the COCO JSON file to write")
+    p.add_argument("--split", choices=("train", "val"), required=True, help="the split to convert (required)")
+    p.add_argument("--out", required=True, help="the COCO JSON file to write (required)")
     p.add_argument("--visible", action="store_true",
                    help="write each instance's visible pixels (later polygons cover earlier ones, as in "
                         "Cityscapes' instanceIds images) as RLE instead of its polygon")
@@ -102,7 +107,11 @@ def _train_parser(sub) -> None:
     from dynamask.engine.train_flags import add_train_flags
 
     p = sub.add_parser("train", help="train a model (DDP under torchrun)")
-    p.add_argument("--data", help="dataset root made by `dynamask shapes` (train/ and val/ splits)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="replay the settings of an earlier run: its OUT/config.yaml (flags given here override the "
+                        "file's; --out replays into another folder)")
+    p.add_argument("--data", help="dataset root with train/ and val/ splits, as `dynamask shapes` writes (default: "
+                                  "none; give --train-images and --train-ann instead)")
     p.add_argument("--recipe", choices=("paper",), default=None,
                    help="paper: the paper's ResNet-50-FPN COCO recipe (sizes 640-800/800, max 1333, ImageNet "
                         "backbone from --backbone-weights); flags given explicitly override it")
@@ -119,29 +128,32 @@ def _train_parser(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dynamask.engine import recipe
     from dynamask.engine.train import TrainConfig, train
     from dynamask.engine.train_flags import config_kwargs
 
+    replayed: dict[str, Any] = {}
+    if args.config:  # the file's settings, under the flags given on this command line
+        args, replayed = cli_replay.replay(args, build_parser())
+    if args.out_dir is None:
+        raise CliError("the following arguments are required: --out (or --config FILE, which names the run's folder)")
     _apply_recipe(args)
     kwargs = config_kwargs(args, TrainConfig)
-    kwargs["train_images"], kwargs["train_ann"] = _split_files(args, "train", args.train_images, args.train_ann)
-    val_images, val_ann = args.val_images, args.val_ann
-    if args.data and not (val_images and val_ann) and os.path.isfile(split_paths(args.data, "val")[1]):
-        kwargs["val_images"], kwargs["val_ann"] = split_paths(args.data, "val")
-    result = train(TrainConfig(**kwargs), dry_run=args.dry_run)
+    kwargs.update(replayed)  # the file's exact values for the settings not given on the command line
+    if "train_images" not in replayed:
+        kwargs["train_images"], kwargs["train_ann"] = _split_files(args, "train", args.train_images, args.train_ann)
+        val_images, val_ann = args.val_images, args.val_ann
+        if args.data and not (val_images and val_ann) and os.path.isfile(split_paths(args.data, "val")[1]):
+            kwargs["val_images"], kwargs["val_ann"] = split_paths(args.data, "val")
+    recipe_record = None if args.recipe is None else {"name": args.recipe, "values": recipe.PAPER_RECIPE}
+    provenance = {"command": shlex.join(["dynamask", *getattr(args, "argv", ["train"])]), "config": args.config,
+                  "data": args.data, "recipe": recipe_record, "backbone_weights": args.backbone_weights}
+    result = train(TrainConfig(**kwargs), dry_run=args.dry_run, provenance=provenance)
     if result["status"] == "dry run":
         if _launch_rank() == 0:
             print("dry run: nothing trained, fitted or written")
         return 0
-    if _launch_rank() == 0:  # train() has closed the process group by now: torchrun's RANK says who speaks
-        print(
-            f"{result['status']}: epoch {result['epoch']}, iteration {result['iteration']}, "
-            f"checkpoint {result['checkpoint']}"
-        )
-        if "metrics" in result:
-            from dynamask.engine.evaluate import format_metrics
-
-            print(format_metrics(result["metrics"]))
+    # train() has logged the end of the run (its status line and metrics) to the console and log.txt
     return cli_checks.train_exit_status(result)
 
 
@@ -187,15 +199,17 @@ def _apply_recipe(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------- eval
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="COCO bbox/segm/Boundary AP and the mask-resolution report of a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", help="dataset root made by `dynamask shapes` (its val split is used)")
-    p.add_argument("--split", default="val", help="split of --data (default val)")
-    p.add_argument("--images")
-    p.add_argument("--ann")
-    p.add_argument("--out", default=None, help="folder for results.json, metrics.json, summary.txt, resolution.png")
-    p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=cli_checks.positive_int, default=1)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("checkpoint", help="a dynamask checkpoint, e.g. runs/x/last.pth")
+    p.add_argument("--data", help="dataset root with train/ and val/ splits, as `dynamask shapes` writes (its --split "
+                                  "is used; default: none, give --images and --ann)")
+    p.add_argument("--split", default="val", help="split of --data")
+    p.add_argument("--images", help="folder of the images (default: --data's split)")
+    p.add_argument("--ann", help="COCO (or LVIS) annotation file of --images (default: --data's split)")
+    p.add_argument("--out", default=None, help="folder for results.json, metrics.json, summary.txt, resolution.png "
+                                               "(default: none, the metrics are printed only)")
+    p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: a GPU when present, else cpu)")
+    p.add_argument("--batch-size", type=cli_checks.positive_int, default=1, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--mask-costs", type=mask_costs, default=None, help="e.g. 14=0.23,28=0.52,56=0.85,112=1.29")
     p.add_argument("--no-boundary", action="store_true", help="skip Boundary AP")
     p.add_argument("--lvis", action="store_true",
@@ -208,7 +222,7 @@ def _eval_parser(sub) -> None:
                    help="which mask switch of a DynaMask checkpoint to evaluate: the fitted one, or the one the "
                         "dynamic phase trained (the paper's; kept in a fitted checkpoint). Default: the one the "
                         "checkpoint ends with")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -287,10 +301,20 @@ def _choose_switch(model, ckpt: dict[str, Any], which: str, path: str) -> str:
 
 # --------------------------------------------------------------------------------------------- infer
 def _infer_parser(sub) -> None:
-    p = sub.add_parser("infer", help="run a checkpoint on images: overlays coloured by mask resolution, results.json")
-    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or folders (their image files, sorted)")
-    p.add_argument("--weights", required=True, help="a dynamask checkpoint, e.g. runs/x/last.pth")
-    p.add_argument("--out", required=True, help="folder for one overlay PNG per image, results.json, images.json")
+    p = sub.add_parser("infer", help="run a checkpoint on images: overlays coloured by mask resolution, results.json",
+                       usage="dynamask infer CKPT IMAGES [IMAGES ...] --out OUT [options]\n"
+                             "       dynamask infer IMAGES [IMAGES ...] --weights CKPT --out OUT [options]")
+    p.add_argument("inputs", nargs="+", metavar="CKPT IMAGES",
+                   help="the checkpoint (as eval and fit-switch take it), then image files or folders (their image "
+                        "files, sorted); with --weights, all of them are images")
+    p.add_argument("--weights", default=None, metavar="CKPT",
+                   help="the checkpoint, e.g. runs/x/last.pth, in place of the first argument (default: the first "
+                        "argument)")
+    p.add_argument("--out", required=True, help="folder for one overlay PNG per image, results.json, images.json "
+                                                "(required)")
+    p.add_argument("--max-side", type=cli_checks.positive_int, default=None, metavar="N",
+                   help="overlays scaled down to at most N pixels on their longer side (default: the image's own "
+                        "size)")
     p.add_argument("--score-thresh", type=cli_checks.unit_interval, default=0.5,
                    help="drop detections scoring below, in [0, 1] (default 0.5)")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
@@ -298,8 +322,25 @@ def _infer_parser(sub) -> None:
                    help="stop at the first unreadable image (default: report it, skip it, exit status 1)")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: a GPU when present, else cpu)")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_infer)
+
+
+def _infer_inputs(args: argparse.Namespace) -> None:
+    """``args.weights`` and ``args.images`` from ``infer CKPT IMAGES...`` or ``infer IMAGES... --weights CKPT``."""
+    from dynamask.data.images import is_image_file
+
+    if args.weights is not None:
+        args.images = list(args.inputs)
+        return
+    first = args.inputs[0]
+    if os.path.isdir(first) or is_image_file(first):
+        raise CliError(f"{first} is {'a folder' if os.path.isdir(first) else 'an image'}, not a checkpoint: name the "
+                       "checkpoint first (dynamask infer CKPT IMAGES...) or give --weights CKPT")
+    if len(args.inputs) < 2:
+        raise CliError("give the checkpoint, then the images: dynamask infer CKPT IMAGES... (or IMAGES... "
+                       "--weights CKPT)")
+    args.weights, args.images = first, list(args.inputs[1:])
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
@@ -310,6 +351,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise CliError("--batch-size must be at least 1")
+    _infer_inputs(args)
     check_device(args.device)
     files = _image_files(args.images)
     check_output_dir(args.out)
@@ -337,6 +379,8 @@ def _infer_into(args: argparse.Namespace, files: list[str], overlays: list[str],
 
     predictor = Predictor(args.weights, device=args.device, batch_size=args.batch_size, amp=args.amp,
                           score_thresh=args.score_thresh)
+    label_map = predictor.label_map or {}
+    class_names = [label_map[k][1] for k in sorted(label_map)]  # labels 1..N (checked when the checkpoint loads)
     # The inputs come from no COCO file: image i of the list (from 1) has id i, whether or not one before it
     # was skipped, so ids and overlay names stay those of the list given.
     results: list[dict[str, Any]] = []
@@ -362,11 +406,11 @@ def _infer_into(args: argparse.Namespace, files: list[str], overlays: list[str],
         for k, (image, inst) in enumerate(predictor.stream(readable())):
             index = done[k]
             results += inst.to_coco(index + 1)
-            output = {"boxes": inst.boxes, "scores": inst.scores, "masks": inst.masks[:, None].float(),
+            output = {"boxes": inst.boxes, "scores": inst.scores, "masks": inst.masks, "labels": inst.labels,
                       "mask_resolution": inst.mask_resolution}
             name = os.path.basename(overlays[index])
             save_overlay(image, output, os.path.join(stage, name), score_thresh=0.0,  # already thresholded
-                         title=os.path.basename(files[index]))
+                         title=os.path.basename(files[index]), names=class_names, max_side=args.max_side)
             written.append(name)
             bar.update(1)
 
@@ -433,7 +477,9 @@ def _overlay_paths(files: Sequence[str], out: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynamask", description="DynaMask instance segmentation")
+    parser = argparse.ArgumentParser(prog="dynamask", description="DynaMask instance segmentation",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dynamask {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -443,15 +489,19 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _infer_parser(sub)
     cli_fit_switch.add_parser(sub)
+    cli_strip.add_parser(sub)
     for command in sub.choices.values():  # also accepted after the command; SUPPRESS keeps the top-level one
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of internal errors")
+        command.formatter_class = HelpFormatter  # every flag's help shows its default
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given (train's --config tells the flags given from the file's)
     try:
         return int(args.func(args) or 0)
     except CliError as exc:

@@ -16,12 +16,14 @@ def add_parser(sub) -> None:
     p = sub.add_parser("fit-switch", help="fit a trained checkpoint's mask switch to a budget (regression, "
                                           "the stages untouched); writes a new checkpoint")
     p.add_argument("checkpoint", help="a trained DynaMask checkpoint")
-    p.add_argument("--out", required=True, help="the new checkpoint (not the input's path)")
-    p.add_argument("--data", help="dataset root made by `dynamask shapes` (its train split is used)")
-    p.add_argument("--train-images")
-    p.add_argument("--train-ann")
+    p.add_argument("--out", required=True, help="the new checkpoint (not the input's path; required)")
+    p.add_argument("--data", help="dataset root with train/ and val/ splits, as `dynamask shapes` writes (its train "
+                                  "split is used; default: none, give --train-images and --train-ann)")
+    p.add_argument("--train-images", help="folder of the training images (default: --data's train split)")
+    p.add_argument("--train-ann", help="annotation file of --train-images (default: --data's train split)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--target-gmacs", type=cli_checks.positive_float, help="C_t: mean mask-head GMAC per RoI")
+    budget.add_argument("--target-gmacs", type=cli_checks.positive_float,
+                        help="C_t: mean mask-head GMAC per RoI (one of the three budget flags is required)")
     budget.add_argument("--budget-at", type=int, metavar="S",
                         help="C_t = the head's cost at resolution S (e.g. 28: on average as costly as 28² for all)")
     budget.add_argument("--no-budget", action="store_true", help="no price: each RoI gets its predicted best")
@@ -36,11 +38,12 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration-images", type=cli_checks.non_negative_int, default=200,
                    help="training images whose detections the price is set on (default 200; 0: set it on the "
                         "training positives)")
-    p.add_argument("--seed", type=cli_checks.non_negative_int, default=0)
+    p.add_argument("--seed", type=cli_checks.non_negative_int, default=0,
+                   help="seed of the batches drawn and of the switch's initialisation")
     p.add_argument("--flip-prob", type=cli_checks.unit_interval, default=0.5,
                    help="horizontal flips of the training images (default 0.5, as training)")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: a GPU when present, else cpu)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

@@ -28,6 +28,8 @@ from dynamask.data.images import ImageInput, to_image_tensor
 from dynamask.engine.baselines import fixed_mask_resolution
 from dynamask.engine.checkpoint import model_from_checkpoint
 from dynamask.engine.coco_eval import output_to_results
+from dynamask.models import mask_handoff
+from dynamask.models.detector import DynaMaskRCNN
 
 LabelMap = dict[int, tuple[int, str]]  # contiguous label -> (dataset category id, name), as checkpoints store
 
@@ -145,16 +147,25 @@ class Predictor:
     @torch.no_grad()
     def _run(self, images: list[Tensor]) -> list[Instances]:
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        # a DynaMask model hands its masks over unpasted: _instances pastes only the detections it keeps,
+        # straight to bool (the same pixels, without a float canvas per detection); any other model pastes
+        # every detection itself
+        unpasted = {"paste_masks": False} if isinstance(self.model, DynaMaskRCNN) else {}
         with autocast:
-            outputs = self.model([im.to(self.device, non_blocking=True) for im in images])
+            outputs = self.model([im.to(self.device, non_blocking=True) for im in images], **unpasted)
         return [self._instances(out, (int(im.shape[1]), int(im.shape[2]))) for out, im in zip(outputs, images)]
 
-    def _instances(self, out: dict[str, Tensor], size: tuple[int, int]) -> Instances:
+    def _instances(self, out: dict[str, Any], size: tuple[int, int]) -> Instances:
+        """One image's :class:`Instances` from the model's output for it (``size``: the image's (H, W))."""
         keep = out["scores"] >= self.score_thresh
         labels = out["labels"][keep].to("cpu", torch.int64)
         n = int(labels.shape[0])
-        masks = out["masks"][keep]  # [n, 1, H, W] probabilities
-        masks = (masks[:, 0] if masks.dim() == 4 else masks) >= self.mask_thresh
+        handoff = out.get(mask_handoff.HANDOFF_KEY)
+        if handoff is not None:  # threshold by score before pasting: only the kept detections are pasted
+            masks = mask_handoff.paste_binary(handoff, out["boxes"], size, self.mask_thresh, keep)
+        else:
+            masks = out["masks"][keep]  # [n, 1, H, W] probabilities
+            masks = (masks[:, 0] if masks.dim() == 4 else masks) >= self.mask_thresh
         res = out.get("mask_resolution")
         if res is not None:
             res = res[keep].to("cpu", torch.int64)

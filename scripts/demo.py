@@ -106,6 +106,18 @@ def main() -> int:
     return 0
 
 
+OVERLAY_SCALE = 4  # the demo's 128-px images are drawn at 512 px, where the labels and legend leave room
+
+
+def upscaled(image, out: dict, k: int):
+    """``image`` and one output of the model ``k`` times larger (bilinear), for a readable overlay."""
+    import torch.nn.functional as F
+
+    big = F.interpolate(image[None], scale_factor=k, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    masks = F.interpolate(out["masks"].float(), scale_factor=k, mode="bilinear", align_corners=False)
+    return big, {**out, "boxes": out["boxes"] * k, "masks": masks}
+
+
 def training_cap(t0: float) -> float:
     """Minutes of training: DEMO_MINUTES, less whatever the set-up overran, so the whole job fits
     DEMO_TOTAL_MINUTES."""
@@ -216,11 +228,13 @@ def write_report(data: str, train_dir: str, t0: float, minutes: float) -> None:
     dynamic = evaluate(before, val, boundary=False, progress=False)
     gmacs = flops.mask_head_gmacs(model)
     overlays = []
+    names = [str(v[1]) for _, v in sorted(((int(k), v) for k, v in ckpt["label_map"].items()))]
     with torch.no_grad():
         for i in range(min(4, len(val))):
             image, _ = val[i]
             out = model([image])[0]
-            overlays.append(save_overlay(image, out, os.path.join(OUT, f"overlay_{i}.png")))
+            big, big_out = upscaled(image, out, OVERLAY_SCALE)
+            overlays.append(save_overlay(big, big_out, os.path.join(OUT, f"overlay_{i}.png"), names=names))
     # the method's claim, on this model: the switch against every RoI at one resolution
     msm_gmac = flops.msm_gmacs(model)
     cost = metrics.get("mask_cost") or {}

@@ -261,9 +261,9 @@ def test_cli_infer_writes_overlays_and_coco_results(ckpt, image_dir, tmp_path, c
     files = [str(image_dir / f"img{i}.png") for i in range(3)] + [str(extra)]  # folder sorted, then the file
     assert json.load(open(out / "images.json")) == {str(i): f for i, f in enumerate(files, start=1)}
     assert "4 images" in capsys.readouterr().out
-    for name in ("img0", "img1", "img2", "extra"):
-        with Image.open(out / f"{name}.png") as overlay:
-            assert overlay.format == "PNG" and overlay.size[0] > 100
+    for name, size in (("img0", (128, 96)), ("img1", (128, 96)), ("img2", (128, 96)), ("extra", (100, 80))):
+        with Image.open(out / f"{name}.png") as overlay:  # at the image's own size
+            assert overlay.format == "PNG" and overlay.size == size
     results = json.load(open(out / "results.json"))
     # the same dicts as the Python API gives, numbered in the order processed
     api = Predictor(ckpt, device="cpu", score_thresh=0.0)(files)
@@ -288,7 +288,8 @@ def test_cli_infer_writes_overlays_and_coco_results(ckpt, image_dir, tmp_path, c
     # a higher threshold keeps only the scores above it, and loses none of them: the same images in the same
     # batches (so the same arithmetic), and a threshold well away from every score
     cut = _cut_between(r["score"] for r in results)
-    assert main(["infer", str(image_dir), str(extra), "--weights", ckpt, "--out", str(tmp_path / "high"),
+    # (the checkpoint named first, as eval and fit-switch take it: the same run as with --weights)
+    assert main(["infer", ckpt, str(image_dir), str(extra), "--out", str(tmp_path / "high"),
                  "--score-thresh", str(cut), "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0
     high = json.load(open(tmp_path / "high" / "results.json"))
     kept = [r for r in results if r["score"] >= cut]
@@ -328,6 +329,9 @@ def test_cli_infer_errors_name_the_file(ckpt, image_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run(str(image_dir), "--weights", ckpt, "--batch-size", "0")
     assert exc.value.code == 2
-    with pytest.raises(SystemExit) as exc:  # --weights is required
+    with pytest.raises(SystemExit) as exc:  # a checkpoint is required: first, or as --weights
         run(str(image_dir))
-    assert exc.value.code == 2
+    assert exc.value.code == 2 and "not a checkpoint: name the checkpoint first" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run(ckpt)
+    assert exc.value.code == 2 and "give the checkpoint, then the images" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 
 _NORMS = {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn": torch.nn.BatchNorm2d}
@@ -35,6 +36,7 @@ def maskrcnn_resnet_fpn(
     fpn_channels: int = 256,
     box_representation_size: int = 1024,
     mask_head_layers: tuple[int, ...] = (256, 256, 256, 256),
+    roi_canonical_scale: float = 224.0,
 ) -> MaskRCNN:
     """torchvision Mask R-CNN with a ResNet-``depth`` FPN backbone, randomly initialised (weights=None).
 
@@ -45,6 +47,8 @@ def maskrcnn_resnet_fpn(
         min_size, max_size, rpn_*, box_*: torchvision's ``MaskRCNN`` arguments.
         fpn_channels, box_representation_size, mask_head_layers: widths (torchvision's defaults: 256, 1024,
             four 256-channel convs); narrower ones make a small model for CPU runs and tests.
+        roi_canonical_scale: the box side the box and mask RoI poolers send to P4 (FPN's 224, for ~800-px
+            images), as DynaMask's builders' argument of the same name, so that both map boxes alike.
     """
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
@@ -59,13 +63,20 @@ def maskrcnn_resnet_fpn(
         out_channels=fpn_channels,
         norm_layer=None,
     )
+    if not 0 < roi_canonical_scale < float("inf"):
+        raise ValueError(f"roi_canonical_scale must be a positive finite number, got {roi_canonical_scale}")
+    levels = ["0", "1", "2", "3"]
+    box_pool = MultiScaleRoIAlign(levels, 7, 2, canonical_scale=int(roi_canonical_scale))
+    mask_pool = MultiScaleRoIAlign(levels, 14, 2, canonical_scale=int(roi_canonical_scale))
     box_head = TwoMLPHead(fpn_channels * 7 * 7, box_representation_size)
     mask_head = MaskRCNNHeads(fpn_channels, list(mask_head_layers), 1)
     model = MaskRCNN(
         backbone,
         num_classes=None,  # given through the predictors
+        box_roi_pool=box_pool,
         box_head=box_head,
         box_predictor=_box_predictor(box_representation_size, num_classes),
+        mask_roi_pool=mask_pool,
         mask_head=mask_head,
         mask_predictor=_mask_predictor(mask_head_layers[-1], num_classes),
         min_size=min_size,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import types
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from dynamask.checks import check_kwargs, first_non_finite, model_num_classes, parameter_names, torch_load_detail
+from dynamask.engine.atomic import write_atomic
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "label_map", "model")
@@ -149,7 +149,8 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     states: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> str:
-    """Write a checkpoint atomically (a temporary file in the same folder, then ``os.replace``).
+    """Write a checkpoint atomically (a temporary file in the same folder, then ``os.replace``), with the
+    permissions the umask gives an ordinary file.
 
     ``extra``: plain values (a run's settings, reports). ``states``: named state dicts kept beside the
     model's (e.g. the switch the dynamic phase trained, ``dynamask.engine.train_switch``)."""
@@ -177,20 +178,31 @@ def save_checkpoint(
         ckpt["extra"] = extra
     if states:
         ckpt["states"] = {str(name): {str(k): v.detach().cpu() for k, v in sd.items()} for name, sd in states.items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return write_checkpoint(ckpt, path)
+
+
+def write_checkpoint(ckpt: dict[str, Any], path: str) -> str:
+    """``torch.save`` a checkpoint dict to ``path`` atomically (:mod:`dynamask.engine.atomic`: a failure leaves
+    the earlier file whole), with the permissions the umask gives an ordinary file (0644 under umask 022)."""
+    return write_atomic(path, lambda f: torch.save(ckpt, f), suffix=".pth")
+
+
+# What a weights-only checkpoint (``dynamask strip``) keeps: what Predictor, eval, infer and fit-switch read
+# (architecture, label map, weights, the switch fit's report and the dynamic phase's switch among the states),
+# the run's position and settings as a record; the optimiser, scheduler, grad scaler and RNG states only
+# serve ``--resume`` and are most of a training checkpoint's size.
+TRAINING_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng")
+
+
+STRIPPED_KEY = "stripped_from"  # in a stripped checkpoint's ``extra``: the file it was stripped from
+
+
+def strip_training_state(ckpt: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """``ckpt`` without :data:`TRAINING_ONLY_KEYS`; ``source`` (the file it came from) is recorded."""
+    out = {k: v for k, v in ckpt.items() if k not in TRAINING_ONLY_KEYS}
+    if source is not None:
+        out["extra"] = {**out.get("extra", {}), STRIPPED_KEY: os.path.abspath(source)}
+    return out
 
 
 def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", arch_name: str | None = None,
@@ -236,7 +248,9 @@ def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", arch
         missing = [k for k in RESUME_KEYS if k not in ckpt]
         if missing:
             extra = ckpt.get("extra")
-            made_by = " (written by `dynamask fit-switch`)" if isinstance(extra, dict) and "switch_fit" in extra else ""
+            extra = extra if isinstance(extra, dict) else {}
+            made_by = (" (written by `dynamask strip`)" if STRIPPED_KEY in extra else
+                       " (written by `dynamask fit-switch`)" if "switch_fit" in extra else "")
             raise ValueError(f"{path}: an inference-only checkpoint{made_by} cannot be resumed: it has no "
                              f"{', '.join(missing)}; resume from the training run's own last.pth")
     return ckpt

@@ -31,6 +31,7 @@ def output_to_results(
     image_size: tuple[int, int] | None = None,
     mask_threshold: float = 0.5,
     default_resolution: int | None = None,
+    rles: Sequence[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """COCO result dicts of one image from a detection model's output.
 
@@ -42,6 +43,8 @@ def output_to_results(
             size (``masks``' h, w), boxes are scaled and masks resampled to it.
         mask_threshold: probabilities >= this are inside the mask.
         default_resolution: ``mask_resolution`` for models that do not report one (e.g. 28 for Mask R-CNN).
+        rles: the detections' masks already encoded (N JSON-ready RLEs at ``image_size``, e.g. by
+            :func:`dynamask.models.mask_handoff.paste_rle`), used instead of ``masks``.
     Returns a list of ``{"image_id", "category_id", "bbox" (xywh), "score", "segmentation" (RLE, str counts),
     "mask_resolution"}``.
     """
@@ -54,7 +57,12 @@ def output_to_results(
     resolutions = res.detach().cpu().tolist() if res is not None else [default_resolution] * n
     if n == 0:
         return []
-    if masks is not None:
+    encoded: list[dict[str, Any] | None] = [None] * n
+    if rles is not None:
+        if len(rles) != n:
+            raise ValueError(f"rles has {len(rles)} entries for {n} detections")
+        encoded = list(rles)
+    elif masks is not None:
         masks = masks.detach()
         if masks.dim() == 4:
             masks = masks[:, 0]
@@ -65,9 +73,7 @@ def output_to_results(
             masks = F.interpolate(
                 masks[:, None].float(), size=tuple(image_size), mode="bilinear", align_corners=False
             )[:, 0]
-        rles: list[dict[str, Any] | None] = list(encode_masks(masks >= mask_threshold))
-    else:
-        rles = [None] * n
+        encoded = list(encode_masks(masks >= mask_threshold))
     results = []
     for i in range(n):
         label = int(labels[i])
@@ -81,8 +87,8 @@ def output_to_results(
             "score": float(scores[i]),
             "mask_resolution": None if (res_i := resolutions[i]) is None else int(res_i),
         }
-        if rles[i] is not None:
-            r["segmentation"] = rles[i]
+        if encoded[i] is not None:
+            r["segmentation"] = encoded[i]
         results.append(r)
     return results
 

@@ -25,6 +25,8 @@ from dynamask.engine.resolution import (
     shown_categories,
 )
 from dynamask.flops import HeadCosts
+from dynamask.models import mask_handoff
+from dynamask.models.detector import DynaMaskRCNN
 
 Costs = HeadCosts | Mapping[int, float] | Callable[[int], float]
 
@@ -67,8 +69,10 @@ def run_model(
     try:
         for images, targets in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
             seen.clear()
-            outputs = model([im.to(device) for im in images])
-            results += _batch_results(dataset, targets, outputs, seen[-1] if seen else None, mask_threshold,
+            # a DynaMask model hands its masks over unpasted, for _batch_results to paste straight to RLE
+            unpasted = {"paste_masks": False} if isinstance(model, DynaMaskRCNN) else {}
+            outputs = model([im.to(device) for im in images], **unpasted)
+            results += _batch_results(dataset, targets, outputs, images, seen[-1] if seen else None, mask_threshold,
                                       default_resolution)
     finally:
         if hook is not None:
@@ -76,21 +80,38 @@ def run_model(
     return results
 
 
-def _batch_results(dataset: Any, targets: Sequence[dict[str, Tensor]], outputs: Sequence[dict[str, Tensor]],
-                   input_size: list[int] | None, mask_threshold: float,
+def _batch_results(dataset: Any, targets: Sequence[dict[str, Tensor]], outputs: Sequence[dict[str, Any]],
+                   images: Sequence[Tensor], input_size: list[int] | None, mask_threshold: float,
                    default_resolution: int | None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
-    for target, out in zip(targets, outputs):
+    for target, out, image in zip(targets, outputs, images):
         image_id = int(target["image_id"])
         info = dataset.coco.imgs[image_id]
         size = (int(info["height"]), int(info["width"])) if "height" in info else None
+        rles = _unpasted_rles(out, (int(image.shape[-2]), int(image.shape[-1])), size, mask_threshold)
         found = output_to_results(image_id, out, dataset.cat_ids, image_size=size, mask_threshold=mask_threshold,
-                                  default_resolution=default_resolution)
+                                  default_resolution=default_resolution, rles=rles)
         if input_size is not None:
             for r in found:
                 r["input_size"] = input_size
         results += found
     return results
+
+
+def _unpasted_rles(out: dict[str, Any], shape: tuple[int, int], size: tuple[int, int] | None,
+                   mask_threshold: float) -> list[dict[str, Any]] | None:
+    """The RLEs of an output whose masks came unpasted (``mask_handoff``; image ``shape`` (H, W), annotated
+    ``size``), pasted straight to RLE: the same RLEs as pasting float canvases, thresholding and encoding them,
+    without the canvases. Where that would not give the same results (an annotated size other than the
+    image's, to which the dense masks are resampled; a threshold of 0, which the RLE op refuses), the masks
+    are pasted into ``out["masks"]`` for the dense path instead, and None is returned (so is it for an output
+    that has pasted masks already)."""
+    if mask_handoff.HANDOFF_KEY not in out:
+        return None
+    if mask_threshold > 0 and (size is None or tuple(size) == shape):
+        return mask_handoff.paste_rle(out.pop(mask_handoff.HANDOFF_KEY), out["boxes"], shape, mask_threshold)
+    mask_handoff.paste_instance_masks(out, shape)
+    return None
 
 
 def evaluate_results(

@@ -10,11 +10,17 @@ Exact resume: a checkpoint holds the model, optimiser, scheduler, grad scaler, R
 iteration; the sampler is a function of (seed, epoch) and each sample's augmentation a function of
 (seed, epoch, index), so a run resumed mid-epoch sees the same batches and random draws as one that never
 stopped. Under ``torchrun`` every process runs this function; rank 0 logs and writes checkpoints.
+
+The run folder: ``last.pth``, ``config.yaml`` (the resolved settings, :mod:`~dynamask.engine.run_config`),
+``log.txt`` (:mod:`~dynamask.engine.run_log`), ``metrics.csv`` and ``loss.png``
+(:mod:`~dynamask.engine.loss_plot`), ``best.pth`` with ``eval_every`` (:mod:`~dynamask.engine.train_eval`).
+``freeze="detector"`` trains the mask branch alone (:mod:`~dynamask.engine.freeze`).
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import os
 import signal
@@ -30,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dynamask.checks import check_mask_costs
 from dynamask.engine import distributed as dist_utils
-from dynamask.engine import recipe, switch_fit, train_switch
+from dynamask.engine import freeze, recipe, run_config, run_log, switch_fit, train_eval, train_switch
 from dynamask.engine.checkpoint import (
     build_model,
     load_checkpoint,
@@ -40,6 +46,8 @@ from dynamask.engine.checkpoint import (
     set_rng_state,
     unwrap,
 )
+from dynamask.engine.freeze import FreezeChoice
+from dynamask.engine.loss_plot import plot_run
 from dynamask.engine.metrics_log import CsvLog, tensorboard_writer
 from dynamask.engine.train_flags import json_dict, option
 from dynamask.engine.train_flags import mask_costs as parse_mask_costs
@@ -47,6 +55,7 @@ from dynamask.models.mask_losses import ROUTING_SIGNALS
 from dynamask.models.switch_input import SWITCH_INPUTS
 
 METHOD = "DynaMask's method (the model's defaults, which are the paper's, unless given)"
+log = logging.getLogger(run_log.LOGGER)  # everything a run says: log.txt and the console (run_log)
 
 
 @dataclass
@@ -56,46 +65,48 @@ class TrainConfig:
     Each field is declared with its ``dynamask train`` flag (:mod:`dynamask.engine.train_flags`).
     """
 
-    train_images: str = option(help="folder of the training images (or --data)")
-    train_ann: str = option(help="COCO (or LVIS) annotation file of the training images (or --data)")
-    out_dir: str = option(help="run folder: checkpoints (last.pth), metrics.csv, eval/", option="--out",
-                          required=True, metavar="OUT")
-    arch: str = option("dynamask_resnet_fpn", "builder name (default dynamask_resnet_fpn); maskrcnn_resnet_fpn "
-                       "is the peer")
+    train_images: str = option(help="folder of the training images (default: DATA/train with --data)")
+    train_ann: str = option(help="COCO (or LVIS) annotation file of the training images (default: --data's)")
+    out_dir: str = option(help="run folder: last.pth, config.yaml, log.txt, metrics.csv, loss.png, eval/ (required, "
+                          "unless --config gives it; default: none)", option="--out", metavar="OUT")
+    arch: str = option("dynamask_resnet_fpn", "builder name; maskrcnn_resnet_fpn is the peer")
     # num_classes is filled from the data if absent
-    arch_kwargs: dict[str, Any] = option(factory=dict, help="builder keyword arguments as JSON", type=json_dict)
-    epochs: int = option(12, "dynamic epochs (mask switch trained), counted after --pretrain-epochs (default 12); "
-                         "a model without the two phases trains this many epochs")
+    arch_kwargs: dict[str, Any] = option(factory=dict, help="builder keyword arguments as JSON, e.g. '{\"depth\": "
+                                         "18}' or '{\"weights\": \"runs/x/last.pth\"}'", type=json_dict)
+    epochs: int = option(12, "dynamic epochs (mask switch trained), counted after --pretrain-epochs; a model "
+                         "without the two phases trains this many epochs")
     pretrain_epochs: int = option(1, "epochs before the dynamic ones, every resolution supervised and no mask "
-                                  "switch (default 1): a run is pretrain + dynamic epochs, as the paper's 1 + 12")
+                                  "switch: a run is pretrain + dynamic epochs, as the paper's 1 + 12")
     batch_size: int = option(2, "images per process")
-    optimizer: Literal["sgd", "adamw"] = option("sgd", "sgd (default, with --momentum) or adamw (faster from "
-                                                "random initialisation)")
-    lr: float = option(0.02)
-    momentum: float = option(0.9)
-    weight_decay: float = option(1e-4)
-    warmup_iters: int = option(500)
-    warmup_factor: float = option(0.001)
-    lr_steps: tuple[int, ...] = option((8, 11), "lr x gamma after these dynamic epochs (default 8 11: after the "
-                                       "pretrain epochs and 8 and 11 dynamic ones); the warm-up starts the run")
-    gamma: float = option(0.1)
-    clip_grad_norm: float | None = option(None)
+    optimizer: Literal["sgd", "adamw"] = option("sgd", "sgd (with --momentum) or adamw (faster from random "
+                                                "initialisation)")
+    lr: float = option(0.02, "base learning rate (the paper's 0.02 is for a total batch of 16)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(1e-4, "weight decay (L2 for sgd, decoupled for adamw)")
+    warmup_iters: int = option(500, "iterations of linear lr warm-up at the start of the run")
+    warmup_factor: float = option(0.001, "lr multiplier the warm-up starts from")
+    lr_steps: tuple[int, ...] = option((8, 11), "lr x gamma after these dynamic epochs (8 11: after the pretrain "
+                                       "epochs and 8 and 11 dynamic ones); the warm-up starts the run")
+    gamma: float = option(0.1, "lr multiplier at each of --lr-steps")
+    clip_grad_norm: float | None = option(None, "clip the gradients' total norm to this (default: no clipping)")
     amp: bool = option(True, "no mixed precision on CUDA")  # mixed precision; only on CUDA
     workers: int = option(2, "data-loading processes per training process")
-    flip_prob: float = option(0.5)
+    flip_prob: float = option(0.5, "probability of a horizontal flip of each training image")
     resize: tuple[int, int] | None = option(None, "multi-scale training: the model draws the shorter side from "
-                                            "LOW..HIGH per image, and uses HIGH at test (paper: 640 800)",
-                                            metavar=("LOW", "HIGH"))
-    max_size: int | None = option(None, "cap of the longer side (the model's max_size)")
+                                            "LOW..HIGH per image, and uses HIGH at test (paper: 640 800; default: "
+                                            "the model's min_size)", metavar=("LOW", "HIGH"))
+    max_size: int | None = option(None, "cap of the longer side (default: the model's max_size)")
     # DynaMask's method (None: the model's default; see dynamask.engine.recipe). The budget is on unless
     # budget=False; its default C_t is the paper's 54%-fewer-FLOPs setting rescaled to this head.
     target_gmacs: float | None = option(
         None, "C_t, mask-head GMAC per RoI. Default: 0.4/1.40 of the head's top-resolution cost, the paper's "
         "54%%-fewer-FLOPs setting (C_t 0.4 of its 1.40-GMAC head) rescaled to this head", group=METHOD)
     budget: bool = option(True, "no FLOPs budget term in the dynamic phase", group=METHOD)
-    budget_weight: float | None = option(None, "lambda2, weights budget and entropy (0.4)", group=METHOD)
-    edge_weight: float | None = option(None, "lambda1, weights the edge loss (0.1)", group=METHOD)
-    gumbel_tau: float | None = option(None, "Gumbel-softmax temperature (0.5)", group=METHOD)
+    budget_weight: float | None = option(None, "lambda2, weights budget and entropy (default: the model's, 0.4)",
+                                         group=METHOD)
+    edge_weight: float | None = option(None, "lambda1, weights the edge loss (default: the model's, 0.1)",
+                                       group=METHOD)
+    gumbel_tau: float | None = option(None, "Gumbel-softmax temperature (default: the model's, 0.5)", group=METHOD)
     routing_signal: str | None = option(
         None, "what the switch learns from: each resolution's loss against its own target (paper, the default), "
         "all scored by BCE on the finest grid (grid) or in a band around the outline (boundary), or by 1 - soft "
@@ -114,27 +125,38 @@ class TrainConfig:
         "budget (Eq. 3), the paper's model and --recipe paper's default. --no-switch-fit: --switch paper",
         group=METHOD)
     switch_fit_batches: int = option(900, "training batches (of --batch-size images, over all processes) the "
-                                     "switch fit runs the trained model on (default 900)", group=METHOD)
-    switch_fit_epochs: int = option(15, "epochs of the switch fit over those RoIs (default 15)", group=METHOD)
+                                     "switch fit runs the trained model on", group=METHOD)
+    switch_fit_epochs: int = option(15, "epochs of the switch fit over those RoIs", group=METHOD)
     switch_fit_calibration_images: int = option(
-        200, "training images on whose detections the fitted switch's price is set (default 200; 0: on the "
-        "training RoIs)", group=METHOD)
-    seed: int = option(0)
+        200, "training images on whose detections the fitted switch's price is set (0: on the training RoIs)",
+        group=METHOD)
+    freeze: FreezeChoice = option(
+        "none", "detector: train only the mask head (r-FPN stages, predictors) and the switch on a frozen detector "
+        "(backbone, FPN, RPN, box head keep the weights given in --arch-kwargs: weights or torchvision_weights)")
+    seed: int = option(0, "seed of the model's initialisation, the data order and the augmentations")
     # seconds of training in this run; then checkpoint and stop (the flag is in minutes)
-    time_limit: float | None = option(None, "minutes; then checkpoint and stop", scale=60.0, metavar="MINUTES")
-    max_iters: int | None = option(None, "stop (with a checkpoint) after this many iterations")
-    log_every: int = option(20)
-    resume: str | None = option(None, "continue from a checkpoint (default OUT/last.pth)", nargs="?", const="auto")
+    time_limit: float | None = option(None, "minutes; then checkpoint and stop (default: no limit)", scale=60.0,
+                                      metavar="MINUTES")
+    max_iters: int | None = option(None, "stop (with a checkpoint) after this many iterations in total (default: "
+                                   "no limit)")
+    log_every: int = option(20, "iterations between the progress lines of log.txt and metrics.csv")
+    eval_every: int | None = option(
+        None, "evaluate on the validation split after every N epochs (with the model's own switch at that point; "
+        "needs --val-images/--val-ann or --data with a val split) and keep best.pth by segm AP (default: only when "
+        "training ends)", metavar="N")
+    resume: str | None = option(None, "continue from a checkpoint (default with no path: OUT/last.pth)", nargs="?",
+                                const="auto")
     device: str | None = option(None, "e.g. cpu or cuda:0 (default: this process's GPU, else cpu)")
-    progress: bool = option(True, "no progress bars")
-    val_images: str | None = option(None, "evaluate on this split when training ends")
-    val_ann: str | None = option(None)
+    progress: bool = option(True, "no progress bar (log.txt is written either way)")
+    val_images: str | None = option(None, "evaluate on this split when training ends (default: DATA/val with "
+                                    "--data, if it exists)")
+    val_ann: str | None = option(None, "annotation file of --val-images (default: --data's val split)")
     mask_costs: dict[int, float] | None = option(
         None, "per-resolution mask-head GMAC for the final evaluation, e.g. 14=0.23,28=0.52 (default: a DynaMask "
         "model's own)", type=parse_mask_costs)
     repeat_factor_threshold: float | None = option(
-        None, "LVIS's repeat-factor sampling of images with rare categories (threshold default 0.001)",
-        option="--repeat-factor-sampling", type=float, nargs="?", const=0.001, metavar="THRESH")
+        None, "LVIS's repeat-factor sampling of images with rare categories (threshold default 0.001; default: "
+        "off)", option="--repeat-factor-sampling", type=float, nargs="?", const=0.001, metavar="THRESH")
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -243,7 +265,7 @@ def _dataset(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], None] | None = None,
-          dry_run: bool = False) -> dict[str, Any]:
+          dry_run: bool = False, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train; returns ``{"status", "epoch", "iteration", "checkpoint", "plan", "metrics"?}``.
 
     ``status``: "done", or "stopped" (signal, ``time_limit`` or ``max_iters``; a checkpoint was written), or
@@ -251,6 +273,8 @@ def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], N
     fitted or written (but the run folder, created and probed by the checks).
     A non-finite loss raises :class:`NonFiniteLossError` and leaves the last good checkpoint in place.
     ``on_iteration(iteration, losses)`` is called after each step (for tests and tools).
+    ``provenance``: what the command line resolved into ``cfg`` (``--data``, ``--recipe``, the command),
+    recorded in ``OUT/config.yaml`` beside the settings (:mod:`dynamask.engine.run_config`).
     """
     from tqdm import tqdm
 
@@ -262,7 +286,9 @@ def train(cfg: TrainConfig, *, on_iteration: Callable[[int, dict[str, float]], N
     device = _device(cfg)
     created_group = dist_utils.init_from_env(device.type)
     try:
-        return _train(cfg, device, on_iteration, tqdm, collate_fn, dry_run)
+        with run_log.run_logger(cfg.out_dir, main=dist_utils.is_main(), to_file=not dry_run,
+                                console_progress=not cfg.progress):
+            return _train(cfg, device, on_iteration, tqdm, collate_fn, dry_run, provenance)
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
@@ -275,6 +301,7 @@ class _Run:
     model: torch.nn.Module  # the model itself (checkpoints, phases)
     ddp_model: torch.nn.Module  # what the step calls: the model, or its DDP wrapper
     arch: dict[str, Any]  # what the checkpoint records (rebuilds with no weight file)
+    build_kwargs: dict[str, Any]  # the builder arguments the model was built with (weight files included)
     label_map: dict[int, tuple[int, str]]
     seeded: _SeededSamples
     sampler: Any  # _ResumableSampler or RepeatFactorSampler: set_epoch(), start
@@ -296,9 +323,11 @@ class _Run:
     fit: dict[str, Any] | None = None  # the switch fit's report, once the switch is fitted
     dynamic_switch: dict[str, Tensor] | None = None  # then, the switch the dynamic phase trained
     unfitted: bool = False  # a finished fitted run resumed with --switch paper (its fit undone)
+    trained_params: list[str] | None = None  # with --freeze detector: the parameters that train
 
 
-def _train(cfg, device, on_iteration, tqdm, collate_fn, dry_run: bool = False) -> dict[str, Any]:
+def _train(cfg, device, on_iteration, tqdm, collate_fn, dry_run: bool = False,
+           provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     run = _build(cfg, device, collate_fn)
     extra = {"iters_per_epoch": run.iters_per_epoch, "world_size": dist_utils.world_size(),
              "config": _plain_config(cfg)}
@@ -310,11 +339,20 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn, dry_run: bool = False) -
     fits = run.phases and resolved_switch(cfg) == "fit" and train_switch.can_fit(run.model)
     plan.append(recipe.describe_switch(run.model, fit=fits, batches=cfg.switch_fit_batches,
                                        epochs=cfg.switch_fit_epochs))
-    if dist_utils.is_main():
-        print("\n".join(plan), flush=True)
+    if run.trained_params is not None:
+        plan.append(f"freeze: the detector is frozen; {len(run.trained_params)} parameter tensors train (the mask "
+                    "head and the switch); the RPN and box losses are logged, not back-propagated")
     if dry_run:
+        log.info("\n".join(plan))
         return {"status": "dry run", "epoch": run.epoch, "iteration": run.iteration, "checkpoint": None,
                 "stop_reason": None, "plan": plan}
+    log.info(f"dynamask train: run folder {os.path.abspath(cfg.out_dir)}")
+    log.info("\n".join(plan))
+    if dist_utils.is_main():  # what the run was, replayable: dynamask train --config OUT/config.yaml
+        path = os.path.join(cfg.out_dir, run_config.CONFIG_FILE)
+        run_config.write_run_config(path, run_config.run_settings(
+            cfg, arch=run.arch["name"], arch_kwargs=run.build_kwargs, provenance=provenance))
+        log.info(f"settings: {path} (replay: dynamask train --config {path})")
     if run.fit is not None:  # a resumed run that was fitted and has nothing left to train
         extra[train_switch.FIT_KEY] = run.fit
     if run.unfitted:  # a finished fitted run resumed with --switch paper: the dynamic phase's switch is back
@@ -333,6 +371,11 @@ def _train(cfg, device, on_iteration, tqdm, collate_fn, dry_run: bool = False) -
             result["metrics"] = metrics
     if dist_utils.is_distributed():
         torch.distributed.barrier()
+    log.info(f"{status}: epoch {run.epoch}, iteration {run.iteration}, checkpoint {run.ckpt_path}")
+    if "metrics" in result:
+        from dynamask.engine.evaluate import format_metrics
+
+        log.info(format_metrics(result["metrics"]))
     return result
 
 
@@ -353,15 +396,13 @@ def _fit_switch(run: _Run, cfg: TrainConfig, extra: dict[str, Any]) -> dict[str,
             epochs=cfg.switch_fit_epochs, seed=cfg.seed, calibration_images=cfg.switch_fit_calibration_images,
             progress=cfg.progress and is_main)
     except switch_fit.NoRoIsError as exc:  # raised by every process alike (decided on the gathered data)
-        if is_main:
-            print(f"warning: {exc}; the checkpoint keeps the switch the dynamic phase trained")
+        log.info(f"warning: {exc}; the checkpoint keeps the switch the dynamic phase trained")
         return None
     finally:
         set_rng_state(rng)
     extra[train_switch.FIT_KEY] = run.fit
     _save(run, extra)
-    if is_main:
-        print(report.summary(train_switch.resolutions(run.model)), flush=True)
+    log.info(report.summary(train_switch.resolutions(run.model)))
     return run.fit
 
 
@@ -372,18 +413,21 @@ def _build(cfg: TrainConfig, device: torch.device, collate_fn) -> _Run:
     ckpt_path = os.path.join(cfg.out_dir, "last.pth")
     resume_path = ckpt_path if cfg.resume == "auto" else cfg.resume
     ckpt = load_checkpoint(resume_path, map_location="cpu", resume=True) if resume_path else None
-    model, arch, label_map, dataset = _build_model(cfg, device, ckpt, resume_path)
+    model, arch, build_kwargs, label_map, dataset = _build_model(cfg, device, ckpt, resume_path)
     phases = hasattr(model, "mask_training")
     pretrain_epochs = cfg.pretrain_epochs if phases else 0
     seeded, sampler, loader, iters_per_epoch = _build_data(cfg, dataset, device, collate_fn)
     check_mask_costs(cfg.mask_costs, model, flag="mask_costs")  # the final report needs every resolution
 
+    # a frozen detector's parameters stay out of the optimiser: no update, no weight decay, no state
+    trained = freeze.freeze_detector(model) if cfg.freeze == "detector" else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     milestones = recipe.milestones(cfg.lr_steps, pretrain_epochs=pretrain_epochs, iters_per_epoch=iters_per_epoch)
     schedule = WarmupStepSchedule(cfg.warmup_iters, cfg.warmup_factor, milestones, cfg.gamma)
     use_amp = cfg.amp and device.type == "cuda"
-    run = _Run(model=model, ddp_model=model, arch=arch, label_map=label_map, seeded=seeded, sampler=sampler,
+    run = _Run(model=model, ddp_model=model, arch=arch, build_kwargs=build_kwargs, label_map=label_map,
+               seeded=seeded, sampler=sampler, trained_params=trained,
                loader=loader, iters_per_epoch=iters_per_epoch, params=params, optimizer=optimizer,
                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
                scaler=torch.amp.GradScaler("cuda", enabled=use_amp), use_amp=use_amp, phases=phases,
@@ -401,8 +445,8 @@ def _build(cfg: TrainConfig, device: torch.device, collate_fn) -> _Run:
 
 
 def _build_model(cfg: TrainConfig, device: torch.device, ckpt: dict[str, Any] | None, resume_path: str | None):
-    """``(model, arch, label_map, dataset)``: the model of a new run (the method's settings merged into its
-    builder arguments), or of the checkpoint being resumed (whose settings must not change)."""
+    """``(model, arch, build_kwargs, label_map, dataset)``: the model of a new run (the method's settings merged
+    into its builder arguments), or of the checkpoint being resumed (whose settings must not change)."""
     settings = {k: getattr(cfg, k) for k in recipe.METHOD_SETTINGS}
     if ckpt is None:  # settings checked before the (possibly long) reading of the annotations
         kwargs = recipe.model_kwargs(cfg.arch, cfg.arch_kwargs, resize=cfg.resize, max_size=cfg.max_size,
@@ -428,6 +472,8 @@ def _build_model(cfg: TrainConfig, device: torch.device, ckpt: dict[str, Any] | 
                 f"the model needs num_classes >= {dataset.num_classes} (num_classes counts the background, as "
                 "torchvision's); leave it out to take it from the data")
         kwargs.setdefault("num_classes", dataset.num_classes)
+        if cfg.freeze == "detector":  # before the weights are read into a model: a class count that drops them
+            freeze.check_torchvision_predictor(kwargs)
         build_arch = make_arch(cfg.arch, **kwargs)
 
     torch.manual_seed(cfg.seed)
@@ -449,11 +495,13 @@ def _build_model(cfg: TrainConfig, device: torch.device, ckpt: dict[str, Any] | 
         if msm is not None and bool(msm.cost_penalty.any()):
             # weights of a fitted model: its price would bias the Gumbel logits the dynamic phase trains
             msm.cost_penalty.zero_()
-            if dist_utils.is_main():
-                print("note: the weights' fitted switch price (cost_penalty) is reset to zero: the dynamic phase "
-                      "trains the switch without it, and a fit at the end sets a new one")
+            log.info("note: the weights' fitted switch price (cost_penalty) is reset to zero: the dynamic phase "
+                     "trains the switch without it, and a fit at the end sets a new one")
         arch = make_arch(cfg.arch, **kwargs)  # what the checkpoint records: rebuilds with no weight file
-    return model, arch, label_map, dataset
+        build_kwargs = {**build_arch["kwargs"], **{k: v for k, v in kwargs.items() if k == "target_gmacs"}}
+    else:
+        build_kwargs = dict(arch["kwargs"])
+    return model, arch, build_kwargs, label_map, dataset
 
 
 def _build_data(cfg: TrainConfig, dataset, device: torch.device, collate_fn):
@@ -487,6 +535,10 @@ def _restore(run: _Run, cfg: TrainConfig, ckpt: dict[str, Any]) -> None:
     if saved != cfg.optimizer:
         raise ValueError(f"{run.resume_path}: the run was trained with --optimizer {saved}, not {cfg.optimizer}; "
                          "resume with the same optimizer")
+    frozen = ckpt.get("extra", {}).get("config", {}).get("freeze", "none")
+    if frozen != cfg.freeze:  # the optimiser holds the parameters that trained: the same set must train on
+        raise ValueError(f"{run.resume_path}: the run was trained with --freeze {frozen}, not {cfg.freeze}; resume "
+                         "with the same --freeze")
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     if "scaler" in ckpt:
@@ -516,7 +568,7 @@ def _step(run: _Run, cfg: TrainConfig, images, targets, device: torch.device) ->
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=run.use_amp):
         loss_dict = run.ddp_model(images, targets)
-    loss = cast(Tensor, sum(loss_dict.values()))
+    loss = freeze.trained_loss(loss_dict, cfg.freeze)  # a frozen detector's losses are logged, not trained
     (nonfinite,) = dist_utils.all_reduce_max([float(not torch.isfinite(loss).item())], device)
     if nonfinite:
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
@@ -555,23 +607,31 @@ def _save(run: _Run, extra: dict[str, Any]) -> str | None:
 
 
 def _loop(run: _Run, cfg: TrainConfig, device: torch.device, extra: dict[str, Any], on_iteration, tqdm) -> str | None:
-    """Epochs until done or stopped; a checkpoint after each epoch and at a stop. Returns why it stopped
-    (None: every epoch done)."""
+    """Epochs until done or stopped; a checkpoint after each epoch and at a stop (and an evaluation every
+    ``eval_every`` epochs). Returns why it stopped (None: every epoch done)."""
     is_main = dist_utils.is_main()
-    log = CsvLog(os.path.join(cfg.out_dir, "metrics.csv")) if is_main else None
-    if log is not None:
-        log.truncate_after(run.iteration)
+    csv_log = CsvLog(os.path.join(cfg.out_dir, "metrics.csv")) if is_main else None
+    if csv_log is not None:
+        csv_log.truncate_after(run.iteration)
     tb = tensorboard_writer(os.path.join(cfg.out_dir, "tb")) if is_main else None
+    val = train_eval.open_val(cfg, say=is_main) if cfg.eval_every else None
+    best = train_eval.BestCheckpoint(cfg.out_dir) if val is not None else None
     start = time.monotonic()
+    start_iteration = run.iteration
     stop_reason: str | None = None
-    if is_main and run.resume_path is None and os.path.isfile(run.ckpt_path):
-        print(f"warning: starting a new run; {run.ckpt_path} of an earlier run will be overwritten "
-              "(--resume continues it)")
+    if run.resume_path is None and os.path.isfile(run.ckpt_path):
+        log.info(f"warning: starting a new run; {run.ckpt_path} of an earlier run will be overwritten "
+                 "(--resume continues it)")
     if cfg.max_iters is not None and run.iteration >= cfg.max_iters:  # resumed at the cap: no step to take
         stop_reason = "max_iters"
-    with _StopRequests() as stops:
+    # one bar for the whole run (to max_iters when that comes first), with its ETA
+    total = run.total_epochs * run.iters_per_epoch
+    total = min(total, cfg.max_iters) if cfg.max_iters is not None else total
+    bar = tqdm(total=total, initial=min(run.iteration, total), disable=not (is_main and cfg.progress),
+               dynamic_ncols=True, unit="it")
+    with _StopRequests() as stops, bar:
         while run.epoch < run.total_epochs and stop_reason is None:
-            bar = _start_epoch(run, cfg, tqdm, is_main)
+            _start_epoch(run, cfg, bar)
             t_last, n_last = time.monotonic(), 0
             for images, targets in run.loader:
                 loss_dict, loss = _step(run, cfg, images, targets, device)
@@ -587,32 +647,68 @@ def _loop(run: _Run, cfg: TrainConfig, device: torch.device, extra: dict[str, An
                            "lr": run.optimizer.param_groups[0]["lr"], **values,
                            "sec_per_iter": (now - t_last) / max(n_last, 1), "elapsed": now - start}
                     t_last, n_last = now, 0
-                    if log is not None:
-                        log.write(row)
+                    if csv_log is not None:
+                        csv_log.write(row)
                         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{row['lr']:.2g}")
                     if tb is not None:
                         for k, v in row.items():
                             tb.add_scalar(f"train/{k}", v, run.iteration)
+                    pace = (now - start) / max(run.iteration - start_iteration, 1)  # this process's mean
+                    log.info(run_log.progress_line(row, total_epochs=run.total_epochs, total_iterations=total,
+                                                   sec_per_iter=pace), extra={run_log.PROGRESS: True})
                 if on_iteration is not None:
                     on_iteration(run.iteration, {k: float(v.detach()) for k, v in loss_dict.items()})
                 stop_reason = _stop_reason(run, cfg, stops, start, device)
                 if stop_reason is not None:
                     break
-            bar.close()
             if stop_reason is None:
                 run.epoch += 1
             _save(run, extra)
             run.last_good = run.ckpt_path
-            if is_main and stop_reason is not None and cfg.progress:
-                print(f"stopped ({stop_reason}) at epoch {run.epoch + 1}, iteration {run.iteration}; "
-                      f"checkpoint {run.ckpt_path}")
+            if stop_reason is not None:
+                log.info(f"stopped ({stop_reason}) at epoch {run.epoch + 1}, iteration {run.iteration}; "
+                         f"checkpoint {run.ckpt_path}")
+            elif val is not None and best is not None and train_eval.due(cfg, run.epoch):
+                _evaluate_during_training(run, cfg, device, extra, val, best, csv_log, tb)
+            if is_main:  # loss.png beside the checkpoint just written
+                plot_run(cfg.out_dir)
     if tb is not None:
         tb.close()
     return stop_reason
 
 
-def _start_epoch(run: _Run, cfg: TrainConfig, tqdm, is_main: bool):
-    """The phase of this epoch, the sampler positioned (mid-epoch on resume), a progress bar."""
+def _evaluate_during_training(run: _Run, cfg: TrainConfig, device: torch.device, extra: dict[str, Any], val,
+                              best: train_eval.BestCheckpoint, csv_log: CsvLog | None, tb) -> None:
+    """``--eval-every``: the model as it stands on the validation split; the metrics to log.txt, metrics.csv
+    and TensorBoard, and best.pth when its segm AP is the best so far (rank 0)."""
+    log.info(f"evaluating after epoch {run.epoch} (iteration {run.iteration}) on {cfg.val_ann}")
+    metrics = train_eval.evaluate_during_training(run.model, val, cfg, device)
+    if metrics is None:  # another rank: rank 0 keeps the records
+        return
+    row = train_eval.metric_row(metrics, epoch=run.epoch, iteration=run.iteration)
+    if csv_log is not None:
+        csv_log.write(row)
+    if tb is not None:
+        for k, v in row.items():
+            if k.startswith("val_"):
+                tb.add_scalar(f"val/{k[4:]}", v, run.iteration)
+
+    def write(path: str, record: dict[str, Any]) -> None:
+        save_checkpoint(path, arch=run.arch, label_map=run.label_map, model=run.model, epoch=run.epoch,
+                        iteration=run.iteration, extra={**extra, train_eval.BEST_KEY: record})
+
+    from dynamask.engine.evaluate import format_metrics
+
+    kept = best.offer(metrics, epoch=run.epoch, iteration=run.iteration, write=write)
+    ap = metrics.get("segm", {}).get("AP")
+    log.info(format_metrics(metrics))
+    log.info(f"epoch {run.epoch}: segm AP {100 * ap:.1f}" + (f"; best so far: {best.path}" if kept else
+                                                             f" (best so far {100 * (best.ap or 0):.1f})")
+             if ap is not None else f"epoch {run.epoch}: no segm AP (the model predicts no masks)")
+
+
+def _start_epoch(run: _Run, cfg: TrainConfig, bar) -> None:
+    """The phase of this epoch, the sampler positioned (mid-epoch on resume), the bar's description."""
     phase = ""
     if run.phases:
         # a property of DynaMask models; nn.Module's __setattr__ is typed for tensors and modules only
@@ -623,8 +719,9 @@ def _start_epoch(run: _Run, cfg: TrainConfig, tqdm, is_main: bool):
     run.sampler.start = offset * cfg.batch_size
     run.seeded.epoch = run.epoch
     run.ddp_model.train()
-    return tqdm(total=run.iters_per_epoch, initial=offset, desc=f"epoch {run.epoch + 1}/{run.total_epochs}{phase}",
-                disable=not (is_main and cfg.progress), dynamic_ncols=True)
+    if cfg.freeze == "detector":  # after train(): the frozen parts' BatchNorm keeps the weights' statistics
+        freeze.detector_eval_mode(run.model)
+    bar.set_description(f"epoch {run.epoch + 1}/{run.total_epochs}{phase}")
 
 
 def _stop_reason(run: _Run, cfg: TrainConfig, stops: _StopRequests, start: float, device: torch.device) -> str | None:
@@ -641,18 +738,11 @@ def _stop_reason(run: _Run, cfg: TrainConfig, stops: _StopRequests, start: float
 def _evaluate_at_end(run: _Run, cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:
     """Every process evaluates its share of the validation images; rank 0 gathers them and returns the
     metrics (None elsewhere, or when an LVIS file cannot be scored here)."""
-    from dynamask.data.lvis import LvisDetection, open_dataset
     from dynamask.engine.evaluate import evaluate
-    from dynamask.engine.lvis_eval import lvis_available
 
     is_main = dist_utils.is_main()
-    if cfg.val_images is None or cfg.val_ann is None:  # check_val_data refuses one without the other
-        return None
-    val = open_dataset(cfg.val_images, cfg.val_ann)
-    if isinstance(val, LvisDetection) and not lvis_available():
-        if is_main:
-            print(f"note: {cfg.val_ann} is an LVIS file, which is scored by the lvis package (pip install lvis); "
-                  f"not evaluated. Once it is installed: dynamask eval {run.ckpt_path} --lvis ...")
+    val = train_eval.open_val(cfg, say=is_main)
+    if val is None:
         return None
     dist_utils.broadcast_buffers(run.model)  # every shard evaluated with the checkpoint's statistics
     metrics = evaluate(run.model, val, device=device, costs=cfg.mask_costs,

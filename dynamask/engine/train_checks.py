@@ -1,12 +1,15 @@
 """Checks of a :class:`~dynamask.engine.train.TrainConfig` before any work: every number finite and in
 range (``--lr nan`` would train an all-NaN model), the device present, the run folder writable (or the
-run would fail at its first save, after the training before it)."""
+run would fail at its first save, after the training before it), ``--eval-every`` with a validation split
+and ``--freeze detector`` with the detector's weights (either would otherwise fail or mean nothing only
+after the training before it)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from dynamask.checks import check_device, check_number, check_output_dir
+from dynamask.engine.freeze import check_freeze
 
 if TYPE_CHECKING:
     from dynamask.engine.train import TrainConfig
@@ -52,6 +55,12 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.max_iters is not None:  # iterations in total, resume included
         check_number(cfg.max_iters, "max_iters", low=1, integer=True)
     check_number(cfg.log_every, "log_every", low=1, integer=True)
+    if cfg.eval_every is not None:
+        check_number(cfg.eval_every, "eval_every", low=1, integer=True)
+        if not (cfg.val_images and cfg.val_ann):
+            raise ValueError(f"--eval-every {cfg.eval_every} needs a validation split: --val-images and --val-ann, or "
+                             "--data with a val split")
+    check_freeze(cfg)
     check_number(cfg.switch_fit_batches, "switch_fit_batches", low=1, integer=True)
     check_number(cfg.switch_fit_epochs, "switch_fit_epochs", low=1, integer=True)
     check_number(cfg.switch_fit_calibration_images, "switch_fit_calibration_images", low=0, integer=True)

@@ -2,13 +2,19 @@
 
 Weights are local files only (nothing is downloaded), read with ``torch.load(weights_only=True)``:
 
-- ``weights``: a DynaMask state dict, or a checkpoint dict holding one under ``"model"``;
-- ``weights_backbone``: a torchvision ResNet (ImageNet) state dict;
+- ``weights``: a DynaMask state dict, or a checkpoint dict holding one under ``"model"`` (a path or the dict);
+  or, as torchvision's builders take it, a torchvision weights enum, ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1``
+  (or ``FasterRCNN_ResNet50_FPN_Weights.COCO_V1``): its file is read from the torch hub cache
+  (:mod:`dynamask.models.hub_weights`) and imported as ``torchvision_weights`` below, with FrozenBatchNorm
+  ``eps=0`` as torchvision sets it for these weights; ``num_classes`` then defaults to the enum's categories;
+- ``weights_backbone``: a torchvision ResNet (ImageNet) state dict, path, or enum (``ResNet50_Weights.IMAGENET1K_V1``
+  for depth 50, ..., read from the hub cache); ignored when ``weights`` is given, as in torchvision;
 - ``torchvision_weights``: a path or state dict of torchvision's ``maskrcnn_resnet50_fpn`` (same
   depth): its backbone, FPN, RPN and box head are loaded, the box predictor only when ``num_classes``
-  matches; the mask head stays freshly initialised. Note that torchvision's released COCO weights were
-  trained with FrozenBatchNorm ``eps=0`` (torchvision calls ``overwrite_eps(model, 0.0)`` after
-  loading them); do the same for bit-identical detections with those weights.
+  matches; the mask head stays freshly initialised (a ``UserWarning`` says so). Note that torchvision's
+  released COCO weights were trained with FrozenBatchNorm ``eps=0`` (torchvision calls
+  ``overwrite_eps(model, 0.0)`` after loading them); the enum does it, a path or state dict does not: do the
+  same for bit-identical detections with those weights.
 
 Backbone freezing and normalisation follow torchvision: with no pretrained weights every layer trains
 and BatchNorm is ordinary; with any weights, FrozenBatchNorm and 3 trainable layers by default.
@@ -19,18 +25,21 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet
+from torchvision.models import WeightsEnum, resnet
+from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _validate_trainable_layers
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from dynamask.checks import check_kwargs, first_non_finite, torch_load_detail
-from dynamask.models.detector import DynaMaskRCNN, valid_kwargs
+from dynamask.checks import UnknownArgumentError, first_non_finite, model_num_classes, torch_load_detail
+from dynamask.models import hub_weights
+from dynamask.models.detector import DynaMaskRCNN, check_detector_kwargs
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.switch_input import switch_channels
@@ -40,6 +49,8 @@ TORCHVISION_PREFIXES = ("backbone.", "rpn.", "roi_heads.box_head.")
 BOX_PREDICTOR_PREFIX = "roi_heads.box_predictor."
 
 StateDict = Mapping[str, Tensor]
+Weights = str | os.PathLike | StateDict
+DEFAULT_NUM_CLASSES = 91  # torchvision's, when neither num_classes nor a weights enum says
 
 
 def _load(source: str | os.PathLike | StateDict, what: str) -> dict[str, Tensor]:
@@ -117,10 +128,11 @@ def _resnet_fpn(body: resnet.ResNet, trainable_layers: int, out_channels: int,
                            norm_layer=norm)
 
 
-def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str | os.PathLike | StateDict | None = None,
-                        weights_backbone: str | os.PathLike | StateDict | None = None,
+def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
+                        weights: Weights | WeightsEnum | None = None, progress: bool = True,
+                        weights_backbone: Weights | WeightsEnum | None = None,
                         trainable_backbone_layers: int | None = None,
-                        torchvision_weights: str | os.PathLike | StateDict | None = None,
+                        torchvision_weights: Weights | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
                         mask_roi_size: int = 14, fpn_channels: int = 256, fpn_norm: bool = False,
                         frozen_bn: bool | None = None, class_specific_masks: bool = False,
@@ -129,9 +141,13 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
 
     Args:
         depth: ResNet depth.
-        num_classes: including background.
-        weights: local DynaMask weights (the whole model; ``weights_backbone`` is then ignored).
-        weights_backbone: local torchvision ResNet ImageNet weights.
+        num_classes: including background. None: the categories of a ``weights`` enum (91 for COCO_V1),
+            else 91 (torchvision's default).
+        weights: local DynaMask weights (the whole model; ``weights_backbone`` is then ignored), or a
+            torchvision detection weights enum read from the torch hub cache (see the module docstring).
+        progress: torchvision's argument, accepted so that its calls work unchanged; nothing is downloaded,
+            so there is no progress to show.
+        weights_backbone: local torchvision ResNet ImageNet weights, or their enum (hub cache).
         trainable_backbone_layers: 0–5 (torchvision's rule; 3 by default with weights, else 5).
         torchvision_weights: torchvision Mask R-CNN weights to import (see the module docstring).
         trunk_channels: width of the 14×14 trunk (256; smaller for demo models).
@@ -148,17 +164,37 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
         class_specific_masks: one mask channel per class at every resolution, picked by each RoI's label
             (Mask R-CNN's predictor); False (the default, docs/method.md §3): class-agnostic masks. Costs
             ``(num_classes - 1) · C_k · S_k²`` MACs more per RoI at resolution k.
-        **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (``min_size``, ``max_size``,
-            ``box_score_thresh``, ``rpn_*``, ``edge_weight``, ``budget_weight``, ``target_gmacs``,
-            ``gumbel_tau``, ``mask_policy``, ``routing_signal``, ``coupled``, ``switch_input``, ...).
+        **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (torchvision's ``min_size``,
+            ``max_size``, ``box_score_thresh``, ``rpn_*``, ...; DynaMask's ``edge_weight``, ``budget_weight``,
+            ``target_gmacs``, ``gumbel_tau``, ``mask_policy``, ``routing_signal``, ``coupled``,
+            ``switch_input``, ...).
     """
     # a misspelt argument (min_szie) would otherwise fall through **kwargs and leave the default in place
     own = set(inspect.signature(dynamask_resnet_fpn).parameters) - {"kwargs"}  # only suggested: never in kwargs
-    check_kwargs(kwargs, (valid_kwargs() - {"backbone", "mask_head", "msm"}) | own, where="dynamask_resnet_fpn")
+    for name in ("backbone", "mask_head", "msm"):  # the builder makes these
+        if name in kwargs:
+            raise UnknownArgumentError(f"dynamask_resnet_fpn() builds the {name} itself; to pass your own, build "
+                                       "a DynaMaskRCNN")
+    check_detector_kwargs(kwargs, where="dynamask_resnet_fpn", extra=own)
     if depth not in RESNETS:
         raise ValueError(f"depth must be one of {sorted(RESNETS)}, got {depth}")
-    if weights is not None:
-        weights_backbone = None
+    # torchvision's enums: checked and their files found before anything is built
+    detector_enum = weights if isinstance(weights, WeightsEnum) else None
+    if detector_enum is not None:
+        hub_weights.check_detector_enum(detector_enum, depth)
+        if torchvision_weights is not None:
+            raise ValueError("give torchvision's Mask R-CNN weights once: weights=<enum> or torchvision_weights")
+        torchvision_weights = _load(hub_weights.cached_file(detector_enum, "weights"),
+                                    f"weights={hub_weights.enum_name(detector_enum)}")
+        weights = None
+    if isinstance(weights_backbone, WeightsEnum):
+        hub_weights.check_backbone_enum(weights_backbone, depth)
+    if weights is not None or detector_enum is not None:
+        weights_backbone = None  # the detector's weights hold the backbone's (torchvision does the same)
+    if isinstance(weights_backbone, WeightsEnum):
+        weights_backbone = hub_weights.cached_file(weights_backbone, "weights_backbone")
+    if num_classes is None:
+        num_classes = hub_weights.num_categories(detector_enum) if detector_enum else DEFAULT_NUM_CLASSES
     is_trained = weights is not None or weights_backbone is not None or torchvision_weights is not None
     if frozen_bn is not None:
         is_trained = frozen_bn
@@ -179,22 +215,41 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int = 91, weights: str 
     msm = MaskSwitchModule(in_channels=width, in_size=mask_roi_size)
     model = DynaMaskRCNN(backbone, num_classes, mask_head=head, msm=msm, **kwargs)
     if torchvision_weights is not None and weights is None:
-        load_torchvision_maskrcnn(model, torchvision_weights)
+        loaded = load_torchvision_maskrcnn(model, torchvision_weights)
+        if detector_enum is not None and hub_weights.zero_eps(detector_enum):
+            overwrite_eps(model, 0.0)  # as torchvision's builder: these weights were trained with eps 0
+        source = (f"weights={hub_weights.enum_name(detector_enum)}" if detector_enum is not None
+                  else _named(torchvision_weights, "torchvision_weights"))
+        warnings.warn(untrained_head_message(source, model, loaded), UserWarning, stacklevel=2)
     if weights is not None:
         _load_into(model, _load(weights, "weights"), _named(weights, "weights"))
     return model
 
 
-def dynamask_resnet50_fpn(*, num_classes: int = 91, weights: str | os.PathLike | StateDict | None = None,
-                          weights_backbone: str | os.PathLike | StateDict | None = None,
-                          trainable_backbone_layers: int | None = None,
-                          torchvision_weights: str | os.PathLike | StateDict | None = None,
+def untrained_head_message(source: str, model: DynaMaskRCNN, loaded: Sequence[str]) -> str:
+    """One sentence: what imported torchvision weights (``source``) trained, and that the DynaMask mask head
+    (and the box predictor, when ``num_classes`` differs and it was not ``loaded``) must still be trained."""
+    if any(k.startswith(BOX_PREDICTOR_PREFIX) for k in loaded):
+        return (f"{source}: the detector is trained but the DynaMask mask head is not, so its masks mean nothing "
+                "until it is trained (e.g. `dynamask train --freeze detector`)")
+    return (f"{source}: the backbone, FPN, RPN and box head are trained but the box predictor (num_classes "
+            f"{model_num_classes(model)}, not the weights') and the DynaMask mask head are not, so detections and "
+            "masks mean nothing until they are trained (e.g. `dynamask train`)")
+
+
+def dynamask_resnet50_fpn(*, weights: Weights | WeightsEnum | None = None, progress: bool = True,
+                          num_classes: int | None = None, weights_backbone: Weights | WeightsEnum | None = None,
+                          trainable_backbone_layers: int | None = None, torchvision_weights: Weights | None = None,
                           **kwargs: Any) -> DynaMaskRCNN:
-    """DynaMask on a ResNet-50 FPN; a drop-in for ``torchvision.models.detection.maskrcnn_resnet50_fpn``.
+    """DynaMask on a ResNet-50 FPN; a drop-in for ``torchvision.models.detection.maskrcnn_resnet50_fpn``
+    (same arguments: ``weights=MaskRCNN_ResNet50_FPN_Weights.COCO_V1``, ``progress``, ``num_classes``,
+    ``weights_backbone=ResNet50_Weights.IMAGENET1K_V1``, ``trainable_backbone_layers``, torchvision's
+    ``MaskRCNN`` keywords), except that enums are read from the torch hub cache, never downloaded, and that
+    ``weights_backbone`` is None by default (torchvision's default is ImageNet weights).
 
     See :func:`dynamask_resnet_fpn` for the arguments.
     """
-    return dynamask_resnet_fpn(depth=50, num_classes=num_classes, weights=weights,
+    return dynamask_resnet_fpn(depth=50, num_classes=num_classes, weights=weights, progress=progress,
                                weights_backbone=weights_backbone,
                                trainable_backbone_layers=trainable_backbone_layers,
                                torchvision_weights=torchvision_weights, **kwargs)

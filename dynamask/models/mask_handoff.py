@@ -100,6 +100,28 @@ def paste(handoff: MaskHandoff, boxes: Tensor, image_size: tuple[int, int]) -> T
     return ops.paste_masks(list(handoff.masks), boxes, (h, w), threshold=None, index=handoff.rows)[:, None]
 
 
+def paste_binary(handoff: MaskHandoff, boxes: Tensor, image_size: tuple[int, int], threshold: float,
+                 keep: Tensor | None = None) -> Tensor:
+    """``[n, H, W]`` bool: the masks of the detections ``keep`` selects (``[N]`` bool, or None for all),
+    pasted into their ``boxes`` (``[N, 4]``, in the frame of ``image_size``) and thresholded (``>= threshold``)
+    by the kernel: exactly ``paste(...)[keep, 0] >= threshold``, without the other detections' canvases nor
+    any float canvas."""
+    rows = handoff.rows if keep is None else handoff.rows[keep]
+    boxes = boxes if keep is None else boxes[keep]
+    h, w = int(image_size[0]), int(image_size[1])
+    return ops.paste_masks(list(handoff.masks), boxes, (h, w), threshold=float(threshold), index=rows)
+
+
+def paste_rle(handoff: MaskHandoff, boxes: Tensor, image_size: tuple[int, int], threshold: float) -> list[dict]:
+    """Each detection's thresholded pasted mask (``>= threshold``, which must be positive) as a JSON-ready COCO
+    RLE ``{"counts": str, "size": [H, W]}`` (the form of :func:`dynamask.data.masks.encode_masks`), built from
+    the box spans by :func:`dynamask.ops.paste_masks_rle`: no ``[N, H, W]`` canvas is made. ``boxes``:
+    ``[N, 4]`` in the frame of ``image_size``."""
+    h, w = int(image_size[0]), int(image_size[1])
+    rles = ops.paste_masks_rle(list(handoff.masks), boxes, (h, w), threshold=float(threshold), index=handoff.rows)
+    return [{"counts": r["counts"].decode("ascii"), "size": [int(v) for v in r["size"]]} for r in rles]
+
+
 def paste_instance_masks(detection: dict[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
     """Replaces one image's ``mask_handoff`` entry by ``masks [N, 1, H, W]`` (float probabilities, pasted
     with :func:`paste`), in place. ``boxes`` must already be in the frame of ``image_size`` (after the

@@ -23,6 +23,7 @@ from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.switch_input import check_switch_input, needs_trunk, switch_view
 from dynamask.ops import to_rois
+from dynamask.ops._args import check_sampling_ratio
 
 MASK_TRAINING_MODES = ("pretrain", "dynamic")
 
@@ -55,7 +56,8 @@ class MultiLevelRoIPool(nn.Module):
 
     Args:
         featmap_names: names of the pyramid levels in the feature dict, finest first.
-        output_size: S. sampling_ratio: samples per bin and axis. aligned: half-pixel shift.
+        output_size: S. sampling_ratio: samples per bin and axis; 0, or torchvision's -1: adaptive
+            (ceil(box side / S)); other negative values are refused. aligned: half-pixel shift.
         canonical_scale: box side (image pixels) that goes to P4; a box of side s goes to level
             ``floor(4 + log2(s / canonical_scale))``. 224 is FPN's value for ~800-px images; on small
             images every object falls below it and lands on P2, so a smaller value spreads them over
@@ -67,6 +69,7 @@ class MultiLevelRoIPool(nn.Module):
         super().__init__()
         if not 0 < canonical_scale < math.inf:
             raise ValueError(f"canonical_scale must be a positive finite number, got {canonical_scale}")
+        check_sampling_ratio(sampling_ratio, op="MultiLevelRoIPool")  # refused here, not at the first forward
         self.featmap_names = list(featmap_names)
         self.output_size = (output_size, output_size)
         self.sampling_ratio = sampling_ratio
@@ -91,6 +94,18 @@ class MultiLevelRoIPool(nn.Module):
                 image_shapes: list[tuple[int, int]]) -> Tensor:
         """features: name → ``[N, C, H_l, W_l]``; boxes: per image ``[n_i, 4]`` → ``[R, C, S, S]``."""
         return self.pool(features, boxes, image_shapes).features
+
+
+def box_branch_settings(heads: RoIHeads) -> dict[str, Any]:
+    """The box-branch settings of a built torchvision ``RoIHeads``, as :class:`DynaMaskRoIHeads` keywords
+    (``fg_iou_thresh`` ... ``detections_per_img``): read back from what torchvision's ``FasterRCNN``
+    constructor made of its arguments, so that its defaults stay the only ones."""
+    return dict(fg_iou_thresh=heads.proposal_matcher.high_threshold,
+                bg_iou_thresh=heads.proposal_matcher.low_threshold,
+                batch_size_per_image=heads.fg_bg_sampler.batch_size_per_image,
+                positive_fraction=heads.fg_bg_sampler.positive_fraction,
+                bbox_reg_weights=tuple(heads.box_coder.weights), score_thresh=heads.score_thresh,
+                nms_thresh=heads.nms_thresh, detections_per_img=heads.detections_per_img)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,25 @@ def pair(value: int | Sequence[int], *, op: str, name: str) -> tuple[int, int]:
     raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
 
 
+def check_sampling_ratio(value: int, *, op: str) -> int:
+    """The kernels' ``sampling_ratio``: ``n > 0`` samples per bin and axis, or 0 for adaptive
+    (``ceil(roi side / output side)``). torchvision's spelling of adaptive, -1, is accepted and means 0.
+
+    Raises:
+        TypeError: naming ``op``, for anything but an integer (a ratio of 2.5 is a mistake, not 2).
+        ValueError: naming ``op``, for another negative value (torchvision takes any value <= 0 as adaptive;
+            here only the two spellings of it are, so that a sign slip does not pass unnoticed).
+    """
+    try:
+        ratio = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: sampling_ratio must be an int (0 or -1: adaptive), got {value!r}") from None
+    if ratio < -1:
+        raise ValueError(f"{op}: sampling_ratio must be >= 0, or -1 (torchvision's adaptive, the same as 0), "
+                         f"got {ratio}")
+    return max(ratio, 0)
+
+
 def to_rois(boxes: Sequence[Tensor]) -> Tensor:
     """Per-image ``[n_i, 4]`` boxes → ``[R, 5]`` rows of (batch index, x1, y1, x2, y2), image by image.
 

@@ -16,7 +16,7 @@ from dynamask.ops import (
     _roi_align_registrations,  # noqa: F401  (autograd, autocast, fake kernels)
     checks,
 )
-from dynamask.ops._args import as_rois, pair
+from dynamask.ops._args import as_rois, check_sampling_ratio, pair
 
 
 def _as_features(features: Sequence[Tensor]) -> list[Tensor]:
@@ -77,7 +77,8 @@ def roi_align_multilevel(
             per-image ``[n_i, 4]`` box tensors.
         output_size: S or (S_h, S_w).
         spatial_scales: L floats, feature pixels per image pixel.
-        sampling_ratio: samples per bin and axis; 0 = adaptive (ceil(roi_size / output_size)).
+        sampling_ratio: samples per bin and axis; 0 = adaptive (ceil(roi_size / output_size)); -1 is
+            torchvision's spelling of adaptive and means 0; other negative values are refused.
         aligned: shift boxes by -0.5 pixel (True, the correct convention) or not (torchvision's
             ``MultiScaleRoIAlign`` uses False).
         levels: ``[R]`` int64 level index per RoI; None = FPN's rule
@@ -100,12 +101,13 @@ def roi_align_multilevel(
     if levels is None:
         _check_power_of_two_scales(spatial_scales)
     ph, pw = pair(output_size, op="roi_align_multilevel", name="output_size")
+    ratio = check_sampling_ratio(sampling_ratio, op="roi_align_multilevel")
     if checks.full_checks_enabled():
         checks.check_rois("roi_align_multilevel", rois_t, feats[0].shape[0])
         if levels is not None:
             checks.check_levels("roi_align_multilevel", levels, len(feats))
     return torch.ops.dynamask.roi_align_multilevel(
-        feats, rois_t, levels, [float(s) for s in spatial_scales], ph, pw, int(sampling_ratio), bool(aligned),
+        feats, rois_t, levels, [float(s) for s in spatial_scales], ph, pw, ratio, bool(aligned),
         float(canonical_scale),
     )
 
@@ -128,6 +130,8 @@ def roi_align_stages(
         stages: entries ``(level_index, output_size, count)``; entry j crops
             ``features[level_index]`` for ``rois[:count]`` at ``output_size x output_size``.
         spatial_scales: L floats.
+        sampling_ratio: as :func:`roi_align_multilevel` (0 or -1: adaptive).
+        aligned: as :func:`roi_align_multilevel`.
         channels_last: return the crops in ``torch.channels_last`` memory format (same shapes and values).
             The CPU kernel writes them so directly, which the mask head's channels-last stages read without
             a layout copy; on CUDA it is a copy of the NCHW crops.
@@ -137,6 +141,7 @@ def roi_align_stages(
         ``torchvision.ops.roi_align(features[l], rois[:count], S, spatial_scales[l], sampling_ratio, aligned)``.
     """
     feats, rois_t = _inputs(features, rois, spatial_scales)
+    ratio = check_sampling_ratio(sampling_ratio, op="roi_align_stages")
     levels, sizes, counts = [], [], []
     for j, stage in enumerate(stages):
         if len(stage) != 3:
@@ -148,7 +153,7 @@ def roi_align_stages(
         checks.check_rois("roi_align_stages", rois_t, feats[0].shape[0], max(counts, default=0))
     return list(
         torch.ops.dynamask.roi_align_stages(
-            feats, rois_t, levels, sizes, counts, [float(s) for s in spatial_scales], int(sampling_ratio),
+            feats, rois_t, levels, sizes, counts, [float(s) for s in spatial_scales], ratio,
             bool(aligned), bool(channels_last),
         )
     )
