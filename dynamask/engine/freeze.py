@@ -46,12 +46,29 @@ def check_freeze(cfg: Any) -> None:
     check_torchvision_predictor(cfg.arch_kwargs)
 
 
+def coco_label_ids(label_map: dict[int, tuple[int, str]]) -> list[int] | None:
+    """torchvision's COCO class index (= COCO category id) of each label 1, 2, ... of ``label_map``, when every
+    category is one of COCO's, with its COCO id and name; else None (other data: no mapping is guessed)."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    names = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]  # index = class id, "__background__" first
+    ids = []
+    for label in sorted(label_map):
+        cat_id, name = label_map[label]
+        if not (0 < int(cat_id) < len(names) and names[int(cat_id)] == name != "N/A"):
+            return None
+        ids.append(int(cat_id))
+    return ids or None
+
+
 def check_torchvision_predictor(arch_kwargs: dict[str, Any], num_classes: int | None = None) -> None:
     """torchvision's box predictor is imported only when its class count is the model's; frozen, a box
     predictor left at random would classify nothing. Read with ``mmap`` (only the one tensor's shape)."""
     path = arch_kwargs.get("torchvision_weights")
     num_classes = arch_kwargs.get("num_classes", num_classes)
     if not isinstance(path, str) or num_classes is None or arch_kwargs.get("weights"):
+        return
+    if arch_kwargs.get("torchvision_label_ids") is not None:  # the predictor is cut to the data's labels
         return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

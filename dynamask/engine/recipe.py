@@ -24,7 +24,7 @@ DYNAMASK_ARCHS = ("dynamask_resnet_fpn", "dynamask_resnet50_fpn")
 METHOD_SETTINGS = ("target_gmacs", "budget_weight", "edge_weight", "gumbel_tau", "routing_signal", "coupled",
                    "switch_input")
 # builder arguments that name files: used to build the model once, not stored in a checkpoint's architecture
-WEIGHT_FILES = ("weights", "weights_backbone", "torchvision_weights")
+WEIGHT_FILES = ("weights", "weights_backbone", "torchvision_weights", "torchvision_label_ids")
 
 # ImageNet ResNet-50 of torchvision (ResNet50_Weights.IMAGENET1K_V1, the `torchvision://resnet50` that
 # MMDetection's Mask R-CNN 1x starts from); `--recipe paper` reads it from torch's hub cache.

@@ -472,6 +472,11 @@ def _build_model(cfg: TrainConfig, device: torch.device, ckpt: dict[str, Any] | 
                 f"the model needs num_classes >= {dataset.num_classes} (num_classes counts the background, as "
                 "torchvision's); leave it out to take it from the data")
         kwargs.setdefault("num_classes", dataset.num_classes)
+        if kwargs.get("torchvision_weights") is not None and "torchvision_label_ids" not in kwargs:
+            # torchvision's COCO weights on COCO's categories: their box predictor, cut to the data's labels
+            ids = freeze.coco_label_ids(label_map)
+            if ids is not None and kwargs["num_classes"] == len(ids) + 1:
+                kwargs["torchvision_label_ids"] = ids
         if cfg.freeze == "detector":  # before the weights are read into a model: a class count that drops them
             freeze.check_torchvision_predictor(kwargs)
         build_arch = make_arch(cfg.arch, **kwargs)

@@ -87,10 +87,34 @@ def _load_into(module: nn.Module, state: dict[str, Tensor], named: str) -> None:
         raise ValueError(f"{named}: weights do not fit this architecture ({detail[:300]})") from exc
 
 
-def load_torchvision_maskrcnn(model: DynaMaskRCNN, state: str | os.PathLike | StateDict) -> list[str]:
-    """Loads backbone, FPN, RPN, box head (and the box predictor when the class count matches) from a
+def select_box_classes(src: dict[str, Tensor], class_ids: Sequence[int]) -> dict[str, Tensor]:
+    """``src`` with its box predictor cut to the classes ``class_ids`` (the source's class index of each of the
+    model's labels 1, 2, ...; the background, 0, is kept first): torchvision's COCO models index their 91
+    outputs by COCO category id, a COCO data set here numbers its 80 categories 1..80."""
+    rows = torch.tensor([0, *[int(c) for c in class_ids]])
+    out = dict(src)
+    cls_w = src.get(BOX_PREDICTOR_PREFIX + "cls_score.weight")
+    if cls_w is None:
+        return out
+    if int(rows.max()) >= cls_w.shape[0] or int(rows.min()) < 0:
+        raise ValueError(f"torchvision_label_ids: class {int(rows.max())} is not among the weights' "
+                         f"{cls_w.shape[0]} classes")
+    box_rows = (rows[:, None] * 4 + torch.arange(4)).flatten()
+    for name, index in (("cls_score.weight", rows), ("cls_score.bias", rows), ("bbox_pred.weight", box_rows),
+                        ("bbox_pred.bias", box_rows)):
+        key = BOX_PREDICTOR_PREFIX + name
+        out[key] = src[key].index_select(0, index)
+    return out
+
+
+def load_torchvision_maskrcnn(model: DynaMaskRCNN, state: str | os.PathLike | StateDict,
+                              class_ids: Sequence[int] | None = None) -> list[str]:
+    """Loads backbone, FPN, RPN, box head (and the box predictor when the class count matches, or when
+    ``class_ids`` maps the model's labels onto the weights' classes: :func:`select_box_classes`) from a
     torchvision ``maskrcnn_resnet50_fpn`` state dict. Returns the loaded keys."""
     src = _load(state, "torchvision_weights")
+    if class_ids is not None:
+        src = select_box_classes(src, class_ids)
     own = model.state_dict()
     prefixes: tuple[str, ...] = TORCHVISION_PREFIXES
     pred_key = BOX_PREDICTOR_PREFIX + "cls_score.weight"
@@ -133,6 +157,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
                         weights_backbone: Weights | WeightsEnum | None = None,
                         trainable_backbone_layers: int | None = None,
                         torchvision_weights: Weights | None = None,
+                        torchvision_label_ids: Sequence[int] | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
                         mask_roi_size: int = 14, fpn_channels: int = 256, fpn_norm: bool = False,
                         frozen_bn: bool | None = None, class_specific_masks: bool = False,
@@ -150,6 +175,10 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
         weights_backbone: local torchvision ResNet ImageNet weights, or their enum (hub cache).
         trainable_backbone_layers: 0–5 (torchvision's rule; 3 by default with weights, else 5).
         torchvision_weights: torchvision Mask R-CNN weights to import (see the module docstring).
+        torchvision_label_ids: with torchvision's weights, the weights' class index of each label 1, 2, ... of
+            this model (for a COCO data set, its COCO category ids): the box predictor is imported for those
+            classes (``num_classes = len + 1``) instead of left untrained. ``dynamask train`` sets it when the
+            data's categories are COCO's.
         trunk_channels: width of the 14×14 trunk (256; smaller for demo models).
         stage_channels: widths of the 28/56/112 stages ((128, 64, 32)).
         mask_roi_size: side of the RoI feature (14, the paper); the stages double it. Only tests and
@@ -215,7 +244,10 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
     msm = MaskSwitchModule(in_channels=width, in_size=mask_roi_size)
     model = DynaMaskRCNN(backbone, num_classes, mask_head=head, msm=msm, **kwargs)
     if torchvision_weights is not None and weights is None:
-        loaded = load_torchvision_maskrcnn(model, torchvision_weights)
+        if torchvision_label_ids is not None and len(torchvision_label_ids) != num_classes - 1:
+            raise ValueError(f"torchvision_label_ids names {len(torchvision_label_ids)} classes but num_classes "
+                             f"{num_classes} has {num_classes - 1} besides the background")
+        loaded = load_torchvision_maskrcnn(model, torchvision_weights, torchvision_label_ids)
         if detector_enum is not None and hub_weights.zero_eps(detector_enum):
             overwrite_eps(model, 0.0)  # as torchvision's builder: these weights were trained with eps 0
         source = (f"weights={hub_weights.enum_name(detector_enum)}" if detector_enum is not None
