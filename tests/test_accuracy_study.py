@@ -93,6 +93,15 @@ def test_picture_grid_shows_every_resolution_and_maskrcnn(study):
 
     grid = Image.open(out / "grid.png")
     assert grid.width > 6 * grid.height / 4  # one column per resolution, the image, the target and Mask R-CNN
+    # the IoU in each panel's title: a 2x2 probability map upsampled onto the target's 4x4 grid
+    import numpy as np
+    from _accuracy_grid import _iou
+
+    gt = np.zeros((4, 4))
+    gt[:, :2] = 1
+    assert _iou(np.array([[1.0, 0.0], [1.0, 0.0]]), gt) == 1.0
+    assert _iou(np.ones((2, 2)), gt) == 0.5
+    assert _iou(np.zeros((2, 2)), np.zeros((4, 4))) == 1.0  # both empty
 
 
 def test_rerun_skips_finished_rows_and_refuses_another_config(study):

@@ -117,8 +117,21 @@ def test_a_fitted_runs_evaluation_reports_both_switches(shapes, fitted_run):
     dyn = json.loads((out / "eval" / "dynamic_phase_switch" / "metrics.json").read_text())
     assert rows["dynamic_phase"]["segm_AP"] == dyn["segm"]["AP"]
     assert rows["dynamic_phase"]["mask_gmac_per_instance"] == dyn["mask_gmac_per_instance"]
-    for row in rows.values():
-        assert row["routing_captured"] is None or -10 < row["routing_captured"] < 10
+    # the routing values: recomputed here from the checkpoint's two switches on the validation boxes
+    import copy
+
+    from dynamask.engine.routing import routing_value
+    from dynamask.engine.routing_probe import gt_box_routing
+
+    model, ckpt = model_from_checkpoint(result["checkpoint"])
+    dynamic = copy.deepcopy(model.roi_heads.msm)
+    dynamic.load_state_dict(train_switch.dynamic_phase_switch(ckpt))
+    reads = model.roi_heads.switch_input
+    probe = gt_box_routing(model, CocoDetection(*split_paths(shapes, "val")), progress=False,
+                           switches={"fitted": (model.roi_heads.msm, reads), "dynamic_phase": (dynamic, reads)})
+    for name, row in rows.items():
+        want = routing_value(probe["iou"], probe["choices"][name]).captured
+        assert row["routing_captured"] == want or (row["routing_captured"] is None and want is None), name
 
 
 def test_eval_switch_dynamic_phase_gives_the_dynamic_phases_figures(shapes, fitted_run, tmp_path, capsys):

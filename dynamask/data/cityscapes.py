@@ -31,12 +31,12 @@ import glob
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from dynamask.atomic import write_text_atomic
 from dynamask.checks import check_output_file
 
 SPLITS = ("train", "val", "test")
@@ -121,16 +121,8 @@ def convert_cityscapes(root: str, split: str, out_file: str | None = None, *, vi
 
 
 def _write_json(value: Any, path: str) -> None:
-    """Atomically: a temporary file in the same folder, then ``os.replace``; removed if anything fails."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Atomically, with the umask's permissions (:func:`dynamask.atomic.write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(value))
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -16,6 +16,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 
+from dynamask.models.detector import SafeResizeTransform
+
 _NORMS = {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn": torch.nn.BatchNorm2d}
 
 
@@ -89,12 +91,8 @@ def maskrcnn_resnet_fpn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_detections_per_img=box_detections_per_img,
     )
-    try:
-        from dynamask.models.detector import SafeResizeTransform
-    except ModuleNotFoundError:  # an install without dynamask.models: torchvision's own
-        return model
-    t = model.transform  # the same resizing, but a 2x3840 image keeps a 1-pixel side instead of failing
-    model.transform = SafeResizeTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
+    # the same resizing, but a 2x3840 image keeps a 1-pixel side instead of failing
+    model.transform = SafeResizeTransform.like(model.transform)
     return model
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynamask.atomic import write_atomic
 from dynamask.checks import check_kwargs, first_non_finite, model_num_classes, parameter_names, torch_load_detail
-from dynamask.engine.atomic import write_atomic
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "label_map", "model")
@@ -182,7 +182,7 @@ def save_checkpoint(
 
 
 def write_checkpoint(ckpt: dict[str, Any], path: str) -> str:
-    """``torch.save`` a checkpoint dict to ``path`` atomically (:mod:`dynamask.engine.atomic`: a failure leaves
+    """``torch.save`` a checkpoint dict to ``path`` atomically (:mod:`dynamask.atomic`: a failure leaves
     the earlier file whole), with the permissions the umask gives an ordinary file (0644 under umask 022)."""
     return write_atomic(path, lambda f: torch.save(ckpt, f), suffix=".pth")
 

@@ -163,7 +163,7 @@ def evaluate_results(
     dist = resolution_distribution(results, cat_names, score_threshold=score_threshold, resolutions=known)
     metrics["resolution"] = dist
     # the cost below counts every detection the head segmented: the same detections' distribution beside it
-    metrics["resolution_all"] = resolution_distribution(results, cat_names, score_threshold=float("-inf"),
+    metrics["resolution_all"] = resolution_distribution(results, cat_names, score_threshold=0.0,
                                                         resolutions=known)
     # the head segments every kept detection, whatever its score: its cost is averaged over all of them
     report = cost_report(results, costs, num_images=len(coco_gt.imgs)) if costs is not None else None
@@ -265,18 +265,16 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         res = [int(r) for r in dist["resolutions"]]
         lines += ["", "| category | " + " | ".join(f"{r}²" for r in res) + " |", "|---|" + "---|" * len(res)]
         shown = shown_categories(dist)
-        for name, counts in [(n, dist["per_category"][n]) for n in shown] + [("all", dist["overall"])]:
-            counts = {int(r): n for r, n in counts.items()}  # metrics.json read back has str keys
-            total = sum(counts.values())
-            cells = [f"{100 * counts[r] / total:.0f}%" if total else "–" for r in res]
-            lines.append(f"| {name} (n={total}) | " + " | ".join(cells) + " |")
+        rows = [(n, dist["per_category"][n]) for n in shown] + [("all", dist["overall"])]
         every = metrics.get("resolution_all")
         if every and every["instances"]:
-            counts = {int(r): n for r, n in every["overall"].items()}
+            rows.append(("all detections, any score", every["overall"]))
+        for name, counts in rows:
+            counts = {int(r): n for r, n in counts.items()}  # metrics.json read back has str keys
             total = sum(counts.values())
-            cells = [f"{100 * counts.get(r, 0) / total:.0f}%" for r in res]
-            lines.append(f"| all detections, any score (n={total}; what the cost below counts) | "
-                         + " | ".join(cells) + " |")
+            cells = [f"{100 * counts.get(r, 0) / total:.0f}%" if total else "–" for r in res]
+            note = "; what the cost below counts" if name.startswith("all detections") else ""
+            lines.append(f"| {name} (n={total}{note}) | " + " | ".join(cells) + " |")
         if len(shown) < len(dist["per_category"]):
             lines.append(f"({len(shown)} of {len(dist['per_category'])} categories, those with the most instances; "
                          "all in metrics.json)")

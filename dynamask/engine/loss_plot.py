@@ -14,7 +14,7 @@ import logging
 import math
 import os
 
-from dynamask.engine.atomic import write_atomic
+from dynamask.atomic import write_atomic
 
 LOSS_PLOT_FILE = "loss.png"
 

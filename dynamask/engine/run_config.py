@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from dynamask._version import __version__
-from dynamask.engine.atomic import write_text_atomic
+from dynamask.atomic import write_text_atomic
 
 CONFIG_FILE = "config.yaml"
 # TrainConfig fields that a replay does not take from the file: a replay is a new run (give --resume to

@@ -503,7 +503,9 @@ def _build_model(cfg: TrainConfig, device: torch.device, ckpt: dict[str, Any] | 
             log.info("note: the weights' fitted switch price (cost_penalty) is reset to zero: the dynamic phase "
                      "trains the switch without it, and a fit at the end sets a new one")
         arch = make_arch(cfg.arch, **kwargs)  # what the checkpoint records: rebuilds with no weight file
-        build_kwargs = {**build_arch["kwargs"], **{k: v for k, v in kwargs.items() if k == "target_gmacs"}}
+        build_kwargs = dict(build_arch["kwargs"])  # the weight files too: config.yaml replays the build
+        if "target_gmacs" in kwargs:
+            build_kwargs["target_gmacs"] = kwargs["target_gmacs"]
     else:
         build_kwargs = dict(arch["kwargs"])
     return model, arch, build_kwargs, label_map, dataset

@@ -20,10 +20,11 @@ import torch
 
 from dynamask.engine import distributed as dist_utils
 from dynamask.engine.checkpoint import load_checkpoint, unwrap
+from dynamask.engine.run_log import LOGGER
 
 BEST_FILE = "best.pth"
 BEST_KEY = "best"  # what best.pth's ``extra`` records of its evaluation: epoch, iteration, segm_AP
-log = logging.getLogger("dynamask.train")
+log = logging.getLogger(LOGGER)
 
 
 def open_val(cfg: Any, *, say: bool) -> Any:
