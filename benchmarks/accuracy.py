@@ -921,6 +921,13 @@ class Study:
         self.save_meta()
 
 
+def _levels(text: str) -> tuple[int, ...]:
+    levels = tuple(int(t) for t in text.split(","))
+    if len(levels) != 3 or any(v not in range(4) for v in levels):
+        raise argparse.ArgumentTypeError(f"three levels in 0-3 (P2-P5), e.g. 0,0,0; got {text!r}")
+    return levels
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "accuracy"), help="study folder (resumable)")
@@ -944,6 +951,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-rois", type=int, default=None,
                    help="positive RoIs per image that train DynaMask's mask head (default 8; 0: all of them, as "
                         "the Mask R-CNN row's and the paper's)")
+    p.add_argument("--stage-levels", type=_levels, default=None,
+                   help="the FPN level each r-FPN stage fuses, comma-separated indices into P2,P3,P4,P5 (default "
+                        "2,1,0: the paper's P4, P3, P2); e.g. 0,0,0 for these 192-px images (docs/method.md §3)")
     p.add_argument("--variants", choices=("core", "all"), default="core",
                    help="core: the default switch (the fit dynamask train ends with, on the default dynamic-phase "
                         "row's model, at the budgets the claims are judged at) and the paper's Gumbel switch of that "
@@ -963,6 +973,10 @@ def main(argv: list[str] | None = None) -> int:
                       maskrcnn={**cfg.maskrcnn, "roi_canonical_scale": args.roi_canonical_scale})
     if args.mask_rois is not None:  # 0: every positive trains the mask head, as Mask R-CNN's and the paper's
         cfg = replace(cfg, arch={**cfg.arch, "mask_rois_per_image": args.mask_rois or None})
+    # equal mask supervision: Mask R-CNN's head trains on the same number of positives per image as DynaMask's
+    cfg = replace(cfg, maskrcnn={**cfg.maskrcnn, "mask_rois_per_image": cfg.arch["mask_rois_per_image"]})
+    if args.stage_levels is not None:
+        cfg = replace(cfg, arch={**cfg.arch, "stage_levels": list(args.stage_levels)})
     if args.part == "ladder":  # the switch variants leave the config (a ladder-only study)
         cfg = replace(cfg, switches=(), coupled=(), fit=None, train_fit=None)
     elif args.variants == "core" and not args.quick:
@@ -977,6 +991,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.split:
         split_argv = ["--seed", str(args.seed), "--iters-scale", repr(args.iters_scale), "--no-progress"]
         split_argv += ["--quick"] if args.quick else []
+        for flag, value in (("--mask-rois", args.mask_rois), ("--roi-canonical-scale", args.roi_canonical_scale)):
+            split_argv += [flag, str(value)] if value is not None else []
     study = Study(cfg, args.out, progress=not args.no_progress)
     study.maskrcnn_ckpt = args.maskrcnn_ckpt
     study.run(args.part, split_argv)

@@ -13,6 +13,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 
@@ -39,6 +40,7 @@ def maskrcnn_resnet_fpn(
     box_representation_size: int = 1024,
     mask_head_layers: tuple[int, ...] = (256, 256, 256, 256),
     roi_canonical_scale: float = 224.0,
+    mask_rois_per_image: int | None = None,
 ) -> MaskRCNN:
     """torchvision Mask R-CNN with a ResNet-``depth`` FPN backbone, randomly initialised (weights=None).
 
@@ -51,6 +53,9 @@ def maskrcnn_resnet_fpn(
             four 256-channel convs); narrower ones make a small model for CPU runs and tests.
         roi_canonical_scale: the box side the box and mask RoI poolers send to P4 (FPN's 224, for ~800-px
             images), as DynaMask's builders' argument of the same name, so that both map boxes alike.
+        mask_rois_per_image: at most this many positive RoIs per image (a random subset) train the mask head,
+            as DynaMask's argument of the same name, so that both heads get the same mask supervision; None
+            (torchvision's): every positive.
     """
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
@@ -91,9 +96,67 @@ def maskrcnn_resnet_fpn(
         box_batch_size_per_image=box_batch_size_per_image,
         box_detections_per_img=box_detections_per_img,
     )
+    if mask_rois_per_image is not None:
+        model.roi_heads = CappedMaskRoIHeads.like(model.roi_heads, mask_rois_per_image=mask_rois_per_image)
     # the same resizing, but a 2x3840 image keeps a 1-pixel side instead of failing
     model.transform = SafeResizeTransform.like(model.transform)
     return model
+
+
+class CappedMaskRoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` whose mask loss trains on at most ``mask_rois_per_image`` positives per
+    image, a random subset drawn as DynaMask's (``DynaMaskRoIHeads._subsample_positives``); the box branch and
+    inference are torchvision's, unchanged.
+
+    torchvision's forward builds the mask loss from locals it does not expose, so the training forward runs
+    it with the mask branch off (box losses only), keeping the sampled proposals, and then runs the mask
+    branch itself on the capped positives.
+    """
+
+    mask_rois_per_image: int
+    _mask_off: bool = False
+    _sampled: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @classmethod
+    def like(cls, heads: RoIHeads, *, mask_rois_per_image: int) -> CappedMaskRoIHeads:
+        """The same modules and settings as ``heads`` (shared, not copied), with the cap."""
+        if mask_rois_per_image < 1:
+            raise ValueError(f"mask_rois_per_image must be None or >= 1, got {mask_rois_per_image}")
+        capped = cls.__new__(cls)
+        capped.__dict__.update(heads.__dict__)
+        capped.mask_rois_per_image = int(mask_rois_per_image)
+        return capped
+
+    def has_mask(self) -> bool:
+        return not self._mask_off and super().has_mask()
+
+    def select_training_samples(self, proposals, targets):  # type: ignore[no-untyped-def]
+        proposals, matched_idxs, labels, regression_targets = super().select_training_samples(proposals, targets)
+        self._sampled = (proposals, matched_idxs, labels)
+        return proposals, matched_idxs, labels, regression_targets
+
+    def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[no-untyped-def]
+        if not self.training or not super().has_mask():
+            return super().forward(features, proposals, image_shapes, targets)
+        self._mask_off, self._sampled = True, None
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        finally:
+            self._mask_off = False
+        assert self._sampled is not None and targets is not None  # training: select_training_samples ran
+        sampled, matched, labels = self._sampled
+        self._sampled = None
+        mask_proposals, pos_matched = [], []
+        for boxes, idx, lab in zip(sampled, matched, labels):
+            pos = torch.where(lab > 0)[0]
+            if pos.numel() > self.mask_rois_per_image:
+                pos = pos[torch.randperm(pos.numel(), device=pos.device)[:self.mask_rois_per_image].sort().values]
+            mask_proposals.append(boxes[pos])
+            pos_matched.append(idx[pos])
+        x = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+        losses["loss_mask"] = maskrcnn_loss(x, mask_proposals, [t["masks"] for t in targets],
+                                            [t["labels"] for t in targets], pos_matched)
+        return result, losses
 
 
 def fixed_mask_resolution(model: torch.nn.Module) -> int | None:

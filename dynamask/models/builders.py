@@ -159,7 +159,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
                         torchvision_weights: Weights | None = None,
                         torchvision_label_ids: Sequence[int] | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
-                        mask_roi_size: int = 14, fpn_channels: int = 256, fpn_norm: bool = False,
+                        stage_levels: Sequence[int] = (2, 1, 0), mask_roi_size: int = 14,
+                        fpn_channels: int = 256, fpn_norm: bool = False,
                         frozen_bn: bool | None = None, class_specific_masks: bool = False,
                         **kwargs: Any) -> DynaMaskRCNN:
     """A DynaMask detector on a ResNet-{18, 34, 50, 101} FPN.
@@ -181,6 +182,10 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
             data's categories are COCO's.
         trunk_channels: width of the 14×14 trunk (256; smaller for demo models).
         stage_channels: widths of the 28/56/112 stages ((128, 64, 32)).
+        stage_levels: the FPN level each stage fuses, as an index into ``[P2, P3, P4, P5]`` ((2, 1, 0): P4, P3,
+            P2, the paper's, for ~800-px images). On much smaller images the objects sit two levels finer, and
+            the paper's P4 is too coarse to add detail to a 28² mask (docs/method.md §3): e.g. (0, 0, 0) for
+            192-px images.
         mask_roi_size: side of the RoI feature (14, the paper); the stages double it. Only tests and
             demos change it (e.g. 7 → 7/14/28/56, a quarter of the CPU time).
         fpn_channels: width of the FPN levels, which the RPN, box head, MSM and mask head read (256;
@@ -236,7 +241,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
         raise ValueError("fpn_norm=True has no torchvision weights to import (torchvision's FPN has no norm)")
     backbone = _resnet_fpn(body, trainable, fpn_channels, fpn_norm)
     head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
-                        stage_channels=tuple(stage_channels), roi_size=mask_roi_size,
+                        stage_channels=tuple(stage_channels), stage_levels=tuple(stage_levels),
+                        roi_size=mask_roi_size,
                         mask_classes=num_classes if class_specific_masks else 1)
     # the switch reads the RoI feature (FPN width) or the trunk's output (trunk width); see DynaMaskRoIHeads
     width = switch_channels(kwargs.get("switch_input", "roi"), fpn_channels=backbone.out_channels,

@@ -75,6 +75,8 @@ class DynaMaskHead(nn.Module):
         super().__init__()
         if len(stage_channels) != len(stage_levels):
             raise ValueError("stage_channels and stage_levels must have one entry per stage")
+        if any(int(level) not in range(4) for level in stage_levels):
+            raise ValueError(f"stage_levels index the FPN levels [P2, P3, P4, P5] (0-3), got {tuple(stage_levels)}")
         if mask_classes < 1:
             raise ValueError(f"mask_classes must be >= 1, got {mask_classes}")
         self.mask_classes = int(mask_classes)
