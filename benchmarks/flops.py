@@ -1,4 +1,4 @@
-"""Per-RoI mask-head cost of DynaMask (analytic, dynamask.flops) beside the paper and torchvision.
+"""Per-RoI mask-head cost of DynaMask (analytic, dynamask.models.flops) beside the paper and torchvision.
 
     python benchmarks/flops.py
 
@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from dynamask import flops
-from dynamask.models import DynaMaskHead, MaskSwitchModule
+from dynamask.models import DynaMaskHead, MaskSwitchModule, flops
 
 PAPER = {14: 0.23, 28: 0.62, 56: 1.01, 112: 1.40}
 

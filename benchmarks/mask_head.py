@@ -9,7 +9,7 @@ at inference: 14×14 multi-level RoIAlign, routing (``group_by_resolution``), th
 (including the per-image projections and the one ``roi_align_stages`` call) and the sigmoid; pasting is
 excluded (the same for both). Features are random P2–P5 of one 800×1216 image, RoIs random boxes with
 FPN-typical sizes. Medians of interleaved runs; ``torch.set_num_threads(--threads)`` on CPU. Each case's
-GMAC is counted by the library's rule (``dynamask.flops``: each RoI's head MACs at its resolution, plus the
+GMAC is counted by the library's rule (``dynamask.models.flops``: each RoI's head MACs at its resolution, plus the
 per-image projections; torchvision's: its convs, deconv and 91-class predictor), and its GMAC per second
 is given against torchvision's head's. Bars (issues 5 and 20): the 0.35/0.34/0.21/0.10 mix ≤ 0.6× the
 all-112 time; all-112 at ≥ 0.9× torchvision's GMAC per second.
@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import device_name, interleaved_medians, markdown_table, publish  # noqa: E402
 
 from dynamask import ops  # noqa: E402
-from dynamask.flops import conv_macs, mask_head_macs, maskrcnn_mask_head_gmacs  # noqa: E402
 from dynamask.models import DynaMaskHead  # noqa: E402
+from dynamask.models.flops import conv_macs, mask_head_macs, maskrcnn_mask_head_gmacs  # noqa: E402
 
 MIXES = {
     "all-112": (0.0, 0.0, 0.0, 1.0),
@@ -92,7 +92,7 @@ class TorchvisionMaskBranch(nn.Module):
 
 def head_gmacs(head: DynaMaskHead, mix, n: int, feats) -> float:
     """GMAC of one call of ``run_ours`` by the library's counting rule: each RoI's cumulative head MACs at
-    its resolution (:func:`dynamask.flops.mask_head_macs`) plus the per-image 1×1 projections of the levels
+    its resolution (:func:`dynamask.models.flops.mask_head_macs`) plus the per-image 1×1 projections of the levels
     that the reached stages fuse."""
     counts = mix_counts(mix, n)
     per_roi = mask_head_macs(head)

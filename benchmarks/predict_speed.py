@@ -54,8 +54,8 @@ from dynamask.data import CocoDetection  # noqa: E402
 from dynamask.data.shapes import generate, split_paths  # noqa: E402
 from dynamask.engine.coco_eval import output_to_results  # noqa: E402
 from dynamask.engine.evaluate import evaluate  # noqa: E402
-from dynamask.flops import HeadCosts  # noqa: E402
 from dynamask.models import dynamask_resnet50_fpn, dynamask_resnet_fpn, mask_handoff  # noqa: E402
+from dynamask.models.flops import HeadCosts  # noqa: E402
 
 TABLE9_MIX = (0.35, 0.34, 0.21, 0.10)
 

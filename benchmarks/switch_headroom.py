@@ -8,7 +8,7 @@ Two measurements on the study's frozen ``base`` model (``OUT/ckpt/base.pth``), w
 
 - ``retest``: a test-retest ceiling. Every validation ground-truth box is probed twice, on the image and on
   its mirror image; the best assignment computed from the mirror's IoUs is scored on the original's
-  (:func:`dynamask.engine.routing.routing_value`). A router that sees the object cannot be expected to
+  (:func:`dynamask.engine.routing_value.routing_value`). A router that sees the object cannot be expected to
   predict its per-instance gains much better than a second measurement of the same object does.
 - ``epochs``: switches trained longer. The switch inputs (detached 14² RoI features) and signals of the
   positives of ``--iters`` training batches (the study's switch phase: same seed, same batches) are cached,
@@ -25,20 +25,31 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+if ROOT not in sys.path:  # run as a script: the accuracy study is imported as the package benchmarks.accuracy
+    sys.path.insert(0, ROOT)
 
-import accuracy as A  # noqa: E402
-
-from dynamask.engine.routing import best_assignment, oracle_choice, routing_value  # noqa: E402
+from benchmarks.accuracy.config import full_config, quick_config  # noqa: E402
+from benchmarks.accuracy.phases import (  # noqa: E402
+    batches,
+    build_dynamask,
+    datasets,
+    load_state,
+    log,
+    new_switch,
+    save_json,
+)
 from dynamask.engine.routing_probe import mask_iou_top_grid  # noqa: E402
-from dynamask.flops import mask_head_gmacs  # noqa: E402
+from dynamask.engine.routing_value import best_assignment, oracle_choice, routing_value  # noqa: E402
+from dynamask.engine.switch_fit import frozen_head_outputs  # noqa: E402
 from dynamask.models import mask_losses  # noqa: E402
+from dynamask.models.flops import mask_head_gmacs  # noqa: E402
 
 
 def _probe(model, image, target):
@@ -48,8 +59,8 @@ def _probe(model, image, target):
     il, tg = model.transform([image], [target])
     feats = model.backbone(il.tensors)
     boxes = [tg[0]["boxes"]]
-    rf, lv, sc, rois = heads._pool_masks(feats, boxes, il.image_sizes)
-    logits, _ = head.forward_train(rf, lv, sc, rois, None, tg[0]["labels"] if head.mask_classes > 1 else None)
+    out = heads.masks_every_resolution(feats, boxes, il.image_sizes, tg[0]["labels"])
+    rf, logits = out.roi_features, out.mask_logits
     n = boxes[0].shape[0]
     top = mask_losses.mask_targets([tg[0]["masks"]], boxes, [torch.arange(n)], [head.resolutions[-1]])[0]
     return rf, mask_iou_top_grid([x.sigmoid() for x in logits], top)
@@ -88,8 +99,8 @@ def retest(model, val) -> dict:
 def cache(model, train, val, cfg, iters: int) -> dict:
     heads = model.roi_heads
     xs, sig = [], {"probe": [], "paper": []}
-    for images, targets in A.batches(train, cfg.batch, iters, cfg.seed + 2):
-        frozen = A.frozen_head_outputs(model, images, targets)
+    for images, targets in batches(train, cfg.batch, iters, cfg.seed + 2):
+        frozen = frozen_head_outputs(model, images, targets)
         if frozen is None:
             continue
         rf, _, ml, el, mt, et = frozen
@@ -115,7 +126,7 @@ def train_longer(model, data: dict, *, kind: str, signal: str, seed: int, epochs
     n_val, k = viou.shape
     quarters = np.diff(np.round(np.linspace(0, n_val, k + 1)).astype(int))
     torch.manual_seed(seed)
-    net = A.new_switch(model, "roi")
+    net = new_switch(model, "roi")
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     s_all = data["signal"][signal]
     out = []
@@ -142,7 +153,7 @@ def train_longer(model, data: dict, *, kind: str, signal: str, seed: int, epochs
             out.append({"epoch": ep, "captured": routing_value(viou, choice).captured,
                         "counts": np.bincount(choice, minlength=k).tolist()})
             cap = out[-1]["captured"]  # None when the boxes leave no gain to capture (tiny test sets)
-            A.log(f"{kind}/{signal} init {seed} epoch {ep}: captured {'undefined' if cap is None else f'{cap:.3f}'}")
+            log(f"{kind}/{signal} init {seed} epoch {ep}: captured {'undefined' if cap is None else f'{cap:.3f}'}")
     return out
 
 
@@ -157,24 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = A.quick_config() if args.quick else A.full_config()
+    cfg = quick_config() if args.quick else full_config()
     with open(os.path.join(args.study, "meta.json")) as f:
         saved = json.load(f)["config"]
-    cfg = A.replace(cfg, arch=saved["arch"])  # the head the study trained (class-specific or not)
-    train, val = A.datasets(cfg, args.study)
-    model = A.build_dynamask(cfg)
-    model.load_state_dict(A.load_state(os.path.join(args.study, "ckpt", "base.pth"))["model"])
+    cfg = replace(cfg, arch=saved["arch"])  # the head the study trained (class-specific or not)
+    train, val = datasets(cfg, args.study)
+    model = build_dynamask(cfg)
+    model.load_state_dict(load_state(os.path.join(args.study, "ckpt", "base.pth"))["model"])
     model.eval()
     path = os.path.join(args.study, "switch_headroom.json")
     result = json.load(open(path)) if os.path.exists(path) else {}
     t0 = time.time()
     if args.part in ("all", "retest"):
         result["retest"] = retest(model, val)
-        A.log(f"retest: {json.dumps(result['retest'])}")
-        A.save_json(path, result)
+        log(f"retest: {json.dumps(result['retest'])}")
+        save_json(path, result)
     if args.part in ("all", "epochs"):
         data = cache(model, train, val, cfg, args.iters or saved["switch_iters"])
-        A.log(f"cached {data['x'].shape[0]} training RoIs, {data['val_x'].shape[0]} validation boxes")
+        log(f"cached {data['x'].shape[0]} training RoIs, {data['val_x'].shape[0]} validation boxes")
         mid = sorted(v["target_gmacs"] for v in saved["switches"])[len(saved["switches"]) // 2]
         runs = {}
         for kind, signal in (("regress", "probe"), ("expected", "paper")):
@@ -182,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs[f"{kind}-{signal}-init{seed}"] = train_longer(model, data, kind=kind, signal=signal, seed=seed,
                                                                    epochs=args.epochs, target=mid, lr=cfg.lr)
         result["epochs"] = {"training_rois": int(data["x"].shape[0]), "epochs": args.epochs, "runs": runs}
-        A.save_json(path, result)
+        save_json(path, result)
     result["minutes"] = (time.time() - t0) / 60
-    A.save_json(path, result)
-    A.log(f"done: {path}")
+    save_json(path, result)
+    log(f"done: {path}")
     return 0
 
 

@@ -36,8 +36,8 @@ from _timing import device_name, markdown_table, publish  # noqa: E402
 
 from dynamask.data import CocoDetection, collate_fn  # noqa: E402
 from dynamask.data.shapes import generate, split_paths  # noqa: E402
-from dynamask.engine.baselines import maskrcnn_resnet_fpn  # noqa: E402
 from dynamask.models import dynamask_resnet_fpn  # noqa: E402
+from dynamask.models.maskrcnn import maskrcnn_resnet_fpn  # noqa: E402
 
 # Settings both models of a pair share (torchvision's MaskRCNN arguments, which the DynaMask builder takes too).
 SHARED = ("depth", "num_classes", "min_size", "max_size", "rpn_batch_size_per_image", "box_batch_size_per_image",

@@ -159,13 +159,33 @@ def model_num_classes(model: torch.nn.Module) -> int | None:
     return int(cls_score.out_features) if isinstance(cls_score, torch.nn.Linear) else None
 
 
+def fixed_mask_resolution(model: torch.nn.Module) -> int | None:
+    """The side of the masks a torchvision-style Mask R-CNN predicts, read from its layers: its mask RoI
+    pool's output size times the upsampling of its mask predictor's transposed convs (14 × 2 = 28).
+
+    None for a model that reports each mask's resolution itself (DynaMask's ``mask_resolution``) or has
+    no mask branch. Evaluation and the predictor report every mask of a fixed-resolution model at this size.
+    """
+    heads = getattr(model, "roi_heads", None)
+    if heads is None or hasattr(getattr(heads, "mask_head", None), "resolutions"):
+        return None
+    pool = getattr(heads, "mask_roi_pool", None)
+    predictor = getattr(heads, "mask_predictor", None)
+    if pool is None or predictor is None:
+        return None
+    size = pool.output_size
+    side = int(size[0] if isinstance(size, (tuple, list)) else size)
+    for m in predictor.modules():
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            side *= int(m.stride[0])
+    return side
+
+
 def model_resolutions(model: torch.nn.Module) -> list[int] | None:
     """The mask resolutions a model reports (DynaMask's 14/28/56/112, a fixed-resolution model's one)."""
     head = getattr(getattr(model, "roi_heads", None), "mask_head", None)
     if head is not None and hasattr(head, "resolutions"):
         return [int(r) for r in head.resolutions]
-    from dynamask.engine.baselines import fixed_mask_resolution
-
     fixed = fixed_mask_resolution(model)
     return None if fixed is None else [fixed]
 

@@ -23,9 +23,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from dynamask.checks import check_device, check_number, model_num_classes
+from dynamask.checks import check_device, check_number, fixed_mask_resolution, model_num_classes
 from dynamask.data.images import ImageInput, to_image_tensor
-from dynamask.engine.baselines import fixed_mask_resolution
 from dynamask.engine.checkpoint import model_from_checkpoint
 from dynamask.engine.coco_eval import output_to_results
 from dynamask.models import mask_handoff

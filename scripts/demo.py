@@ -21,7 +21,7 @@ channels, a narrow mask head whose resolutions are 7/14/28/56 (mask_roi_size 7),
 small images, and at most 8 RoIs per image training the mask branch.
 
 Training ends with the switch fitted to the budget by regression on 300 training batches
-(`dynamask.engine.train_switch`, docs/method.md §3): on the stop-14 demo checkpoint such a fit captured
+(`dynamask.engine.switch_life`, docs/method.md §3): on the stop-14 demo checkpoint such a fit captured
 0.77 / 0.75 of the routing gain (two inits) against 0.52 for the switch the dynamic phase trained. The
 report shows both (the checkpoint keeps the dynamic phase's switch).
 """
@@ -72,9 +72,8 @@ BUDGET_AT = 28  # C_t: on average as costly as running every RoI at 28² (see de
 
 def demo_budget(arch_kwargs: dict) -> float:
     """C_t in GMAC per RoI for the head the demo builds: its cost at ``BUDGET_AT``² from
-    :func:`dynamask.flops.mask_head_gmacs`, so that the budget follows the head when its widths change."""
-    from dynamask import flops
-    from dynamask.models import dynamask_resnet_fpn
+    :func:`dynamask.models.flops.mask_head_gmacs`, so that the budget follows the head when its widths change."""
+    from dynamask.models import dynamask_resnet_fpn, flops
 
     return flops.mask_head_gmacs(dynamask_resnet_fpn(**arch_kwargs))[BUDGET_AT]
 
@@ -207,11 +206,11 @@ def routing_lines(summary: dict, resolutions) -> list[str]:
 
 def write_report(data: str, train_dir: str, t0: float, minutes: float) -> None:
     sys.path.insert(0, ROOT)
-    from dynamask import flops
     from dynamask.data import CocoDetection
     from dynamask.engine.checkpoint import model_from_checkpoint
     from dynamask.engine.evaluate import evaluate, format_metrics
-    from dynamask.engine.train_switch import use_dynamic_phase_switch
+    from dynamask.engine.switch_life import fit_record, use_dynamic_phase_switch
+    from dynamask.models import flops
     from dynamask.viz import save_overlay
 
     eval_dir = os.path.join(train_dir, "eval")
@@ -252,7 +251,7 @@ def write_report(data: str, train_dir: str, t0: float, minutes: float) -> None:
                      fixed["mask_cost"]["head_gmac_per_image"]))
     model.mask_policy = "msm"
     routing = write_routing(model, val, os.path.join(OUT, "routing.json"), dynamic_phase_model=before)
-    fit = ckpt.get("extra", {}).get("switch_fit", {})
+    fit = fit_record(ckpt) or {}
     seconds = time.time() - t0  # the job up to here; only writing the report is left
     iters_per_epoch = -(-N_TRAIN // BATCH)
     lines = [

@@ -1,36 +1,40 @@
-"""`benchmarks/accuracy.py --quick`: every phase and kind of row runs, and the JSON has the issue's schema."""
+"""`python -m benchmarks.accuracy --quick`: every phase and kind of row runs, and the JSON has the issue's
+schema."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the study is the package benchmarks.accuracy, imported from the repository root
+    sys.path.insert(0, ROOT)
+
+from benchmarks.accuracy.__main__ import main  # noqa: E402
+from benchmarks.accuracy.config import SwitchVariant, equal_mask_supervision, quick_config  # noqa: E402
+from benchmarks.accuracy.phases import CostAwareSwitch, calibrate_mu, load_state, save_json  # noqa: E402
+from benchmarks.accuracy.study import Study  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import accuracy
-    finally:
-        sys.path.pop(0)
     out = tmp_path_factory.mktemp("accuracy")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert accuracy.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+        assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
     finally:
         torch.set_num_threads(threads)
-    return accuracy, out
+    return out
 
 
 def test_quick_study_writes_the_schema(study):
-    _, out = study
+    out = study
     with open(out / "accuracy_cpu.json") as f:
         doc = json.load(f)
     assert doc["resolutions"] == [7, 14, 28, 56]
@@ -87,15 +91,16 @@ def test_quick_study_writes_the_schema(study):
 
 
 def test_picture_grid_shows_every_resolution_and_maskrcnn(study):
-    accuracy, out = study
-    assert accuracy.main(["--quick", "--out", str(out), "--part", "grid", "--no-progress"]) == 0
+    out = study
+    assert main(["--quick", "--out", str(out), "--part", "grid", "--no-progress"]) == 0
     from PIL import Image
 
     grid = Image.open(out / "grid.png")
     assert grid.width > 6 * grid.height / 4  # one column per resolution, the image, the target and Mask R-CNN
     # the IoU in each panel's title: a 2x2 probability map upsampled onto the target's 4x4 grid
     import numpy as np
-    from _accuracy_grid import _iou
+
+    from benchmarks.accuracy.grid import _iou
 
     gt = np.zeros((4, 4))
     gt[:, :2] = 1
@@ -105,34 +110,34 @@ def test_picture_grid_shows_every_resolution_and_maskrcnn(study):
 
 
 def test_rerun_skips_finished_rows_and_refuses_another_config(study):
-    accuracy, out = study
+    out = study
     before = {p: os.path.getmtime(os.path.join(out, "rows", p)) for p in os.listdir(out / "rows")}
-    assert accuracy.main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
     after = {p: os.path.getmtime(os.path.join(out, "rows", p)) for p in os.listdir(out / "rows")}
     assert before == after
     with pytest.raises(SystemExit, match="another configuration"):
-        accuracy.main(["--quick", "--out", str(out), "--no-progress", "--seed", "1"])
+        main(["--quick", "--out", str(out), "--no-progress", "--seed", "1"])
 
 
 def test_a_variant_added_later_trains_and_evaluates_only_itself(study, tmp_path):
     """The variant lists may grow between runs: the rerun trains only the new switch (on the same frozen
     model) and writes only its row; the finished rows and switches stay as they were."""
-    accuracy, out = study
+    out = study
     import shutil
 
     work = tmp_path / "grown"
     shutil.copytree(out, work)
     before = {p: os.path.getmtime(os.path.join(work, "rows", p)) for p in os.listdir(work / "rows")}
-    old = accuracy.load_state(os.path.join(work, "ckpt", "switches.pth"))
-    cfg = accuracy.quick_config(0)
-    extra = accuracy.SwitchVariant("frozen-iou-mask-ct0.006", signal="iou", reads="mask", target_gmacs=0.006)
-    grown = accuracy.replace(cfg, switches=(*cfg.switches, extra))
+    old = load_state(os.path.join(work, "ckpt", "switches.pth"))
+    cfg = equal_mask_supervision(quick_config(0))  # the configuration main() runs with --quick
+    extra = SwitchVariant("frozen-iou-mask-ct0.006", signal="iou", reads="mask", target_gmacs=0.006)
+    grown = replace(cfg, switches=(*cfg.switches, extra))
     torch.manual_seed(0)
-    accuracy.Study(grown, str(work), progress=False).run("dynamask")
+    Study(grown, str(work), progress=False).run("dynamask")
     after = {p: os.path.getmtime(os.path.join(work, "rows", p)) for p in os.listdir(work / "rows")}
     assert set(after) - set(before) == {"frozen-iou-mask-ct0.006.json"}
     assert all(after[p] == before[p] for p in before)
-    new = accuracy.load_state(os.path.join(work, "ckpt", "switches.pth"))
+    new = load_state(os.path.join(work, "ckpt", "switches.pth"))
     assert set(new) == set(old) | {extra.name}
     for name in old:  # the switches trained before are kept bit for bit
         for k, t in old[name].items():
@@ -141,17 +146,17 @@ def test_a_variant_added_later_trains_and_evaluates_only_itself(study, tmp_path)
     assert row["switch_input"] == "mask" and row["routing_loss"] == "iou-frozen"
     # anything but the variant lists changed is still refused
     with pytest.raises(SystemExit, match="another configuration"):
-        accuracy.Study(accuracy.replace(grown, lr=1e-3), str(work), progress=False)
+        Study(replace(grown, lr=1e-3), str(work), progress=False)
 
 
 def test_split_runs_the_maskrcnn_row_in_a_second_process(study, tmp_path):
     """--split: the Mask R-CNN row comes from a second process (its own folder) and is copied in, with
     its timings; the rows are those of the one-process run."""
-    accuracy, out = study
+    out = study
     split = tmp_path / "split"
     threads = torch.get_num_threads()
     try:
-        assert accuracy.main(["--quick", "--split", "--out", str(split), "--no-progress", "--threads", "1"]) == 0
+        assert main(["--quick", "--split", "--out", str(split), "--no-progress", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     assert (split / "maskrcnn" / "rows" / "maskrcnn-28.json").exists()
@@ -162,41 +167,32 @@ def test_split_runs_the_maskrcnn_row_in_a_second_process(study, tmp_path):
 
 
 def test_cost_aware_switch_is_the_lagrangian_choice_and_mu_meets_the_budget():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import accuracy
-    finally:
-        sys.path.pop(0)
     costs = torch.tensor([1.0, 2.0, 4.0])
     # predicted losses: row 0 gains 0.3 from the last resolution, row 1 gains 0.05, row 2 nothing
     pred = torch.tensor([[0.5, 0.4, 0.2], [0.3, 0.28, 0.25], [0.1, 0.1, 0.1]])
-    assert accuracy.calibrate_mu(pred, costs, 4.0) == 0.0  # unconstrained: every row at its best
+    assert calibrate_mu(pred, costs, 4.0) == 0.0  # unconstrained: every row at its best
     # a budget of 2 per row on average: row 0's gain (0.3 for +3 cost) is the one worth buying; μ is row 1's
     # price of its first step (0.02 loss for +1 cost), the smallest at which row 1 stays at resolution 0
-    mu = accuracy.calibrate_mu(pred, costs, 2.0)
+    mu = calibrate_mu(pred, costs, 2.0)
     choice = (pred + mu * costs).argmin(dim=1)
     assert choice.tolist() == [2, 0, 0] and float(costs[choice].mean()) <= 2.0
     # just below μ the budget is broken: the smallest such μ
     assert float(costs[(pred + (mu - 1e-4) * costs).argmin(dim=1)].mean()) > 2.0
     msm = torch.nn.Identity()
-    sw = accuracy.CostAwareSwitch(msm, costs.tolist())
+    sw = CostAwareSwitch(msm, costs.tolist())
     sw.mu.fill_(mu)
     assert sw(pred).argmax(dim=1).tolist() == [2, 0, 0]
-    assert accuracy.calibrate_mu(torch.zeros(0, 3), costs, 1.0) == 0.0
+    assert calibrate_mu(torch.zeros(0, 3), costs, 1.0) == 0.0
 
 
 def test_switch_headroom_runs_on_a_finished_study(study, tmp_path):
     """benchmarks/switch_headroom.py: the test-retest ceiling and the longer-trained switches, on the quick study."""
     import shutil
 
-    _, out = study
+    out = study
     work = tmp_path / "study"
     shutil.copytree(out, work)
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import switch_headroom
-    finally:
-        sys.path.pop(0)
+    from benchmarks import switch_headroom
     threads = torch.get_num_threads()
     try:
         assert switch_headroom.main(["--study", str(work), "--quick", "--epochs", "5"]) == 0
@@ -217,15 +213,15 @@ def test_two_processes_on_one_study_keep_each_others_meta(study, tmp_path):
     or keys."""
     import shutil
 
-    accuracy, out = study
+    out = study
     work = tmp_path / "study"
     shutil.copytree(out, work)
     meta = json.load(open(work / "meta.json"))
     del meta["iou_gain"]  # as before the base rows: both processes start without it
-    accuracy.save_json(str(work / "meta.json"), meta)
-    cfg = accuracy.quick_config(0)
-    a = accuracy.Study(cfg, str(work), progress=False)
-    b = accuracy.Study(cfg, str(work), progress=False)
+    save_json(str(work / "meta.json"), meta)
+    cfg = equal_mask_supervision(quick_config(0))  # the configuration main() runs with --quick
+    a = Study(cfg, str(work), progress=False)
+    b = Study(cfg, str(work), progress=False)
     a.meta["iou_gain"] = {"ring": 0.5}  # as base_rows sets it in one process
     a.timing("row-a", {"seconds": 1.0})
     b.timing("row-b", {"seconds": 2.0})  # b read meta.json before a wrote

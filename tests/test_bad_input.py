@@ -284,8 +284,8 @@ def test_8_infer_skips_a_bad_file_and_never_mixes_runs(tiny_ckpt, tmp_path, caps
 
 # ------------------------------------------------------------------ 9. --lr nan
 def test_9_non_finite_settings_are_refused_and_nan_weights_never_saved(shapes, tmp_path):
-    from dynamask.engine.baselines import maskrcnn_resnet_fpn
     from dynamask.engine.train import NonFiniteLossError, train
+    from dynamask.models.maskrcnn import maskrcnn_resnet_fpn
 
     for name, value, message in [("lr", float("nan"), "lr must be a finite number > 0, got nan"),
                                  ("momentum", 1.5, r"momentum must be a finite number in \[0, 1\)"),
@@ -333,13 +333,12 @@ def test_10_eval_refuses_a_file_with_no_images(tmp_path, capsys):
 
 def test_10_val_annotations_without_their_images_are_named(tmp_path):
     # before, the missing folder reached os.path.isdir(None) and failed with a TypeError naming no flag
-    from dynamask.engine.train import TrainConfig
-    from dynamask.engine.train_checks import check_val_data
+    from dynamask.engine.train_config import TrainConfig
 
     img_dir, ann = _coco_files(tmp_path, images=[], annotations=[])
     cfg = TrainConfig(train_images=img_dir, train_ann=ann, out_dir=str(tmp_path / "out"), val_ann=ann)
     with pytest.raises(ValueError, match=r"val_ann \(.*ann\.json\) needs val_images"):
-        check_val_data(cfg)
+        cfg.validate_val_data()
 
 
 # ------------------------------------------------------------------ 11. targets that disagree with the image
@@ -415,7 +414,7 @@ def test_missing_keys_are_named_not_bare(tmp_path, capsys):
     json.dump(data, open(ann, "w"))
     assert main(["eval", "x.pth", "--images", img_dir, "--ann", ann, "--device", "cpu", "--no-progress"]) == 1
     assert "image 2 has no 'file_name'" in capsys.readouterr().err
-    from dynamask.cli_checks import one_line
+    from dynamask.cli.common import one_line
 
     assert one_line(KeyError("file_name")) == "missing key 'file_name'"
 

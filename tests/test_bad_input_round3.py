@@ -96,22 +96,22 @@ def test_1_fit_switch_refuses_an_out_that_is_the_input_through_a_link(shapes, la
 # ------------------------------------------------------------------ 2. the dynamic phase's switch is kept
 def test_2_fit_switch_keeps_the_dynamic_phase_switch(shapes, label_map, tmp_path, capsys):
     from dynamask.cli import main
-    from dynamask.engine import train_switch
+    from dynamask.engine import switch_life
     from dynamask.engine.checkpoint import model_from_checkpoint
 
     # a checkpoint `dynamask train` fitted: its model's switch is a fit, the dynamic phase's is kept beside
     dynamic = {k: torch.randn_like(v) if v.is_floating_point() else v
                for k, v in tiny_model(num_classes=len(label_map) + 1).roi_heads.msm.state_dict().items()}
     fitted = _ckpt(tmp_path / "fitted.pth", label_map, extra={"switch_fit": {"mu": 0.5}},
-                   states={train_switch.DYNAMIC_SWITCH_KEY: dynamic})
+                   states={switch_life.DYNAMIC_SWITCH_KEY: dynamic})
     out = str(tmp_path / "refit.pth")
     assert main(["fit-switch", fitted, "--data", shapes, "--out", out, "--budget-at", "14"] + FIT) == 0
     ckpt = load_checkpoint(out)
-    kept = train_switch.dynamic_phase_switch(ckpt)
+    kept = switch_life.dynamic_phase_switch(ckpt)
     assert kept is not None and kept.keys() == dynamic.keys()
     assert all(torch.equal(kept[k], dynamic[k]) for k in dynamic)
     model, ckpt = model_from_checkpoint(out)
-    assert train_switch.use_dynamic_phase_switch(model, ckpt)  # was False: "not fitted"
+    assert switch_life.use_dynamic_phase_switch(model, ckpt)  # was False: "not fitted"
     assert all(torch.equal(v, dynamic[k]) for k, v in model.roi_heads.msm.state_dict().items())
     # a checkpoint nobody fitted: its own switch is the dynamic phase's, and is kept as that
     plain = _ckpt(tmp_path / "plain.pth", label_map)
@@ -119,7 +119,7 @@ def test_2_fit_switch_keeps_the_dynamic_phase_switch(shapes, label_map, tmp_path
            if k.startswith("roi_heads.msm.")}
     out2 = str(tmp_path / "fit2.pth")
     assert main(["fit-switch", plain, "--data", shapes, "--out", out2, "--budget-at", "14"] + FIT) == 0
-    kept = train_switch.dynamic_phase_switch(load_checkpoint(out2))
+    kept = switch_life.dynamic_phase_switch(load_checkpoint(out2))
     assert kept is not None and all(torch.equal(kept[k], v) for k, v in own.items())
     capsys.readouterr()
 
@@ -285,7 +285,7 @@ def test_9_infer_runs_images_with_a_side_that_would_resize_to_nothing(tiny_ckpt,
     assert {"a_normal.png", "b_wide.png", "c_tall.png"} <= set(os.listdir(out))
     result = Predictor(tiny_ckpt, device="cpu", score_thresh=0)(torch.rand(3, 2, 3840))
     assert result.masks.shape[1:] == (2, 3840)
-    from dynamask.engine.baselines import maskrcnn_resnet_fpn
+    from dynamask.models.maskrcnn import maskrcnn_resnet_fpn
 
     baseline = maskrcnn_resnet_fpn(num_classes=3, depth=18, min_size=64, max_size=96, fpn_channels=32,
                                    box_representation_size=64, mask_head_layers=(32,))

@@ -8,8 +8,8 @@ from model_helpers import one_thread, synthetic_batch, tiny_model  # noqa: F401 
 
 from dynamask import ops
 from dynamask.engine.routing_probe import head_outputs
-from dynamask.flops import mask_head_macs, switch_input_macs
 from dynamask.models import DynaMaskHead
+from dynamask.models.flops import mask_head_macs, switch_input_macs
 from dynamask.models.switch_input import switch_channels, switch_view
 
 C = 5  # classes, background included

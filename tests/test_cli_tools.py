@@ -16,7 +16,7 @@ import dynamask
 from dynamask import Predictor
 from dynamask.cli import build_parser, main
 from dynamask.data.shapes import split_paths
-from dynamask.engine import train_switch
+from dynamask.engine import switch_life
 from dynamask.engine.checkpoint import load_checkpoint
 from dynamask.engine.train import train
 
@@ -41,9 +41,9 @@ def test_strip_keeps_what_inference_reads_and_drops_the_training_state(fitted_ck
     full, stripped = load_checkpoint(fitted_ckpt), load_checkpoint(out)
     assert not {"optimizer", "scheduler", "scaler", "rng"} & set(stripped)
     assert stripped["arch"] == full["arch"] and stripped["label_map"] == full["label_map"]
-    assert stripped["extra"][train_switch.FIT_KEY] == full["extra"][train_switch.FIT_KEY]
-    for k, v in full["states"][train_switch.DYNAMIC_SWITCH_KEY].items():
-        assert torch.equal(stripped["states"][train_switch.DYNAMIC_SWITCH_KEY][k], v)
+    assert stripped["extra"][switch_life.FIT_KEY] == full["extra"][switch_life.FIT_KEY]
+    for k, v in full["states"][switch_life.DYNAMIC_SWITCH_KEY].items():
+        assert torch.equal(stripped["states"][switch_life.DYNAMIC_SWITCH_KEY][k], v)
     for k, v in full["model"].items():
         assert torch.equal(stripped["model"][k], v), k
     # Predictor, eval, infer and fit-switch take it; the Predictor's detections are the full checkpoint's

@@ -12,7 +12,7 @@ from dynamask.data import CocoDetection
 from dynamask.data.shapes import generate, split_paths
 from dynamask.engine.coco_eval import coco_metrics, mask_boundary, output_to_results
 from dynamask.engine.evaluate import evaluate, evaluate_results, format_metrics
-from dynamask.engine.resolution import mean_mask_gmac, resolution_distribution
+from dynamask.engine.resolution_report import resolution_distribution
 from dynamask.models.mask_head import DynaMaskHead
 
 COSTS = {14: 0.23, 28: 0.62, 56: 1.01, 112: 1.40}
@@ -75,7 +75,6 @@ def test_resolution_distribution_and_cost(shapes, tmp_path):
     assert dist["overall"] == {14: easy, 28: 0, 56: 0, 112: len(results) - easy}
     assert dist["per_category"]["star"][112] == sum(1 for r in results if r["category_id"] == 4)
     assert m["mask_gmac_per_instance"] == pytest.approx((easy * 0.23 + (len(results) - easy) * 1.40) / len(results))
-    assert mean_mask_gmac(dist, lambda r: 1.0) == pytest.approx(1.0)
     for name in ("results.json", "metrics.json", "summary.txt", "resolution.png"):
         assert os.path.getsize(tmp_path / name) > 0
     assert json.load(open(tmp_path / "metrics.json"))["segm"]["AP"] == pytest.approx(1.0)
@@ -83,10 +82,8 @@ def test_resolution_distribution_and_cost(shapes, tmp_path):
     # metrics.json read back (str keys) formats the same as the in-memory metrics
     assert format_metrics(json.load(open(tmp_path / "metrics.json"))) == format_metrics(m)
     low = resolution_distribution([dict(r, score=0.1) for r in results], {1: "ellipse"}, score_threshold=0.5)
-    assert low["instances"] == 0 and mean_mask_gmac(low, COSTS) is None
+    assert low["instances"] == 0
     assert low["resolutions"] == list(DynaMaskHead().resolutions)  # no detection: the default head's columns
-    with pytest.raises(KeyError, match="resolution 112"):
-        mean_mask_gmac(dist, {14: 0.2})
 
 
 def test_mask_boundary():
@@ -150,8 +147,8 @@ def test_resolution_columns_follow_the_model():
 def test_cost_report_counts_every_detection_and_the_per_image_work():
     """Hand-derived: the head segments every kept detection, whatever its score; the MSM runs on each; a
     stage's projection runs once per image whose RoIs reach it, over its level (ceil(H/t) x ceil(W/t))."""
-    from dynamask.engine.resolution import cost_report
-    from dynamask.flops import HeadCosts
+    from dynamask.engine.resolution_report import cost_report
+    from dynamask.models.flops import HeadCosts
 
     costs = HeadCosts(per_roi={14: 1.0, 28: 2.0, 56: 4.0}, msm=0.5, projections=((28, 0.01, 16), (56, 0.001, 8)))
     results = [
@@ -174,7 +171,7 @@ def test_cost_report_counts_every_detection_and_the_per_image_work():
 def test_head_costs_of_the_default_head():
     """The default head at 800x1216: the projections are the ~0.87 GMAC of ``per_image_gmacs``, and
     one RoI at 112 adds the MSM and its cumulative cost."""
-    from dynamask import flops
+    from dynamask.models import flops
     from dynamask.models.mask_head import DynaMaskHead
     from dynamask.models.msm import MaskSwitchModule
 
@@ -193,8 +190,9 @@ def test_fixed_mask_resolution_is_read_from_the_layers():
     from torchvision.models.detection import maskrcnn_resnet50_fpn
     from torchvision.ops import MultiScaleRoIAlign
 
-    from dynamask.engine.baselines import fixed_mask_resolution, maskrcnn_resnet_fpn
+    from dynamask.checks import fixed_mask_resolution
     from dynamask.models import dynamask_resnet_fpn
+    from dynamask.models.maskrcnn import maskrcnn_resnet_fpn
 
     tiny = maskrcnn_resnet_fpn(num_classes=3, depth=18, fpn_channels=16, mask_head_layers=(8,),
                                box_representation_size=16, min_size=64, max_size=64)

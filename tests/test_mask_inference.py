@@ -6,7 +6,7 @@ import torch
 
 from dynamask import ops
 from dynamask.models.mask_handoff import HANDOFF_KEY, MaskHandoff, paste_instance_masks
-from dynamask.models.mask_inference import check_policy, choose_resolutions
+from dynamask.models.routing_policy import check_policy, choose_resolutions
 
 
 def test_interleaved_resolutions_paste_in_detection_order():

@@ -6,7 +6,7 @@ from model_helpers import one_thread, tiny_model  # noqa: F401
 
 from dynamask import ops
 from dynamask.models import DynaMaskHead
-from dynamask.models.mask_inference import size_policy
+from dynamask.models.routing_policy import size_policy
 
 
 def _features(n=1, size=64, c=256):

@@ -1,11 +1,10 @@
-"""Analytic FLOPs (dynamask.flops) against a hook-based MAC count on a real forward pass."""
+"""Analytic FLOPs (dynamask.models.flops) against a hook-based MAC count on a real forward pass."""
 
 import pytest
 import torch
 from model_helpers import MacCounter, one_thread  # noqa: F401
 
-from dynamask import flops
-from dynamask.models import DynaMaskHead, MaskSwitchModule, dynamask_resnet_fpn
+from dynamask.models import DynaMaskHead, MaskSwitchModule, dynamask_resnet_fpn, flops
 
 PAPER = {14: 0.23, 28: 0.62, 56: 1.01, 112: 1.40}
 

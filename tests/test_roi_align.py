@@ -674,7 +674,7 @@ def test_pooler_canonical_scale_equals_torchvision(canonical_scale):
     # the model's pooler with a smaller canonical box (small images) maps levels as torchvision's
     # MultiScaleRoIAlign(canonical_scale=...) does, zero-area boxes included (inverted boxes are left
     # out: torchvision takes the square root of their negative area)
-    from dynamask.models.roi_heads import MultiLevelRoIPool
+    from dynamask.models.roi_pool import MultiLevelRoIPool
 
     feats = pyramid(n=3)
     rois = torch.cat([random_rois(40, 3), boundary_rois()[:6]])
@@ -697,7 +697,7 @@ def test_pooler_canonical_scale_equals_torchvision(canonical_scale):
 
 
 def test_pooler_rejects_bad_canonical_scale():
-    from dynamask.models.roi_heads import MultiLevelRoIPool
+    from dynamask.models.roi_pool import MultiLevelRoIPool
 
     with pytest.raises(ValueError, match="canonical_scale"):
         MultiLevelRoIPool(canonical_scale=0)
@@ -706,7 +706,8 @@ def test_pooler_rejects_bad_canonical_scale():
 def test_mask_pool_must_output_the_heads_first_resolution():
     from model_helpers import tiny_model
 
-    from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
+    from dynamask.models.roi_heads import DynaMaskRoIHeads
+    from dynamask.models.roi_pool import MultiLevelRoIPool
 
     heads = tiny_model().roi_heads  # a 7→56 head
     assert heads.dyn_mask_roi_pool.output_size == (7, 7)

@@ -9,7 +9,7 @@ import torch
 from test_roi_align import IMAGE, SCALES, as_boxlists, boundary_rois, pyramid, random_rois
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from dynamask.models.roi_heads import MultiLevelRoIPool
+from dynamask.models.roi_pool import MultiLevelRoIPool
 from dynamask.ops import roi_align_multilevel, roi_align_stages
 
 

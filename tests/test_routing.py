@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dynamask.engine.routing import best_assignment, oracle_choice, per_category, routing_value, shares
+from dynamask.engine.routing_value import best_assignment, oracle_choice, per_category, routing_value, shares
 
 
 def brute_force_best(score: np.ndarray, counts: list[int]) -> float:
@@ -117,7 +117,7 @@ def test_per_category_gain_and_mean_index():
 
 
 def test_category_routing_by_hand():
-    from dynamask.engine.routing import category_routing
+    from dynamask.engine.routing_value import category_routing
 
     # two categories of two instances; "fine" gains from resolution 1, "smooth" does not.
     iou = np.array([[0.5, 0.9],   # fine

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from model_helpers import one_thread, synthetic_batch, tiny_model  # noqa: F401
 
-from dynamask import flops
 from dynamask.engine.routing_probe import mask_iou_top_grid
+from dynamask.models import flops
 from dynamask.models import mask_losses as L
 
 COSTS = [0.23, 0.52, 0.85, 1.29]
@@ -207,7 +207,7 @@ def test_mask_iou_top_grid_by_hand():
 
 
 def test_maskrcnn_head_gmacs_by_hand():
-    from dynamask.engine.baselines import maskrcnn_resnet_fpn
+    from dynamask.models.maskrcnn import maskrcnn_resnet_fpn
 
     m = maskrcnn_resnet_fpn(num_classes=8, depth=18, fpn_channels=32, mask_head_layers=(16, 16, 16, 16),
                             box_representation_size=64, min_size=64, max_size=64)
@@ -216,16 +216,20 @@ def test_maskrcnn_head_gmacs_by_hand():
 
 
 def test_mask_branch_defaults_are_declared_once():
-    """The detector and its RoI heads take the mask branch's defaults from one MaskBranchDefaults."""
+    """The detector takes the mask branch's defaults from MaskBranchSettings and passes them whole."""
     import dataclasses
     import inspect
 
     from dynamask.models.detector import DynaMaskRCNN
     from dynamask.models.roi_heads import MASK_DEFAULTS, DynaMaskRoIHeads
 
-    for cls in (DynaMaskRCNN, DynaMaskRoIHeads):
-        params = inspect.signature(cls.__init__).parameters
-        for f in dataclasses.fields(MASK_DEFAULTS):
-            assert params[f.name].default == getattr(MASK_DEFAULTS, f.name), (cls.__name__, f.name)
+    params = inspect.signature(DynaMaskRCNN.__init__).parameters
+    for f in dataclasses.fields(MASK_DEFAULTS):
+        assert params[f.name].default == getattr(MASK_DEFAULTS, f.name), f.name
+    assert inspect.signature(DynaMaskRoIHeads.__init__).parameters["settings"].default == MASK_DEFAULTS
+    given = tiny_model(edge_weight=0.3, target_gmacs=0.02, gumbel_tau=0.7, mask_rois_per_image=3,
+                       routing_signal="grid", coupled=False).roi_heads
+    assert (given.edge_weight, given.target_gmacs, given.gumbel_tau, given.mask_rois_per_image, given.routing_signal,
+            given.coupled) == (0.3, 0.02, 0.7, 3, "grid", False)
     heads = tiny_model().roi_heads
     assert (heads.routing_signal, heads.coupled, heads.switch_input) == ("paper", True, "roi")  # the paper's

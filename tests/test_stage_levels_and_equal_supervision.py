@@ -5,8 +5,8 @@ import pytest
 import torch
 from model_helpers import one_thread  # noqa: F401
 
-from dynamask.engine.baselines import CappedMaskRoIHeads, maskrcnn_resnet_fpn
 from dynamask.models import DynaMaskHead, dynamask_resnet_fpn
+from dynamask.models.maskrcnn import CappedMaskRoIHeads, maskrcnn_resnet_fpn
 
 
 def _levels(size=64, c=16, seed=0):

@@ -10,7 +10,7 @@ from model_helpers import synthetic_batch, tiny_model
 
 from dynamask.engine import switch_fit
 from dynamask.engine.routing_probe import mask_iou_top_grid
-from dynamask.flops import mask_head_gmacs
+from dynamask.models.flops import mask_head_gmacs
 from dynamask.models.msm import MaskSwitchModule
 
 
@@ -242,9 +242,11 @@ def test_a_fitted_model_routes_by_its_priced_switch_and_the_checkpoint_keeps_the
         il, _ = loaded.transform(images)
         feats = loaded.backbone(il.tensors)
         boxes = [torch.tensor([[4.0, 4.0, 40.0, 40.0], [10.0, 20.0, 60.0, 60.0]])] * 2
-        pooled = loaded.roi_heads._pool_masks(feats, boxes, il.image_sizes)
-        choice = loaded.roi_heads.choose(pooled.features, boxes, il.image_sizes)
-        want = (loaded.roi_heads.msm.raw(pooled.features) - loaded.roi_heads.msm.cost_penalty).argmax(dim=1)
+        routed = loaded.roi_heads.route(feats, boxes, il.image_sizes)
+        want = (loaded.roi_heads.msm.raw(routed.pooled.features) - loaded.roi_heads.msm.cost_penalty).argmax(dim=1)
+        scores = loaded.roi_heads.switch_scores(feats, boxes, il.image_sizes)
+    torch.testing.assert_close(scores, loaded.roi_heads.msm.raw(routed.pooled.features), rtol=0, atol=0)
+    choice = routed.choice
     assert torch.equal(choice, want)
 
 

@@ -18,11 +18,12 @@ from dynamask.engine.checkpoint import (
     load_checkpoint,
     make_arch,
     model_from_checkpoint,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
-from dynamask.engine.train import NonFiniteLossError, TrainConfig, lr_factor, train
+from dynamask.engine.recipe import lr_factor
+from dynamask.engine.rng import rng_state, set_rng_state
+from dynamask.engine.train import NonFiniteLossError, train
+from dynamask.engine.train_config import TrainConfig
 
 TINY = dict(depth=18, min_size=64, max_size=64, rpn_batch_size_per_image=32, rpn_pre_nms_top_n_train=64,
             rpn_post_nms_top_n_train=32, rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=32,
@@ -257,9 +258,8 @@ def test_dynamask_trains_across_the_phase_switch_at_many_scales(shapes, tmp_path
     """A tiny DynaMask through ``train()``: 1 pretrain epoch, then 2 dynamic ones (2 steps each); the lr
     step after dynamic epoch 1 falls at step 4; the shorter side is drawn from 48..80 in training and is
     80 at test; the budget is on by default at the paper's ratio of this head's top cost."""
-    from dynamask import flops
     from dynamask.engine.recipe import PAPER_TARGET_RATIO
-    from dynamask.models import dynamask_resnet_fpn
+    from dynamask.models import dynamask_resnet_fpn, flops
 
     sizes = {"train": [], "eval": []}
 

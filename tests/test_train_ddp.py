@@ -215,7 +215,7 @@ def test_switch_fit_at_the_end_is_sharded_gathered_and_the_same_on_both_processe
     calibration images; both processes end with the same switch, fitted on the RoIs of all 3 batches (the
     rows of one process collecting the same 3 batches alone, in another order)."""
     from dynamask.data import CocoDetection
-    from dynamask.engine import switch_fit, train_switch
+    from dynamask.engine import switch_fit, switch_life
 
     img, ann = _data(tmp_path / "data", train=4, val=0)
     out = tmp_path / "run"
@@ -246,7 +246,7 @@ def test_switch_fit_at_the_end_is_sharded_gathered_and_the_same_on_both_processe
     # one process alone, the same 3 batches: the same RoIs (IoU rows), in batch order 0, 1, 2 against 0, 2 | 1
     model = builder(**ckpt["arch"]["kwargs"])
     model.load_state_dict(ckpt["model"])
-    assert train_switch.use_dynamic_phase_switch(model, ckpt)
+    assert switch_life.use_dynamic_phase_switch(model, ckpt)
     alone = switch_fit.collect(model, switch_fit.sample_batches(CocoDetection(img, ann), batch_size=1, num_batches=3,
                                                                 seed=0), progress=False)
     assert fit["rois"] == alone.iou.shape[0] > 0

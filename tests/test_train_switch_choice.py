@@ -14,7 +14,7 @@ from model_helpers import TRAIN_TINY, one_thread, shapes_fixture, train_config  
 from dynamask.cli import main
 from dynamask.data import CocoDetection
 from dynamask.data.shapes import split_paths
-from dynamask.engine import train_switch
+from dynamask.engine import switch_life
 from dynamask.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from dynamask.engine.evaluate import evaluate
 from dynamask.engine.train import train
@@ -120,12 +120,12 @@ def test_a_fitted_runs_evaluation_reports_both_switches(shapes, fitted_run):
     # the routing values: recomputed here from the checkpoint's two switches on the validation boxes
     import copy
 
-    from dynamask.engine.routing import routing_value
     from dynamask.engine.routing_probe import gt_box_routing
+    from dynamask.engine.routing_value import routing_value
 
     model, ckpt = model_from_checkpoint(result["checkpoint"])
     dynamic = copy.deepcopy(model.roi_heads.msm)
-    dynamic.load_state_dict(train_switch.dynamic_phase_switch(ckpt))
+    dynamic.load_state_dict(switch_life.dynamic_phase_switch(ckpt))
     reads = model.roi_heads.switch_input
     probe = gt_box_routing(model, CocoDetection(*split_paths(shapes, "val")), progress=False,
                            switches={"fitted": (model.roi_heads.msm, reads), "dynamic_phase": (dynamic, reads)})
@@ -142,7 +142,7 @@ def test_eval_switch_dynamic_phase_gives_the_dynamic_phases_figures(shapes, fitt
     assert "switch: the dynamic phase's (the paper's), in place of the fitted one" in capsys.readouterr().out
     got = json.loads((tmp_path / "e" / "metrics.json").read_text())
     model, ckpt = model_from_checkpoint(ckpt_path)
-    assert train_switch.use_dynamic_phase_switch(model, ckpt)
+    assert switch_life.use_dynamic_phase_switch(model, ckpt)
     want = evaluate(model, CocoDetection(*split_paths(shapes, "val")), boundary=False, progress=False)
     assert got["segm"] == want["segm"] and got["mask_gmac_per_instance"] == want["mask_gmac_per_instance"]
     # the final evaluation's dynamic-phase row is the same figure
@@ -167,8 +167,8 @@ def test_resuming_a_fitted_run_with_the_papers_switch_puts_it_back(shapes, fitte
     again = train(_cfg(shapes, run, resume="auto", switch="paper"))
     assert again["status"] == "done" and "switch_fit" not in again
     back = load_checkpoint(str(run / "last.pth"))
-    assert train_switch.FIT_KEY not in back["extra"] and train_switch.dynamic_phase_switch(back) is None
-    for k, v in train_switch.dynamic_phase_switch(ckpt).items():
+    assert switch_life.FIT_KEY not in back["extra"] and switch_life.dynamic_phase_switch(back) is None
+    for k, v in switch_life.dynamic_phase_switch(ckpt).items():
         assert torch.equal(back["model"]["roi_heads.msm." + k], v), k
 
 

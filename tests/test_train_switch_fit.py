@@ -1,4 +1,4 @@
-"""The switch fit that ends a DynaMask training run (``dynamask.engine.train_switch``): it equals the
+"""The switch fit that ends a DynaMask training run (``dynamask.engine.switch_life``): it equals the
 library's fit of the trained model, changes nothing but the switch, resumes exactly through a fit made at a
 stop, is skipped with ``--switch paper``; and the sharded batches of a DDP fit (DDP itself:
 test_train_ddp.py)."""
@@ -9,7 +9,7 @@ from model_helpers import TRAIN_TINY, shapes_fixture, train_config  # noqa: F401
 
 from dynamask.data import CocoDetection
 from dynamask.data.shapes import split_paths
-from dynamask.engine import switch_fit, train_switch
+from dynamask.engine import switch_fit, switch_life
 from dynamask.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from dynamask.engine.train import train
 
@@ -36,11 +36,11 @@ def test_the_run_ends_with_the_librarys_fit_of_the_trained_model(shapes, fitted_
     fit = ckpt["extra"]["switch_fit"]
     assert result["switch_fit"] == fit and fit["batches"] == 3 and fit["epochs"] == 2 and fit["world_size"] == 1
     assert any(line.startswith("switch: fitted when training ends") for line in result["plan"])
-    dynamic = train_switch.dynamic_phase_switch(ckpt)
+    dynamic = switch_life.dynamic_phase_switch(ckpt)
     assert dynamic is not None and dynamic.keys() == _msm(ckpt["model"]).keys()
     # the reference: the trained model with its dynamic-phase switch, fitted by the library with the same data
     model, _ = model_from_checkpoint(result["checkpoint"])
-    assert train_switch.use_dynamic_phase_switch(model, ckpt)
+    assert switch_life.use_dynamic_phase_switch(model, ckpt)
     for k, v in model.roi_heads.msm.state_dict().items():
         assert torch.equal(v, dynamic[k]), k
     img, ann = split_paths(shapes, "train")
@@ -65,7 +65,7 @@ def test_no_switch_fit_keeps_the_dynamic_phase_switch_and_the_fit_touches_only_t
     ckpt = load_checkpoint(fitted["checkpoint"])
     for k, v in plain["model"].items():
         expected = ckpt["model"][k] if not k.startswith("roi_heads.msm.") else \
-            train_switch.dynamic_phase_switch(ckpt)[k.removeprefix("roi_heads.msm.")]
+            switch_life.dynamic_phase_switch(ckpt)[k.removeprefix("roi_heads.msm.")]
         assert torch.equal(v, expected), k
     assert torch.equal(plain["rng"]["torch"], ckpt["rng"]["torch"])  # the fit left the run's RNG as it was
 
@@ -82,8 +82,8 @@ def test_a_run_fitted_at_a_stop_resumes_exactly_and_is_fitted_again(shapes, fitt
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for k, v in train_switch.dynamic_phase_switch(a).items():
-        assert torch.equal(v, train_switch.dynamic_phase_switch(b)[k]), k
+    for k, v in switch_life.dynamic_phase_switch(a).items():
+        assert torch.equal(v, switch_life.dynamic_phase_switch(b)[k]), k
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     # resumed with nothing left to train: no second fit, the checkpoint keeps the fit and the dynamic switch
     third = train(_cfg(shapes, tmp_path, resume="auto"))

@@ -159,8 +159,9 @@ class RepeatFactorSampler(torch.utils.data.Sampler[int]):
     learning-rate schedule and exact resume of :func:`dynamask.engine.train.train` as they are. The samples
     are then shuffled and dealt out like ``DistributedSampler`` (padded to a multiple of ``num_replicas``,
     every ``num_replicas``-th from ``rank``). It yields sample ids (see :meth:`epoch_indices`), which the
-    trainer's dataset wrapper maps back to images. ``set_epoch`` and ``start`` (samples of this process's
-    share to skip, for resuming mid-epoch) work as in the trainer's own sampler.
+    trainer's dataset wrapper (:class:`~dynamask.data.samplers.SeededSamples`) maps back to images.
+    ``set_epoch`` and ``start`` (samples of this process's share to skip, for resuming mid-epoch) work as in
+    the trainer's own sampler (:class:`~dynamask.data.samplers.ResumableSampler`).
     """
 
     def __init__(self, factors: Sequence[float], *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:

@@ -3,23 +3,23 @@
 Keys: ``format_version``, ``arch`` (``{"name": builder name, "kwargs": {...}}``), ``label_map`` (contiguous
 label -> (COCO category id, name)), ``model`` (state dict), and for training runs ``optimizer``,
 ``scheduler``, ``scaler``, ``epoch`` (the epoch in progress, = epochs completed at an epoch boundary),
-``iteration`` (optimiser steps completed), ``rng``. Loaded with ``weights_only=True``, so a file can rebuild
-the model with no code but the builder it names.
+``iteration`` (optimiser steps completed), ``rng`` (:mod:`~dynamask.engine.rng`); a run whose switch was
+fitted also keeps the fit's keys (:mod:`~dynamask.engine.switch_life`, their only reader and writer). Loaded
+with ``weights_only=True``, so a file can rebuild the model with no code but the builder it names.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import types
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from dynamask.atomic import write_atomic
 from dynamask.checks import check_kwargs, first_non_finite, model_num_classes, parameter_names, torch_load_detail
+from dynamask.engine import switch_life
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "label_map", "model")
@@ -36,7 +36,7 @@ def builders() -> dict[str, Callable[..., torch.nn.Module]]:
     """The builder registry, filled on first call: DynaMask's builders (when ``dynamask.models`` exists) and
     torchvision's Mask R-CNN (``maskrcnn_resnet_fpn``, the peer)."""
     if not BUILDERS:
-        from dynamask.engine.baselines import maskrcnn_resnet_fpn
+        from dynamask.models.maskrcnn import maskrcnn_resnet_fpn
 
         BUILDERS["maskrcnn_resnet_fpn"] = maskrcnn_resnet_fpn
         models: types.ModuleType | None
@@ -91,40 +91,6 @@ def _check_plain(value: Any, where: str) -> None:
     raise TypeError(f"{where}: {value!r} ({type(value).__name__}) is not a plain value a checkpoint can store")
 
 
-def rng_state() -> dict[str, Any]:
-    """The random states of torch (CPU and the current CUDA device), Python and numpy, as plain values."""
-    np_state = np.random.get_state(legacy=True)
-    assert isinstance(np_state, tuple)  # the legacy form, as the global MT19937 state always is
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "name": np_state[0],
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_to_tuple(state["python"]))
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _to_tuple(v: Any) -> Any:
-    return tuple(_to_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DistributedDataParallel / DataParallel wrappers."""
     while hasattr(model, "module") and isinstance(
@@ -153,7 +119,7 @@ def save_checkpoint(
     permissions the umask gives an ordinary file.
 
     ``extra``: plain values (a run's settings, reports). ``states``: named state dicts kept beside the
-    model's (e.g. the switch the dynamic phase trained, ``dynamask.engine.train_switch``)."""
+    model's (e.g. the switch the dynamic phase trained, :mod:`dynamask.engine.switch_life`)."""
     _check_plain(arch, "arch")
     ckpt: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -250,7 +216,7 @@ def load_checkpoint(path: str, *, map_location: str | torch.device = "cpu", arch
             extra = ckpt.get("extra")
             extra = extra if isinstance(extra, dict) else {}
             made_by = (" (written by `dynamask strip`)" if STRIPPED_KEY in extra else
-                       " (written by `dynamask fit-switch`)" if "switch_fit" in extra else "")
+                       " (written by `dynamask fit-switch`)" if switch_life.is_fitted(ckpt) else "")
             raise ValueError(f"{path}: an inference-only checkpoint{made_by} cannot be resumed: it has no "
                              f"{', '.join(missing)}; resume from the training run's own last.pth")
     return ckpt

@@ -16,17 +16,17 @@ import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from dynamask.engine.baselines import fixed_mask_resolution
+from dynamask.checks import fixed_mask_resolution
 from dynamask.engine.coco_eval import coco_metrics, output_to_results
-from dynamask.engine.resolution import (
+from dynamask.engine.resolution_report import (
     cost_report,
     plot_resolution_distribution,
     resolution_distribution,
     shown_categories,
 )
-from dynamask.flops import HeadCosts
 from dynamask.models import mask_handoff
 from dynamask.models.detector import DynaMaskRCNN
+from dynamask.models.flops import HeadCosts
 
 Costs = HeadCosts | Mapping[int, float] | Callable[[int], float]
 
@@ -48,7 +48,7 @@ def run_model(
 
     The model is put in eval mode; its outputs are mapped back to each image's size in the annotation file
     and its labels to COCO category ids (``dataset.cat_ids``). Outputs without ``mask_resolution`` count as
-    ``default_resolution`` (e.g. :func:`~dynamask.engine.baselines.fixed_mask_resolution` of the model). Each result
+    ``default_resolution`` (e.g. :func:`~dynamask.models.maskrcnn.fixed_mask_resolution` of the model). Each result
     also holds ``input_size``, the padded network input (H, W) its image was run at (for the cost report).
     """
     from tqdm import tqdm
@@ -130,7 +130,7 @@ def evaluate_results(
 
     Returns ``{"bbox": {AP...}, "segm": {AP...}, "boundary": {AP...} (if asked), "resolution": distribution
     (detections scoring >= ``score_threshold``), "mask_gmac_per_instance": float | None, "mask_cost": the
-    :func:`~dynamask.engine.resolution.cost_report` over every detection}``. With ``out_dir``, also writes
+    :func:`~dynamask.engine.resolution_report.cost_report` over every detection}``. With ``out_dir``, also writes
     ``results.json``, ``metrics.json``, ``summary.txt`` and ``resolution.png`` there.
 
     With ``lvis_gt`` (an LVIS file's path, or its ``lvis.LVIS``), bbox and segm are scored by LVIS's rules
@@ -199,9 +199,9 @@ def evaluate(
     cityscapes_gt_dir: str | None = None,
 ) -> dict[str, Any] | None:
     """Run ``model`` over ``dataset`` and evaluate (see :func:`run_model` and :func:`evaluate_results`).
-    ``costs`` default: a DynaMask model's own (:class:`~dynamask.flops.HeadCosts`, with the MSM when it routes).
+    ``costs`` default: a DynaMask model's own (:class:`~dynamask.models.flops.HeadCosts`, with the MSM when it routes).
     ``default_resolution`` (the resolution its masks are reported at when the model reports none) default:
-    :func:`~dynamask.engine.baselines.fixed_mask_resolution` of the model (28 for Mask R-CNN).
+    :func:`~dynamask.models.maskrcnn.fixed_mask_resolution` of the model (28 for Mask R-CNN).
 
     ``lvis``: score by LVIS's rules (default: when ``dataset`` is a :class:`dynamask.data.lvis.LvisDetection`);
     the model then keeps ``max_dets`` detections per image (default 300) while it runs.

@@ -1,5 +1,5 @@
-"""The training recipe as arithmetic: DynaMask's method settings in the model's arguments, the two-phase
-schedule, the paper's recipe (§4), and a plain-text plan of a run.
+"""The training recipe as arithmetic: DynaMask's method settings in the model's arguments, the optimiser and
+its two-phase lr schedule, the paper's recipe (§4), and a plain-text plan of a run.
 
 Settings travel into the model as builder arguments (so a checkpoint rebuilds the model that was trained):
 multi-scale sizes as the transform's ``min_size`` tuple (torchvision draws one per image in training and
@@ -8,6 +8,7 @@ uses the last at test), and λ1, λ2, C_t, τ as :class:`~dynamask.models.DynaMa
 
 from __future__ import annotations
 
+import bisect
 import os
 from typing import Any
 
@@ -99,7 +100,7 @@ def model_kwargs(arch: str, kwargs: dict[str, Any], *, resize: tuple[int, int] |
 def default_target_gmacs(model: torch.nn.Module) -> float:
     """C_t = (0.4 / 1.40) × this head's per-RoI cost at its top resolution: the paper's 54%↓ setting
     (C_t 0.4 against its 1.40-GMAC head) rescaled to the head being trained."""
-    from dynamask import flops
+    from dynamask.models import flops
 
     return PAPER_TARGET_RATIO * max(flops.mask_head_gmacs(model).values())
 
@@ -117,6 +118,39 @@ def milestones(lr_steps: list[int] | tuple[int, ...], *, pretrain_epochs: int, i
     """Iterations at which the lr is multiplied by gamma: ``lr_steps`` count dynamic epochs, which begin
     after the ``pretrain_epochs`` (the paper's "lr × 0.1 after epochs 8 and 11" of its 12)."""
     return [(pretrain_epochs + int(e)) * iters_per_epoch for e in lr_steps]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], *, optimizer: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's), or AdamW, which trains a randomly initialised model much faster
+    in a short schedule (the CPU demo)."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+
+
+def lr_factor(it: int, *, warmup_iters: int, warmup_factor: float, milestones: list[int], gamma: float) -> float:
+    """Multiplier of the base lr at iteration ``it``: linear warm-up from ``warmup_factor``, step decay."""
+    f = gamma ** bisect.bisect_right(milestones, it)
+    if it < warmup_iters:
+        alpha = it / warmup_iters
+        f *= warmup_factor * (1 - alpha) + alpha
+    return f
+
+
+class WarmupStepSchedule:
+    """:func:`lr_factor` as an object, so that ``LambdaLR.state_dict`` saves its settings (its attributes)
+    as plain values in the checkpoint; the attributes' names are that checkpoint's keys."""
+
+    def __init__(self, *, warmup_iters: int, warmup_factor: float, milestones: list[int], gamma: float) -> None:
+        self.warmup_iters, self.warmup_factor = warmup_iters, warmup_factor
+        self.milestones, self.gamma = list(milestones), gamma
+
+    def __call__(self, it: int) -> float:
+        return lr_factor(it, warmup_iters=self.warmup_iters, warmup_factor=self.warmup_factor,
+                         milestones=self.milestones, gamma=self.gamma)
 
 
 def describe_plan(*, model: torch.nn.Module, pretrain_epochs: int, epochs: int, iters_per_epoch: int,
@@ -146,7 +180,7 @@ def describe_plan(*, model: torch.nn.Module, pretrain_epochs: int, epochs: int, 
                      f"longer side at most {transform.max_size}")
     heads = getattr(model, "roi_heads", None)
     if heads is not None and hasattr(heads, "target_gmacs"):
-        from dynamask import flops
+        from dynamask.models import flops
 
         top = max(flops.mask_head_gmacs(model).values())
         budget = ("off" if heads.target_gmacs is None else
@@ -165,7 +199,7 @@ def check_budget(model: torch.nn.Module) -> None:
     target = getattr(heads, "target_gmacs", None)
     if target is None:
         return
-    from dynamask import flops
+    from dynamask.models import flops
 
     costs = flops.mask_head_gmacs(model)
     low = min(costs, key=lambda r: costs[r])
@@ -181,7 +215,7 @@ def describe_switch(model: torch.nn.Module, *, fit: bool, batches: int, epochs: 
     heads = getattr(model, "roi_heads", None)
     if heads is None or not hasattr(heads, "msm"):
         return f"switch: none ({type(model).__name__} has no mask switch)"
-    from dynamask import flops
+    from dynamask.models import flops
 
     top = max(flops.mask_head_gmacs(model).values())
     target = heads.target_gmacs

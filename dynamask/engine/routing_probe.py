@@ -5,7 +5,7 @@ each resolution's mask by its IoU with the ground truth on the finest grid: the 
 resolution S_k are upsampled (bilinear) to S_K, thresholded at 0.5, and compared with the ground-truth
 mask cut by the same box at S_K (the training targets' rule, :func:`mask_losses.mask_targets`). It also
 returns what each given switch chooses for those boxes. :func:`gt_box_routing` does this for every
-ground-truth instance of a dataset and returns the inputs of :mod:`dynamask.engine.routing`.
+ground-truth instance of a dataset and returns the inputs of :mod:`dynamask.engine.routing_value`.
 """
 
 from __future__ import annotations
@@ -67,18 +67,15 @@ def head_outputs(model: DynaMaskRCNN, features: dict[str, Tensor], boxes: list[T
     heads = cast(DynaMaskRoIHeads, model.roi_heads)
     if switches is None:
         switches = {"msm": (heads.msm, heads.switch_input)}
-    roi_features, levels, scales, rois = heads._pool_masks(features, boxes, image_sizes)
     head = heads.mask_head
-    if rois.shape[0] == 0:
-        empty = [roi_features.new_zeros((0, s, s)) for s in head.resolutions]
-        return empty, {name: torch.zeros(0, dtype=torch.int64) for name in switches}
-    trunk = head.run_trunk(roi_features)
     cls = torch.cat(labels) if labels is not None and head.mask_classes > 1 else None
-    logits, _ = head.forward_train(roi_features, levels, scales, rois, trunk, cls)
+    out = heads.masks_every_resolution(features, boxes, image_sizes, cls)
     choices = {}
     for name, (msm, reads) in switches.items():
-        choices[name] = msm(switch_view(reads, head, roi_features, trunk)).argmax(dim=1)
-    return [x.sigmoid() for x in logits], choices
+        choices[name] = (msm(switch_view(reads, head, out.roi_features, out.trunk)).argmax(dim=1)
+                         if out.roi_features.shape[0] else torch.zeros(0, dtype=torch.int64))
+    return [x.sigmoid() for x in out.mask_logits], choices
+
 
 @torch.no_grad()
 def gt_box_routing(model: DynaMaskRCNN, dataset, *, switches: Mapping[str, Switch] | None = None,
@@ -126,10 +123,10 @@ def routing_summary(probe: Mapping[str, Any], switch: str = "msm") -> dict[str, 
     """``{"routing_value": {...}, "categories": {name: {"kind", "n", "iou_gain", "mean_index"}},
     "category_yardstick": float | None}`` of one switch from a :func:`gt_box_routing` result (the demo's
     ``routing.json``). ``category_yardstick``: the share captured, with the switch's counts, by a router that
-    knows only each instance's category (:func:`dynamask.engine.routing.category_routing`)."""
+    knows only each instance's category (:func:`dynamask.engine.routing_value.category_routing`)."""
     import numpy as np
 
-    from dynamask.engine.routing import category_routing, per_category, routing_value
+    from dynamask.engine.routing_value import category_routing, per_category, routing_value
 
     choice = probe["choices"][switch]
     value = routing_value(probe["iou"], choice)

@@ -1,7 +1,7 @@
 """``config.yaml``: the fully resolved settings of a training run, written beside its checkpoint.
 
 The file is YAML (PyYAML, ``safe_dump`` / ``safe_load``: plain values only) so that a person can read and
-edit it. Its ``train:`` mapping holds every :class:`~dynamask.engine.train.TrainConfig` field as the run used
+edit it. Its ``train:`` mapping holds every :class:`~dynamask.engine.train_config.TrainConfig` field as the run used
 it (after ``--data``, ``--recipe`` and ``--backbone-weights`` were resolved into fields), which is what
 ``dynamask train --config FILE`` replays; the other keys record where those values came from and what they
 resolved to (the builder's arguments, the recipe's values, the dynamask version, the command line)::

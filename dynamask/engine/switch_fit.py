@@ -33,9 +33,9 @@ from torch import Tensor
 
 from dynamask.engine import distributed as dist_utils
 from dynamask.engine.routing_probe import mask_iou_top_grid
-from dynamask.flops import mask_head_gmacs
 from dynamask.models import mask_losses
 from dynamask.models.detector import DynaMaskRCNN
+from dynamask.models.flops import mask_head_gmacs
 from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.roi_heads import DynaMaskRoIHeads
 from dynamask.models.switch_input import switch_view
@@ -74,23 +74,17 @@ def frozen_head_outputs(model: DynaMaskRCNN, images: list[Tensor],
     its RPN proposes as at test time, the box sampler picks positives as in training). None without
     positives."""
     heads = cast(DynaMaskRoIHeads, model.roi_heads)
-    head = heads.mask_head
     il, tg = model.transform(images, targets)
     features = model.backbone(il.tensors)
     proposals, _ = model.rpn(il, features)
-    proposals, matched, labels, _ = heads.select_training_samples(proposals, tg)
-    pos = [heads._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
-    props = [p[i] for p, i in zip(proposals, pos)]
-    matched = [m[i] for m, i in zip(matched, pos)]
-    classes = torch.cat([lab[i] for lab, i in zip(labels, pos)]) if head.mask_classes > 1 else None
-    roi_features, levels, scales, rois = heads._pool_masks(features, props, il.image_sizes)
-    if rois.shape[0] == 0:
+    pos = heads.sample_training_positives(proposals, tg)
+    if sum(b.shape[0] for b in pos.boxes) == 0:
         return None
-    trunk = head.run_trunk(roi_features)
-    mask_logits, edge_logits = head.forward_train(roi_features, levels, scales, rois, trunk, classes)
-    mask_t = mask_losses.mask_targets([t["masks"] for t in tg], props, matched, head.resolutions)
+    out = heads.masks_every_resolution(features, pos.boxes, il.image_sizes, pos.labels)
+    mask_t = mask_losses.mask_targets([t["masks"] for t in tg], pos.boxes, pos.matched_idxs,
+                                      heads.mask_head.resolutions)
     edge_t = [mask_losses.edge_targets(m) for m in mask_t]
-    return FrozenHead(roi_features, trunk, list(mask_logits), list(edge_logits), mask_t, edge_t)
+    return FrozenHead(out.roi_features, out.trunk, out.mask_logits, out.edge_logits, mask_t, edge_t)
 
 
 @dataclass
@@ -248,7 +242,7 @@ def fit_switch(msm: MaskSwitchModule, data: SwitchData, *, costs: Sequence[float
                average_epochs: int | None = None, progress: bool = True) -> FitReport:
     """Fits ``msm`` (reset first) to ``data`` and prices its resolutions for ``target_gmacs`` (GMAC per RoI;
     None: no price, each RoI gets its predicted best). ``costs``: the head's GMAC per RoI at each resolution
-    (:func:`dynamask.flops.mask_head_gmacs`). ``average_epochs``: the MSM keeps the mean of its parameters
+    (:func:`dynamask.models.flops.mask_head_gmacs`). ``average_epochs``: the MSM keeps the mean of its parameters
     after each of the last this many epochs (default: the last half, ``(epochs + 1) // 2``; 1 keeps the last
     epoch's). The MSM is left in eval mode."""
     from tqdm import tqdm
@@ -329,29 +323,23 @@ def price(msm: MaskSwitchModule, scores: Tensor, cost: Tensor,
 @torch.no_grad()
 def detection_scores(model: DynaMaskRCNN, batches: Iterable[list[Tensor]], *, total: int | None = None,
                      progress: bool = True) -> Tensor:
-    """The switch's unpriced outputs ``[N, K]`` on every detection the mask head runs on when ``model``
-    (eval mode, policy "msm") segments ``batches`` of images: the RoIs a budget is spent on at inference.
-    The switch's cost penalty and the policy are restored afterwards."""
+    """The switch's unpriced outputs ``[N, K]`` (before its cost penalty) on every detection the mask head
+    runs on when ``model`` (put in eval mode) segments ``batches`` of images: the RoIs a budget is spent on
+    at inference."""
     from tqdm import tqdm
 
     heads = cast(DynaMaskRoIHeads, model.roi_heads)
-    msm = heads.msm
-    saved, policy = msm.cost_penalty.clone(), heads.mask_policy
-    out: list[Tensor] = []
-    hook = msm.register_forward_hook(lambda module, args, result: out.append(result.detach().float().cpu()))
-    msm.cost_penalty.zero_()
-    heads.mask_policy = "msm"
     model.eval()
     device = next(model.parameters()).device
-    try:
-        for images in tqdm(batches, total=total, desc="switch fit: pricing on detections", disable=not progress,
-                           dynamic_ncols=True, mininterval=5.0):
-            model([im.to(device) for im in images])
-    finally:
-        hook.remove()
-        msm.cost_penalty.copy_(saved)
-        heads.mask_policy = policy
-    return torch.cat(out) if out else torch.zeros((0, msm.num_resolutions))
+    out: list[Tensor] = []
+    for images in tqdm(batches, total=total, desc="switch fit: pricing on detections", disable=not progress,
+                       dynamic_ncols=True, mininterval=5.0):
+        il, _ = model.transform([im.to(device) for im in images])
+        features = model.backbone(il.tensors)
+        proposals, _ = model.rpn(il, features)
+        boxes, _, _ = heads.detect_boxes(features, proposals, il.image_sizes)
+        out.append(heads.switch_scores(features, boxes, il.image_sizes).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, heads.msm.num_resolutions))
 
 
 def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float | None, num_batches: int = 900,

@@ -1,4 +1,5 @@
-"""Evaluation during training (``dynamask train --eval-every N``) and ``best.pth``.
+"""Evaluation during training (``dynamask train --eval-every N``), ``best.pth``, and the evaluation when
+training ends.
 
 After every N-th epoch the model is evaluated as it stands (its own mask switch at that point: the switch
 fit, if any, comes only when training ends) on the validation split, every process on its share of the
@@ -7,6 +8,10 @@ COCO and not what the best checkpoint is chosen by); the final evaluation has it
 ``log.txt``, adds a row to ``metrics.csv`` (and TensorBoard when installed) and keeps ``best.pth``: the
 weights (no optimiser state, as ``dynamask strip`` writes) of the evaluation with the highest segm AP,
 written atomically. A resumed run reads the best AP so far from the ``best.pth`` it finds.
+
+When training ends the model is evaluated once more, with boundary AP, into ``OUT/eval/``; a run whose switch
+was fitted is evaluated with the dynamic phase's switch too (``OUT/eval/dynamic_phase_switch/``), and both
+switches' routing is probed on the validation split's ground-truth boxes.
 """
 
 from __future__ import annotations
@@ -14,13 +19,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from dynamask.engine import distributed as dist_utils
-from dynamask.engine.checkpoint import load_checkpoint, unwrap
+from dynamask.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from dynamask.engine.metrics_log import CsvLog
 from dynamask.engine.run_log import LOGGER
+
+if TYPE_CHECKING:
+    from dynamask.engine.switch_life import SwitchLifecycle
+    from dynamask.engine.train_build import RunRecord
 
 BEST_FILE = "best.pth"
 BEST_KEY = "best"  # what best.pth's ``extra`` records of its evaluation: epoch, iteration, segm_AP
@@ -90,3 +100,91 @@ def metric_row(metrics: dict[str, Any], *, epoch: int, iteration: int) -> dict[s
     if metrics.get("mask_gmac_per_instance") is not None:
         row["val_mask_gmac_per_instance"] = metrics["mask_gmac_per_instance"]
     return row
+
+
+def evaluate_after_epoch(model: torch.nn.Module, val: Any, cfg: Any, device: torch.device, *, epoch: int,
+                         iteration: int, best: BestCheckpoint, record: RunRecord, csv_log: CsvLog | None,
+                         tb: Any) -> None:
+    """``--eval-every``: the model as it stands on the validation split; the metrics to log.txt, metrics.csv
+    and TensorBoard (``tb``, or None), and best.pth when its segm AP is the best so far (rank 0)."""
+    log.info(f"evaluating after epoch {epoch} (iteration {iteration}) on {cfg.val_ann}")
+    metrics = evaluate_during_training(model, val, cfg, device)
+    if metrics is None:  # another rank: rank 0 keeps the records
+        return
+    row = metric_row(metrics, epoch=epoch, iteration=iteration)
+    if csv_log is not None:
+        csv_log.write(row)
+    if tb is not None:
+        for k, v in row.items():
+            if k.startswith("val_"):
+                tb.add_scalar(f"val/{k[4:]}", v, iteration)
+
+    def write(path: str, evaluation: dict[str, Any]) -> None:
+        save_checkpoint(path, arch=record.arch, label_map=record.label_map, model=model, epoch=epoch,
+                        iteration=iteration, extra={**record.extra, BEST_KEY: evaluation})
+
+    from dynamask.engine.evaluate import format_metrics
+
+    kept = best.offer(metrics, epoch=epoch, iteration=iteration, write=write)
+    ap = metrics.get("segm", {}).get("AP")
+    log.info(format_metrics(metrics))
+    log.info(f"epoch {epoch}: segm AP {100 * ap:.1f}" + (f"; best so far: {best.path}" if kept else
+                                                         f" (best so far {100 * (best.ap or 0):.1f})")
+             if ap is not None else f"epoch {epoch}: no segm AP (the model predicts no masks)")
+
+
+def evaluate_at_end(model: torch.nn.Module, cfg: Any, device: torch.device, *,
+                    switch: SwitchLifecycle) -> dict[str, Any] | None:
+    """Every process evaluates its share of the validation images; rank 0 gathers them and returns the
+    metrics (None elsewhere, or when an LVIS file cannot be scored here). With a :attr:`~SwitchLifecycle.fitted`
+    switch, ``metrics["switches"]`` compares it with the dynamic phase's (:func:`compare_switches`)."""
+    from dynamask.engine.evaluate import evaluate
+
+    is_main = dist_utils.is_main()
+    val = open_val(cfg, say=is_main)
+    if val is None:
+        return None
+    dist_utils.broadcast_buffers(model)  # every shard evaluated with the checkpoint's statistics
+    metrics = evaluate(model, val, device=device, costs=cfg.mask_costs,
+                       out_dir=os.path.join(cfg.out_dir, "eval"), progress=cfg.progress and is_main)
+    if switch.fitted:
+        # a fitted run: the dynamic phase's (the paper's) switch too, on the same model and images
+        switches = compare_switches(model, val, cfg, device, fitted=metrics if is_main else None,
+                                    dynamic_msm=switch.dynamic_phase_msm())
+        if is_main and metrics is not None:
+            metrics["switches"] = switches
+    return metrics if is_main else None
+
+
+def compare_switches(model: torch.nn.Module, val: Any, cfg: Any, device: torch.device, *,
+                     fitted: dict[str, Any] | None, dynamic_msm: torch.nn.Module) -> dict[str, Any] | None:
+    """Rows of both switches of a fitted run: segm AP, GMAC per instance and the routing value on the
+    validation split's ground-truth boxes (:mod:`dynamask.engine.routing_probe`). Every process evaluates
+    its shard of the images with ``dynamic_msm`` (the dynamic phase's switch) swapped in; rank 0 probes the
+    routing. ``fitted``: rank 0's metrics of the fitted switch."""
+    from dynamask.engine.evaluate import evaluate
+    from dynamask.engine.routing_probe import gt_box_routing
+    from dynamask.engine.routing_value import routing_value
+
+    is_main = dist_utils.is_main()
+    detector = cast(Any, model)  # a DynaMask detector: it has a switch
+    heads = detector.roi_heads
+    fitted_msm, heads.msm = heads.msm, dynamic_msm
+    try:
+        dynamic = evaluate(detector, val, device=device, costs=cfg.mask_costs,
+                           out_dir=os.path.join(cfg.out_dir, "eval", "dynamic_phase_switch"),
+                           progress=cfg.progress and is_main)
+    finally:
+        heads.msm = fitted_msm
+    if not is_main or fitted is None or dynamic is None:
+        return None
+    probe = gt_box_routing(detector, val, switches={"fitted": (fitted_msm, heads.switch_input),
+                                                 "dynamic_phase": (dynamic_msm, heads.switch_input)},
+                           progress=cfg.progress, device=device)
+    rows = {}
+    for name, m in (("fitted", fitted), ("dynamic_phase", dynamic)):
+        value = routing_value(probe["iou"], probe["choices"][name]) if len(probe["iou"]) else None
+        rows[name] = {"segm_AP": m["segm"]["AP"] if "segm" in m else None,
+                      "mask_gmac_per_instance": m.get("mask_gmac_per_instance"),
+                      "routing_captured": None if value is None else value.captured}
+    return rows

@@ -1,4 +1,4 @@
-"""`dynamask train`'s flags, generated from :class:`~dynamask.engine.train.TrainConfig`'s fields.
+"""`dynamask train`'s flags, generated from :class:`~dynamask.engine.train_config.TrainConfig`'s fields.
 
 Each field is declared once, with :func:`option`: its default, its help, and what its flag needs beyond
 what the field's type says (another spelling, a choice list, a parser). :func:`add_train_flags` turns the

@@ -5,7 +5,8 @@ from dynamask.models.detector import DynaMaskRCNN
 from dynamask.models.fam import DeformConv2d, FeatureAggregation
 from dynamask.models.mask_head import RESOLUTIONS, DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
-from dynamask.models.roi_heads import DynaMaskRoIHeads, MultiLevelRoIPool
+from dynamask.models.roi_heads import DynaMaskRoIHeads
+from dynamask.models.roi_pool import MultiLevelRoIPool
 
 __all__ = [
     "RESOLUTIONS",

@@ -41,8 +41,7 @@ from dynamask.checks import UnknownArgumentError, first_non_finite, model_num_cl
 from dynamask.models import hub_weights
 from dynamask.models.detector import DynaMaskRCNN, check_detector_kwargs
 from dynamask.models.mask_head import DynaMaskHead
-from dynamask.models.msm import MaskSwitchModule
-from dynamask.models.switch_input import switch_channels
+from dynamask.models.msm import switch_for
 
 RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
 TORCHVISION_PREFIXES = ("backbone.", "rpn.", "roi_heads.box_head.")
@@ -244,10 +243,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
                         stage_channels=tuple(stage_channels), stage_levels=tuple(stage_levels),
                         roi_size=mask_roi_size,
                         mask_classes=num_classes if class_specific_masks else 1)
-    # the switch reads the RoI feature (FPN width) or the trunk's output (trunk width); see DynaMaskRoIHeads
-    width = switch_channels(kwargs.get("switch_input", "roi"), fpn_channels=backbone.out_channels,
-                            trunk_channels=trunk_channels, mask_classes=head.mask_classes)
-    msm = MaskSwitchModule(in_channels=width, in_size=mask_roi_size)
+    # built here, after the head (not by the detector), so that a seeded model keeps its initial weights
+    msm = switch_for(head, reads=kwargs.get("switch_input", "roi"))
     model = DynaMaskRCNN(backbone, num_classes, mask_head=head, msm=msm, **kwargs)
     if torchvision_weights is not None and weights is None:
         if torchvision_label_ids is not None and len(torchvision_label_ids) != num_classes - 1:

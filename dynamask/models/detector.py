@@ -23,12 +23,17 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, _re
 from torchvision.ops import MultiScaleRoIAlign
 
 from dynamask.checks import UnknownArgumentError, check_kwargs, model_num_classes
-from dynamask.models import mask_handoff, mask_inference, mask_losses
+from dynamask.models import mask_handoff, mask_losses, routing_policy
 from dynamask.models.inputs import check_images, check_targets
 from dynamask.models.mask_head import DynaMaskHead
-from dynamask.models.msm import MaskSwitchModule
-from dynamask.models.roi_heads import MASK_DEFAULTS, DynaMaskRoIHeads, MultiLevelRoIPool, box_branch_settings
-from dynamask.models.switch_input import switch_channels
+from dynamask.models.msm import MaskSwitchModule, switch_for
+from dynamask.models.roi_heads import (
+    MASK_DEFAULTS,
+    DynaMaskRoIHeads,
+    MaskBranchSettings,
+    MultiLevelRoIPool,
+    box_branch_settings,
+)
 
 DEFAULT_ANCHOR_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512)
 # What GeneralizedRCNNTransform takes besides min_size, max_size, image_mean and image_std.
@@ -115,10 +120,10 @@ class DynaMaskRCNN(MaskRCNN):
                  anchor_sizes: Sequence[int] = DEFAULT_ANCHOR_SIZES, box_representation_size: int = 1024,
                  roi_canonical_scale: float = 224.0,
                  mask_head: DynaMaskHead | None = None, msm: MaskSwitchModule | None = None,
-                 # defaults declared once, in roi_heads.MaskBranchDefaults
+                 # the mask branch's settings (roi_heads.MaskBranchSettings, whose defaults these are)
                  edge_weight: float = MASK_DEFAULTS.edge_weight, budget_weight: float = MASK_DEFAULTS.budget_weight,
                  target_gmacs: float | None = MASK_DEFAULTS.target_gmacs, gumbel_tau: float = MASK_DEFAULTS.gumbel_tau,
-                 mask_policy: mask_inference.Policy = MASK_DEFAULTS.mask_policy,
+                 mask_policy: routing_policy.Policy = MASK_DEFAULTS.mask_policy,
                  mask_training: str = MASK_DEFAULTS.mask_training,
                  mask_rois_per_image: int | None = MASK_DEFAULTS.mask_rois_per_image,
                  routing_signal: mask_losses.RoutingSignal = MASK_DEFAULTS.routing_signal,
@@ -151,10 +156,7 @@ class DynaMaskRCNN(MaskRCNN):
                                  "box_predictor")
             box_predictor = FastRCNNPredictor(box_representation_size, num_classes)
         if msm is None:
-            msm = MaskSwitchModule(in_channels=switch_channels(switch_input, fpn_channels=out_channels,
-                                                               trunk_channels=mask_head.channels[0],
-                                                               mask_classes=mask_head.mask_classes),
-                                   in_size=mask_head.resolutions[0])
+            msm = switch_for(mask_head, reads=switch_input)
         # torchvision's constructor: RPN, transform and box-branch settings from torchvision's arguments.
         # Its mask branch gets placeholders (it would otherwise build an unused 4-conv head) and its RoI heads
         # are then replaced by ours, which take their box-branch settings from the ones it built.
@@ -168,10 +170,10 @@ class DynaMaskRCNN(MaskRCNN):
             mask_head=mask_head, msm=msm,
             mask_roi_pool=MultiLevelRoIPool(output_size=mask_head.resolutions[0], sampling_ratio=2, aligned=True,
                                             canonical_scale=roi_canonical_scale),
-            edge_weight=edge_weight, budget_weight=budget_weight, target_gmacs=target_gmacs,
-            gumbel_tau=gumbel_tau, mask_policy=mask_policy, mask_training=mask_training,
-            mask_rois_per_image=mask_rois_per_image, routing_signal=routing_signal, coupled=coupled,
-            switch_input=switch_input,
+            settings=MaskBranchSettings(edge_weight=edge_weight, budget_weight=budget_weight, target_gmacs=target_gmacs,
+                                        gumbel_tau=gumbel_tau, mask_policy=mask_policy, mask_training=mask_training,
+                                        mask_rois_per_image=mask_rois_per_image, routing_signal=routing_signal,
+                                        coupled=coupled, switch_input=switch_input),
         )
         self.transform = SafeResizeTransform.like(cast(GeneralizedRCNNTransform, self.transform))
 
@@ -185,12 +187,12 @@ class DynaMaskRCNN(MaskRCNN):
         self.roi_heads.mask_training = mode
 
     @property
-    def mask_policy(self) -> mask_inference.Policy:
+    def mask_policy(self) -> routing_policy.Policy:
         """Inference routing: "msm", "size", 14/28/56/112, or a callable (see ``choose_resolutions``)."""
         return self.roi_heads.mask_policy
 
     @mask_policy.setter
-    def mask_policy(self, policy: mask_inference.Policy) -> None:
+    def mask_policy(self, policy: routing_policy.Policy) -> None:
         self.roi_heads.mask_policy = policy
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, *,

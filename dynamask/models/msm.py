@@ -1,6 +1,6 @@
 """Mask Switch Module (MSM): predicts one of K mask resolutions per RoI from its 14×14 RoI feature.
 
-Layers (docs/method.md §3; ≈0.008 GMAC per RoI at the defaults, see :func:`dynamask.flops.msm_gmacs`):
+Layers (docs/method.md §3; ≈0.008 GMAC per RoI at the defaults, see :func:`dynamask.models.flops.msm_gmacs`):
 SE block (global average pool → FC 256→16 → ReLU → FC 16→256 → sigmoid → channel scale) →
 3×3 conv 256→64 stride 2 (14→7), ReLU → 3×3 conv 64→16, ReLU → flatten (16·7·7 = 784) →
 FC 784→256, ReLU → FC 256→K logits.
@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dynamask.models.mask_head import DynaMaskHead
+from dynamask.models.switch_input import switch_channels
 
 
 class SqueezeExcite(nn.Module):
@@ -116,3 +119,12 @@ class MaskSwitchModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x ``[R, C, 14, 14]`` (detached RoI feature) → logits ``[R, K]`` (the choice is their argmax)."""
         return self.raw(x) - self.cost_penalty
+
+
+def switch_for(head: DynaMaskHead, *, reads: str = "roi") -> MaskSwitchModule:
+    """A fresh switch for ``head`` that reads ``reads`` ("roi", "trunk" or "mask"; see
+    :mod:`dynamask.models.switch_input`): its input width and size follow from the head. The one place an
+    MSM is built for a model (the builders, the detector's default, the study's switch variants)."""
+    width = switch_channels(reads, fpn_channels=head.in_channels, trunk_channels=head.channels[0],
+                            mask_classes=head.mask_classes)
+    return MaskSwitchModule(in_channels=width, in_size=head.resolutions[0])

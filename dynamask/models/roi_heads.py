@@ -7,8 +7,6 @@ assignment, ``fastrcnn_loss`` and ``postprocess_detections`` (the class derives 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -17,83 +15,39 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 
 from dynamask import ops
-from dynamask.flops import mask_head_gmacs
-from dynamask.models import mask_handoff, mask_inference, mask_losses
+from dynamask.models import mask_handoff, mask_losses, routing_policy
+from dynamask.models.flops import mask_head_gmacs
 from dynamask.models.mask_head import DynaMaskHead
 from dynamask.models.msm import MaskSwitchModule
+from dynamask.models.roi_pool import MultiLevelRoIPool, PooledRoIs
 from dynamask.models.switch_input import check_switch_input, needs_trunk, switch_view
-from dynamask.ops import to_rois
-from dynamask.ops._args import check_sampling_ratio
 
 MASK_TRAINING_MODES = ("pretrain", "dynamic")
 
 
-def infer_scales(features: Sequence[Tensor], image_shapes: Sequence[tuple[int, int]]) -> list[float]:
-    """torchvision's ``MultiScaleRoIAlign`` rule: scale = 2^round(log2(feature side / largest image side))."""
-    max_h = max(int(s[0]) for s in image_shapes)
-    scales = []
-    for f in features:
-        approx = float(f.shape[-2]) / float(max_h)
-        scales.append(2.0 ** round(math.log2(approx)))
-    return scales
+class TrainingPositives(NamedTuple):
+    """The positive proposals that train the mask branch (:meth:`DynaMaskRoIHeads.training_positives`)."""
+
+    boxes: list[Tensor]  # per image [p_i, 4], the network's input frame
+    matched_idxs: list[Tensor]  # per image [p_i] int64: each one's ground-truth index
+    labels: Tensor  # [P] int64, image-major: their classes
 
 
-class PooledRoIs(NamedTuple):
-    """What :meth:`MultiLevelRoIPool.pool` returns: the pooled features and what it derived to pool them,
-    which the mask head's stages read again."""
+class HeadOutputs(NamedTuple):
+    """The mask head at every resolution on given boxes (:meth:`DynaMaskRoIHeads.masks_every_resolution`)."""
 
-    features: Tensor  # [R, C, S, S]
-    levels: list[Tensor]  # the pyramid levels, finest first, each [N, C, H_l, W_l]
-    scales: list[float]  # their spatial scales (1/4, 1/8, ...)
-    rois: Tensor  # [R, 5] (batch index, x1, y1, x2, y2), image-major
+    roi_features: Tensor  # [R, C, S_0, S_0]
+    trunk: Tensor  # [R, C_0, S_0, S_0]
+    mask_logits: list[Tensor]  # K × [R, S_k, S_k]
+    edge_logits: list[Tensor]  # K × [R, S_k, S_k]
 
 
-class MultiLevelRoIPool(nn.Module):
-    """Drop-in for torchvision's ``MultiScaleRoIAlign`` on :func:`dynamask.ops.roi_align_multilevel`.
+class Routed(NamedTuple):
+    """The mask branch's routing step on one batch (:meth:`DynaMaskRoIHeads.route`)."""
 
-    Same inputs and levels (LevelMapper, canonical 224 at P4, mapped by the kernel) and scales inferred the
-    same way, so with ``aligned=False`` its output equals torchvision's with the same ``canonical_scale``.
-
-    Args:
-        featmap_names: names of the pyramid levels in the feature dict, finest first.
-        output_size: S. sampling_ratio: samples per bin and axis; 0, or torchvision's -1: adaptive
-            (ceil(box side / S)); other negative values are refused. aligned: half-pixel shift.
-        canonical_scale: box side (image pixels) that goes to P4; a box of side s goes to level
-            ``floor(4 + log2(s / canonical_scale))``. 224 is FPN's value for ~800-px images; on small
-            images every object falls below it and lands on P2, so a smaller value spreads them over
-            the pyramid (deeper, more semantic features for larger objects).
-    """
-
-    def __init__(self, *, featmap_names: Sequence[str] = ("0", "1", "2", "3"), output_size: int = 7,
-                 sampling_ratio: int = 2, aligned: bool = False, canonical_scale: float = 224.0) -> None:
-        super().__init__()
-        if not 0 < canonical_scale < math.inf:
-            raise ValueError(f"canonical_scale must be a positive finite number, got {canonical_scale}")
-        check_sampling_ratio(sampling_ratio, op="MultiLevelRoIPool")  # refused here, not at the first forward
-        self.featmap_names = list(featmap_names)
-        self.output_size = (output_size, output_size)
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
-        self.canonical_scale = float(canonical_scale)
-
-    def levels(self, features: dict[str, Tensor]) -> list[Tensor]:
-        return [features[name] for name in self.featmap_names]
-
-    def pool(self, features: dict[str, Tensor], boxes: list[Tensor],
-             image_shapes: list[tuple[int, int]]) -> PooledRoIs:
-        """features: name → ``[N, C, H_l, W_l]``; boxes: per image ``[n_i, 4]`` → :class:`PooledRoIs`
-        (features ``[R, C, S, S]``)."""
-        feats = self.levels(features)
-        scales = infer_scales(feats, image_shapes)
-        rois = to_rois(boxes)
-        pooled = ops.roi_align_multilevel(feats, rois, self.output_size, scales, sampling_ratio=self.sampling_ratio,
-                                          aligned=self.aligned, canonical_scale=self.canonical_scale)
-        return PooledRoIs(pooled, feats, scales, rois)
-
-    def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
-                image_shapes: list[tuple[int, int]]) -> Tensor:
-        """features: name → ``[N, C, H_l, W_l]``; boxes: per image ``[n_i, 4]`` → ``[R, C, S, S]``."""
-        return self.pool(features, boxes, image_shapes).features
+    pooled: PooledRoIs
+    trunk: Tensor | None  # [R, C_0, S_0, S_0] when the switch reads the trunk's output, else None
+    choice: Tensor  # [R] int64 resolution index per RoI, image-major
 
 
 def box_branch_settings(heads: RoIHeads) -> dict[str, Any]:
@@ -109,15 +63,16 @@ def box_branch_settings(heads: RoIHeads) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class MaskBranchDefaults:
-    """The mask branch's settings when none is given, declared once for :class:`DynaMaskRoIHeads` and
-    :class:`~dynamask.models.detector.DynaMaskRCNN` (the paper's λ1, λ2, τ; no budget; Eq. 3 routing)."""
+class MaskBranchSettings:
+    """The mask branch's settings, passed whole to :class:`DynaMaskRoIHeads`; the defaults (the paper's λ1, λ2,
+    τ; no budget; Eq. 3 routing) are also :class:`~dynamask.models.detector.DynaMaskRCNN`'s. See
+    :class:`DynaMaskRoIHeads` for what each one means."""
 
     edge_weight: float = 0.1
     budget_weight: float = 0.4
     target_gmacs: float | None = None
     gumbel_tau: float = 0.5
-    mask_policy: str = "msm"
+    mask_policy: routing_policy.Policy = "msm"
     mask_training: str = "pretrain"
     mask_rois_per_image: int | None = None
     routing_signal: mask_losses.RoutingSignal = "paper"
@@ -125,7 +80,7 @@ class MaskBranchDefaults:
     switch_input: str = "roi"
 
 
-MASK_DEFAULTS = MaskBranchDefaults()
+MASK_DEFAULTS = MaskBranchSettings()
 
 
 class DynaMaskRoIHeads(RoIHeads):
@@ -137,22 +92,25 @@ class DynaMaskRoIHeads(RoIHeads):
         mask_head: the dual-level FPN head.
         msm: the Mask Switch Module.
         mask_roi_pool: pools the 14×14 RoI feature (aligned=True by default).
-        edge_weight: λ1. budget_weight: λ2 (weights budget and entropy). target_gmacs: C_t in GMAC per
-            RoI (None = no budget term). gumbel_tau: τ.
-        mask_policy: inference routing ("msm", "size", 14/28/56/112 or a callable).
-        mask_training: "pretrain" or "dynamic".
-        mask_rois_per_image: at most this many positive RoIs per image (a random subset) train the mask
-            branch; None trains it on every positive, as Mask R-CNN and the paper do. A speed knob for
-            small CPU runs: the mask head's cost grows with the positives while the box branch learns.
-        routing_signal: what the switch learns from in the dynamic phase: "paper" (each resolution's
-            loss against its own target, Eq. 3), "grid" (all resolutions scored on the finest grid) or
-            "boundary" (the same, in a band around the outline); see :mod:`dynamask.models.mask_losses`.
-        coupled: True: Eq. 3 (one term trains the stages and the switch). False: the stages keep the
-            pretrain supervision and the switch learns from detached losses.
-        switch_input: what the MSM reads, detached: "roi" (the 14×14 RoI feature, docs/method.md §3),
-            "trunk" (the trunk's output) or "mask" (the trunk's output and its 14² mask and edge logits);
-            see :mod:`dynamask.models.switch_input`. The MSM's ``in_channels`` must match
-            (:func:`~dynamask.models.switch_input.switch_channels`).
+        settings: the mask branch's :class:`MaskBranchSettings`, held as attributes of the same names (the
+            training and the switch fit change some of them later):
+
+            - ``edge_weight``: λ1. ``budget_weight``: λ2 (weights budget and entropy). ``target_gmacs``: C_t in
+              GMAC per RoI (None = no budget term). ``gumbel_tau``: τ.
+            - ``mask_policy``: inference routing ("msm", "size", 14/28/56/112 or a callable).
+            - ``mask_training``: "pretrain" or "dynamic".
+            - ``mask_rois_per_image``: at most this many positive RoIs per image (a random subset) train the
+              mask branch; None trains it on every positive, as Mask R-CNN and the paper do. A speed knob for
+              small CPU runs: the mask head's cost grows with the positives while the box branch learns.
+            - ``routing_signal``: what the switch learns from in the dynamic phase: "paper" (each resolution's
+              loss against its own target, Eq. 3), "grid" (all resolutions scored on the finest grid) or
+              "boundary" (the same, in a band around the outline); see :mod:`dynamask.models.mask_losses`.
+            - ``coupled``: True: Eq. 3 (one term trains the stages and the switch). False: the stages keep the
+              pretrain supervision and the switch learns from detached losses.
+            - ``switch_input``: what the MSM reads, detached: "roi" (the 14×14 RoI feature, docs/method.md §3),
+              "trunk" (the trunk's output) or "mask" (the trunk's output and its 14² mask and edge logits);
+              see :mod:`dynamask.models.switch_input`. The MSM's ``in_channels`` must match
+              (:func:`~dynamask.models.switch_input.switch_channels`).
     """
 
     mask_sizes: Tensor  # [K] int64 buffer: S_k per resolution index
@@ -162,13 +120,7 @@ class DynaMaskRoIHeads(RoIHeads):
                  positive_fraction: float, bbox_reg_weights: tuple[float, float, float, float] | None,
                  score_thresh: float, nms_thresh: float, detections_per_img: int,
                  mask_head: DynaMaskHead, msm: MaskSwitchModule, mask_roi_pool: MultiLevelRoIPool,
-                 edge_weight: float = MASK_DEFAULTS.edge_weight, budget_weight: float = MASK_DEFAULTS.budget_weight,
-                 target_gmacs: float | None = MASK_DEFAULTS.target_gmacs, gumbel_tau: float = MASK_DEFAULTS.gumbel_tau,
-                 mask_policy: mask_inference.Policy = MASK_DEFAULTS.mask_policy,
-                 mask_training: str = MASK_DEFAULTS.mask_training,
-                 mask_rois_per_image: int | None = MASK_DEFAULTS.mask_rois_per_image,
-                 routing_signal: mask_losses.RoutingSignal = MASK_DEFAULTS.routing_signal,
-                 coupled: bool = MASK_DEFAULTS.coupled, switch_input: str = MASK_DEFAULTS.switch_input) -> None:
+                 settings: MaskBranchSettings = MASK_DEFAULTS) -> None:
         super().__init__(box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
                          batch_size_per_image, positive_fraction, bbox_reg_weights, score_thresh, nms_thresh,
                          detections_per_img)
@@ -180,21 +132,23 @@ class DynaMaskRoIHeads(RoIHeads):
         # (a blocking copy to the GPU would wait for the device on every batch); not in the state dict
         self.register_buffer("mask_sizes", torch.tensor(mask_head.resolutions, dtype=torch.int64), persistent=False)
         self.msm = msm
+        # GMAC per RoI at each resolution, for the budget term: a function of the head's layers, computed once
+        self.mask_costs = tuple(mask_head_gmacs(mask_head).values())
         self.dyn_mask_roi_pool = mask_roi_pool
-        self.edge_weight = float(edge_weight)
-        self.budget_weight = float(budget_weight)
-        self.target_gmacs = None if target_gmacs is None else float(target_gmacs)
-        self.gumbel_tau = float(gumbel_tau)
-        self.mask_policy = mask_policy
-        self.mask_training = mask_training
-        if mask_rois_per_image is not None and mask_rois_per_image < 1:
-            raise ValueError(f"mask_rois_per_image must be None or >= 1, got {mask_rois_per_image}")
-        self.mask_rois_per_image = mask_rois_per_image
-        mask_losses.check_routing(routing_signal, coupled)
-        check_switch_input(switch_input)
-        self.routing_signal = routing_signal
-        self.coupled = coupled
-        self.switch_input = switch_input
+        self.edge_weight = float(settings.edge_weight)
+        self.budget_weight = float(settings.budget_weight)
+        self.target_gmacs = None if settings.target_gmacs is None else float(settings.target_gmacs)
+        self.gumbel_tau = float(settings.gumbel_tau)
+        self.mask_policy = settings.mask_policy
+        self.mask_training = settings.mask_training
+        if settings.mask_rois_per_image is not None and settings.mask_rois_per_image < 1:
+            raise ValueError(f"mask_rois_per_image must be None or >= 1, got {settings.mask_rois_per_image}")
+        self.mask_rois_per_image = settings.mask_rois_per_image
+        mask_losses.check_routing(settings.routing_signal, settings.coupled)
+        check_switch_input(settings.switch_input)
+        self.routing_signal = settings.routing_signal
+        self.coupled = settings.coupled
+        self.switch_input = settings.switch_input
 
     # -- settings ---------------------------------------------------------------------------------
     @property
@@ -208,12 +162,12 @@ class DynaMaskRoIHeads(RoIHeads):
         self._mask_training = mode
 
     @property
-    def mask_policy(self) -> mask_inference.Policy:
+    def mask_policy(self) -> routing_policy.Policy:
         return self._mask_policy
 
     @mask_policy.setter
-    def mask_policy(self, policy: mask_inference.Policy) -> None:
-        mask_inference.check_policy(policy, self.mask_head.resolutions)
+    def mask_policy(self, policy: routing_policy.Policy) -> None:
+        routing_policy.check_policy(policy, self.mask_head.resolutions)
         self._mask_policy = policy
 
     def has_mask(self) -> bool:  # torchvision's check_targets asks for "masks" when this is True
@@ -236,27 +190,76 @@ class DynaMaskRoIHeads(RoIHeads):
         then replaces ``mask_handoff`` by the pasted ``masks [N, 1, H, W]``.
         Training: ``loss_classifier``, ``loss_box_reg`` and the mask-branch terms.
         """
-        if self.training:
-            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        if not self.training:
+            boxes, scores, labels = self.detect_boxes(features, proposals, image_shapes)
+            result: list[dict[str, Any]] = [{"boxes": b, "labels": lab, "scores": s}
+                                            for b, s, lab in zip(boxes, scores, labels)]
+            self.predict_masks(features, result, image_shapes)
+            return result, {}
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        class_logits, box_regression = self._box_outputs(features, proposals, image_shapes)
+        assert targets is not None
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        pos = self.training_positives(proposals, matched_idxs, labels)
+        losses.update(self.mask_losses(features, pos.boxes, pos.matched_idxs, image_shapes, targets, pos.labels))
+        return [], losses
+
+    # -- the public door to the branches' outputs (evaluation, the switch fit, probes and the study) --------
+    def _box_outputs(self, features: dict[str, Tensor], proposals: list[Tensor],
+                     image_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
+        return self.box_predictor(box_features)
 
-        if self.training:
-            assert targets is not None
-            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-            losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
-            pos = [self._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
-            mask_proposals = [p[i] for p, i in zip(proposals, pos)]
-            pos_matched = [m[i] for m, i in zip(matched_idxs, pos)]
-            pos_labels = torch.cat([lab[i] for lab, i in zip(labels, pos)])
-            losses.update(self.mask_losses(features, mask_proposals, pos_matched, image_shapes, targets, pos_labels))
-            return [], losses
+    def detect_boxes(self, features: dict[str, Tensor], proposals: list[Tensor],
+                     image_shapes: list[tuple[int, int]]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The box branch at inference: per image ``boxes [n_i, 4]`` (input frame), ``scores [n_i]``,
+        ``labels [n_i]`` (torchvision's ``postprocess_detections``: score threshold, NMS, top detections)."""
+        class_logits, box_regression = self._box_outputs(features, proposals, image_shapes)
+        return self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
 
-        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-        result: list[dict[str, Any]] = [{"boxes": b, "labels": lab, "scores": s}
-                                        for b, s, lab in zip(boxes, scores, labels)]
-        self.predict_masks(features, result, image_shapes)
-        return result, {}
+    def training_positives(self, proposals: list[Tensor], matched_idxs: list[Tensor],
+                           labels: list[Tensor]) -> TrainingPositives:
+        """The sampled proposals that train the mask branch: each image's positives, at most
+        ``mask_rois_per_image`` of them (a random subset). Inputs per image, as ``select_training_samples``
+        returns them: ``proposals [n_i, 4]``, ``matched_idxs [n_i]``, ``labels [n_i]``."""
+        pos = [self._subsample_positives(torch.where(lab > 0)[0]) for lab in labels]
+        return TrainingPositives([p[i] for p, i in zip(proposals, pos)], [m[i] for m, i in zip(matched_idxs, pos)],
+                                 torch.cat([lab[i] for lab, i in zip(labels, pos)]))
+
+    def sample_training_positives(self, proposals: list[Tensor],
+                                  targets: list[dict[str, Tensor]]) -> TrainingPositives:
+        """:meth:`training_positives` of proposals sampled as training samples them (torchvision's
+        ``select_training_samples``: ground-truth boxes added, matched, a positive/negative sample)."""
+        proposals, matched_idxs, labels, _ = self.select_training_samples(proposals, targets)
+        return self.training_positives(proposals, matched_idxs, labels)
+
+    def masks_every_resolution(self, features: dict[str, Tensor], boxes: list[Tensor],
+                               image_shapes: list[tuple[int, int]], labels: Tensor | None = None) -> HeadOutputs:
+        """Every stage of the mask head on every box (no routing): what training supervises and what a
+        switch fit, a probe or the study compares across resolutions.
+
+        Args:
+            features: the backbone's output. boxes: per image ``[n_i, 4]`` in the network's input frame.
+            labels: ``[R]`` the boxes' classes, image-major (read by a class-specific head only).
+        """
+        roi_features, levels, scales, rois = self._pool_masks(features, boxes, image_shapes)
+        head = self.mask_head
+        r = rois.shape[0]
+        if r == 0:
+            empty = [roi_features.new_zeros((0, s, s)) for s in head.resolutions]
+            trunk = roi_features.new_zeros((0, head.channels[0], *roi_features.shape[-2:]))
+            return HeadOutputs(roi_features, trunk, empty, list(empty))
+        trunk = head.run_trunk(roi_features)
+        masks, edges = head.forward_train(roi_features, levels, scales, rois, trunk, self._labels(labels))
+        return HeadOutputs(roi_features, trunk, list(masks), list(edges))
+
+    def switch_scores(self, features: dict[str, Tensor], boxes: list[Tensor],
+                      image_shapes: list[tuple[int, int]]) -> Tensor:
+        """The switch's unpriced scores ``[R, K]`` (``msm.raw``, before the cost penalty) on the boxes,
+        image-major: what a price is set on."""
+        pooled = self._pool_masks(features, boxes, image_shapes)
+        return self.msm.raw(self.switch_features(pooled.features))
 
     def _subsample_positives(self, pos: Tensor) -> Tensor:
         """A random subset of at most ``mask_rois_per_image`` of the positive indices ``[P]`` (sorted)."""
@@ -291,7 +294,7 @@ class DynaMaskRoIHeads(RoIHeads):
             return mask_losses.pretrain_losses(mask_logits, edge_logits, mask_t, edge_t,
                                                edge_weight=self.edge_weight)
         msm_logits = self.msm(self.switch_features(roi_features, trunk)).float()
-        costs = list(mask_head_gmacs(self.mask_head).values())
+        costs = list(self.mask_costs)
         return mask_losses.dynamic_losses(mask_logits, edge_logits, mask_t, edge_t, msm_logits,
                                           edge_weight=self.edge_weight, budget_weight=self.budget_weight,
                                           target_gmacs=self.target_gmacs, costs_gmacs=costs, tau=self.gumbel_tau,
@@ -328,26 +331,18 @@ class DynaMaskRoIHeads(RoIHeads):
         return out
 
     @torch.no_grad()
-    def choose(self, roi_features: Tensor, boxes: list[Tensor], image_shapes: list[tuple[int, int]],
-               trunk: Tensor | None = None) -> Tensor:
-        """Resolution index per RoI under the current ``mask_policy``. ``[R]`` int64. ``trunk``: the trunk's
-        output on ``roi_features``, if computed (read by a switch with ``switch_input`` "trunk" or "mask")."""
-        feats = roi_features
-        if self.mask_policy == "msm" and needs_trunk(self.switch_input):
-            feats = self.switch_features(roi_features, trunk)
-        return mask_inference.choose_resolutions(self.mask_policy, msm=self.msm, roi_features=feats,
-                                                 boxes=boxes, image_sizes=image_shapes,
-                                                 resolutions=self.mask_head.resolutions)
-
     def route(self, features: dict[str, Tensor], boxes: list[Tensor],
-              image_shapes: list[tuple[int, int]]) -> tuple[PooledRoIs, Tensor | None, Tensor]:
-        """The mask branch's inference up to the choice: the pooled RoIs, the trunk's output when the switch
-        reads it (else None) and the resolution index per RoI ``[R]`` int64 (image-major)."""
+              image_shapes: list[tuple[int, int]]) -> Routed:
+        """The mask branch's inference up to the choice, under the current ``mask_policy``: the pooled RoIs,
+        the trunk's output when the switch reads it (run once, before the choice, for every RoI; else None)
+        and the resolution index per RoI ``[R]`` int64 (image-major)."""
         pooled = self._pool_masks(features, boxes, image_shapes)
-        # a switch that reads the trunk's output: run the trunk once, before the choice, for every RoI
-        trunk = (self.mask_head.run_trunk(pooled.features)
-                 if self.mask_policy == "msm" and needs_trunk(self.switch_input) else None)
-        return pooled, trunk, self.choose(pooled.features, boxes, image_shapes, trunk)
+        reads_trunk = self.mask_policy == "msm" and needs_trunk(self.switch_input)
+        trunk = self.mask_head.run_trunk(pooled.features) if reads_trunk else None
+        seen = self.switch_features(pooled.features, trunk) if reads_trunk else pooled.features
+        choice = routing_policy.choose_resolutions(self.mask_policy, msm=self.msm, roi_features=seen, boxes=boxes,
+                                                   image_sizes=image_shapes, resolutions=self.mask_head.resolutions)
+        return Routed(pooled, trunk, choice)
 
     def predict_masks(self, features: dict[str, Tensor], result: list[dict[str, Any]],
                       image_shapes: list[tuple[int, int]]) -> None:

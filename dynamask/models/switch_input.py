@@ -7,7 +7,7 @@
   head's every class channel, ``mask_classes + 1``). The coarse mask
   and its predicted outline say directly how much of the RoI is boundary, which is what a finer mask
   improves; the two 1×1 predictors add ``(mask_classes + 1) · C_0 · 14²`` MACs per RoI, counted by
-  :func:`dynamask.flops.msm_macs`.
+  :func:`dynamask.models.flops.msm_macs`.
 
 Every view is detached: the routing losses train the switch only.
 """

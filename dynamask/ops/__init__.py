@@ -6,7 +6,7 @@ Each op has a CPU and a CUDA kernel, autograd where training needs it, a fake ke
 
 from dynamask._extension import _C
 from dynamask.ops._args import to_rois
-from dynamask.ops.checks import full_checks, full_checks_enabled, set_full_checks
+from dynamask.ops.debug import full_checks, full_checks_enabled, set_full_checks
 from dynamask.ops.deform_conv import deform_conv2d
 from dynamask.ops.group_by_resolution import group_by_resolution
 from dynamask.ops.paste_masks import paste_masks, paste_masks_rle

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from dynamask.ops import (
     _group_by_resolution_registrations,  # noqa: F401  (fake kernel)
-    checks,
+    debug,
 )
 
 
@@ -36,6 +36,6 @@ def group_by_resolution(choice: Tensor, num_resolutions: int) -> tuple[Tensor, T
     """
     if not isinstance(choice, Tensor):
         raise TypeError(f"choice must be a [R] int64 tensor, got {type(choice).__name__}")
-    if checks.full_checks_enabled() and choice.dtype == torch.int64:
-        checks.check_choice("group_by_resolution", choice, int(num_resolutions))
+    if debug.full_checks_enabled() and choice.dtype == torch.int64:
+        debug.check_choice("group_by_resolution", choice, int(num_resolutions))
     return torch.ops.dynamask.group_by_resolution(choice, int(num_resolutions))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dynamask.ops import (
     _paste_masks_registrations,  # noqa: F401  (fake kernels)
-    checks,
+    debug,
 )
 
 
@@ -74,10 +74,10 @@ def paste_masks(
     groups = _mask_groups(masks)
     H, W = _image_size(image_size)
     thr = None if threshold is None else float(threshold)
-    if checks.full_checks_enabled() and isinstance(boxes, Tensor):
-        checks.check_paste_boxes("paste_masks", boxes)
+    if debug.full_checks_enabled() and isinstance(boxes, Tensor):
+        debug.check_paste_boxes("paste_masks", boxes)
         if isinstance(index, Tensor):
-            checks.check_paste_index("paste_masks", index, sum(int(g.shape[0]) for g in groups))
+            debug.check_paste_index("paste_masks", index, sum(int(g.shape[0]) for g in groups))
     return torch.ops.dynamask.paste_masks(groups, boxes, H, W, thr, index)
 
 

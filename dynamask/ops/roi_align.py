@@ -14,7 +14,7 @@ from torch import Tensor
 
 from dynamask.ops import (
     _roi_align_registrations,  # noqa: F401  (autograd, autocast, fake kernels)
-    checks,
+    debug,
 )
 from dynamask.ops._args import as_rois, check_sampling_ratio, pair
 
@@ -95,17 +95,17 @@ def roi_align_multilevel(
         ValueError: a ``canonical_scale`` that is not positive and finite; on the CPU, a batch index
             that is not an integer in ``[0, N)``, a non-finite box or a level out of range. On CUDA such
             a RoI pools to zeros instead, unless :func:`dynamask.ops.full_checks` is on (see
-            :mod:`dynamask.ops.checks`).
+            :mod:`dynamask.ops.debug`).
     """
     feats, rois_t = _inputs(features, rois, spatial_scales)
     if levels is None:
         _check_power_of_two_scales(spatial_scales)
     ph, pw = pair(output_size, op="roi_align_multilevel", name="output_size")
     ratio = check_sampling_ratio(sampling_ratio, op="roi_align_multilevel")
-    if checks.full_checks_enabled():
-        checks.check_rois("roi_align_multilevel", rois_t, feats[0].shape[0])
+    if debug.full_checks_enabled():
+        debug.check_rois("roi_align_multilevel", rois_t, feats[0].shape[0])
         if levels is not None:
-            checks.check_levels("roi_align_multilevel", levels, len(feats))
+            debug.check_levels("roi_align_multilevel", levels, len(feats))
     return torch.ops.dynamask.roi_align_multilevel(
         feats, rois_t, levels, [float(s) for s in spatial_scales], ph, pw, ratio, bool(aligned),
         float(canonical_scale),
@@ -149,8 +149,8 @@ def roi_align_stages(
         levels.append(int(stage[0]))
         sizes.append(int(stage[1]))
         counts.append(int(stage[2]))
-    if checks.full_checks_enabled():
-        checks.check_rois("roi_align_stages", rois_t, feats[0].shape[0], max(counts, default=0))
+    if debug.full_checks_enabled():
+        debug.check_rois("roi_align_stages", rois_t, feats[0].shape[0], max(counts, default=0))
     return list(
         torch.ops.dynamask.roi_align_stages(
             feats, rois_t, levels, sizes, counts, [float(s) for s in spatial_scales], ratio,

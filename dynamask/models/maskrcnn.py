@@ -159,28 +159,6 @@ class CappedMaskRoIHeads(RoIHeads):
         return result, losses
 
 
-def fixed_mask_resolution(model: torch.nn.Module) -> int | None:
-    """The side of the masks a torchvision-style Mask R-CNN predicts, read from its layers: its mask RoI
-    pool's output size times the upsampling of its mask predictor's transposed convs (14 × 2 = 28).
-
-    None for a model that reports each mask's resolution itself (DynaMask's ``mask_resolution``) or has
-    no mask branch. Evaluation and the predictor report every mask of a fixed-resolution model at this size.
-    """
-    heads = getattr(model, "roi_heads", None)
-    if heads is None or hasattr(getattr(heads, "mask_head", None), "resolutions"):
-        return None
-    pool = getattr(heads, "mask_roi_pool", None)
-    predictor = getattr(heads, "mask_predictor", None)
-    if pool is None or predictor is None:
-        return None
-    size = pool.output_size
-    side = int(size[0] if isinstance(size, (tuple, list)) else size)
-    for m in predictor.modules():
-        if isinstance(m, torch.nn.ConvTranspose2d):
-            side *= int(m.stride[0])
-    return side
-
-
 def _box_predictor(representation: int, num_classes: int):
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 

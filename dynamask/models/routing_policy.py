@@ -52,9 +52,8 @@ def choose_resolutions(policy: Policy, *, msm: nn.Module, roi_features: Tensor, 
         roi_features: ``[R, 256, 14, 14]``. boxes: per image ``[n_i, 4]`` (input frame).
 
     Returns:
-        ``[R]`` int64 in [0, K).
+        ``[R]`` int64 in [0, K). A policy that is none of these is refused (:func:`check_policy`).
     """
-    check_policy(policy, resolutions)
     r = roi_features.shape[0]
     device = roi_features.device
     k = len(resolutions)
@@ -63,9 +62,13 @@ def choose_resolutions(policy: Policy, *, msm: nn.Module, roi_features: Tensor, 
     if policy == "size":
         cat = torch.cat(boxes) if boxes else roi_features.new_zeros((0, 4))
         return size_policy(cat, k)
-    if isinstance(policy, int):
+    if isinstance(policy, int) and not isinstance(policy, bool) and policy in resolutions:
         return torch.full((r,), list(resolutions).index(policy), dtype=torch.int64, device=device)
-    assert callable(policy)  # for mypy: check_policy let nothing else through
+    if not callable(policy) or isinstance(policy, (str, int)):
+        # the model checked its policy when it was set; a direct caller's bad policy is refused here,
+        # not every batch on the way to a valid one
+        check_policy(policy, resolutions)
+        raise AssertionError(f"check_policy let {policy!r} through")
     choice = policy(roi_features, boxes, image_sizes)
     if not isinstance(choice, torch.Tensor) or choice.shape != (r,) or choice.dtype != torch.int64:
         got = (f"{tuple(choice.shape)} {choice.dtype}" if isinstance(choice, torch.Tensor)

@@ -9,7 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 
-from dynamask import cli_checks
+from dynamask.cli.common import (
+    check_label_map,
+    checkpoint_label_map,
+    default_device,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    same_file,
+    split_files,
+    unit_interval,
+)
 
 
 def add_parser(sub) -> None:
@@ -22,25 +32,25 @@ def add_parser(sub) -> None:
     p.add_argument("--train-images", help="folder of the training images (default: --data's train split)")
     p.add_argument("--train-ann", help="annotation file of --train-images (default: --data's train split)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--target-gmacs", type=cli_checks.positive_float,
+    budget.add_argument("--target-gmacs", type=positive_float,
                         help="C_t: mean mask-head GMAC per RoI (one of the three budget flags is required)")
     budget.add_argument("--budget-at", type=int, metavar="S",
                         help="C_t = the head's cost at resolution S (e.g. 28: on average as costly as 28² for all)")
     budget.add_argument("--no-budget", action="store_true", help="no price: each RoI gets its predicted best")
-    p.add_argument("--batches", type=cli_checks.positive_int, default=900,
+    p.add_argument("--batches", type=positive_int, default=900,
                    help="training batches run through the frozen model (default 900)")
-    p.add_argument("--batch-size", type=cli_checks.positive_int, default=2, help="images per batch (default 2)")
-    p.add_argument("--epochs", type=cli_checks.positive_int, default=15,
+    p.add_argument("--batch-size", type=positive_int, default=2, help="images per batch (default 2)")
+    p.add_argument("--epochs", type=positive_int, default=15,
                    help="epochs of the switch over the collected RoIs (default 15)")
-    p.add_argument("--average-epochs", type=cli_checks.positive_int, default=None,
+    p.add_argument("--average-epochs", type=positive_int, default=None,
                    help="keep the mean of the switch's weights after each of the last N epochs (default: the last "
                         "half; 1 keeps the last epoch's)")
-    p.add_argument("--calibration-images", type=cli_checks.non_negative_int, default=200,
+    p.add_argument("--calibration-images", type=non_negative_int, default=200,
                    help="training images whose detections the price is set on (default 200; 0: set it on the "
                         "training positives)")
-    p.add_argument("--seed", type=cli_checks.non_negative_int, default=0,
+    p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the batches drawn and of the switch's initialisation")
-    p.add_argument("--flip-prob", type=cli_checks.unit_interval, default=0.5,
+    p.add_argument("--flip-prob", type=unit_interval, default=0.5,
                    help="horizontal flips of the training images (default 0.5, as training)")
     p.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: a GPU when present, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,10 +61,9 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from dynamask.checks import check_device, check_output_file
-    from dynamask.cli import _split_files  # (imported here: dynamask.cli registers this command)
 
-    images, ann = _split_files(args, "train", args.train_images, args.train_ann)
-    if cli_checks.same_file(args.out, args.checkpoint):  # through links too: it holds a run's resumable state
+    images, ann = split_files(args, "train", args.train_images, args.train_ann)
+    if same_file(args.out, args.checkpoint):  # through links too: it holds a run's resumable state
         raise ValueError(f"--out {args.out} is the input checkpoint {args.checkpoint}: write the fitted one "
                          "beside it")
     check_device(args.device)
@@ -84,8 +93,8 @@ def _fit(args: argparse.Namespace, images: str, ann: str):
     from dynamask.data.lvis import open_dataset
     from dynamask.engine import switch_fit
     from dynamask.engine.checkpoint import model_from_checkpoint
-    from dynamask.flops import mask_head_gmacs
     from dynamask.models.detector import DynaMaskRCNN
+    from dynamask.models.flops import mask_head_gmacs
     from dynamask.models.roi_heads import DynaMaskRoIHeads
 
     model, ckpt = model_from_checkpoint(args.checkpoint)
@@ -105,11 +114,9 @@ def _fit(args: argparse.Namespace, images: str, ann: str):
     dataset = open_dataset(images, ann, Compose([RandomHorizontalFlip(args.flip_prob)] if args.flip_prob else []))
     if len(dataset) == 0:
         raise ValueError(f"{ann}: no training images")
-    saved = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
-    if saved != dataset.label_map:
-        raise ValueError(f"{args.checkpoint} was trained on categories {saved}, but {ann} has {dataset.label_map}")
+    check_label_map(ckpt, args.checkpoint, dataset.label_map, ann, error=ValueError)
     before = {k: v.detach().cpu().clone() for k, v in heads.msm.state_dict().items()}
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(default_device(args.device))
     model.to(device)
     report = switch_fit.fit_model_switch(model, dataset, target_gmacs=target, num_batches=args.batches,
                                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
@@ -120,17 +127,13 @@ def _fit(args: argparse.Namespace, images: str, ann: str):
 
 def _save(args: argparse.Namespace, model, ckpt: dict, report, before: dict) -> None:
     """The fitted checkpoint: the input's weights with the fitted switch, its epoch and iteration, the fit's
-    report, and the dynamic phase's switch (``dynamask.engine.train_switch``): the one the input kept beside
+    report, and the dynamic phase's switch (``dynamask.engine.switch_life``): the one the input kept beside
     a fit of `dynamask train`, or else the input's own switch, which this fit replaced."""
-    from dynamask.engine import train_switch
+    from dynamask.engine import switch_life
     from dynamask.engine.checkpoint import save_checkpoint
 
-    extra = dict(ckpt.get("extra", {}))
-    states = dict(ckpt.get("states", {}))
-    if train_switch.DYNAMIC_SWITCH_KEY not in states and train_switch.FIT_KEY not in extra:
-        states[train_switch.DYNAMIC_SWITCH_KEY] = before
-    extra[train_switch.FIT_KEY] = {**report.as_dict(), "from": os.path.abspath(args.checkpoint),
-                                   "batches": args.batches, "batch_size": args.batch_size, "seed": args.seed}
-    label_map = {int(k): tuple(v) for k, v in ckpt["label_map"].items()}
-    save_checkpoint(args.out, arch=ckpt["arch"], label_map=label_map, model=model.cpu(), epoch=ckpt.get("epoch"),
-                    iteration=ckpt.get("iteration"), extra=extra, states=states or None)
+    record = {**report.as_dict(), "from": os.path.abspath(args.checkpoint), "batches": args.batches,
+              "batch_size": args.batch_size, "seed": args.seed}
+    extra, states = switch_life.refitted(ckpt, record=record, before=before)
+    save_checkpoint(args.out, arch=ckpt["arch"], label_map=checkpoint_label_map(ckpt), model=model.cpu(),
+                    epoch=ckpt.get("epoch"), iteration=ckpt.get("iteration"), extra=extra, states=states or None)

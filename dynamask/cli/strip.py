@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dynamask import cli_checks
+from dynamask.cli.common import same_file
 
 
 def add_parser(sub) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from dynamask.checks import check_output_file
     from dynamask.engine.checkpoint import TRAINING_ONLY_KEYS, load_checkpoint, strip_training_state, write_checkpoint
 
-    if cli_checks.same_file(args.out, args.checkpoint):  # through links too: the input holds a run's resumable state
+    if same_file(args.out, args.checkpoint):  # through links too: the input holds a run's resumable state
         raise ValueError(f"OUT {args.out} is the input checkpoint {args.checkpoint}: write the stripped copy beside it")
     check_output_file(args.out)
     ckpt = load_checkpoint(args.checkpoint)  # weights_only=True, and checked (NaN weights refused)

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from dynamask.engine.coco_eval import coco_metrics, output_to_results
-from dynamask.engine.routing import oracle_choice
 from dynamask.engine.routing_probe import Switch, head_outputs, mask_iou_top_grid
-from dynamask.models import mask_handoff, mask_inference, mask_losses
+from dynamask.engine.routing_value import oracle_choice
+from dynamask.models import mask_handoff, mask_losses, routing_policy
 
 ORACLE_TOL = 0.01
 MATCH_IOU = 0.5  # a detection is scored against the GT it overlaps most, when the box IoU reaches this
@@ -33,10 +33,7 @@ def detect(model: nn.Module, image: Tensor) -> tuple[Any, dict[str, Tensor], dic
     images, _ = model.transform([image])
     features = model.backbone(images.tensors)
     proposals, _ = model.rpn(images, features)
-    heads = model.roi_heads
-    box_features = heads.box_head(heads.box_roi_pool(features, proposals, images.image_sizes))
-    class_logits, box_regression = heads.box_predictor(box_features)
-    boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, images.image_sizes)
+    boxes, scores, labels = model.roi_heads.detect_boxes(features, proposals, images.image_sizes)
     return images, features, {"boxes": boxes[0], "scores": scores[0], "labels": labels[0]}
 
 
@@ -63,7 +60,7 @@ def evaluate_policies(model: nn.Module, dataset, *, costs: Mapping[int, float],
     """Every policy's metrics on ``dataset`` (a :class:`dynamask.data.CocoDetection`).
 
     Args:
-        model: a DynaMask detector. costs: resolution → per-RoI head GMAC (``dynamask.flops``).
+        model: a DynaMask detector. costs: resolution → per-RoI head GMAC (``dynamask.models.flops``).
         switches: name → ((MSM, "roi" | "trunk"), its per-RoI GMAC).
         fixed, size_rule, oracle: also score every fixed resolution (as ``fixed-S``), Eq. 8 (``size-rule``)
             and the oracle (``oracle``).
@@ -96,7 +93,7 @@ def evaluate_policies(model: nn.Module, dataset, *, costs: Mapping[int, float],
             for j, s in enumerate(resolutions):
                 policies[f"fixed-{s}"] = torch.full((n,), j, dtype=torch.int64)
         if size_rule:
-            policies["size-rule"] = mask_inference.size_policy(boxes, k)
+            policies["size-rule"] = routing_policy.size_policy(boxes, k)
         if oracle:
             _, tgt = model.transform([image], [{key: v for key, v in target.items()}])
             policies["oracle"] = oracle_on_detections(probs, boxes, tgt[0]["boxes"], tgt[0]["masks"])
@@ -128,7 +125,7 @@ def evaluate_policies(model: nn.Module, dataset, *, costs: Mapping[int, float],
 def evaluate_fixed_model(model: nn.Module, dataset, *, gmacs_per_instance: float,
                          progress: bool = True) -> dict[str, Any]:
     """A model with one mask resolution (torchvision's Mask R-CNN): segm and Boundary AP."""
-    from dynamask.engine.baselines import fixed_mask_resolution
+    from dynamask.checks import fixed_mask_resolution
     from dynamask.engine.evaluate import run_model
 
     res = run_model(model, dataset, progress=progress, default_resolution=fixed_mask_resolution(model))
@@ -176,6 +173,6 @@ def choice_shares(
     choice: np.ndarray, categories: Sequence[str], names: Sequence[str], k: int
 ) -> dict[str, list[float]]:
     """Per category, the fraction of its (ground-truth) instances at each resolution."""
-    from dynamask.engine.routing import shares
+    from dynamask.engine.routing_value import shares
 
     return shares(choice, categories, k, names)

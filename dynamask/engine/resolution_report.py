@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dynamask.models.mask_head import RESOLUTIONS
@@ -46,41 +46,19 @@ def resolution_distribution(
     }
 
 
-def mean_mask_gmac(
-    distribution: dict[str, Any], costs: Mapping[int, float] | Callable[[int], float]
-) -> float | None:
-    """Mean mask-head GMAC per instance: sum over resolutions of count x cost / instances.
-
-    ``costs`` maps a resolution to the head's per-RoI cost at it (e.g. ``{14: 0.23, 28: 0.52, ...}`` from
-    ``dynamask.flops``), as a dict or a callable. None when no instance was counted.
-    """
-    n = distribution["instances"]
-    if n == 0:
-        return None
-    cost = costs if callable(costs) else (lambda r: costs[r])
-    total = 0.0
-    for res, count in distribution["overall"].items():
-        if count:
-            try:
-                total += count * float(cost(res))
-            except KeyError as exc:
-                raise KeyError(f"no mask-head cost given for resolution {res}") from exc
-    return total / n
-
-
 def cost_report(results: list[dict[str, Any]], costs: Any, *, num_images: int) -> dict[str, Any]:
     """Mask-head cost over every detection the head ran on (no score threshold: it segments them all).
 
     Args:
         results: COCO result dicts with ``mask_resolution`` (``None``: not costed) and, for the per-image
             figures, ``input_size`` (the padded network input, H, W; see :func:`dynamask.engine.evaluate.run_model`).
-        costs: a :class:`dynamask.flops.HeadCosts` (all figures, MSM included), or resolution → per-RoI
+        costs: a :class:`dynamask.models.flops.HeadCosts` (all figures, MSM included), or resolution → per-RoI
             GMAC as a mapping or callable (the per-instance figure only).
         num_images: images evaluated (those without detections cost nothing and count in the means).
     Returns ``{"instances", "mask_gmac_per_instance", "msm_gmac_per_roi", "per_image_gmac",
     "head_gmac_per_image"}``; a figure that cannot be computed is None.
     """
-    from dynamask.flops import HeadCosts
+    from dynamask.models.flops import HeadCosts
 
     costed = [r for r in results if r.get("mask_resolution") is not None]
     head = costs if isinstance(costs, HeadCosts) else None

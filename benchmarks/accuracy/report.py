@@ -344,7 +344,7 @@ def write_report(out: str, cfg, meta: dict[str, Any], rows: list[dict[str, Any]]
     if getattr(cfg, "iters_scale", 1.0) != 1.0:
         lines += [f"**Shortened schedule:** every phase ran {cfg.iters_scale:g}× the full study's iterations "
                   "(`--iters-scale`), because the machine was shared; the full study is the default of "
-                  "`benchmarks/accuracy.py`.", ""]
+                  "`python -m benchmarks.accuracy`.", ""]
     for note in meta.get("notes", []):
         lines += [f"**Note:** {note}", ""]
     if meta.get("costs"):
@@ -373,9 +373,9 @@ def write_report(out: str, cfg, meta: dict[str, Any], rows: list[dict[str, Any]]
             f"{f(r['mask_gmacs_per_instance'], 1.0, '.4f')} | {cap} | {'–' if yard is None else f'{yard:.3f}'} |"
         )
     lines += ["", "*captured*: the share of the possible routing gain the switch captures on the ground-truth boxes "
-              "(`dynamask.engine.routing.routing_value`). *category yardstick*: the share a router that knows only "
-              "each instance's category would capture with the same counts (leave-one-out category means, "
-              "`routing.category_routing`).", ""]
+              "(`dynamask.engine.routing_value.routing_value`). *category yardstick*: the share a router that knows "
+              "only each instance's category would capture with the same counts (leave-one-out category means, "
+              "`routing_value.category_routing`).", ""]
     if missing:
         lines += [f"**Rows not (yet) measured:** {', '.join(missing)}.", ""]
     if meta.get("iou_gain"):
