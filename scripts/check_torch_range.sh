@@ -39,7 +39,8 @@ if [ "$#" -eq 0 ]; then
     tests/test_ops_edge_cases.py tests/test_ops_layouts.py tests/test_ops_properties.py \
     tests/test_fam.py tests/test_model_dispatch.py tests/test_model_flops.py tests/test_model_import.py \
     tests/test_model_losses.py tests/test_model_train.py tests/test_class_specific_masks.py \
-    tests/test_mask_handoff.py tests/test_mask_inference.py
+    tests/test_mask_handoff.py tests/test_routing_policy.py tests/test_roi_heads_public_door.py \
+    tests/test_stage_levels_and_equal_supervision.py
 fi
 test_start=$(date +%s)
 ( cd "$work" && "$VPY" -m pytest -q -p no:cacheprovider "$@" )
