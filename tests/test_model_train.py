@@ -68,9 +68,15 @@ def test_total_loss_halves_on_a_tiny_fixed_set():
     (box regression grows as proposals become positives, and the sampled RoIs change), so a mean of the
     last three steps crossed the bar or not depending on float differences of 1e-6 in any kernel (it
     did when the CPU kernels started running multi-threaded). Measured here: 2.61 → 0.82 and
-    3.15 → 0.74 after 60 steps for two model seeds."""
+    3.15 → 0.74 after 60 steps for two model seeds.
+
+    The model is pinned to the paper's stage levels (P4, P3, P2), with which those figures were measured: on
+    its 64-px images the default now fuses P2 at every stage, which moves this one-image trajectory (its
+    classifier loss after 60 steps is the noisy term: 0.18 or 0.81 depending on the CPU's instruction set,
+    against 0.19 and 0.27 with the paper's levels), while the mask loss falls alike (0.66 → 0.26-0.27 against
+    0.67 → 0.21-0.25)."""
     torch.manual_seed(0)
-    model = tiny_model().train()
+    model = tiny_model(stage_levels=(2, 1, 0)).train()
     images, targets = synthetic_batch()
     images, targets = images[:1], targets[:1]  # one image, two objects: a CPU-second per step
     params = [p for p in model.parameters() if p.requires_grad]

@@ -117,3 +117,31 @@ def test_capped_maskrcnn_trains_on_at_most_the_cap():
 def test_capped_maskrcnn_refuses_a_cap_below_one():
     with pytest.raises(ValueError, match="mask_rois_per_image"):
         _maskrcnn(0)
+
+
+@pytest.mark.parametrize("min_size, want", [(800, (2, 1, 0)), (1333, (2, 1, 0)), (600, (2, 1, 0)), (512, (1, 0, 0)),
+                                            (400, (1, 0, 0)), (192, (0, 0, 0)), (64, (0, 0, 0)),
+                                            ((640, 672, 704, 736, 768, 800), (2, 1, 0))])
+def test_stage_levels_follow_the_image_size(min_size, want):
+    """The paper's P4, P3, P2 at 800 px, one level finer per halving (round(log2(800 / side))), floor P2."""
+    from dynamask.models.builders import stage_levels_for
+
+    assert stage_levels_for(min_size) == want
+
+
+def test_builder_default_levels_and_old_checkpoints():
+    from dynamask.engine.checkpoint import build_model
+    from dynamask.models.builders import stage_levels_for
+
+    with pytest.raises(ValueError, match="min_size must be >= 1"):
+        stage_levels_for(0)
+    kw = dict(depth=18, num_classes=3, fpn_channels=16, trunk_channels=8, stage_channels=[8, 8, 8],
+              box_representation_size=16)
+    assert dynamask_resnet_fpn(**kw).roi_heads.mask_head.stage_levels == (2, 1, 0)  # torchvision's 800 px
+    assert dynamask_resnet_fpn(**kw, min_size=192, max_size=192).roi_heads.mask_head.stage_levels == (0, 0, 0)
+    # a checkpoint saved before the levels followed the image size records none: it rebuilds as it was trained
+    old = build_model({"name": "dynamask_resnet_fpn", "kwargs": dict(kw, min_size=192, max_size=192)})
+    assert old.roi_heads.mask_head.stage_levels == (2, 1, 0)
+    new = build_model({"name": "dynamask_resnet_fpn",
+                       "kwargs": dict(kw, min_size=192, max_size=192, stage_levels=[0, 0, 0])})
+    assert new.roi_heads.mask_head.stage_levels == (0, 0, 0)

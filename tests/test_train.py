@@ -295,6 +295,7 @@ def test_dynamask_trains_across_the_phase_switch_at_many_scales(shapes, tmp_path
     ckpt = load_checkpoint(r["checkpoint"])
     kwargs = ckpt["arch"]["kwargs"]
     assert kwargs["min_size"] == list(range(48, 81))
+    assert kwargs["stage_levels"] == [0, 0, 0]  # resolved from the 80-px images and recorded for the rebuild
     model = dynamask_resnet_fpn(**kwargs)
     model.load_state_dict(ckpt["model"])
     top = max(flops.mask_head_gmacs(model).values())
@@ -361,6 +362,7 @@ def test_cli_paper_recipe_dry_run(shapes, tmp_path, capsys):
     ckpt = load_checkpoint(os.path.join(run, "last.pth"))
     kw = ckpt["arch"]["kwargs"]
     assert "weights_backbone" not in kw and kw["frozen_bn"] is True and kw["depth"] == 18  # --arch-kwargs wins
+    assert kw["stage_levels"] == [2, 1, 0]  # the paper's recipe (800 px): the paper's P4, P3, P2
     model, _ = model_from_checkpoint(os.path.join(run, "last.pth"))  # rebuilds without the weights file
     from torchvision.ops.misc import FrozenBatchNorm2d
 

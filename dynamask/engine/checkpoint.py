@@ -54,6 +54,9 @@ def builders() -> dict[str, Callable[..., torch.nn.Module]]:
     return BUILDERS
 
 
+PRE_STAGE_LEVEL_ARCHS = ("dynamask_resnet_fpn", "dynamask_resnet50_fpn")
+
+
 def build_model(arch: dict[str, Any]) -> torch.nn.Module:
     """Build the model an ``arch`` dict (``{"name", "kwargs"}``) describes."""
     name = arch.get("name")
@@ -64,6 +67,10 @@ def build_model(arch: dict[str, Any]) -> torch.nn.Module:
             + ("" if "dynamask_resnet_fpn" in table else " (dynamask.models is not available in this install)")
         )
     kwargs = dict(arch.get("kwargs", {}))
+    if name in PRE_STAGE_LEVEL_ARCHS and "stage_levels" not in kwargs:
+        # a DynaMask checkpoint saved before the stage levels followed the image size (every new one records
+        # them): its stages fused the paper's P4, P3, P2 whatever the images
+        kwargs["stage_levels"] = [2, 1, 0]
     valid = parameter_names(table[name])  # None: the builder takes **kwargs and checks them itself
     if valid is not None:
         check_kwargs(kwargs, valid, where=name)

@@ -192,6 +192,9 @@ def new_model(cfg: TrainConfig, device: torch.device, kwargs: dict[str, Any], *,
         # the budget is on by default; its C_t is a share of this head's cost, known once the head is built
         heads.target_gmacs = recipe.default_target_gmacs(model)
         stored["target_gmacs"] = heads.target_gmacs
+    levels = getattr(getattr(heads, "mask_head", None), "stage_levels", None)
+    if levels is not None:  # resolved from the image size: recorded, so that a rebuild fuses the same levels
+        stored["stage_levels"] = list(levels)
     recipe.check_budget(model)  # a C_t below the cheapest resolution can never be met: refused now
     msm = getattr(heads, "msm", None)
     if msm is not None and bool(msm.cost_penalty.any()):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,22 @@ BOX_PREDICTOR_PREFIX = "roi_heads.box_predictor."
 
 StateDict = Mapping[str, Tensor]
 Weights = str | os.PathLike | StateDict
+PAPER_IMAGE_SIDE = 800  # the shorter side the paper's stage levels (P4, P3, P2) were designed for
+PAPER_STAGE_LEVELS = (2, 1, 0)  # the FPN level each r-FPN stage fuses, as indices into [P2, P3, P4, P5]
+
+
+def stage_levels_for(min_size: int | Sequence[int]) -> tuple[int, ...]:
+    """The FPN level each r-FPN stage fuses, for images whose shorter side is ``min_size`` (the largest of
+    several): the paper's P4, P3, P2 at ~800 px, one level finer per halving of the images, never finer than
+    P2. At 192 px that is P2 for every stage: the objects sit two levels finer than on 800-px images, and the
+    paper's P4 (12 × 12 there) added nothing to a 28² mask (the accuracy study, docs/method.md §3)."""
+    side = max(min_size) if isinstance(min_size, Sequence) else int(min_size)
+    if side < 1:
+        raise ValueError(f"min_size must be >= 1, got {min_size}")
+    shift = max(0, round(math.log2(PAPER_IMAGE_SIDE / side)))
+    return tuple(max(level - shift, 0) for level in PAPER_STAGE_LEVELS)
+
+
 DEFAULT_NUM_CLASSES = 91  # torchvision's, when neither num_classes nor a weights enum says
 
 
@@ -158,7 +175,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
                         torchvision_weights: Weights | None = None,
                         torchvision_label_ids: Sequence[int] | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
-                        stage_levels: Sequence[int] = (2, 1, 0), mask_roi_size: int = 14,
+                        stage_levels: Sequence[int] | None = None, mask_roi_size: int = 14,
                         fpn_channels: int = 256, fpn_norm: bool = False,
                         frozen_bn: bool | None = None, class_specific_masks: bool = False,
                         **kwargs: Any) -> DynaMaskRCNN:
@@ -181,10 +198,10 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
             data's categories are COCO's.
         trunk_channels: width of the 14×14 trunk (256; smaller for demo models).
         stage_channels: widths of the 28/56/112 stages ((128, 64, 32)).
-        stage_levels: the FPN level each stage fuses, as an index into ``[P2, P3, P4, P5]`` ((2, 1, 0): P4, P3,
-            P2, the paper's, for ~800-px images). On much smaller images the objects sit two levels finer, and
-            the paper's P4 is too coarse to add detail to a 28² mask (docs/method.md §3): e.g. (0, 0, 0) for
-            192-px images.
+        stage_levels: the FPN level each stage fuses, as an index into ``[P2, P3, P4, P5]``. None (the default):
+            :func:`stage_levels_for` the images' ``min_size`` — the paper's (2, 1, 0) = P4, P3, P2 at
+            torchvision's 800 px, (0, 0, 0) on 192-px images, where the paper's P4 added nothing to a 28²
+            mask (docs/method.md §3).
         mask_roi_size: side of the RoI feature (14, the paper); the stages double it. Only tests and
             demos change it (e.g. 7 → 7/14/28/56, a quarter of the CPU time).
         fpn_channels: width of the FPN levels, which the RPN, box head, MSM and mask head read (256;
@@ -240,7 +257,9 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
         raise ValueError("fpn_norm=True has no torchvision weights to import (torchvision's FPN has no norm)")
     backbone = _resnet_fpn(body, trainable, fpn_channels, fpn_norm)
     head = DynaMaskHead(in_channels=backbone.out_channels, trunk_channels=trunk_channels,
-                        stage_channels=tuple(stage_channels), stage_levels=tuple(stage_levels),
+                        stage_channels=tuple(stage_channels),
+                        stage_levels=tuple(stage_levels_for(kwargs.get("min_size", PAPER_IMAGE_SIDE))
+                                           if stage_levels is None else stage_levels),
                         roi_size=mask_roi_size,
                         mask_classes=num_classes if class_specific_masks else 1)
     # built here, after the head (not by the detector), so that a seeded model keeps its initial weights
