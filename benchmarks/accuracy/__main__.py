@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="positive RoIs per image that train DynaMask's mask head (default 8; 0: all of them, as "
                         "the Mask R-CNN row's and the paper's)")
     p.add_argument("--stage-levels", type=_levels, default=None,
-                   help="the FPN level each r-FPN stage fuses, comma-separated indices into P2,P3,P4,P5 (default "
-                        "2,1,0: the paper's P4, P3, P2); e.g. 0,0,0 for these 192-px images (docs/method.md §3)")
+                   help="the FPN level each r-FPN stage fuses, comma-separated indices into P2,P3,P4,P5 (default: "
+                        "the builders' for the image size, 0,0,0 at 192 px; 2,1,0 is the paper's P4, P3, P2 for "
+                        "800-px images; docs/method.md §3)")
     p.add_argument("--variants", choices=("core", "all"), default="core",
                    help="core: the default switch (the fit dynamask train ends with, on the default dynamic-phase "
                         "row's model, at the budgets the claims are judged at) and the paper's Gumbel switch of that "

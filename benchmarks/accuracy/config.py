@@ -113,10 +113,14 @@ class StudyConfig:
 def _arch(size: int, *, trunk: int, stages: tuple[int, int, int], roi: int, fpn: int, rois: int) -> dict[str, Any]:
     # class-specific mask predictors, as the Mask R-CNN row's: here a ring's box often holds another object
     # in its hole, and a class-agnostic head (stop 14's study) segmented that object instead (ring IoU 0.15-0.22
-    # at every resolution against Mask R-CNN's 0.54 at 28²); the predictors add (8 - 1) · C_k · S_k² MACs
+    # at every resolution against Mask R-CNN's 0.54 at 28²); the predictors add (8 - 1) · C_k · S_k² MACs.
+    # The stage levels are the builders' default for the image size (P2 at every stage at 192 px), written out so
+    # that the study's record names them; --stage-levels 2,1,0 measures the paper's P4, P3, P2
+    from dynamask.models.builders import stage_levels_for
+
     return {"depth": 18, "num_classes": 8, "class_specific_masks": True, "fpn_channels": fpn,
             "box_representation_size": 512, "trunk_channels": trunk, "stage_channels": list(stages),
-            "mask_roi_size": roi,
+            "stage_levels": list(stage_levels_for(size)), "mask_roi_size": roi,
             "min_size": size, "max_size": size, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 128,
             "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 200, "rpn_pre_nms_top_n_test": 300,
             "rpn_post_nms_top_n_test": 100, "box_detections_per_img": 30, "mask_rois_per_image": rois}
