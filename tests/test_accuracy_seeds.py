@@ -78,3 +78,17 @@ def test_one_folder_per_seed(tmp_path):
     a = _study(tmp_path, 0, [0.4, 0.41, 0.42, 0.43], 0.4, 0.4, {})
     with pytest.raises(SystemExit, match="same seed"):
         seeds.write(str(tmp_path / "out"), [a, a])
+
+
+def test_ground_truth_box_table_is_the_mean_over_seeds():
+    studies = []
+    for seed, (ring, star, mr_ring) in enumerate([((0.4, 0.5, 0.6, 0.7), (0.6, 0.6, 0.7, 0.7), 0.55),
+                                                  ((0.5, 0.6, 0.7, 0.8), (0.6, 0.7, 0.7, 0.8), 0.45)]):
+        rows = [{"name": "maskrcnn-28", "policy": "maskrcnn", "seed": seed,
+                 "gt_box_iou_per_category": {"ring": mr_ring, "star": 0.6}}]
+        studies.append({"mean_iou": {"ring": list(ring), "star": list(star)}, "resolutions": [14, 28, 56, 112],
+                        "rows": rows})
+    lines = seeds.gt_box_table(studies)
+    assert "| ring | 0.450 / 0.550 / 0.650 / 0.750 | 0.500 |" in lines
+    assert "| star | 0.600 / 0.650 / 0.700 / 0.750 | 0.600 |" in lines
+    assert "| mean of the categories | 0.525 / 0.600 / 0.675 / 0.750 | 0.550 |" in lines

@@ -185,6 +185,33 @@ def summary_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def gt_box_table(studies: list[dict[str, Any]]) -> list[str]:
+    """Mean mask IoU on the ground-truth boxes per category (the head alone, whatever the detector), mean over
+    the seeds: DynaMask's base model at every resolution beside the Mask R-CNN head's 28²."""
+    cats = list(studies[0].get("mean_iou") or {})
+    if not cats:
+        return []
+    res = studies[0].get("resolutions") or []
+    mr = [next((r for r in st["rows"] if r["name"] == "maskrcnn-28"), None) for st in studies]
+    lines = ["", "Mean mask IoU on the ground-truth boxes (the head alone), mean over the seeds:", "",
+             "| category | DynaMask " + " / ".join(f"{r}²" for r in res) + " | Mask R-CNN 28² |", "|---|---|---|"]
+    cols: list[list[float]] = [[] for _ in res]
+    mr_col: list[float] = []
+    for c in cats:
+        vals = [statistics.fmean(st["mean_iou"][c][k] for st in studies) for k in range(len(res))]
+        for k, v in enumerate(vals):
+            cols[k].append(v)
+        per = [(r or {}).get("gt_box_iou_per_category", {}).get(c) for r in mr]
+        m = statistics.fmean(per) if per and all(v is not None for v in per) else None
+        if m is not None:
+            mr_col.append(m)
+        lines.append(f"| {c} | " + " / ".join(f"{v:.3f}" for v in vals) + f" | {'–' if m is None else f'{m:.3f}'} |")
+    mean_mr = f"{statistics.fmean(mr_col):.3f}" if len(mr_col) == len(cats) else "–"
+    lines.append("| mean of the categories | " + " / ".join(f"{statistics.fmean(col):.3f}" for col in cols)
+                 + f" | {mean_mr} |")
+    return lines
+
+
 def write(out: str, folders: list[str]) -> list[tuple[str, bool | None, str]]:
     studies = [load(f) for f in folders]
     per_seed = {int(st["config"]["seed"]): seed_claims(st["rows"]) for st in studies}
@@ -210,6 +237,7 @@ def write(out: str, folders: list[str]) -> list[tuple[str, bool | None, str]]:
         cost = "–" if g is None else f"{g['mean']:.4f}"
         lines.append(f"| {r['name']} | {'yes' if r['default_switch'] else ''} | {f(r.get('segm_ap'))} | "
                      f"{f(r.get('bbox_ap'))} | {f(r.get('boundary_ap'))} | {cost} |")
+    lines += gt_box_table(studies)
     lines += ["", "## The claims, on the default switch", ""]
     for c, h, t in claims:
         verdict = "not measured" if h is None else ("holds" if h else "does not hold")
