@@ -228,3 +228,17 @@ def test_two_processes_on_one_study_keep_each_others_meta(study, tmp_path):
     meta = json.load(open(work / "meta.json"))
     assert {"row-a", "row-b", "pretrain"} <= set(meta["timings"])
     assert meta["iou_gain"] == {"ring": 0.5}
+
+
+def test_ladder_of_the_base_checkpoint_is_the_studys_fixed_rows(study):
+    """benchmarks.accuracy.ladder on the base model gives the study's own fixed-resolution rows."""
+    import json
+
+    from benchmarks.accuracy.ladder import ladder
+
+    out = study
+    got = ladder(str(out), "base")
+    rows = {r["name"]: r for r in json.load(open(out / "accuracy_cpu.json"))["rows"]}
+    assert set(got) == {n for n, r in rows.items() if r["policy"] == "fixed"}
+    for name, ap in got.items():
+        assert ap == round(100 * rows[name]["segm_ap"], 1), name
