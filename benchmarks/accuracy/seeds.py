@@ -141,7 +141,10 @@ def judge(per_seed: dict[int, dict[str, Any]]) -> list[tuple[str, bool | None, s
             best = c["best"]
             if best is None:
                 oks.append(False)
-                parts.append(f"{s}: no default-switch budget costs ≤ {c['cap']:.4f} GMAC")
+                b, v = min(per_seed[s]["switch"].items(), key=lambda kv: kv[1]["gmacs"], default=(None, None))
+                near = "" if v is None else (f" (the cheapest, C_t {b}: {100 * v['segm_ap']:.1f} at {v['gmacs']:.4f} "
+                                             f"vs {100 * c['ref_ap']:.1f})")
+                parts.append(f"{s}: no default-switch budget costs ≤ {c['cap']:.4f} GMAC{near}")
                 continue
             ap, budget = best
             oks.append(ap >= c["ref_ap"] + gain)

@@ -1,7 +1,7 @@
 """Fitting the Mask Switch to a trained model: a regression switch priced per resolution (issue 16).
 
 The paper trains the switch through a Gumbel sample of the per-resolution losses, under a budget term; on our
-studies that switch captures 0.26-0.5 of what routing can gain (``benchmarks/results/accuracy_cpu.md``). A
+studies that switch captures 0.26-0.5 of what routing can gain (``benchmarks/results/accuracy_cpu_paper_levels.md``). A
 switch that sees each training RoI's outcome at every resolution can learn more directly:
 
 1. :func:`collect`: with the model frozen, run its training batches through the mask head at every resolution
@@ -12,7 +12,7 @@ switch that sees each training RoI's outcome at every resolution can learn more 
    resolutions decide), for some epochs over the cache, and keeps the mean of its weights after each of the
    last epochs (stochastic weight averaging: the share of the routing gain a single epoch's weights capture
    moved by up to ±0.1 from one epoch to the next, and so between inits; the average removes most of that;
-   benchmarks/results/accuracy_cpu.md); then the price μ per GMAC is set by bisection so that
+   benchmarks/results/accuracy_cpu_paper_levels.md); then the price μ per GMAC is set by bisection so that
    the training RoIs' mean head cost meets the budget C_t (:func:`calibrate_mu`), and stored in the MSM as its
    ``cost_penalty`` μ·C_k. The switch then chooses argmax_k(predicted IoU_k − μ C_k): the Lagrangian choice.
 

@@ -4,7 +4,7 @@ restored on resume, the dynamic phase's switch put back, and the fit's report re
 ``dynamask train --switch fit`` (the default) ends a DynaMask run with a fit of its switch; ``--switch paper``
 keeps the dynamic phase's switch, as the paper's model has. The dynamic phase trains the Mask Switch through a
 Gumbel sample of the per-resolution losses (the paper's Eq. 3). On the accuracy study
-(``benchmarks/results/accuracy_cpu.md``, seed 0) the default dynamic-phase model's switch (row
+(``benchmarks/results/accuracy_cpu_paper_levels.md``, seed 0) the default dynamic-phase model's switch (row
 ``coupled-paper-roi-ct0.08``) captured 0.276 of the routing gain at 0.0653 GMAC per instance; the regression
 fit of :mod:`dynamask.engine.switch_fit` on that model (rows ``train-fit-ct0.08-init*``, three inits) captured
 0.645-0.649 at 0.079-0.083 GMAC, the budget C_t 0.08 that the Gumbel switch undershot. So a run ends with that

@@ -17,7 +17,7 @@ Layers at the default widths (C_k = 256, 128, 64, 32 at S_k = 14, 28, 56, 112; d
   class-agnostic (docs/method.md §3). Edge predictors are used in training only. With
   ``mask_classes = M > 1`` the mask predictors are class-specific (C_k→M, as Mask R-CNN's) and each RoI's
   mask is its label's channel: on data where one object's box holds another (a ring around a disk), a
-  class-agnostic mask cannot tell which of the two it is asked for (benchmarks/results/accuracy_cpu.md).
+  class-agnostic mask cannot tell which of the two it is asked for (benchmarks/results/accuracy_cpu_paper_levels.md).
 
 At inference the RoIs come sorted by descending chosen resolution (the dispatcher), so stage s runs on
 the contiguous prefix of RoIs that need it, and each RoI's mask predictor runs at its own resolution only.
