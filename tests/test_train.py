@@ -292,6 +292,8 @@ def test_dynamask_trains_across_the_phase_switch_at_many_scales(shapes, tmp_path
     assert {min(s) for s in sizes["eval"]} == {80} and len(sizes["eval"]) == 2 + 2 * 3 + 2 + 2 + 2
     assert r["plan"][0].startswith("schedule: 1 pretrain epoch(s)") and "= 3 epochs of 2 iterations" in r["plan"][0]
     assert "after dynamic epoch 1 (iteration 4)" in r["plan"][2] and "shorter side 48-80" in r["plan"][3]
+    assert any(line.startswith("mask head: 14² fuses P2, 28² fuses P2, 56² fuses P2 (stage_levels [0, 0, 0]")
+               for line in r["plan"])  # the tiny 7→56 head on 80-px images
     ckpt = load_checkpoint(r["checkpoint"])
     kwargs = ckpt["arch"]["kwargs"]
     assert kwargs["min_size"] == list(range(48, 81))
@@ -359,6 +361,7 @@ def test_cli_paper_recipe_dry_run(shapes, tmp_path, capsys):
     assert "sgd 0.02, linear warm-up over the first 500 iterations from x0.001; x0.1 after dynamic epoch 8 " \
            "(iteration 27), dynamic epoch 11 (iteration 36)" in out
     assert "shorter side 640-800 in training (drawn per image), 800 at test; longer side at most 1333" in out
+    assert "mask head: 14² fuses P4, 28² fuses P3, 56² fuses P2 (stage_levels [2, 1, 0]" in out  # the paper's levels
     ckpt = load_checkpoint(os.path.join(run, "last.pth"))
     kw = ckpt["arch"]["kwargs"]
     assert "weights_backbone" not in kw and kw["frozen_bn"] is True and kw["depth"] == 18  # --arch-kwargs wins

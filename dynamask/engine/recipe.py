@@ -188,6 +188,10 @@ def describe_plan(*, model: torch.nn.Module, pretrain_epochs: int, epochs: int, 
                   f"top-resolution {top:.4f})")
         lines.append(f"method: budget {budget}, lambda2 {heads.budget_weight:g}, lambda1 {heads.edge_weight:g}, "
                      f"tau {heads.gumbel_tau:g}")
+        head = heads.mask_head
+        fused = ", ".join(f"{s}² fuses P{level + 2}" for s, level in zip(head.resolutions[1:], head.stage_levels))
+        lines.append(f"mask head: {fused} (stage_levels {list(head.stage_levels)}, set by the image size unless "
+                     "given: the paper's P4, P3, P2 at 800 px, one level finer per halving)")
     return lines
 
 
