@@ -92,3 +92,11 @@ def test_ground_truth_box_table_is_the_mean_over_seeds():
     assert "| ring | 0.450 / 0.550 / 0.650 / 0.750 | 0.500 |" in lines
     assert "| star | 0.600 / 0.650 / 0.700 / 0.750 | 0.600 |" in lines
     assert "| mean of the categories | 0.525 / 0.600 / 0.675 / 0.750 | 0.550 |" in lines
+
+
+def test_a_ladder_only_seed_counts_for_the_ladder_not_for_the_switch(tmp_path):
+    a = _study(tmp_path, 0, [0.40, 0.42, 0.45, 0.47], 0.41, 0.43, {0.05: [(0.44, 0.050, 0.7)]})
+    b = _study(tmp_path, 1, [0.40, 0.43, 0.46, 0.48], 0.41, 0.43, {})
+    claims = {c.split(":")[0].split(" (")[0]: (h, t) for c, h, t in seeds.write(str(tmp_path / "out"), [a, b])}
+    assert claims["Table 6"][0] is True and "seed 1: no default-switch rows, not judged" in claims["Table 6"][1]
+    assert "40.0 → 42.5 → 45.5 → 47.5" in claims["the ladder 14²/28²/56²/112² rises by ≥ +0.5 AP per doubling"][1]
