@@ -72,7 +72,9 @@ def default_switch(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return fits[0] if fits else dynamic_phase_switch(rows)
 
 
-def _interp(fixed: list[dict[str, Any]], cost: float) -> tuple[float, str] | None:
+def fixed_line(fixed: list[dict[str, Any]], cost: float) -> tuple[float, str] | None:
+    """The fixed resolutions' segm AP interpolated at ``cost`` (the equal-cost mix of the two neighbours) and
+    the pair's name; None outside their costs."""
     pts = sorted((r["mask_gmacs_per_instance"], r["segm_ap"], r["resolution"]) for r in fixed)
     for (c0, a0, s0), (c1, a1, s1) in zip(pts, pts[1:]):
         if c0 <= cost <= c1 and c1 > c0:
@@ -204,7 +206,7 @@ def check_claims(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     else:
         margins = []
         for r in msm:
-            ip = _interp(fixed, r["mask_gmacs_per_instance"])
+            ip = fixed_line(fixed, r["mask_gmacs_per_instance"])
             if ip is not None:
                 margins.append((r["segm_ap"] - ip[0], r, ip))
         if not margins:

@@ -23,6 +23,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks.accuracy.report import fixed_line
 from dynamask.atomic import write_text_atomic
 
 STEP = 0.005  # +0.5 AP per doubling (the 0-1 scale)
@@ -57,14 +58,6 @@ def default_switch_budgets(rows: list[dict[str, Any]]) -> dict[float, dict[str, 
     return out
 
 
-def _interp(fixed: list[dict[str, Any]], cost: float) -> float | None:
-    pts = sorted((r["mask_gmacs_per_instance"], r["segm_ap"]) for r in fixed)
-    for (c0, a0), (c1, a1) in zip(pts, pts[1:]):
-        if c0 <= cost <= c1 and c1 > c0:
-            return a0 + (a1 - a0) * (cost - c0) / (c1 - c0)
-    return None
-
-
 def seed_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The figures of one seed that the claims read (None where a row is missing)."""
     fixed = sorted((r for r in rows if r["policy"] == "fixed"), key=lambda r: r["resolution"])
@@ -92,8 +85,8 @@ def seed_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["t5"] = {"ref_ap": top["segm_ap"], "cap": T5_COST * top["mask_gmacs_per_instance"],
                      "best": best_under(T5_COST * top["mask_gmacs_per_instance"])}
     out["routing"] = {f"{b:g}": {"captured": v["captured"],
-                                 "over_mix": None if (m := _interp(fixed, float(v["gmacs"] or 0))) is None
-                                 else v["segm_ap"] - m}
+                                 "over_mix": None if (m := fixed_line(fixed, float(v["gmacs"] or 0))) is None
+                                 else v["segm_ap"] - m[0]}
                       for b, v in sw.items()}
     return out
 

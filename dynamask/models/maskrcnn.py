@@ -18,6 +18,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 
 from dynamask.models.detector import SafeResizeTransform
+from dynamask.models.roi_heads import subsample_positives
 
 _NORMS = {"frozen_bn": misc_nn_ops.FrozenBatchNorm2d, "bn": torch.nn.BatchNorm2d}
 
@@ -105,8 +106,8 @@ def maskrcnn_resnet_fpn(
 
 class CappedMaskRoIHeads(RoIHeads):
     """torchvision's ``RoIHeads`` whose mask loss trains on at most ``mask_rois_per_image`` positives per
-    image, a random subset drawn as DynaMask's (``DynaMaskRoIHeads._subsample_positives``); the box branch and
-    inference are torchvision's, unchanged.
+    image, a random subset drawn as DynaMask's (:func:`~dynamask.models.roi_heads.subsample_positives`); the box
+    branch and inference are torchvision's, unchanged.
 
     torchvision's forward builds the mask loss from locals it does not expose, so the training forward runs
     it with the mask branch off (box losses only), keeping the sampled proposals, and then runs the mask
@@ -148,9 +149,7 @@ class CappedMaskRoIHeads(RoIHeads):
         self._sampled = None
         mask_proposals, pos_matched = [], []
         for boxes, idx, lab in zip(sampled, matched, labels):
-            pos = torch.where(lab > 0)[0]
-            if pos.numel() > self.mask_rois_per_image:
-                pos = pos[torch.randperm(pos.numel(), device=pos.device)[:self.mask_rois_per_image].sort().values]
+            pos = subsample_positives(torch.where(lab > 0)[0], self.mask_rois_per_image)
             mask_proposals.append(boxes[pos])
             pos_matched.append(idx[pos])
         x = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))

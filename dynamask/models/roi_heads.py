@@ -25,6 +25,15 @@ from dynamask.models.switch_input import check_switch_input, needs_trunk, switch
 MASK_TRAINING_MODES = ("pretrain", "dynamic")
 
 
+def subsample_positives(pos: Tensor, cap: int | None) -> Tensor:
+    """A random subset of at most ``cap`` of the positive indices ``pos`` ``[P]``, kept in order (None: all).
+    The one rule for the mask branch's supervision cap, DynaMask's and the capped Mask R-CNN peer's."""
+    if cap is None or pos.numel() <= cap:
+        return pos
+    keep = torch.randperm(pos.numel(), device=pos.device)[:cap]
+    return pos[keep.sort().values]
+
+
 class TrainingPositives(NamedTuple):
     """The positive proposals that train the mask branch (:meth:`DynaMaskRoIHeads.training_positives`)."""
 
@@ -263,11 +272,7 @@ class DynaMaskRoIHeads(RoIHeads):
 
     def _subsample_positives(self, pos: Tensor) -> Tensor:
         """A random subset of at most ``mask_rois_per_image`` of the positive indices ``[P]`` (sorted)."""
-        cap = self.mask_rois_per_image
-        if cap is None or pos.numel() <= cap:
-            return pos
-        keep = torch.randperm(pos.numel(), device=pos.device)[:cap]
-        return pos[keep.sort().values]
+        return subsample_positives(pos, self.mask_rois_per_image)
 
     def _pool_masks(self, features: dict[str, Tensor], boxes: list[Tensor],
                     image_shapes: list[tuple[int, int]]) -> PooledRoIs:
