@@ -43,7 +43,7 @@ def test_quick_study_writes_the_schema(study):
     assert set(doc["iou_gain"]) == set(doc["categories"])
     assert doc["missing_rows"] == []
     policies = {r["policy"] for r in doc["rows"]}
-    assert policies == {"fixed", "size", "msm", "oracle", "maskrcnn"}
+    assert policies == {"fixed", "size", "msm", "oracle", "maskrcnn", "own-fixed", "own-size", "own-oracle"}
     keys = {"name", "policy", "resolution", "routing_loss", "target_gmacs", "segm_ap", "segm_ap50", "segm_ap75",
             "boundary_ap", "mask_gmacs_per_instance", "resolution_share", "routing_captured"}
     for r in doc["rows"]:
@@ -65,7 +65,7 @@ def test_quick_study_writes_the_schema(study):
     # the fixed rows' costs are the head's own per-RoI costs
     costs = {int(k): v for k, v in doc["head_gmacs_per_roi"].items()}
     for r in doc["rows"]:
-        if r["policy"] == "fixed":
+        if r["policy"] in ("fixed", "own-fixed"):
             assert r["mask_gmacs_per_instance"] == pytest.approx(costs[r["resolution"]])
     assert (out / "accuracy_cpu.md").read_text().count("| fixed-") == 4
     assert (out / "accuracy_cpu_pareto.png").exists()
@@ -86,6 +86,14 @@ def test_quick_study_writes_the_schema(study):
     assert by["fit-iou-roi-ct0.006-init0"]["default_switch"] is False
     boxes = {r["bbox_ap"] for r in doc["rows"] if r["trained"] == "base"}
     assert len(boxes) == 1  # the base model's policies share one detector
+    # the default switch's own model: its fixed resolutions, size rule and oracle on the same detector as its
+    # switch rows; and the same fitted switch blind to the detections' confidence (the ablation)
+    own = [by[f"train-fixed-{s}"] for s in doc["resolutions"]] + [by["train-size-rule"], by["train-oracle"]]
+    assert {r["bbox_ap"] for r in own} == {fit["bbox_ap"]}
+    assert all(r["trained"] == "frozen coupled-paper-roi-ct0.006" for r in own)
+    blind = by["train-fit-unweighted-ct0.006-init0"]
+    assert blind["default_switch"] is False and blind["fit"]["confidence_weighted"] is False
+    assert fit["fit"]["confidence_weighted"] is True
     mr = by["maskrcnn-28"]
     assert 0.0 <= mr["gt_box_iou"] <= 1.0 and set(mr["gt_box_iou_per_category"]) <= set(doc["categories"])
 

@@ -47,15 +47,60 @@ def test_a_state_dict_from_before_the_cost_penalty_loads_with_zeros():
     assert torch.equal(new.cost_penalty, torch.tensor([0.0, 2.0, 5.0]))
 
 
+def constant_msm(values: list[float]) -> MaskSwitchModule:
+    """An MSM whose raw output is ``values`` for every RoI (the last layer's weights zero, its bias the values)."""
+    msm = small_msm(len(values)).eval()
+    with torch.no_grad():
+        msm.fc2.weight.zero_()
+        msm.fc2.bias.copy_(torch.tensor(values))
+    return msm
+
+
+def test_choose_weighs_by_confidence_only_when_fitted_so_and_only_moves_a_priced_choice():
+    x = torch.randn(3, 8, 6, 6)
+    msm = constant_msm([0.5, 0.8, 1.0])
+    conf = torch.tensor([1.0, 0.5, 0.1])
+    # no price: the argmax of the outputs, whatever the weights (a Gumbel-trained switch chooses as before)
+    assert msm.choose(x).tolist() == [2, 2, 2]
+    msm.set_confidence_weighted(True)
+    assert msm.choose(x, conf).tolist() == [2, 2, 2]
+    # priced: 0.5 - 0, 0.8 - 0.2, 1.0 - 0.45 -> index 1 for a sure detection; weighted by 0.5: 0.25, 0.2, 0.05 -> 0;
+    # by 0.1: 0.05, -0.12, -0.35 -> 0
+    msm.set_cost_penalty(torch.tensor([0.0, 0.2, 0.45]))
+    assert msm.choose(x, conf).tolist() == [1, 0, 0]
+    assert msm.choose(x).tolist() == [1, 1, 1]  # no scores (ground-truth boxes): weight 1
+    msm.set_confidence_weighted(False)
+    assert msm.choose(x, conf).tolist() == [1, 1, 1]  # the flag off: the scores are not read
+    assert torch.equal(msm.choose(x), (msm(x)).argmax(dim=1))
+    with pytest.raises(ValueError, match=r"confidence must have shape \[3\]"):
+        msm.choose(x, torch.ones(2))
+
+
+def test_a_state_dict_from_before_the_confidence_flag_loads_unweighted():
+    torch.manual_seed(0)
+    old = small_msm()
+    old.set_cost_penalty(torch.tensor([0.0, 2.0, 5.0]))
+    state = old.state_dict()
+    del state["confidence_weighted"]
+    state._metadata[""]["version"] = 2  # what an MSM of version 2 (priced, no flag) wrote
+    new = small_msm()
+    new.set_confidence_weighted(True)
+    new.load_state_dict(state, strict=True)
+    assert float(new.confidence_weighted) == 0.0  # it chooses as it was priced to
+    assert torch.equal(new.cost_penalty, torch.tensor([0.0, 2.0, 5.0]))
+
+
 def test_reset_parameters_gives_fresh_weights_and_clears_the_penalty():
     torch.manual_seed(0)
     msm = small_msm()
     msm.set_cost_penalty(torch.ones(3))
+    msm.set_confidence_weighted(True)
     with torch.no_grad():
         msm.fc1.weight.fill_(7.0)
     msm.reset_parameters()
     assert not torch.any(msm.fc1.weight == 7.0)
     assert torch.equal(msm.cost_penalty, torch.zeros(3))
+    assert float(msm.confidence_weighted) == 0.0
     assert torch.equal(msm.fc2.bias, torch.zeros(3))
 
 
@@ -74,6 +119,23 @@ def test_calibrate_mu_on_a_hand_made_case():
     assert switch_fit.calibrate_mu(torch.zeros(0, 3), costs, 1.0) == 0.0
     with pytest.raises(ValueError, match="below the cheapest"):
         switch_fit.calibrate_mu(scores, costs, 0.5)
+
+
+def test_calibrate_mu_with_confidence_weights_on_a_hand_made_case():
+    costs = torch.tensor([1.0, 2.0, 4.0])
+    scores = torch.tensor([[0.5, 0.6, 0.8], [0.70, 0.72, 0.75], [0.9, 0.9, 0.9]])
+    # row 0 a low-score detection (0.1): its gain weighs 0.03 for +3 cost, row 1's 0.05 for +3 cost; with a budget
+    # of 2 per row one row may take resolution 2, and it is row 1: μ is where row 0's weighted step from
+    # resolution 0 to 2 (0.03 for +3) stops paying, 0.01
+    w = torch.tensor([0.1, 1.0, 1.0])
+    mu = switch_fit.calibrate_mu(scores, costs, 2.0, w)
+    choice = (scores * w[:, None] - mu * costs).argmax(dim=1)
+    assert choice.tolist() == [0, 2, 0] and float(costs[choice].mean()) <= 2.0
+    assert mu == pytest.approx(0.01, abs=1e-6)
+    # all weights 1 is the unweighted rule
+    assert switch_fit.calibrate_mu(scores, costs, 2.0, torch.ones(3)) == switch_fit.calibrate_mu(scores, costs, 2.0)
+    with pytest.raises(ValueError, match=r"weights must have shape \[3\]"):
+        switch_fit.calibrate_mu(scores, costs, 2.0, torch.ones(2))
 
 
 def _separable_data(n: int, seed: int) -> switch_fit.SwitchData:
@@ -225,29 +287,37 @@ def test_a_fitted_model_routes_by_its_priced_switch_and_the_checkpoint_keeps_the
     # (the same batches as the fit's calibration: another batching could round a detection in or out)
     images = [b[0] for b in switch_fit.sample_batches(train, batch_size=2, num_batches=2, seed=1)]
     penalty = model.roi_heads.msm.cost_penalty.clone()
-    scores = switch_fit.detection_scores(model, images, progress=False)
+    dets = switch_fit.detection_scores(model, images, progress=False)
     assert torch.equal(model.roi_heads.msm.cost_penalty, penalty)  # restored
     cost_t = torch.tensor(costs)
-    assert scores.shape[0] == rep.calibration_rois
-    assert float(cost_t[(scores - rep.mu * cost_t).argmax(1)].mean()) <= target + 1e-12
+    assert dets.raw.shape[0] == dets.confidence.shape[0] == rep.calibration_rois
+    assert rep.confidence_weighted and float(model.roi_heads.msm.confidence_weighted) == 1.0
+    assert bool(((dets.confidence > 0) & (dets.confidence <= 1)).all())
+    # the price is set on the choice the switch makes at inference: each detection's outputs times its score
+    weighted = dets.raw * dets.confidence[:, None]
+    assert float(cost_t[(weighted - rep.mu * cost_t).argmax(1)].mean()) <= target + 1e-12
     if rep.mu > 0:
-        assert float(cost_t[(scores - 0.999 * rep.mu * cost_t).argmax(1)].mean()) > target
+        assert float(cost_t[(weighted - 0.999 * rep.mu * cost_t).argmax(1)].mean()) > target
     path = save_checkpoint(str(tmp_path / "fit.pth"), arch=make_arch("dynamask_resnet_fpn", **kw),
                            label_map={i: (i, str(i)) for i in range(1, 8)}, model=model)
     loaded, _ = model_from_checkpoint(path)
     assert torch.equal(loaded.roi_heads.msm.cost_penalty, model.roi_heads.msm.cost_penalty)
+    assert float(loaded.roi_heads.msm.confidence_weighted) == 1.0  # the checkpoint keeps the rule too
     loaded.eval()
     images, _ = synthetic_batch()
     with torch.no_grad():
         il, _ = loaded.transform(images)
         feats = loaded.backbone(il.tensors)
         boxes = [torch.tensor([[4.0, 4.0, 40.0, 40.0], [10.0, 20.0, 60.0, 60.0]])] * 2
+        conf = [torch.tensor([0.9, 0.05]), torch.tensor([0.3, 1.0])]
         routed = loaded.roi_heads.route(feats, boxes, il.image_sizes)
-        want = (loaded.roi_heads.msm.raw(routed.pooled.features) - loaded.roi_heads.msm.cost_penalty).argmax(dim=1)
+        routed_conf = loaded.roi_heads.route(feats, boxes, il.image_sizes, conf)
+        raw = loaded.roi_heads.msm.raw(routed.pooled.features)
+        pen = loaded.roi_heads.msm.cost_penalty
         scores = loaded.roi_heads.switch_scores(feats, boxes, il.image_sizes)
-    torch.testing.assert_close(scores, loaded.roi_heads.msm.raw(routed.pooled.features), rtol=0, atol=0)
-    choice = routed.choice
-    assert torch.equal(choice, want)
+    torch.testing.assert_close(scores, raw, rtol=0, atol=0)
+    assert torch.equal(routed.choice, (raw - pen).argmax(dim=1))  # no scores: sure boxes, weight 1
+    assert torch.equal(routed_conf.choice, (raw * torch.cat(conf)[:, None] - pen).argmax(dim=1))
 
 
 def test_cli_fit_switch_writes_a_fitted_checkpoint_and_refuses_bad_input(tmp_path, capsys):

@@ -60,6 +60,9 @@ class FitPlan:
     calibration_images: int = 200  # training images whose detections each row's price is set on
     average_epochs: int | None = None  # switch_fit.fit_switch's (None: its default, the last half of the epochs)
     on: str = "base"  # the checkpoint (ckpt/ON.pth) whose switch is fitted
+    # the switch weighs its choice on detections by their confidence (the library's default); False: the same
+    # fitted switches priced and evaluated blind to it (an ablation, rows tagged "-unweighted")
+    confidence_weighted: bool = True
 
     def averaged(self) -> int:
         return (self.epochs + 1) // 2 if self.average_epochs is None else self.average_epochs
@@ -75,10 +78,23 @@ class FitPlan:
 
     def names(self) -> list[str]:
         prefix = "fit-iou-roi" if self.on == "base" else "train-fit"
-        return [f"{prefix}-ct{c:g}-init{i}" for i in self.inits for c in self.budgets]
+        tag = "" if self.confidence_weighted else "-unweighted"
+        return [f"{prefix}{tag}-ct{c:g}-init{i}" for i in self.inits for c in self.budgets]
+
+    def own_rows(self, resolutions: list[int]) -> list[str]:
+        """The fitted model's own fixed resolutions, size rule and oracle, beside the default switch's rows (the
+        same detector: Tables 5 and 8 and the equal-cost mix compare on one model); none for the base model,
+        whose rows are the study's ``fixed-*``, ``size-rule`` and ``oracle``, nor for the ablation."""
+        if not self.is_default():
+            return []
+        return [f"train-fixed-{s}" for s in resolutions] + ["train-size-rule", "train-oracle"]
+
+    def is_default(self) -> bool:
+        """The switch ``dynamask train`` ends with: fitted on the dynamic-phase model, weighted by confidence."""
+        return self.on != "base" and self.confidence_weighted
 
 
-VARIANT_FIELDS = ("switches", "coupled", "maskrcnn_after", "fit", "train_fit")
+VARIANT_FIELDS = ("switches", "coupled", "maskrcnn_after", "fit", "train_fit", "train_fit_unweighted")
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,7 @@ class StudyConfig:
     maskrcnn_after: int = 1  # run Mask R-CNN after this many coupled variants (priority order)
     fit: FitPlan | None = None
     train_fit: FitPlan | None = None  # the fit that ends `dynamask train`: on the default dynamic-phase row's model
+    train_fit_unweighted: FitPlan | None = None  # the same fits blind to the detections' confidence (ablation)
     iters_scale: float = 1.0  # the iteration counts above are the full schedule times this
 
 
@@ -198,10 +215,11 @@ CORE_FIT_BUDGETS = (0.045, 0.05, 0.08, 0.09, 0.11)
 def core_variants(cfg: StudyConfig) -> StudyConfig:
     """The study without the switch variants the fit superseded: the default dynamic-phase row (its
     Gumbel-trained switch is the paper's) and the fit ``dynamask train`` ends with on its model (the default
-    switch), at :data:`CORE_FIT_BUDGETS`."""
+    switch), at :data:`CORE_FIT_BUDGETS`; beside it the same fits blind to the detections' confidence."""
     default = cfg.coupled[0]
     train_fit = replace(cfg.train_fit or FitPlan(on=default.name), budgets=CORE_FIT_BUDGETS, on=default.name)
-    return replace(cfg, switches=(), fit=None, coupled=(default,), train_fit=train_fit)
+    return replace(cfg, switches=(), fit=None, coupled=(default,), train_fit=train_fit,
+                   train_fit_unweighted=replace(train_fit, confidence_weighted=False))
 
 
 def equal_mask_supervision(cfg: StudyConfig) -> StudyConfig:
@@ -222,4 +240,7 @@ def quick_config(seed: int = 0) -> StudyConfig:
                        switches=tuple(v for v in switches if v.name in pick), coupled=coupled[:1],
                        fit=FitPlan(batches=2, epochs=2, inits=(0,), budgets=(0.006,), calibration_images=2),
                        train_fit=FitPlan(batches=2, epochs=2, inits=(0,), budgets=(0.006,), calibration_images=2,
-                                         on=coupled[0].name))
+                                         on=coupled[0].name),
+                       train_fit_unweighted=FitPlan(batches=2, epochs=2, inits=(0,), budgets=(0.006,),
+                                                    calibration_images=2, on=coupled[0].name,
+                                                    confidence_weighted=False))

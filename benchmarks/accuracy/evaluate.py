@@ -85,8 +85,10 @@ def evaluate_policies(model: nn.Module, dataset, *, costs: Mapping[int, float],
         image, target = dataset[i]
         images, features, det = detect(model, image)
         boxes = det["boxes"]
+        # a fitted switch weighs its choice by each detection's score, as the model's own inference does
         probs, choices = head_outputs(model, features, [boxes], images.image_sizes,
-                                      {name: sw for name, (sw, _) in switches.items()}, [det["labels"]])
+                                      {name: sw for name, (sw, _) in switches.items()}, [det["labels"]],
+                                      [det["scores"]])
         n = boxes.shape[0]
         policies: dict[str, Tensor] = dict(choices)
         if fixed:

@@ -60,7 +60,9 @@ def default_switches(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     gumbel = dynamic_phase_switch(rows)
     if gumbel is None:
         return []
-    at = [r for r in _fitted(rows) if r["target_gmacs"] == gumbel["target_gmacs"]]
+    # the fit weighs its choice by the detections' confidence; rows written before that rule have no flag
+    at = [r for r in _fitted(rows) if r["target_gmacs"] == gumbel["target_gmacs"]
+          and (r.get("fit") or {}).get("confidence_weighted", True)]
     on_it = [r for r in at if _fitted_on(r) == gumbel["name"]]
     return sorted(on_it or at, key=lambda r: r["name"])
 

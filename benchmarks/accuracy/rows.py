@@ -96,10 +96,14 @@ class StudyRows:
         from dynamask.engine.routing_probe import gt_box_routing
         from dynamask.models.flops import mask_head_gmacs, msm_gmacs
 
-        if plan is None or self.have_rows(plan.names()) or not os.path.exists(self.ckpt(plan.on)):
+        if plan is None or not os.path.exists(self.ckpt(plan.on)):
             return
         model = self.model_from(plan.on)
         heads = model.roi_heads
+        res = list(heads.mask_head.resolutions)
+        own = [n for n in plan.own_rows(res) if not self.have_rows([n])]
+        if self.have_rows(plan.names()) and not own:
+            return
         costs = list(mask_head_gmacs(heads.mask_head).values())
         path = self.ckpt(plan.cache("fit"))
         state: dict[str, Any] = load_state(path) if os.path.exists(path) else {}
@@ -126,20 +130,22 @@ class StudyRows:
             batches = switch_fit.sample_batches(self.train, batch_size=self.cfg.batch,
                                                 num_batches=-(-plan.calibration_images // self.cfg.batch),
                                                 seed=self.cfg.seed + 4)
-            scores = switch_fit.detection_scores(model, (images for images, _ in batches), progress=False)
+            dets = switch_fit.detection_scores(model, (images for images, _ in batches), progress=False)
             self.timing(f"{plan.cache('fit')}_price_init{init}",
-                        {"seconds": time.time() - t0, "detections": int(scores.shape[0])})
+                        {"seconds": time.time() - t0, "detections": int(dets.raw.shape[0])})
             for name in todo:
                 m = new_switch(model, "roi")
                 m.load_state_dict(state[plan.state_key(init)])
-                switch_fit.price(m, scores, cost_t, float(name.split("-ct")[1].split("-")[0]))
+                m.set_confidence_weighted(plan.confidence_weighted)
+                switch_fit.price(m, dets.raw, cost_t, float(name.split("-ct")[1].split("-")[0]), dets.confidence)
                 m.eval()
                 penalties[name] = [float(x) for x in m.cost_penalty]
                 switches[name] = ((m, "roi"), msm_gmacs(m))
         t0 = time.time()
-        log(f"fitted switches: {len(names)} rows on the validation detections")
-        metrics = evaluate_policies(model, self.val, costs=mask_head_gmacs(model), switches=switches, fixed=False,
-                                    size_rule=False, oracle=False, progress=self.progress)
+        log(f"fitted switches: {len(names)} rows on the validation detections"
+            + (f", and {plan.on}'s own fixed resolutions, size rule and oracle" if own else ""))
+        metrics = evaluate_policies(model, self.val, costs=mask_head_gmacs(model), switches=switches,
+                                    fixed=bool(own), size_rule=bool(own), oracle=bool(own), progress=self.progress)
         probe = gt_box_routing(model, self.val, switches={n: s for n, (s, _) in switches.items()},
                                progress=self.progress)
         self.timing(f"{plan.cache('fit')}_eval+{len(names)}", {"seconds": time.time() - t0})
@@ -150,14 +156,40 @@ class StudyRows:
             row = self._row(name, "msm", metrics[name], probe, probe["choices"][name], variant=v,
                             trained="frozen base" if plan.on == "base" else f"frozen {plan.on}")
             # the fit on the default dynamic-phase row's model is what `dynamask train` ends with by default
-            row["default_switch"] = plan.on != "base"
+            row["default_switch"] = plan.is_default()
             row["fit"] = {"on": plan.on, "batches": plan.batches, "epochs": plan.epochs,
                           "averaged_epochs": plan.averaged(),
                           "init": int(name.rsplit("init", 1)[1]),
                           "calibrated_on": "detections", "calibration_images": plan.calibration_images,
+                          "confidence_weighted": plan.confidence_weighted,
                           "cost_penalty": penalties[name]}
             rows.append(row)
+        rows += self._own_rows(own, metrics, probe, plan.on)
         self.save_rows(rows)
+
+    def _own_rows(self, names: list[str], metrics: dict[str, Any], probe: dict[str, Any],
+                  on: str) -> list[dict[str, Any]]:
+        """The rows ``train-fixed-S``, ``train-size-rule`` and ``train-oracle`` of the model ``on`` (its
+        policies in ``metrics`` as ``evaluate_policies`` names them). Their policies are ``own-fixed``,
+        ``own-size`` and ``own-oracle``: the study's ``fixed``/``size``/``oracle`` rows stay the base model's."""
+        from dynamask.engine.routing_value import oracle_choice
+
+        k = len(probe["resolutions"])
+        rows = []
+        for name in names:
+            policy = name.removeprefix("train-")  # fixed-S, size-rule, oracle: evaluate_policies' names
+            if policy.startswith("fixed-"):
+                s = int(policy.split("-")[1])
+                choice = np.full(len(probe["categories"]), list(probe["resolutions"]).index(s))
+                rows.append(self._row(name, "own-fixed", metrics[policy], probe, choice, resolution=s,
+                                      trained=f"frozen {on}"))
+            elif policy == "size-rule":
+                rows.append(self._row(name, "own-size", metrics[policy], probe, self._gt_size_choice(k),
+                                      trained=f"frozen {on}"))
+            else:
+                rows.append(self._row(name, "own-oracle", metrics[policy], probe, oracle_choice(probe["iou"]),
+                                      trained=f"frozen {on}"))
+        return rows
 
     def _switch_data(self, model, plan: FitPlan):
         """The switch fit's training RoIs (collected once, cached)."""

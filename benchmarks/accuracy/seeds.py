@@ -12,6 +12,11 @@ fixed resolutions, the Mask R-CNN row, the size rule, and the **default switch**
 budgets). A budget's default-switch figure is the mean over the fit's inits (the fit's own seed): judging the
 best init would be the best of several variants. "mean" claims use the mean over seeds; "every seed" claims
 must hold on each seed.
+
+The ladder and the Mask R-CNN comparison read the base model's fixed rows. Tables 5 and 8 and the equal-cost
+mix compare the switch with the policies of **its own model** (rows ``train-fixed-S``, ``train-size-rule``:
+the same detector and mask head, so only the routing differs) where the study has them, and print the base
+model's figures beside; a study without them is judged against the base model's rows.
 """
 
 from __future__ import annotations
@@ -61,14 +66,18 @@ def default_switch_budgets(rows: list[dict[str, Any]]) -> dict[float, dict[str, 
 def seed_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The figures of one seed that the claims read (None where a row is missing)."""
     fixed = sorted((r for r in rows if r["policy"] == "fixed"), key=lambda r: r["resolution"])
+    own = sorted((r for r in rows if r["policy"] == "own-fixed"), key=lambda r: r["resolution"])
     by = {r["name"]: r for r in rows}
-    mrcnn, size = by.get("maskrcnn-28"), by.get("size-rule")
+    mrcnn, base_size = by.get("maskrcnn-28"), by.get("size-rule")
+    size = by.get("train-size-rule", base_size)
+    ref_fixed = own or fixed  # Tables 5 and 8 and the mix: the switch's own model where measured
     sw = default_switch_budgets(rows)
     out: dict[str, Any] = {"ladder": [r["segm_ap"] for r in fixed], "resolutions": [r["resolution"] for r in fixed],
                            "fixed_28": next((r["segm_ap"] for r in fixed if r["resolution"] == 28), None),
                            "maskrcnn": None if mrcnn is None else mrcnn["segm_ap"],
                            "bbox_ap": {r["name"]: r.get("bbox_ap") for r in rows},
-                           "switch": {f"{b:g}": v for b, v in sw.items()}}
+                           "switch": {f"{b:g}": v for b, v in sw.items()},
+                           "judged_on": "own" if own else "base"}
 
     def best_under(cost: float) -> tuple[float, float] | None:
         cands = [(v["segm_ap"], b) for b, v in sw.items() if v["gmacs"] is not None and v["gmacs"] <= cost]
@@ -77,16 +86,22 @@ def seed_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if mrcnn is not None:
         out["t6"] = {"ref_ap": mrcnn["segm_ap"], "cap": T6_COST * mrcnn["mask_gmacs_per_instance"],
                      "best": best_under(T6_COST * mrcnn["mask_gmacs_per_instance"])}
-    if size is not None:
-        out["t8"] = {"ref_ap": size["segm_ap"], "cap": size["mask_gmacs_per_instance"],
-                     "best": best_under(size["mask_gmacs_per_instance"])}
-    if fixed:
-        top = fixed[-1]
-        out["t5"] = {"ref_ap": top["segm_ap"], "cap": T5_COST * top["mask_gmacs_per_instance"],
-                     "best": best_under(T5_COST * top["mask_gmacs_per_instance"])}
-    out["routing"] = {f"{b:g}": {"captured": v["captured"],
-                                 "over_mix": None if (m := fixed_line(fixed, float(v["gmacs"] or 0))) is None
-                                 else v["segm_ap"] - m[0]}
+    for key, ref in (("t8", size), ("t8_base", base_size if own else None)):
+        if ref is not None:
+            out[key] = {"ref_ap": ref["segm_ap"], "cap": ref["mask_gmacs_per_instance"],
+                        "best": best_under(ref["mask_gmacs_per_instance"])}
+    for key, line in (("t5", ref_fixed), ("t5_base", fixed if own else [])):
+        if line:
+            top = line[-1]
+            out[key] = {"ref_ap": top["segm_ap"], "cap": T5_COST * top["mask_gmacs_per_instance"],
+                        "best": best_under(T5_COST * top["mask_gmacs_per_instance"])}
+
+    def over(line: list[dict[str, Any]], v: dict[str, Any]) -> float | None:
+        m = fixed_line(line, float(v["gmacs"] or 0))
+        return None if m is None else v["segm_ap"] - m[0]
+
+    out["routing"] = {f"{b:g}": {"captured": v["captured"], "over_mix": over(ref_fixed, v),
+                                 "over_base_mix": over(fixed, v) if own else None}
                       for b, v in sw.items()}
     return out
 
@@ -125,9 +140,12 @@ def judge(per_seed: dict[int, dict[str, Any]]) -> list[tuple[str, bool | None, s
     switch_seeds = [s for s in seeds if per_seed[s]["switch"]]
     missing = [s for s in seeds if s not in switch_seeds]
     unmeasured = f" (seed {', '.join(map(str, missing))}: no default-switch rows, not judged)" if missing else ""
+    own = any(per_seed[s].get("judged_on") == "own" for s in switch_seeds)
+    mine = " of its own model" if own else ""
     for key, name, gain, rule in (("t6", "Table 6", T6_GAIN, "≤ 1.3× the Mask R-CNN head's cost, ≥ its AP + 1.0"),
-                                  ("t8", "Table 8", T8_GAIN, "≤ the size rule's cost, ≥ its AP + 0.5"),
-                                  ("t5", "Table 5", -T5_GAP, "≤ 0.6× the top resolution's cost, within 1.0 AP of it")):
+                                  ("t8", "Table 8", T8_GAIN, f"≤ the size rule{mine}'s cost, ≥ its AP + 0.5"),
+                                  ("t5", "Table 5", -T5_GAP,
+                                   f"≤ 0.6× the top resolution{mine}'s cost, within 1.0 AP of it")):
         parts, oks = [], []
         for s in switch_seeds:
             c = per_seed[s].get(key)
@@ -146,7 +164,14 @@ def judge(per_seed: dict[int, dict[str, Any]]) -> list[tuple[str, bool | None, s
             ap, budget = best
             oks.append(ap >= c["ref_ap"] + gain)
             ref = c["ref_ap"]
-            parts.append(f"{s}: C_t {budget:g} {100 * ap:.1f} vs {100 * ref:.1f} ({100 * (ap - ref):+.1f})")
+            part = f"{s}: C_t {budget:g} {100 * ap:.1f} vs {100 * ref:.1f} ({100 * (ap - ref):+.1f})"
+            base = per_seed[s].get(f"{key}_base")
+            if base is not None:
+                bb = base["best"]
+                part += (" [base model's rows: " + ("no budget costs ≤ " + f"{base['cap']:.4f}" if bb is None else
+                         f"C_t {bb[1]:g} {100 * bb[0]:.1f} vs {100 * base['ref_ap']:.1f} "
+                         f"({100 * (bb[0] - base['ref_ap']):+.1f})") + "]")
+            parts.append(part)
         holds = None if any(o is None for o in oks) or not oks else all(oks)
         out.append((f"{name}: a default-switch row {rule} (every seed)", holds, "; ".join(parts) + unmeasured))
     parts, oks = [], []
@@ -157,11 +182,13 @@ def judge(per_seed: dict[int, dict[str, Any]]) -> list[tuple[str, bool | None, s
                 and v["over_mix"] >= MIX_GAIN
             cap = "undefined" if v["captured"] is None else f"{v['captured']:.2f}"
             mix = "n/a" if v["over_mix"] is None else f"{100 * v['over_mix']:+.1f}"
-            parts.append(f"{s}/C_t {budget}: captured {cap}, {mix} AP over the mix")
+            base = v.get("over_base_mix")
+            extra = "" if base is None else f" ({100 * base:+.1f} over the base model's)"
+            parts.append(f"{s}/C_t {budget}: captured {cap}, {mix} AP over the mix{extra}")
             best = ok or bool(best)
         oks.append(bool(best))
-    out.append(("routing value of the default switch ≥ 0.6 and ≥ +1.0 AP over the equal-cost fixed mix, at one "
-                "of the budgets (every seed)", all(oks) if oks else None, "; ".join(parts) + unmeasured))
+    out.append((f"routing value of the default switch ≥ 0.6 and ≥ +1.0 AP over the equal-cost fixed mix{mine}, at "
+                "one of the budgets (every seed)", all(oks) if oks else None, "; ".join(parts) + unmeasured))
     return out
 
 

@@ -100,7 +100,8 @@ class Study(StudyRows):
         res = [self.cfg.arch["mask_roi_size"] * 2**k for k in range(4)]
         return ([f"fixed-{s}" for s in res] + ["size-rule", "oracle"] + [v.name for v in self.cfg.switches]
                 + (self.cfg.fit.names() if self.cfg.fit else [])
-                + (self.cfg.train_fit.names() if self.cfg.train_fit else [])
+                + (self.cfg.train_fit.names() + self.cfg.train_fit.own_rows(res) if self.cfg.train_fit else [])
+                + (self.cfg.train_fit_unweighted.names() if self.cfg.train_fit_unweighted else [])
                 + [v.name for v in self.cfg.coupled] + ["maskrcnn-28"])
 
     # -- phases
@@ -203,6 +204,7 @@ class Study(StudyRows):
                 self.coupled_row(v)
                 if i == 0:  # the default dynamic-phase row: the fit `dynamask train` ends with, on its model
                     self.fit_rows(self.cfg.train_fit)
+                    self.fit_rows(self.cfg.train_fit_unweighted)
         if helper is not None:
             self._join_maskrcnn(helper)
         if part in ("all", "maskrcnn"):

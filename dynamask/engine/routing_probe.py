@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dynamask.models import mask_losses
 from dynamask.models.detector import DynaMaskRCNN
+from dynamask.models.msm import MaskSwitchModule
 from dynamask.models.roi_heads import DynaMaskRoIHeads
 from dynamask.models.switch_input import switch_view
 
@@ -52,7 +53,8 @@ def mask_iou_top_grid(probs: Sequence[Tensor], target_top: Tensor, threshold: fl
 @torch.no_grad()
 def head_outputs(model: DynaMaskRCNN, features: dict[str, Tensor], boxes: list[Tensor],
                  image_sizes: list[tuple[int, int]], switches: Mapping[str, Switch] | None = None,
-                 labels: list[Tensor] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+                 labels: list[Tensor] | None = None,
+                 scores: list[Tensor] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Mask probabilities at every resolution and each switch's choice, for boxes in the input frame.
 
     Args:
@@ -60,6 +62,8 @@ def head_outputs(model: DynaMaskRCNN, features: dict[str, Tensor], boxes: list[T
         features: the backbone's output on the batch. boxes: per image ``[n_i, 4]``.
         switches: name → (MSM, "roi" | "trunk" | "mask"); None: the model's own switch as ``"msm"``.
         labels: per image ``[n_i]`` the boxes' classes (needed by a class-specific head).
+        scores: per image ``[n_i]`` the boxes' detection scores, which a fitted switch weighs its choice by
+            (:meth:`~dynamask.models.msm.MaskSwitchModule.choose`); None: ground-truth boxes, sure ones.
 
     Returns:
         ``(probs, choices)``: K tensors ``[R, S_k, S_k]`` (R = Σ n_i, image-major) and name → ``[R]`` int64.
@@ -69,11 +73,17 @@ def head_outputs(model: DynaMaskRCNN, features: dict[str, Tensor], boxes: list[T
         switches = {"msm": (heads.msm, heads.switch_input)}
     head = heads.mask_head
     cls = torch.cat(labels) if labels is not None and head.mask_classes > 1 else None
+    confidence = torch.cat(scores) if scores else None
     out = heads.masks_every_resolution(features, boxes, image_sizes, cls)
     choices = {}
     for name, (msm, reads) in switches.items():
-        choices[name] = (msm(switch_view(reads, head, out.roi_features, out.trunk)).argmax(dim=1)
-                         if out.roi_features.shape[0] else torch.zeros(0, dtype=torch.int64))
+        if out.roi_features.shape[0] == 0:
+            choices[name] = torch.zeros(0, dtype=torch.int64)
+            continue
+        view = switch_view(reads, head, out.roi_features, out.trunk)
+        # a MaskSwitchModule chooses (priced, weighted by confidence when fitted); another switch module (the
+        # accuracy study's variants) by the argmax of its output
+        choices[name] = msm.choose(view, confidence) if isinstance(msm, MaskSwitchModule) else msm(view).argmax(dim=1)
     return [x.sigmoid() for x in out.mask_logits], choices
 
 

@@ -11,6 +11,12 @@ routing losses train the MSM only and do not pull on the backbone.
 A switch fitted after training (:mod:`dynamask.engine.switch_fit`) regresses each resolution's mask IoU
 instead of learning logits through a Gumbel sample; its price per resolution, ``μ · C_k``, is the buffer
 ``cost_penalty`` that the forward subtracts (zeros for a Gumbel-trained switch, so its logits are unchanged).
+
+At inference a fitted switch also weighs each detection's predicted IoUs by the detection's confidence
+(:meth:`MaskSwitchModule.forward`, buffer ``confidence_weighted``): a detection's mask counts towards AP only as
+far as the detection is a true one, and most of the RoIs a budget is spent on are low-score detections
+(docs/method.md §3, "Switch fit"). A Gumbel-trained switch (no price) chooses as before: with no penalty,
+scaling a row by a positive weight does not move its argmax.
 """
 
 from __future__ import annotations
@@ -55,12 +61,16 @@ class MaskSwitchModule(nn.Module):
         num_resolutions: K (4).
         se_reduction: SE reduction ratio (16).
 
-    Buffer ``cost_penalty`` ``[K]``: subtracted from the FC's output (zeros unless a fit set a price).
+    Buffers: ``cost_penalty`` ``[K]``, subtracted from the FC's output (zeros unless a fit set a price);
+    ``confidence_weighted`` ``[]`` float, 1 when the forward weighs the outputs by the detections' confidence
+    before the penalty, 0 when not (0 unless a fit set it; a float, so that every process group broadcasts it).
     """
 
-    # version 2 added ``cost_penalty``; an older state dict loads with zeros (the logits it was trained for)
-    _version = 2
+    # version 2 added ``cost_penalty``, version 3 ``confidence_weighted``; an older state dict loads with zeros
+    # (the choice it was trained or priced for)
+    _version = 3
     cost_penalty: Tensor
+    confidence_weighted: Tensor
 
     def __init__(self, *, in_channels: int = 256, in_size: int = 14, conv_channels: tuple[int, int] = (64, 16),
                  hidden: int = 256, num_resolutions: int = 4, se_reduction: int = 16) -> None:
@@ -75,14 +85,16 @@ class MaskSwitchModule(nn.Module):
         self.in_size = in_size
         self.num_resolutions = num_resolutions
         self.register_buffer("cost_penalty", torch.zeros(num_resolutions))
+        self.register_buffer("confidence_weighted", torch.zeros(()))
         self._init_weights()
 
     def reset_parameters(self) -> None:
-        """Fresh weights (a switch fit starts from these) and no cost penalty."""
+        """Fresh weights (a switch fit starts from these), no cost penalty, no confidence weighting."""
         for m in (self.se.fc1, self.se.fc2, self.conv1, self.conv2, self.fc1, self.fc2):
             m.reset_parameters()
         self._init_weights()
         self.cost_penalty.zero_()
+        self.confidence_weighted.zero_()
 
     def _init_weights(self) -> None:
         for conv in (self.conv1, self.conv2):
@@ -99,6 +111,15 @@ class MaskSwitchModule(nn.Module):
                              f"got {tuple(penalty.shape)}")
         self.cost_penalty.copy_(penalty)
 
+    def set_confidence_weighted(self, weighted: bool) -> None:
+        """Whether the forward weighs each RoI's outputs by its detection's confidence (a fitted switch)."""
+        self.confidence_weighted.fill_(1.0 if weighted else 0.0)
+
+    def choose(self, x: Tensor, confidence: Tensor | None = None) -> Tensor:
+        """The resolution index per RoI ``[R]`` int64: the argmax of the forward,
+        ``argmax_k(w_i · raw_ik − cost_penalty_k)``."""
+        return self(x, confidence).argmax(dim=1)
+
     def raw(self, x: Tensor) -> Tensor:
         """The FC's output ``[R, K]`` before the cost penalty (what a switch fit regresses)."""
         x = self.se(x)
@@ -113,12 +134,30 @@ class MaskSwitchModule(nn.Module):
         key = prefix + "cost_penalty"
         if (version is None or version < 2) and key not in state_dict:
             state_dict[key] = torch.zeros_like(self.cost_penalty)
+        key = prefix + "confidence_weighted"
+        if (version is None or version < 3) and key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.confidence_weighted)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x ``[R, C, 14, 14]`` (detached RoI feature) → logits ``[R, K]`` (the choice is their argmax)."""
-        return self.raw(x) - self.cost_penalty
+    def forward(self, x: Tensor, confidence: Tensor | None = None) -> Tensor:
+        """The priced outputs ``[R, K]``, ``w_i · raw_ik − cost_penalty_k``; the choice is their argmax.
+
+        Args:
+            x: ``[R, C, 14, 14]`` the switch's input, detached (the RoI feature by default).
+            confidence: ``[R]`` each RoI's detection score in [0, 1], or None (every RoI a sure one, e.g.
+                ground-truth boxes or training positives). ``w_i`` is the score when ``confidence_weighted``
+                (a fitted switch), else 1; a Gumbel-trained switch's outputs are its logits.
+        """
+        raw = self.raw(x)
+        if confidence is not None:
+            if confidence.shape != raw.shape[:1]:
+                raise ValueError(f"confidence must have shape [{raw.shape[0]}] (one per RoI), got "
+                                 f"{tuple(confidence.shape)}")
+            # w = 1 − flag + flag · confidence: no branch on the flag, so no host sync on an accelerator
+            flag = self.confidence_weighted.to(raw.dtype)
+            raw = raw * (1 - flag + flag * confidence.to(raw.dtype))[:, None]
+        return raw - self.cost_penalty
 
 
 def switch_for(head: DynaMaskHead, *, reads: str = "roi") -> MaskSwitchModule:

@@ -336,17 +336,20 @@ class DynaMaskRoIHeads(RoIHeads):
         return out
 
     @torch.no_grad()
-    def route(self, features: dict[str, Tensor], boxes: list[Tensor],
-              image_shapes: list[tuple[int, int]]) -> Routed:
+    def route(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]],
+              scores: list[Tensor] | None = None) -> Routed:
         """The mask branch's inference up to the choice, under the current ``mask_policy``: the pooled RoIs,
         the trunk's output when the switch reads it (run once, before the choice, for every RoI; else None)
-        and the resolution index per RoI ``[R]`` int64 (image-major)."""
+        and the resolution index per RoI ``[R]`` int64 (image-major). ``scores``: per image ``[n_i]`` the
+        detections' scores, which a fitted switch weighs its choice by (None: every box a sure one)."""
         pooled = self._pool_masks(features, boxes, image_shapes)
         reads_trunk = self.mask_policy == "msm" and needs_trunk(self.switch_input)
         trunk = self.mask_head.run_trunk(pooled.features) if reads_trunk else None
         seen = self.switch_features(pooled.features, trunk) if reads_trunk else pooled.features
+        confidence = torch.cat(scores) if scores is not None and scores else None
         choice = routing_policy.choose_resolutions(self.mask_policy, msm=self.msm, roi_features=seen, boxes=boxes,
-                                                   image_sizes=image_shapes, resolutions=self.mask_head.resolutions)
+                                                   image_sizes=image_shapes, resolutions=self.mask_head.resolutions,
+                                                   confidence=confidence)
         return Routed(pooled, trunk, choice)
 
     def predict_masks(self, features: dict[str, Tensor], result: list[dict[str, Any]],
@@ -356,7 +359,8 @@ class DynaMaskRoIHeads(RoIHeads):
         head's outputs and the row of each detection's mask, which the paste reads in box order."""
         boxes = [r["boxes"] for r in result]
         resolutions = self.mask_head.resolutions
-        (roi_features, levels, scales, rois), trunk, choice = self.route(features, boxes, image_shapes)
+        (roi_features, levels, scales, rois), trunk, choice = self.route(features, boxes, image_shapes,
+                                                                         [r["scores"] for r in result])
         perm, _ = ops.group_by_resolution(choice, len(resolutions))
         image_ids = rois[:, 0].to(torch.int64)
         counts = mask_handoff.count_groups(choice, image_ids, len(resolutions), len(result))  # [K, B]

@@ -8,9 +8,13 @@ leaves the head at its own resolution and goes to the paste through :mod:`dynama
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from dynamask.models.msm import MaskSwitchModule
 
 Policy = str | int | Callable[[Tensor, list[Tensor], list[tuple[int, int]]], Tensor]
 
@@ -42,14 +46,18 @@ def check_policy(policy: object, resolutions: Sequence[int]) -> None:
                          f"got {policy!r}")
 
 
-def choose_resolutions(policy: Policy, *, msm: nn.Module, roi_features: Tensor, boxes: list[Tensor],
-                       image_sizes: list[tuple[int, int]], resolutions: Sequence[int]) -> Tensor:
+def choose_resolutions(policy: Policy, *, msm: MaskSwitchModule, roi_features: Tensor, boxes: list[Tensor],
+                       image_sizes: list[tuple[int, int]], resolutions: Sequence[int],
+                       confidence: Tensor | None = None) -> Tensor:
     """Resolution index per RoI under ``policy``.
 
     Args:
-        policy: ``"msm"`` (argmax of the MSM logits), ``"size"`` (Eq. 8), a resolution (14/28/56/112),
-            or a callable ``policy(roi_features, boxes, image_sizes) -> [R] int64`` in [0, K).
+        policy: ``"msm"`` (the MSM's choice, :meth:`~dynamask.models.msm.MaskSwitchModule.choose`), ``"size"``
+            (Eq. 8), a resolution (14/28/56/112), or a callable ``policy(roi_features, boxes, image_sizes) -> [R]
+            int64`` in [0, K).
         roi_features: ``[R, 256, 14, 14]``. boxes: per image ``[n_i, 4]`` (input frame).
+        confidence: ``[R]`` the detections' scores (image-major), read by a fitted switch; None: every RoI
+            counts as a sure detection.
 
     Returns:
         ``[R]`` int64 in [0, K). A policy that is none of these is refused (:func:`check_policy`).
@@ -58,7 +66,7 @@ def choose_resolutions(policy: Policy, *, msm: nn.Module, roi_features: Tensor, 
     device = roi_features.device
     k = len(resolutions)
     if policy == "msm":
-        return msm(roi_features.detach()).argmax(dim=1)
+        return msm.choose(roi_features.detach(), confidence)
     if policy == "size":
         cat = torch.cat(boxes) if boxes else roi_features.new_zeros((0, 4))
         return size_policy(cat, k)
