@@ -357,6 +357,12 @@ def test_cli_fit_switch_writes_a_fitted_checkpoint_and_refuses_bad_input(tmp_pat
     assert ckpt["iteration"] == 7 and fit["target_gmacs"] == pytest.approx(costs[14]) and fit["rois"] > 0
     assert fit["averaged_epochs"] == 1
     assert torch.allclose(ckpt["model"]["roi_heads.msm.cost_penalty"], fit["mu"] * torch.tensor(list(costs.values())))
+    assert fit["confidence_weighted"] is True and float(ckpt["model"]["roi_heads.msm.confidence_weighted"]) == 1.0
+    blind = str(tmp_path / "blind.pth")
+    assert main(["fit-switch", src, "--data", data, "--out", blind, "--budget-at", "14", "--batches", "2",
+                 "--epochs", "1", "--no-progress", "--no-confidence-weighting"]) == 0
+    assert "weighted by its confidence" not in capsys.readouterr().out
+    assert float(load_checkpoint(blind)["model"]["roi_heads.msm.confidence_weighted"]) == 0.0
     # the stages are the input's
     before = load_checkpoint(src)["model"]
     for k, v in before.items():

@@ -72,7 +72,8 @@ def test_every_plan_has_one_switch_line(shapes, tmp_path, capsys):
     assert _train_cli(shapes, tmp_path / "a", "--dry-run") == 0
     (line,) = _switch_lines(capsys.readouterr().out)
     assert line.startswith("switch: fitted when training ends (regression of each RoI's mask IoU, 3 batches, 2 "
-                           "epochs); priced so that the mean head cost over detections is C_t = ")
+                           "epochs); each detection's predicted gain weighed by its score and priced so that the mean "
+                           "head cost over detections is C_t = ")
     for flags in (["--no-switch-fit"], ["--switch", "paper"]):  # the old flag is an alias
         assert _train_cli(shapes, tmp_path / "b", "--dry-run", *flags) == 0
         (line,) = _switch_lines(capsys.readouterr().out)

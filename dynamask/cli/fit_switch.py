@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration-images", type=non_negative_int, default=200,
                    help="training images whose detections the price is set on (default 200; 0: set it on the "
                         "training positives)")
+    p.add_argument("--no-confidence-weighting", action="store_true",
+                   help="choose for every detection as for a sure one (by default the switch weighs each "
+                        "detection's predicted mask gain by its score, so the budget goes to likely objects)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the batches drawn and of the switch's initialisation")
     p.add_argument("--flip-prob", type=unit_interval, default=0.5,
@@ -121,7 +124,9 @@ def _fit(args: argparse.Namespace, images: str, ann: str):
     report = switch_fit.fit_model_switch(model, dataset, target_gmacs=target, num_batches=args.batches,
                                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
                                          calibration_images=args.calibration_images,
-                                         average_epochs=args.average_epochs, progress=not args.no_progress)
+                                         average_epochs=args.average_epochs,
+                                         confidence_weighted=not args.no_confidence_weighting,
+                                         progress=not args.no_progress)
     return model, ckpt, costs, report, before
 
 

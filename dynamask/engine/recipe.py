@@ -229,7 +229,8 @@ def describe_switch(model: torch.nn.Module, *, fit: bool, batches: int, epochs: 
         return (f"switch: the paper's, trained through Gumbel-softmax in the dynamic phase (Eq. 3); {budget} "
                 f"(--switch fit fits one to C_t when training ends)")
     budget = ("no budget: unpriced (mu = 0), each RoI at the resolution predicted best" if target is None else
-              f"priced so that the mean head cost over detections is C_t = {share} (the paper's C_t 0.4 model "
+              f"each detection's predicted gain weighed by its score and priced so that the mean head cost over "
+              f"detections is C_t = {share} (the paper's C_t 0.4 model "
               f"ran at {PAPER_REALISED_RATIO:.3f} of its top cost: --target-gmacs {PAPER_REALISED_RATIO * top:.4f} "
               "lands there)")
     return (f"switch: fitted when training ends (regression of each RoI's mask IoU, {batches} batches, {epochs} "
