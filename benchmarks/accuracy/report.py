@@ -251,9 +251,13 @@ def _plots(out: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[s
         fixed = sorted((r for r in rows if r["policy"] == "fixed"), key=lambda r: r["resolution"])
         if fixed:
             ax.plot([r["mask_gmacs_per_instance"] for r in fixed], [100 * r["segm_ap"] for r in fixed], "o-",
-                    color="grey", label="fixed resolution")
+                    color="grey", label="fixed resolution, base model")
             for r in fixed:
                 ax.annotate(f"{r['resolution']}²", (r["mask_gmacs_per_instance"], 100 * r["segm_ap"]), fontsize=7)
+        own = sorted((r for r in rows if r["policy"] == "own-fixed"), key=lambda r: r["resolution"])
+        if own:  # the default switch's own model: the line its switch is judged against
+            ax.plot([r["mask_gmacs_per_instance"] for r in own], [100 * r["segm_ap"] for r in own], "o--",
+                    color="black", alpha=0.5, label="fixed resolution, the default switch's model")
         styles = {"size": ("s", "tab:orange", "size rule"), "oracle": ("*", "gold", "oracle"),
                   "maskrcnn": ("D", "tab:red", "Mask R-CNN head")}
         for pol, (mk, col, lab) in styles.items():
@@ -268,9 +272,12 @@ def _plots(out: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[s
                 ax.scatter([r["mask_gmacs_per_instance"] for r in rs], [100 * r["segm_ap"] for r in rs], color=col,
                            label=f"switch ({kind})", zorder=3)
         rs = _fitted(rows)
-        if rs:
-            ax.scatter([r["mask_gmacs_per_instance"] for r in rs], [100 * r["segm_ap"] for r in rs], color="black",
-                       marker="^", label="switch fit (dynamask fit-switch)", zorder=4)
+        for weighted, face, lab in ((True, "black", "switch fit (dynamask fit-switch)"),
+                                    (False, "none", "switch fit, blind to the detections' scores")):
+            sel = [r for r in rs if (r.get("fit") or {}).get("confidence_weighted", True) == weighted]
+            if sel:
+                ax.scatter([r["mask_gmacs_per_instance"] for r in sel], [100 * r["segm_ap"] for r in sel],
+                           facecolors=face, edgecolors="black", marker="^", label=lab, zorder=4)
         ax.set_xlabel("mask-head GMAC per instance (switch included)")
         ax.set_ylabel("segm AP (%)")
         ax.grid(alpha=0.3)
