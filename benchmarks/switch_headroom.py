@@ -2,14 +2,18 @@
 
     python benchmarks/switch_headroom.py --study /work/acc-cls            # both parts, ~15 min on 1 core
     python benchmarks/switch_headroom.py --study runs/accuracy --part retest
+    python benchmarks/switch_headroom.py --study runs/accuracy --part retest --on coupled-paper-roi-ct0.08
 
-Two measurements on the study's frozen ``base`` model (``OUT/ckpt/base.pth``), written to
-``OUT/switch_headroom.json``:
+Two measurements on one of the study's frozen models (``--on``: ``base``, ``OUT/ckpt/base.pth``, by default; the
+default switch's model is the dynamic-phase row's, ``coupled-paper-roi-ct0.08``), written to
+``OUT/switch_headroom.json`` (the retest of another model than the base under ``retest_NAME``):
 
 - ``retest``: a test-retest ceiling. Every validation ground-truth box is probed twice, on the image and on
   its mirror image; the best assignment computed from the mirror's IoUs is scored on the original's
   (:func:`dynamask.engine.routing_value.routing_value`). A router that sees the object cannot be expected to
-  predict its per-instance gains much better than a second measurement of the same object does.
+  predict its per-instance gains much better than a second measurement of the same object does. Scored at the
+  oracle's counts, at quarters, and at the counts of every default-switch row fitted on that model
+  (``switch:NAME``, from the row's shares per category): the ceiling for that switch's own choice.
 - ``epochs``: switches trained longer. The switch inputs (detached 14² RoI features) and signals of the
   positives of ``--iters`` training batches (the study's switch phase: same seed, same batches) are cached,
   then fresh switches train for ``--epochs`` passes over the cache, two inits each; the routing value on the
@@ -74,22 +78,42 @@ def _mirror(image, target):
     return image.flip(-1), flipped
 
 
+def counts_from_shares(shares: dict[str, list[float]], categories: np.ndarray, n: int, k: int) -> np.ndarray:
+    """A row's instance counts per resolution ``[k]`` from its ``resolution_share`` (category → k fractions of
+    that category's ground-truth instances) and the instances' ``categories`` ``[n]``; rounding goes to the
+    last resolution, so the counts sum to ``n``."""
+    counts = np.zeros(k)
+    for cat, share in shares.items():
+        counts += np.asarray(share, dtype=float) * int((categories == cat).sum())
+    out = np.round(counts).astype(int)
+    out[-1] += n - int(out.sum())
+    return out
+
+
 @torch.no_grad()
-def retest(model, val) -> dict:
-    a, b = [], []
+def retest(model, val, rows: list[dict] | None = None) -> dict:
+    """The test-retest ceiling on ``val``'s ground-truth boxes; ``rows``: switch rows (``name``,
+    ``resolution_share``) whose counts it is also scored at."""
+    names = {int(c["id"]): str(c["name"]) for c in val.coco.loadCats(val.coco.getCatIds())}
+    a, b, cats = [], [], []
     for i in range(len(val)):
         image, target = val[i]
         if target["boxes"].shape[0] == 0:
             continue
         a.append(_probe(model, image, dict(target))[1].numpy())
         b.append(_probe(model, *_mirror(image, target))[1].numpy())
+        cats += [names[val.cat_ids[int(lab) - 1]] for lab in target["labels"].tolist()]
     iou, mirror = np.concatenate(a), np.concatenate(b)
     n, k = iou.shape
     gains = np.corrcoef(iou[:, -1] - iou[:, 0], mirror[:, -1] - mirror[:, 0])[0, 1]
     out = {"n": int(n), "gain_correlation": float(gains)}
-    for name, counts in {"oracle_counts": np.bincount(oracle_choice(iou), minlength=k),
-                         "quarters": np.diff(np.round(np.linspace(0, n, k + 1)).astype(int)),
-                         "half_lowest_half_highest": np.array([n // 2] + [0] * (k - 2) + [n - n // 2])}.items():
+    plans = {"oracle_counts": np.bincount(oracle_choice(iou), minlength=k),
+             "quarters": np.diff(np.round(np.linspace(0, n, k + 1)).astype(int)),
+             "half_lowest_half_highest": np.array([n // 2] + [0] * (k - 2) + [n - n // 2])}
+    for r in rows or []:
+        if r.get("resolution_share"):
+            plans[f"switch:{r['name']}"] = counts_from_shares(r["resolution_share"], np.asarray(cats), n, k)
+    for name, counts in plans.items():
         choice = best_assignment(mirror, counts)
         out[name] = {"counts": counts.tolist(), "captured": routing_value(iou, choice).captured}
     return out
@@ -166,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="training batches to cache (default: the study's switch_iters)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--on", default="base",
+                   help="the study's checkpoint (ckpt/ON.pth) to measure: base (default) or a dynamic-phase row's, "
+                        "e.g. coupled-paper-roi-ct0.08, the model of the default switch")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = quick_config() if args.quick else full_config()
@@ -174,14 +201,25 @@ def main(argv: list[str] | None = None) -> int:
     cfg = replace(cfg, arch=saved["arch"])  # the head the study trained (class-specific or not)
     train, val = datasets(cfg, args.study)
     model = build_dynamask(cfg)
-    model.load_state_dict(load_state(os.path.join(args.study, "ckpt", "base.pth"))["model"])
+    ckpt = os.path.join(args.study, "ckpt", f"{args.on}.pth")
+    if not os.path.isfile(ckpt):
+        p.error(f"--on {args.on}: no {ckpt} in the study")
+    model.load_state_dict(load_state(ckpt)["model"])
     model.eval()
     path = os.path.join(args.study, "switch_headroom.json")
     result = json.load(open(path)) if os.path.exists(path) else {}
     t0 = time.time()
     if args.part in ("all", "retest"):
-        result["retest"] = retest(model, val)
-        log(f"retest: {json.dumps(result['retest'])}")
+        rows = []
+        rows_dir = os.path.join(args.study, "rows")
+        for name in sorted(os.listdir(rows_dir)) if os.path.isdir(rows_dir) else []:
+            with open(os.path.join(rows_dir, name)) as f:
+                row = json.load(f)
+            if row.get("default_switch") and (row.get("fit") or {}).get("on", "base") == args.on:
+                rows.append(row)
+        key = "retest" if args.on == "base" else f"retest_{args.on}"
+        result[key] = retest(model, val, rows)
+        log(f"{key}: {json.dumps(result[key])}")
         save_json(path, result)
     if args.part in ("all", "epochs"):
         data = cache(model, train, val, cfg, args.iters or saved["switch_iters"])

@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,6 +215,24 @@ def test_switch_headroom_runs_on_a_finished_study(study, tmp_path):
                                              "regress-probe-init1"]
     for run in doc["epochs"]["runs"].values():
         assert [r["epoch"] for r in run] == [1, 5] and all(sum(r["counts"]) == n for r in run)
+    # on the default switch's model, also at the counts of each default-switch row fitted on it
+    assert switch_headroom.main(["--study", str(work), "--quick", "--part", "retest", "--on",
+                                 "coupled-paper-roi-ct0.006"]) == 0
+    own = json.load(open(work / "switch_headroom.json"))["retest_coupled-paper-roi-ct0.006"]
+    assert own["n"] == n and "switch:train-fit-ct0.006-init0" in own
+    assert sum(own["switch:train-fit-ct0.006-init0"]["counts"]) == n
+
+
+def test_counts_from_shares_rounds_to_the_instance_count():
+    from benchmarks.switch_headroom import counts_from_shares
+
+    cats = np.array(["ring", "ring", "ring", "star"])
+    # ring: a third at each of the first three resolutions (1, 1, 1); star: all at the last
+    counts = counts_from_shares({"ring": [1 / 3, 1 / 3, 1 / 3, 0.0], "star": [0.0, 0.0, 0.0, 1.0]}, cats, 4, 4)
+    assert counts.tolist() == [1, 1, 1, 1]
+    # 1.5 and 1.5 rings round to 2 and 2 (half to even): the excess is taken off the last resolution
+    counts = counts_from_shares({"ring": [0.5, 0.5, 0.0, 0.0], "star": [0.0, 0.0, 0.0, 1.0]}, cats, 4, 4)
+    assert counts.tolist() == [2, 2, 0, 0]
 
 
 def test_two_processes_on_one_study_keep_each_others_meta(study, tmp_path):
