@@ -177,6 +177,7 @@ def test_training_on_from_fitted_weights_resets_the_price(shapes, fitted_run, tm
     _, result = fitted_run
     ckpt = load_checkpoint(result["checkpoint"])
     assert ckpt["model"]["roi_heads.msm.cost_penalty"].any()  # the fit set a price
+    assert float(ckpt["model"]["roi_heads.msm.confidence_weighted"]) == 1.0  # and its confidence rule
     weights = str(tmp_path / "fitted_weights.pth")
     torch.save(ckpt["model"], weights)
     further = train(_cfg(shapes, tmp_path / "further", arch_kwargs=dict(TINY, weights=weights), switch="paper",
@@ -184,6 +185,7 @@ def test_training_on_from_fitted_weights_resets_the_price(shapes, fitted_run, tm
     assert "cost_penalty) is reset to zero" in capsys.readouterr().out
     saved = load_checkpoint(further["checkpoint"])
     assert not saved["model"]["roi_heads.msm.cost_penalty"].any()
+    assert float(saved["model"]["roi_heads.msm.confidence_weighted"]) == 0.0  # the fit's rule goes with its price
     assert os.path.isfile(further["checkpoint"])
 
 

@@ -19,7 +19,8 @@ switch that sees each training RoI's outcome at every resolution can learn more 
    predicted IoU_k − μ C_k) (``confidence_weighted``; :func:`calibrate_on_detections` sets μ under the same
    rule): a budget is a mean over every detection the head runs on, most of them low-score ones, and a
    detection's mask adds to AP only as far as the detection is a true one. On the accuracy study's decision
-   seed this moved the fitted switch from 48.7 to 51.5 segm AP at C_t 0.045 (docs/method.md §3).
+   seed this moved the fitted switch from 48.9 to 51.6 segm AP at C_t 0.045, at the same cost (mean of three
+   inits; docs/method.md §3).
 
 Costs nothing at inference beyond the MSM (K subtractions, K multiplications). The model's stages are untouched.
 """
@@ -227,7 +228,6 @@ class FitReport:
     losses: list[float]  # mean regression loss per epoch
     seconds: float
     confidence_weighted: bool = True  # the switch weighs its choice on detections by their confidence
-
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

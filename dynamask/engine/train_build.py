@@ -198,8 +198,10 @@ def new_model(cfg: TrainConfig, device: torch.device, kwargs: dict[str, Any], *,
     recipe.check_budget(model)  # a C_t below the cheapest resolution can never be met: refused now
     msm = getattr(heads, "msm", None)
     if msm is not None and bool(msm.cost_penalty.any()):
-        # weights of a fitted model: its price would bias the Gumbel logits the dynamic phase trains
+        # weights of a fitted model: its price would bias the Gumbel logits the dynamic phase trains (and its
+        # confidence rule belongs to that price)
         msm.cost_penalty.zero_()
+        msm.set_confidence_weighted(False)
         log.info("note: the weights' fitted switch price (cost_penalty) is reset to zero: the dynamic phase "
                  "trains the switch without it, and a fit at the end sets a new one")
     arch = make_arch(cfg.arch, **stored)  # what the checkpoint records: rebuilds with no weight file
