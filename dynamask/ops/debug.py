@@ -73,10 +73,15 @@ def check_rois(op: str, rois: Tensor, batch_size: int, count: int | None = None)
         raise ValueError(f"{op}: rois[{i}] has a non-finite coordinate ({r[i, 1:].tolist()})")
 
 
-def check_levels(op: str, levels: Tensor, num_levels: int) -> None:
-    i = _first_bad((levels < 0) | (levels >= num_levels))
+def _check_in_range(op: str, name: str, t: Tensor, upper: int, what: str = "") -> None:
+    """Every entry of the integer tensor ``t`` in ``[0, upper)``; else one line naming the first one out."""
+    i = _first_bad((t < 0) | (t >= upper))
     if i is not None:
-        raise ValueError(f"{op}: levels[{i}] is {int(levels[i])} but must be in [0, {num_levels})")
+        raise ValueError(f"{op}: {name}[{i}] is {int(t[i])} but must be {what}in [0, {upper})")
+
+
+def check_levels(op: str, levels: Tensor, num_levels: int) -> None:
+    _check_in_range(op, "levels", levels, num_levels)
 
 
 def check_paste_boxes(op: str, boxes: Tensor) -> None:
@@ -92,12 +97,8 @@ def check_paste_boxes(op: str, boxes: Tensor) -> None:
 
 
 def check_paste_index(op: str, index: Tensor, num_masks: int) -> None:
-    i = _first_bad((index < 0) | (index >= num_masks))
-    if i is not None:
-        raise ValueError(f"{op}: index[{i}] is {int(index[i])} but must be a mask row in [0, {num_masks})")
+    _check_in_range(op, "index", index, num_masks, "a mask row ")
 
 
 def check_choice(op: str, choice: Tensor, num_resolutions: int) -> None:
-    i = _first_bad((choice < 0) | (choice >= num_resolutions))
-    if i is not None:
-        raise ValueError(f"{op}: choice[{i}] is {int(choice[i])} but must be in [0, {num_resolutions})")
+    _check_in_range(op, "choice", choice, num_resolutions)
