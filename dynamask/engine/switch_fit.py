@@ -329,13 +329,15 @@ def price(msm: MaskSwitchModule, scores: Tensor, cost: Tensor, target_gmacs: flo
     unpriced outputs on some RoIs; None: μ = 0) as ``msm`` chooses on them: weighted by ``confidence`` ``[N]``
     (the RoIs' detection scores; None: sure ones) when the switch is ``confidence_weighted``. Returns μ, the
     RoIs' mean cost and their share at each resolution under the priced choice."""
-    weights = confidence if confidence is not None and bool(msm.confidence_weighted) else None
-    mu = 0.0 if target_gmacs is None else calibrate_mu(scores, cost, target_gmacs, weights)
+    if confidence is not None and bool(msm.confidence_weighted):
+        if confidence.shape != scores.shape[:1]:
+            raise ValueError(f"confidence must have shape [{scores.shape[0]}], got {tuple(confidence.shape)}")
+        scores = scores * confidence.to(scores.dtype)[:, None]  # weighed once: the price and the shares read it
+    mu = 0.0 if target_gmacs is None else calibrate_mu(scores, cost, target_gmacs)
     msm.set_cost_penalty((mu * cost).to(cast(Tensor, msm.cost_penalty)))
     if scores.shape[0] == 0:
         return mu, 0.0, [0.0] * cost.numel()
-    weighted = scores if weights is None else scores * weights.to(scores.dtype)[:, None]
-    choice = (weighted - mu * cost).argmax(dim=1)
+    choice = (scores - mu * cost).argmax(dim=1)
     shares = torch.bincount(choice, minlength=cost.numel()).double() / scores.shape[0]
     return mu, float(cost[choice].mean()), [float(x) for x in shares]
 

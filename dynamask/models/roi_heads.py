@@ -346,7 +346,8 @@ class DynaMaskRoIHeads(RoIHeads):
         reads_trunk = self.mask_policy == "msm" and needs_trunk(self.switch_input)
         trunk = self.mask_head.run_trunk(pooled.features) if reads_trunk else None
         seen = self.switch_features(pooled.features, trunk) if reads_trunk else pooled.features
-        confidence = torch.cat(scores) if scores is not None and scores else None
+        # only the switch reads the scores
+        confidence = torch.cat(scores) if scores and self.mask_policy == "msm" else None
         choice = routing_policy.choose_resolutions(self.mask_policy, msm=self.msm, roi_features=seen, boxes=boxes,
                                                    image_sizes=image_shapes, resolutions=self.mask_head.resolutions,
                                                    confidence=confidence)
