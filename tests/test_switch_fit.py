@@ -221,6 +221,58 @@ def test_fit_switch_refuses_bad_input_before_training():
         switch_fit.SwitchData(torch.zeros(3, 8, 6, 6), torch.zeros(2, 3))
 
 
+def test_match_detections_keeps_those_on_an_object_then_the_objects():
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    dets = torch.tensor([[0.0, 0, 10, 9],  # IoU 0.9 with object 0
+                         [20, 20, 30, 25],  # 0.5 with object 1: at the threshold, kept
+                         [0, 0, 10, 4],  # 0.4: dropped
+                         [50, 50, 60, 60],  # on nothing
+                         [19, 19, 30, 30]])  # 100/121 with object 1
+    keep, matched = switch_fit.match_detections(dets, gt, 0.5)
+    assert keep.tolist() == [0, 1, 4] and matched.tolist() == [0, 1, 1, 0, 1]
+    keep, matched = switch_fit.match_detections(dets, gt, 0.95)
+    assert keep.tolist() == [] and matched.tolist() == [0, 1]
+    keep, matched = switch_fit.match_detections(dets[:0], gt, 0.5)  # no detection: the objects alone
+    assert keep.tolist() == [] and matched.tolist() == [0, 1]
+    keep, matched = switch_fit.match_detections(dets, gt[:0], 0.5)  # no object: nothing
+    assert keep.tolist() == [] and matched.tolist() == []
+
+
+def test_detected_head_outputs_runs_the_head_on_the_detections_on_objects_and_the_objects(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    images, targets = synthetic_batch()
+    _, tg = model.transform(images, targets)  # eval: a fixed resize, the frame the detections are in
+    g0, g1 = tg[0]["boxes"], tg[1]["boxes"]
+    far = torch.tensor([[0.0, 0, 2, 2]])
+    # image 0: a copy of object 1's box with its label, one of object 0's with another label, one on nothing;
+    # image 1: nothing detected
+    fake = ([torch.cat([g0[1:2], g0[0:1], far]), g1[:0]], [torch.tensor([0.9, 0.3, 0.8]), torch.zeros(0)],
+            [torch.tensor([2, 2, 1]), torch.zeros(0, dtype=torch.int64)])
+    heads = model.roi_heads
+    monkeypatch.setattr(heads, "detect_boxes", lambda *a, **k: fake)
+    out = switch_fit.detected_head_outputs(model, images, targets)
+    assert out is not None
+    # rows: image 0's two kept detections, its two objects, then image 1's object
+    assert out.roi_features.shape[0] == 5
+    for det_row, obj_row in ((0, 3), (1, 2)):  # a detection on an object's exact box pools what the object does
+        assert torch.equal(out.roi_features[det_row], out.roi_features[obj_row])
+        for k in range(len(out.mask_targets)):
+            assert torch.equal(out.mask_targets[k][det_row], out.mask_targets[k][obj_row])
+    # the class-specific head reads each row's label: the copy of object 1 (same label) matches its row, the
+    # relabelled copy of object 0 need not
+    assert torch.equal(out.mask_logits[-1][0], out.mask_logits[-1][3])
+    # the objects' own rows: as the head on the ground-truth boxes alone
+    ref = heads.masks_every_resolution(model.backbone(model.transform(images)[0].tensors), [g0, g1],
+                                       model.transform(images)[0].image_sizes, torch.cat([t["labels"] for t in tg]))
+    assert torch.allclose(out.roi_features[2:], ref.roi_features, atol=1e-6)
+    assert torch.allclose(out.mask_logits[0][2:], ref.mask_logits[0], atol=1e-5)
+    # no object anywhere: nothing to learn from
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+              "masks": torch.zeros(0, 64, 80, dtype=torch.uint8)} for _ in images]
+    assert switch_fit.detected_head_outputs(model, images, empty) is None
+
+
 def test_collect_keeps_the_switch_input_and_each_resolutions_iou():
     torch.manual_seed(0)
     model = tiny_model().eval()
@@ -231,6 +283,12 @@ def test_collect_keeps_the_switch_input_and_each_resolutions_iou():
     data = switch_fit.collect(model, [(images, targets)], progress=False)
     assert out is not None and data.inputs.shape == out.roi_features.shape
     assert torch.equal(data.inputs, out.roi_features.half())
+    # the detections on objects instead, on request
+    det = switch_fit.detected_head_outputs(model, images, targets)
+    det_data = switch_fit.collect(model, [(images, targets)], progress=False, on_detections=True)
+    assert det is not None and torch.equal(det_data.inputs, det.roi_features.half())
+    assert torch.equal(det_data.iou, mask_iou_top_grid([x.sigmoid() for x in det.mask_logits],
+                                                       det.mask_targets[-1]).float())
     # the IoU of each resolution, by hand: upsample, threshold at 0.5, count on the finest grid
     top = out.mask_targets[-1] > 0.5
     size = top.shape[-1]

@@ -5,9 +5,11 @@ studies that switch captures 0.26-0.5 of what routing can gain (``benchmarks/res
 switch that sees each training RoI's outcome at every resolution can learn more directly:
 
 1. :func:`collect`: with the model frozen, run its training batches through the mask head at every resolution
-   and keep, per positive RoI, the switch's input (``switch_input`` view, float16) and each resolution's mask
-   IoU with the ground truth on the finest grid (:func:`~dynamask.engine.routing_probe.mask_iou_top_grid`:
-   the quantity the routing value judges).
+   and keep, per RoI, the switch's input (``switch_input`` view, float16) and each resolution's
+   mask IoU with the ground truth on the finest grid (:func:`~dynamask.engine.routing_probe.mask_iou_top_grid`:
+   the quantity the routing value judges). The RoIs are the positives training samples (RPN proposals);
+   ``on_detections=True`` learns from the model's own detections on objects instead
+   (:func:`detected_head_outputs`), which the accuracy study measured and did not adopt (docs/method.md §3).
 2. :func:`fit_switch`: a fresh MSM regresses each RoI's IoUs, centred per RoI (only the differences between
    resolutions decide), for some epochs over the cache, and keeps the mean of its weights after each of the
    last epochs (stochastic weight averaging: the share of the routing gain a single epoch's weights capture
@@ -93,6 +95,58 @@ def frozen_head_outputs(model: DynaMaskRCNN, images: list[Tensor],
     return FrozenHead(out.roi_features, out.trunk, out.mask_logits, out.edge_logits, mask_t, edge_t)
 
 
+def match_detections(boxes: Tensor, gt_boxes: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """The detections that overlap a ground-truth object, then the ground-truth boxes themselves.
+
+    Args:
+        boxes: ``[D, 4]`` one image's detections. gt_boxes: ``[G, 4]`` its objects (same frame).
+        threshold: the box IoU at or above which a detection is on an object (the box head's foreground IoU).
+
+    Returns:
+        ``keep`` ``[D']`` int64: the kept detections' indices, in order; ``matched`` ``[D' + G]`` int64: the
+        object each kept detection overlaps most, then ``0 .. G-1`` for the ground-truth boxes.
+    """
+    from torchvision.ops import box_iou
+
+    own = torch.arange(gt_boxes.shape[0], device=gt_boxes.device)
+    if boxes.shape[0] == 0 or gt_boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device), own
+    best, idx = box_iou(boxes, gt_boxes).max(dim=1)
+    keep = torch.where(best >= threshold)[0]
+    return keep, torch.cat([idx[keep], own])
+
+
+@torch.no_grad()
+def detected_head_outputs(model: DynaMaskRCNN, images: list[Tensor],
+                          targets: list[dict[str, Tensor]]) -> FrozenHead | None:
+    """Every stage of ``model``'s mask head on what it meets on objects at inference, for one training batch:
+    its detections (any class and score, as the head runs on them) that overlap a ground-truth object by the
+    box head's foreground IoU, each against that object's mask, and the ground-truth boxes. The model is
+    in eval mode. None when the batch holds no object.
+
+    An alternative to the training positives (:func:`frozen_head_outputs`, RPN proposals before the box
+    head's regression), closer to what the switch chooses for; the accuracy study measured it and kept the
+    positives: no gain beyond the spread of its three seeds (docs/method.md §3, "RoIs of the fit")."""
+    heads = cast(DynaMaskRoIHeads, model.roi_heads)
+    il, tg = model.transform(images, targets)
+    features = model.backbone(il.tensors)
+    proposals, _ = model.rpn(il, features)
+    det_boxes, _, det_labels = heads.detect_boxes(features, proposals, il.image_sizes)
+    threshold = float(heads.proposal_matcher.high_threshold)
+    boxes, matched, labels = [], [], []
+    for b, lab, t in zip(det_boxes, det_labels, tg):
+        keep, idx = match_detections(b, t["boxes"], threshold)
+        boxes.append(torch.cat([b[keep], t["boxes"]]))
+        matched.append(idx)
+        labels.append(torch.cat([lab[keep], t["labels"]]))
+    if sum(b.shape[0] for b in boxes) == 0:
+        return None
+    out = heads.masks_every_resolution(features, boxes, il.image_sizes, torch.cat(labels))
+    mask_t = mask_losses.mask_targets([t["masks"] for t in tg], boxes, matched, heads.mask_head.resolutions)
+    edge_t = [mask_losses.edge_targets(m) for m in mask_t]
+    return FrozenHead(out.roi_features, out.trunk, out.mask_logits, out.edge_logits, mask_t, edge_t)
+
+
 @dataclass
 class SwitchData:
     """What a switch fit learns from: per training RoI, the switch's input and each resolution's IoU."""
@@ -143,12 +197,14 @@ def shard_size(num_batches: int, shard: tuple[int, int]) -> int:
 @torch.no_grad()
 def collect(model: DynaMaskRCNN, batches: Iterable[Batch], *, total: int | None = None,
             progress: bool = True, allow_empty: bool = False, max_rois_per_batch: int | None = None,
-            seed: int = 0) -> SwitchData:
+            seed: int = 0, on_detections: bool = False) -> SwitchData:
     """Runs the frozen ``model`` (a DynaMask detector; put in eval mode here) on ``batches`` of training
-    images and targets and returns the switch's inputs and per-resolution IoUs of their positive RoIs.
-    ``max_rois_per_batch``: keep at most this many of each batch's positives (a random subset, seeded by
-    ``seed``): the inputs are kept in memory, 100 KB per RoI for a 256-channel RoI feature. No positive RoI
-    is an error unless ``allow_empty`` (one process's share, gathered with the others')."""
+    images and targets and returns the switch's inputs and per-resolution IoUs of the positive RoIs training
+    samples (:func:`frozen_head_outputs`), or with ``on_detections`` of the detections that overlap an object
+    and the objects' boxes (:func:`detected_head_outputs`).
+    ``max_rois_per_batch``: keep at most this many of each batch's RoIs (a random subset, seeded by
+    ``seed``): the inputs are kept in memory, 100 KB per RoI for a 256-channel RoI feature. No RoI to learn
+    from is an error unless ``allow_empty`` (one process's share, gathered with the others')."""
     from tqdm import tqdm
 
     heads = cast(DynaMaskRoIHeads, model.roi_heads)
@@ -164,7 +220,7 @@ def collect(model: DynaMaskRCNN, batches: Iterable[Batch], *, total: int | None 
                                 dynamic_ncols=True, mininterval=5.0):
         images = [im.to(device) for im in images]
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        out = frozen_head_outputs(model, images, targets)
+        out = (detected_head_outputs if on_detections else frozen_head_outputs)(model, images, targets)
         if out is None:
             continue
         x = switch_view(heads.switch_input, head, out.roi_features, out.trunk).half().cpu()

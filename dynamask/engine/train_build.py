@@ -197,9 +197,9 @@ def new_model(cfg: TrainConfig, device: torch.device, kwargs: dict[str, Any], *,
         stored["stage_levels"] = list(levels)
     recipe.check_budget(model)  # a C_t below the cheapest resolution can never be met: refused now
     msm = getattr(heads, "msm", None)
-    if msm is not None and bool(msm.cost_penalty.any()):
+    if msm is not None and (bool(msm.cost_penalty.any()) or bool(msm.confidence_weighted)):
         # weights of a fitted model: its price would bias the Gumbel logits the dynamic phase trains (and its
-        # confidence rule belongs to that price)
+        # confidence rule belongs to that price; a fit whose budget needed no price, μ = 0, still sets the rule)
         msm.cost_penalty.zero_()
         msm.set_confidence_weighted(False)
         log.info("note: the weights' fitted switch price (cost_penalty) is reset to zero: the dynamic phase "
