@@ -100,3 +100,21 @@ def test_a_ladder_only_seed_counts_for_the_ladder_not_for_the_switch(tmp_path):
     claims = {c.split(":")[0].split(" (")[0]: (h, t) for c, h, t in seeds.write(str(tmp_path / "out"), [a, b])}
     assert claims["Table 6"][0] is True and "seed 1: no default-switch rows, not judged" in claims["Table 6"][1]
     assert "40.0 → 42.5 → 45.5 → 47.5" in claims["the ladder 14²/28²/56²/112² rises by ≥ +0.5 AP per doubling"][1]
+
+
+def test_the_predictability_section_reads_each_folders_measurement(tmp_path):
+    a = _study(tmp_path, 0, [0.40, 0.42, 0.45, 0.47], 0.41, 0.43, {0.05: [(0.44, 0.05, 0.7)]})
+    b = _study(tmp_path, 1, [0.40, 0.42, 0.45, 0.47], 0.41, 0.43, {0.05: [(0.44, 0.05, 0.7)]})
+    assert seeds.predictability_lines([a, b]) == []  # no measurement: no section
+    inits = [{"step_r2": [0.2, 0.1, 0.0], "captured": {"0.045": 0.5}},
+             {"step_r2": [0.4, 0.3, 0.1], "captured": {"0.045": 0.6}}]
+    measured = {"sources": {"positives": {"rois": 100, "inits": inits}},
+                "needed": [{"step_r2": [0.4, 0.4, 0.2], "captured": {"0.045": 0.64}}]}
+    with open(os.path.join(a, "switch_predictability.json"), "w") as f:
+        json.dump(measured, f)
+    seeds.write(str(tmp_path / "out"), [a, b])
+    md = (tmp_path / "out.md").read_text()
+    # the mean of the two inits per step (0.3 / 0.2 / 0.05) and per budget (0.55), and the simulated row
+    assert "| s0 | positives (100) | 0.30 / 0.20 / 0.05 | 0.045: 0.55 |" in md
+    assert "| s0 | a predictor with these R² (simulated) | 0.40 / 0.40 / 0.20 | 0.045: 0.64 |" in md
+    assert "| s1 |" not in md

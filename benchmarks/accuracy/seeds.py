@@ -239,6 +239,37 @@ def gt_box_table(studies: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def predictability_lines(folders: list[str]) -> list[str]:
+    """The section on how predictable each step's gain is, from each folder's ``switch_predictability.json``
+    (``benchmarks/switch_predictability.py``; measured on held-out training images, not the validation split):
+    what the routing-value claim rests on. Empty where no folder has one."""
+    lines: list[str] = []
+    for folder in folders:
+        path = os.path.join(folder, "switch_predictability.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as fh:
+            d = json.load(fh)
+        if not lines:
+            lines = ["", "## How predictable each step's gain is (`benchmarks/switch_predictability.py`)", "",
+                     "Fitted on the training images but the last few, judged on those images' objects (not the "
+                     "validation split); mean of the fit inits. *R²*: of the predicted IoU gain at each step; "
+                     "*captured*: at each budget (GMAC per RoI on those objects).", "",
+                     "| folder | RoIs of the fit | R² per step | captured |", "|---|---|---|---|"]
+        for name, src in d.get("sources", {}).items():
+            inits = src["inits"]
+            r2 = [statistics.fmean(col) for col in zip(*(i["step_r2"] for i in inits))]
+            cap = {b: statistics.fmean(i["captured"][b] for i in inits) for b in inits[0]["captured"]}
+            lines.append(f"| {os.path.basename(os.path.normpath(folder))} | {name} ({src['rois']}) | "
+                         + " / ".join(f"{v:.2f}" for v in r2) + " | "
+                         + ", ".join(f"{b}: {v:.2f}" for b, v in cap.items()) + " |")
+        for row in d.get("needed", []):
+            lines.append(f"| {os.path.basename(os.path.normpath(folder))} | a predictor with these R² (simulated) | "
+                         + " / ".join(f"{v:.2f}" for v in row["step_r2"]) + " | "
+                         + ", ".join(f"{b}: {v:.2f}" for b, v in row["captured"].items()) + " |")
+    return lines
+
+
 def write(out: str, folders: list[str]) -> list[tuple[str, bool | None, str]]:
     studies = [load(f) for f in folders]
     per_seed = {int(st["config"]["seed"]): seed_claims(st["rows"]) for st in studies}
@@ -269,6 +300,7 @@ def write(out: str, folders: list[str]) -> list[tuple[str, bool | None, str]]:
     for c, h, t in claims:
         verdict = "not measured" if h is None else ("holds" if h else "does not hold")
         lines.append(f"- **{c}:** {verdict}: {t}.")
+    lines += predictability_lines(folders)
     write_text_atomic(out + ".md", "\n".join(lines) + "\n")
     return claims
 
