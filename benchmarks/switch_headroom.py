@@ -54,20 +54,22 @@ from dynamask.engine.routing_value import best_assignment, oracle_choice, routin
 from dynamask.engine.switch_fit import frozen_head_outputs  # noqa: E402
 from dynamask.models import mask_losses  # noqa: E402
 from dynamask.models.flops import mask_head_gmacs  # noqa: E402
+from dynamask.models.switch_input import switch_view  # noqa: E402
 
 
-def _probe(model, image, target):
-    """``([R, C, S, S] RoI features, [R, K] IoU)`` of the ground-truth boxes of one image."""
+def probe_gt_boxes(model, image, target, reads: str = "roi"):
+    """``([R, C, S, S] switch input, [R, K] IoU)`` of the ground-truth boxes of one image; the input is the view
+    ``reads`` (:func:`dynamask.models.switch_input.switch_view`; the RoI feature by default)."""
     heads = model.roi_heads
     head = heads.mask_head
     il, tg = model.transform([image], [target])
     feats = model.backbone(il.tensors)
     boxes = [tg[0]["boxes"]]
     out = heads.masks_every_resolution(feats, boxes, il.image_sizes, tg[0]["labels"])
-    rf, logits = out.roi_features, out.mask_logits
     n = boxes[0].shape[0]
     top = mask_losses.mask_targets([tg[0]["masks"]], boxes, [torch.arange(n)], [head.resolutions[-1]])[0]
-    return rf, mask_iou_top_grid([x.sigmoid() for x in logits], top)
+    view = switch_view(reads, head, out.roi_features, out.trunk)
+    return view, mask_iou_top_grid([x.sigmoid() for x in out.mask_logits], top)
 
 
 def _mirror(image, target):
@@ -100,8 +102,8 @@ def retest(model, val, rows: list[dict] | None = None) -> dict:
         image, target = val[i]
         if target["boxes"].shape[0] == 0:
             continue
-        a.append(_probe(model, image, dict(target))[1].numpy())
-        b.append(_probe(model, *_mirror(image, target))[1].numpy())
+        a.append(probe_gt_boxes(model, image, dict(target))[1].numpy())
+        b.append(probe_gt_boxes(model, *_mirror(image, target))[1].numpy())
         cats += [names[val.cat_ids[int(lab) - 1]] for lab in target["labels"].tolist()]
     iou, mirror = np.concatenate(a), np.concatenate(b)
     n, k = iou.shape
@@ -136,7 +138,7 @@ def cache(model, train, val, cfg, iters: int) -> dict:
     for i in range(len(val)):
         image, target = val[i]
         if target["boxes"].shape[0] > 0:
-            rf, iou = _probe(model, image, target)
+            rf, iou = probe_gt_boxes(model, image, target)
             vx.append(rf.half())
             vi.append(iou)
     return {"x": torch.cat(xs), "signal": {k: torch.cat(v) for k, v in sig.items()}, "val_x": torch.cat(vx),

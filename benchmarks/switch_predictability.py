@@ -12,9 +12,8 @@ the ground-truth boxes of those last images:
   at each step (14²→28², 28²→56², ...) and the share of the routing gain it captures
   (:func:`dynamask.engine.routing_value.routing_value`) when priced to each ``--budgets`` on those boxes;
 - ``needed``: the share a switch would capture whose predicted gains had a given R² at each step (the best R² a
-  source reached, then a few larger ones; the held-out
-  gains plus Gaussian noise of that size, shrunk as a regression shrinks them; 20 draws): how predictable the
-  gains must be for the issue's 0.6.
+  source reached, then a few larger ones; the held-out gains plus Gaussian noise of that size, shrunk as a
+  regression shrinks them; 20 draws): how predictable the gains must be for the issue's 0.6.
 
 Written to ``OUT/switch_predictability.json`` as it goes; a source already there is not run again.
 """
@@ -38,12 +37,10 @@ if ROOT not in sys.path:  # run as a script: the accuracy study is imported as t
 
 from benchmarks.accuracy.config import full_config  # noqa: E402
 from benchmarks.accuracy.phases import build_dynamask, datasets, load_state, log, save_json  # noqa: E402
+from benchmarks.switch_headroom import probe_gt_boxes  # noqa: E402
 from dynamask.engine import switch_fit  # noqa: E402
-from dynamask.engine.routing_probe import mask_iou_top_grid  # noqa: E402
 from dynamask.engine.routing_value import routing_value  # noqa: E402
-from dynamask.models import mask_losses  # noqa: E402
 from dynamask.models.flops import mask_head_gmacs  # noqa: E402
-from dynamask.models.switch_input import switch_view  # noqa: E402
 
 SOURCES = {"positives": False, "detections": True}  # name → switch_fit.collect's on_detections
 R2_GRID = ((0.3, 0.3, 0.1), (0.4, 0.4, 0.2), (0.5, 0.5, 0.3), (0.5, 0.5, 0.05))
@@ -52,20 +49,14 @@ R2_GRID = ((0.3, 0.3, 0.1), (0.4, 0.4, 0.2), (0.5, 0.5, 0.3), (0.5, 0.5, 0.05))
 @torch.no_grad()
 def gt_boxes(model, dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
     """The switch inputs ``[N, C, S, S]`` and per-resolution IoUs ``[N, K]`` of the objects of ``indices``."""
-    heads = model.roi_heads
     xs, ys = [], []
     for i in indices:
         image, target = dataset[i]
         if target["boxes"].shape[0] == 0:
             continue
-        il, tg = model.transform([image], [dict(target)])
-        features = model.backbone(il.tensors)
-        boxes = [tg[0]["boxes"]]
-        out = heads.masks_every_resolution(features, boxes, il.image_sizes, tg[0]["labels"])
-        top = mask_losses.mask_targets([tg[0]["masks"]], boxes, [torch.arange(boxes[0].shape[0])],
-                                       [heads.mask_head.resolutions[-1]])[0]
-        xs.append(switch_view(heads.switch_input, heads.mask_head, out.roi_features, out.trunk).half())
-        ys.append(mask_iou_top_grid([p.float().sigmoid() for p in out.mask_logits], top).float())
+        x, iou = probe_gt_boxes(model, image, dict(target), reads=model.roi_heads.switch_input)
+        xs.append(x.half())
+        ys.append(iou.float())
     return torch.cat(xs), torch.cat(ys)
 
 

@@ -250,6 +250,7 @@ def predictability_lines(folders: list[str]) -> list[str]:
             continue
         with open(path) as fh:
             d = json.load(fh)
+        where = os.path.basename(os.path.normpath(folder))
         if not lines:
             lines = ["", "## How predictable each step's gain is (`benchmarks/switch_predictability.py`)", "",
                      "Fitted on the training images but the last few, judged on those images' objects (not the "
@@ -260,11 +261,11 @@ def predictability_lines(folders: list[str]) -> list[str]:
             inits = src["inits"]
             r2 = [statistics.fmean(col) for col in zip(*(i["step_r2"] for i in inits))]
             cap = {b: statistics.fmean(i["captured"][b] for i in inits) for b in inits[0]["captured"]}
-            lines.append(f"| {os.path.basename(os.path.normpath(folder))} | {name} ({src['rois']}) | "
+            lines.append(f"| {where} | {name} ({src['rois']}) | "
                          + " / ".join(f"{v:.2f}" for v in r2) + " | "
                          + ", ".join(f"{b}: {v:.2f}" for b, v in cap.items()) + " |")
         for row in d.get("needed", []):
-            lines.append(f"| {os.path.basename(os.path.normpath(folder))} | a predictor with these R² (simulated) | "
+            lines.append(f"| {where} | a predictor with these R² (simulated) | "
                          + " / ".join(f"{v:.2f}" for v in row["step_r2"]) + " | "
                          + ", ".join(f"{b}: {v:.2f}" for b, v in row["captured"].items()) + " |")
     return lines
