@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the study's checkpoint (ckpt/ON.pth) whose switch is fitted (default: the default switch's "
                         "model)")
     p.add_argument("--held-out", type=int, default=200, help="last training images to judge on (default 200)")
-    p.add_argument("--batches", type=int, default=900, help="training batches of 2 images to fit on (default 900)")
+    p.add_argument("--batches", type=int, default=2700, help="training batches of 2 images to fit on (default 2700)")
     p.add_argument("--inits", type=int, default=3, help="fit inits per RoI source (default 3)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.045, 0.06, 0.08],
                    help="GMAC per RoI on the held-out objects (default 0.045 0.06 0.08)")

@@ -175,6 +175,20 @@ def test_split_runs_the_maskrcnn_row_in_a_second_process(study, tmp_path):
     assert row["policy"] == "maskrcnn" and isinstance(row["segm_ap"], float)
 
 
+def test_fit_caches_are_named_by_their_batch_count(study):
+    """A study folder keeps each fit's collected RoIs and fitted switches under a name with the number of training
+    batches: a fit plan of another count (the default changed from 900 to 2700) collects anew instead of pricing
+    the cached fit of the old count."""
+    plan = equal_mask_supervision(quick_config(0)).train_fit
+    cached = set(os.listdir(study / "ckpt"))
+    assert {f"{plan.cache('switch_data')}.pth", f"{plan.cache('fit')}.pth"} <= cached
+    assert plan.cache("fit").endswith(f"-b{plan.batches}")
+    other = replace(plan, batches=plan.batches + 1)
+    assert f"{other.cache('switch_data')}.pth" not in cached and f"{other.cache('fit')}.pth" not in cached
+    rows = [json.load(open(study / "rows" / f"{n}.json")) for n in plan.names()]
+    assert rows and all(r["fit"]["batches"] == plan.batches for r in rows)
+
+
 def test_cost_aware_switch_is_the_lagrangian_choice_and_mu_meets_the_budget():
     costs = torch.tensor([1.0, 2.0, 4.0])
     # predicted losses: row 0 gains 0.3 from the last resolution, row 1 gains 0.05, row 2 nothing

@@ -53,7 +53,7 @@ class FitPlan:
     batches, one fit of ``epochs`` per init, priced at each budget on the detections of
     ``calibration_images`` training images."""
 
-    batches: int = 900
+    batches: int = 2700  # switch_fit's default (RoIs: 8 per image, 2 images per batch)
     epochs: int = 15
     inits: tuple[int, ...] = (0, 1, 2)
     budgets: tuple[float, ...] = ()
@@ -73,8 +73,10 @@ class FitPlan:
         return f"init{init}-avg{self.averaged()}"
 
     def cache(self, what: str) -> str:
-        """The checkpoint name of this plan's ``what`` ("fit" or "switch_data")."""
-        return what if self.on == "base" else f"{what}-{self.on}"
+        """The checkpoint name of this plan's ``what`` ("fit" or "switch_data"); the number of batches is part of
+        it, so that a study folder never prices a fit collected on another number (stop 39's folders hold
+        ``WHAT-ON``, 900 batches)."""
+        return (what if self.on == "base" else f"{what}-{self.on}") + f"-b{self.batches}"
 
     def names(self) -> list[str]:
         prefix = "fit-iou-roi" if self.on == "base" else "train-fit"

@@ -37,8 +37,8 @@ def add_parser(sub) -> None:
     budget.add_argument("--budget-at", type=int, metavar="S",
                         help="C_t = the head's cost at resolution S (e.g. 28: on average as costly as 28² for all)")
     budget.add_argument("--no-budget", action="store_true", help="no price: each RoI gets its predicted best")
-    p.add_argument("--batches", type=positive_int, default=900,
-                   help="training batches run through the frozen model (default 900)")
+    p.add_argument("--batches", type=positive_int, default=2700,
+                   help="training batches run through the frozen model (default 2700)")
     p.add_argument("--batch-size", type=positive_int, default=2, help="images per batch (default 2)")
     p.add_argument("--epochs", type=positive_int, default=15,
                    help="epochs of the switch over the collected RoIs (default 15)")

@@ -89,7 +89,7 @@ class TrainConfig:
         "switch_life); paper keeps the switch the dynamic phase trained through Gumbel-softmax under the soft "
         "budget (Eq. 3), the paper's model and --recipe paper's default. --no-switch-fit: --switch paper",
         group=METHOD)
-    switch_fit_batches: int = option(900, "training batches (of --batch-size images, over all processes) the "
+    switch_fit_batches: int = option(2700, "training batches (of --batch-size images, over all processes) the "
                                      "switch fit runs the trained model on", group=METHOD)
     switch_fit_epochs: int = option(15, "epochs of the switch fit over those RoIs", group=METHOD)
     switch_fit_calibration_images: int = option(
