@@ -213,7 +213,7 @@ def full_config(seed: int = 0) -> StudyConfig:
 # costs, where no row stood before), 0.04, 0.045 and 0.05 GMAC (around the size rule's 0.0475-0.0493 and
 # under 1.3x the Mask R-CNN head's 0.0397 = 0.052: Tab. 8 and Tab. 6), 0.08, 0.09 (just under 0.6x the 112² cost,
 # Tab. 5) and 0.11. The price is set on training images, and on the validation images every seed's fit landed
-# 5-9% above its budget (C_t 0.045 at 0.0475-0.0490 GMAC): 0.04 keeps a row under the size rule's cost on a seed
+# 5-9% above its budget (C_t 0.045 at 0.0475-0.0492 GMAC): 0.04 keeps a row under the size rule's cost on a seed
 # whose size rule is cheap (seed 2: 0.0475).
 CORE_FIT_BUDGETS = (0.03, 0.035, 0.04, 0.045, 0.05, 0.08, 0.09, 0.11)
 
