@@ -1,6 +1,6 @@
 """Accuracy per FLOP on shapes whose objects are large enough for mask resolution to matter (issue 16).
 
-    python -m benchmarks.accuracy --split --out /tmp/accuracy    # the study (≈ 112 min on 2 idle cores, est.)
+    python -m benchmarks.accuracy --split --out /tmp/accuracy    # one seed (≈ 85 min on 2 cores: docs/results.md)
     python -m benchmarks.accuracy --quick --out /tmp/acc-quick   # smoke test (CI), about a minute
 
 (from the repository root, or with it on ``PYTHONPATH``). What it trains (one seed, one data set; every row
