@@ -118,3 +118,10 @@ def test_the_predictability_section_reads_each_folders_measurement(tmp_path):
     assert "| s0 | positives (100) | 0.30 / 0.20 / 0.05 | 0.045: 0.55 |" in md
     assert "| s0 | a predictor with these R² (simulated) | 0.40 / 0.40 / 0.20 | 0.045: 0.64 |" in md
     assert "| s1 |" not in md
+    assert "mean of the 2 inits' predictions" not in md  # measured before the ensemble was recorded: no line
+    measured["sources"]["positives"]["ensemble"] = {"step_r2": [0.45, 0.25, 0.1], "captured": {"0.045": 0.7}}
+    with open(os.path.join(a, "switch_predictability.json"), "w") as f:
+        json.dump(measured, f)
+    seeds.write(str(tmp_path / "out"), [a, b])
+    md = (tmp_path / "out.md").read_text()
+    assert "| s0 | positives: the mean of the 2 inits' predictions | 0.45 / 0.25 / 0.10 | 0.045: 0.70 |" in md

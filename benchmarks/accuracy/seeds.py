@@ -264,6 +264,11 @@ def predictability_lines(folders: list[str]) -> list[str]:
             lines.append(f"| {where} | {name} ({src['rois']}) | "
                          + " / ".join(f"{v:.2f}" for v in r2) + " | "
                          + ", ".join(f"{b}: {v:.2f}" for b, v in cap.items()) + " |")
+            ens = src.get("ensemble")
+            if ens is not None:
+                lines.append(f"| {where} | {name}: the mean of the {len(inits)} inits' predictions | "
+                             + " / ".join(f"{v:.2f}" for v in ens["step_r2"]) + " | "
+                             + ", ".join(f"{b}: {v:.2f}" for b, v in ens["captured"].items()) + " |")
         for row in d.get("needed", []):
             lines.append(f"| {where} | a predictor with these R² (simulated) | "
                          + " / ".join(f"{v:.2f}" for v in row["step_r2"]) + " | "
