@@ -17,7 +17,8 @@ the ground-truth boxes of those last images:
   source reached, then a few larger ones; the held-out gains plus Gaussian noise of that size, shrunk as a
   regression shrinks them; 20 draws): how predictable the gains must be for the issue's 0.6.
 
-Written to ``OUT/switch_predictability.json`` as it goes; a source already there is not run again.
+Seeded (torch's generator too): a rerun draws the same RoIs. Written to ``OUT/switch_predictability.json`` as it
+goes; a source already there is not run again.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # the flips and the box sampler draw from torch's generator: seeded, a rerun collects the same RoIs (unseeded,
+    # two runs on seed 0 drew different ones, and the three inits' mean captured share at 0.03 moved 0.60 → 0.52)
+    torch.manual_seed(1000 + int(json.load(open(os.path.join(args.study, "meta.json")))["config"]["seed"]))
     with open(os.path.join(args.study, "meta.json")) as f:
         saved = json.load(f)["config"]
     cfg = replace(full_config(int(saved["seed"])), arch=saved["arch"])
