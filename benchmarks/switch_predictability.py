@@ -41,7 +41,7 @@ if ROOT not in sys.path:  # run as a script: the accuracy study is imported as t
 from benchmarks.accuracy.config import full_config  # noqa: E402
 from benchmarks.accuracy.phases import build_dynamask, datasets, load_state, log, save_json  # noqa: E402
 from benchmarks.switch_headroom import probe_gt_boxes  # noqa: E402
-from dynamask.engine import switch_fit  # noqa: E402
+from dynamask.engine import switch_fit, switch_fit_defaults  # noqa: E402
 from dynamask.engine.routing_value import routing_value  # noqa: E402
 from dynamask.models.flops import mask_head_gmacs  # noqa: E402
 
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the study's checkpoint (ckpt/ON.pth) whose switch is fitted (default: the default switch's "
                         "model)")
     p.add_argument("--held-out", type=int, default=200, help="last training images to judge on (default 200)")
-    p.add_argument("--batches", type=int, default=2700, help="training batches of 2 images to fit on (default 2700)")
+    p.add_argument("--batches", type=int, default=switch_fit_defaults.BATCHES,
+                   help=f"training batches of 2 images to fit on (default {switch_fit_defaults.BATCHES})")
     p.add_argument("--inits", type=int, default=3, help="fit inits per RoI source (default 3)")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.045, 0.06, 0.08],
                    help="GMAC per RoI on the held-out objects (default 0.045 0.06 0.08)")

@@ -426,3 +426,34 @@ def test_cli_fit_switch_writes_a_fitted_checkpoint_and_refuses_bad_input(tmp_pat
     for k, v in before.items():
         if not k.startswith("roi_heads.msm."):
             assert torch.equal(ckpt["model"][k], v), k
+
+
+def test_every_entry_point_takes_the_fit_defaults_from_one_place(monkeypatch):
+    """``dynamask train``, ``dynamask fit-switch``, the library call and the accuracy study fit on the same number of
+    batches, epochs and calibration images: each reads ``switch_fit_defaults`` (it fails if one is written again)."""
+    import dataclasses
+    import inspect
+    import sys
+
+    from dynamask.cli import build_parser
+    from dynamask.engine import switch_fit_defaults as defaults
+    from dynamask.engine.train_config import TrainConfig
+
+    expected = (defaults.BATCHES, defaults.EPOCHS, defaults.CALIBRATION_IMAGES)
+    argv = ["fit-switch", "run/last.pth", "--data", "d", "--target-gmacs", "0.1", "--out", "o.pth"]
+    lib = inspect.signature(switch_fit.fit_model_switch).parameters
+    assert (lib["num_batches"].default, lib["epochs"].default, lib["calibration_images"].default) == expected
+    assert inspect.signature(switch_fit.fit_switch).parameters["epochs"].default == defaults.EPOCHS
+    field = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert (field["switch_fit_batches"], field["switch_fit_epochs"], field["switch_fit_calibration_images"]) == expected
+    args = build_parser().parse_args(argv)
+    assert (args.batches, args.epochs, args.calibration_images) == expected
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.accuracy.config import FitPlan
+
+    plan = FitPlan()
+    assert (plan.batches, plan.epochs, plan.calibration_images) == expected
+    # the command line reads the default when it builds its parser, not a copy of it
+    monkeypatch.setattr(defaults, "BATCHES", 5400)
+    args = build_parser().parse_args(argv)
+    assert args.batches == 5400

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dynamask.engine import switch_fit_defaults
+
 # the repository root (the study's default --out is under it; --split's second process imports this package
 # from it)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,11 +55,11 @@ class FitPlan:
     batches, one fit of ``epochs`` per init, priced at each budget on the detections of
     ``calibration_images`` training images."""
 
-    batches: int = 2700  # as `dynamask train --switch-fit-batches`; here of 2 images, 8 RoIs each: 43 200 RoIs
-    epochs: int = 15
+    batches: int = switch_fit_defaults.BATCHES  # as `dynamask train`'s; here of 2 images, 8 RoIs each: 43 200 RoIs
+    epochs: int = switch_fit_defaults.EPOCHS
     inits: tuple[int, ...] = (0, 1, 2)
     budgets: tuple[float, ...] = ()
-    calibration_images: int = 200  # training images whose detections each row's price is set on
+    calibration_images: int = switch_fit_defaults.CALIBRATION_IMAGES  # the training images each row is priced on
     average_epochs: int | None = None  # switch_fit.fit_switch's (None: its default, the last half of the epochs)
     on: str = "base"  # the checkpoint (ckpt/ON.pth) whose switch is fitted
     # the switch weighs its choice on detections by their confidence (the library's default); False: the same

@@ -20,6 +20,7 @@ from dynamask.cli.common import (
     split_files,
     unit_interval,
 )
+from dynamask.engine import switch_fit_defaults as defaults
 
 
 def add_parser(sub) -> None:
@@ -37,17 +38,17 @@ def add_parser(sub) -> None:
     budget.add_argument("--budget-at", type=int, metavar="S",
                         help="C_t = the head's cost at resolution S (e.g. 28: on average as costly as 28² for all)")
     budget.add_argument("--no-budget", action="store_true", help="no price: each RoI gets its predicted best")
-    p.add_argument("--batches", type=positive_int, default=2700,
-                   help="training batches run through the frozen model (default 2700)")
+    p.add_argument("--batches", type=positive_int, default=defaults.BATCHES,
+                   help=f"training batches run through the frozen model (default {defaults.BATCHES})")
     p.add_argument("--batch-size", type=positive_int, default=2, help="images per batch (default 2)")
-    p.add_argument("--epochs", type=positive_int, default=15,
-                   help="epochs of the switch over the collected RoIs (default 15)")
+    p.add_argument("--epochs", type=positive_int, default=defaults.EPOCHS,
+                   help=f"epochs of the switch over the collected RoIs (default {defaults.EPOCHS})")
     p.add_argument("--average-epochs", type=positive_int, default=None,
                    help="keep the mean of the switch's weights after each of the last N epochs (default: the last "
                         "half; 1 keeps the last epoch's)")
-    p.add_argument("--calibration-images", type=non_negative_int, default=200,
-                   help="training images whose detections the price is set on (default 200; 0: set it on the "
-                        "training positives)")
+    p.add_argument("--calibration-images", type=non_negative_int, default=defaults.CALIBRATION_IMAGES,
+                   help=f"training images whose detections the price is set on (default {defaults.CALIBRATION_IMAGES}"
+                        "; 0: set it on the training positives)")
     p.add_argument("--no-confidence-weighting", action="store_true",
                    help="choose for every detection as for a sure one (by default the switch weighs each "
                         "detection's predicted mask gain by its score, so the budget goes to likely objects)")

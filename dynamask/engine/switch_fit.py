@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynamask.engine import distributed as dist_utils
+from dynamask.engine import switch_fit_defaults as defaults
 from dynamask.engine.routing_probe import mask_iou_top_grid
 from dynamask.models import mask_losses
 from dynamask.models.detector import DynaMaskRCNN
@@ -310,8 +311,8 @@ def _raw(msm: MaskSwitchModule, inputs: Tensor, batch: int = 256) -> Tensor:
 
 
 def fit_switch(msm: MaskSwitchModule, data: SwitchData, *, costs: Sequence[float], target_gmacs: float | None,
-               epochs: int = 15, batch_size: int = 16, lr: float = 5e-4, weight_decay: float = 1e-4, seed: int = 0,
-               average_epochs: int | None = None, confidence_weighted: bool = True,
+               epochs: int = defaults.EPOCHS, batch_size: int = 16, lr: float = 5e-4, weight_decay: float = 1e-4,
+               seed: int = 0, average_epochs: int | None = None, confidence_weighted: bool = True,
                progress: bool = True) -> FitReport:
     """Fits ``msm`` (reset first) to ``data`` and prices its resolutions for ``target_gmacs`` (GMAC per RoI;
     None: no price, each RoI gets its predicted best). ``costs``: the head's GMAC per RoI at each resolution
@@ -433,8 +434,9 @@ def detection_scores(model: DynaMaskRCNN, batches: Iterable[list[Tensor]], *, to
     return DetectionScores(torch.cat(out), torch.cat(conf))
 
 
-def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float | None, num_batches: int = 2700,
-                     batch_size: int = 4, epochs: int = 15, seed: int = 0, calibration_images: int = 200,
+def fit_model_switch(model: DynaMaskRCNN, dataset: Any, *, target_gmacs: float | None,
+                     num_batches: int = defaults.BATCHES, batch_size: int = 4, epochs: int = defaults.EPOCHS,
+                     seed: int = 0, calibration_images: int = defaults.CALIBRATION_IMAGES,
                      average_epochs: int | None = None, max_rois: int | None = MAX_ROIS,
                      confidence_weighted: bool = True, progress: bool = True) -> FitReport:
     """:func:`collect` on ``num_batches`` batches of ``dataset`` (training images, with their transforms),

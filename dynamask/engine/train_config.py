@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from dynamask.checks import check_device, check_number, check_output_dir
+from dynamask.engine import switch_fit_defaults
 from dynamask.engine.freeze import FreezeChoice, check_freeze
 from dynamask.engine.train_flags import json_dict, option
 from dynamask.engine.train_flags import mask_costs as parse_mask_costs
@@ -89,12 +90,14 @@ class TrainConfig:
         "switch_life); paper keeps the switch the dynamic phase trained through Gumbel-softmax under the soft "
         "budget (Eq. 3), the paper's model and --recipe paper's default. --no-switch-fit: --switch paper",
         group=METHOD)
-    switch_fit_batches: int = option(2700, "training batches (of --batch-size images, over all processes) the "
-                                     "switch fit runs the trained model on", group=METHOD)
-    switch_fit_epochs: int = option(15, "epochs of the switch fit over those RoIs", group=METHOD)
+    switch_fit_batches: int = option(
+        switch_fit_defaults.BATCHES, "training batches (of --batch-size images, over all processes) the switch fit "
+        "runs the trained model on", group=METHOD)
+    switch_fit_epochs: int = option(switch_fit_defaults.EPOCHS, "epochs of the switch fit over those RoIs",
+                                    group=METHOD)
     switch_fit_calibration_images: int = option(
-        200, "training images on whose detections the fitted switch's price is set (0: on the training RoIs)",
-        group=METHOD)
+        switch_fit_defaults.CALIBRATION_IMAGES,
+        "training images on whose detections the fitted switch's price is set (0: on the training RoIs)", group=METHOD)
     freeze: FreezeChoice = option(
         "none", "detector: train only the mask head (r-FPN stages, predictors) and the switch on a frozen detector "
         "(backbone, FPN, RPN, box head keep the weights given in --arch-kwargs: weights or torchvision_weights)")
