@@ -430,7 +430,7 @@ def test_cli_fit_switch_writes_a_fitted_checkpoint_and_refuses_bad_input(tmp_pat
 
 def test_every_entry_point_takes_the_fit_defaults_from_one_place(monkeypatch):
     """``dynamask train``, ``dynamask fit-switch``, the library call and the accuracy study fit on the same number of
-    batches, epochs and calibration images: each reads ``switch_fit_defaults`` (it fails if one is written again)."""
+    batches, epochs and calibration images as ``switch_fit_defaults`` holds (it fails if one of them differs)."""
     import dataclasses
     import inspect
     import sys
