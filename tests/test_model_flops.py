@@ -17,6 +17,10 @@ def test_default_widths_within_paper_budget():
         assert g[s] <= bound * 1.02, (s, g[s])
     assert g[14] < g[28] < g[56] < g[112]
     assert flops.msm_gmacs(MaskSwitchModule()) <= 0.02
+    # by hand: SE 2·256·16; first conv 256·64·9 at 7×7; each of 3 heads: conv 64·16·9 at 7×7, FCs 784·256 + 256·4
+    one = 64 * 16 * 9 * 49 + 784 * 256 + 256 * 4
+    assert flops.msm_macs(MaskSwitchModule()) == 2 * 256 * 16 + 256 * 64 * 9 * 49 + 3 * one
+    assert flops.msm_macs(MaskSwitchModule(num_heads=1)) == 2 * 256 * 16 + 256 * 64 * 9 * 49 + one
     # the worked budget of docs/method.md §3 (mask predictor only; edge predictors are training-only)
     assert g[112] == pytest.approx(1.2859, abs=1e-3)
     assert flops.per_image_gmacs(head, (800, 1216)) == pytest.approx(0.8716, abs=1e-3)

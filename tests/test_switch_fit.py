@@ -40,7 +40,7 @@ def test_a_state_dict_from_before_the_cost_penalty_loads_with_zeros():
     new.set_cost_penalty(torch.ones(3))
     new.load_state_dict(state, strict=True)
     assert torch.equal(new.cost_penalty, torch.zeros(3))
-    assert torch.equal(new.fc2.weight, old.fc2.weight)
+    assert torch.equal(new.heads[1].fc2.weight, old.heads[1].fc2.weight)
     # a current state dict keeps its penalty
     old.set_cost_penalty(torch.tensor([0.0, 2.0, 5.0]))
     new.load_state_dict(old.state_dict(), strict=True)
@@ -48,11 +48,13 @@ def test_a_state_dict_from_before_the_cost_penalty_loads_with_zeros():
 
 
 def constant_msm(values: list[float]) -> MaskSwitchModule:
-    """An MSM whose raw output is ``values`` for every RoI (the last layer's weights zero, its bias the values)."""
+    """An MSM whose raw output is ``values`` for every RoI (each head's last layer's weights zero, its bias the
+    values)."""
     msm = small_msm(len(values)).eval()
     with torch.no_grad():
-        msm.fc2.weight.zero_()
-        msm.fc2.bias.copy_(torch.tensor(values))
+        for h in msm.heads:
+            h.fc2.weight.zero_()
+            h.fc2.bias.copy_(torch.tensor(values))
     return msm
 
 
@@ -96,12 +98,50 @@ def test_reset_parameters_gives_fresh_weights_and_clears_the_penalty():
     msm.set_cost_penalty(torch.ones(3))
     msm.set_confidence_weighted(True)
     with torch.no_grad():
-        msm.fc1.weight.fill_(7.0)
+        msm.conv1.weight.fill_(7.0)
+        for h in msm.heads:
+            h.fc1.weight.fill_(7.0)
     msm.reset_parameters()
-    assert not torch.any(msm.fc1.weight == 7.0)
+    assert not torch.any(msm.conv1.weight == 7.0)
+    for h in msm.heads:
+        assert not torch.any(h.fc1.weight == 7.0)
+        assert torch.equal(h.fc2.bias, torch.zeros(3))
+    # each head its own draw: the members of an average must differ
+    assert not torch.equal(msm.heads[0].fc1.weight, msm.heads[1].fc1.weight)
     assert torch.equal(msm.cost_penalty, torch.zeros(3))
     assert float(msm.confidence_weighted) == 0.0
-    assert torch.equal(msm.fc2.bias, torch.zeros(3))
+
+
+def test_the_output_is_the_mean_of_the_heads():
+    torch.manual_seed(0)
+    msm = small_msm().eval()
+    x = torch.randn(5, 8, 6, 6)
+    shared = torch.relu(msm.conv1(msm.se(x)))
+    by_hand = torch.stack([h.fc2(torch.relu(h.fc1(torch.relu(h.conv2(shared)).flatten(1)))) for h in msm.heads])
+    assert msm.num_heads == 3 and msm.raw_heads(x).shape == (3, 5, 3)
+    assert torch.allclose(msm.raw_heads(x), by_hand, atol=1e-6)
+    assert torch.allclose(msm.raw(x), by_hand.mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="num_heads must be >= 1"):
+        MaskSwitchModule(num_heads=0)
+
+
+def test_a_one_head_state_dict_loads_into_every_head_and_chooses_as_before():
+    """An MSM saved before the heads (version 3: ``conv2``, ``fc1``, ``fc2`` at the top) loads into a three-head
+    MSM with each head a copy, so its outputs are the one head's; so does one whose metadata was lost."""
+    torch.manual_seed(0)
+    one = small_msm()
+    one_heads = MaskSwitchModule(in_channels=8, in_size=6, conv_channels=(8, 4), hidden=16, num_resolutions=3,
+                                 se_reduction=4, num_heads=1)
+    one_heads.set_cost_penalty(torch.tensor([0.0, 0.1, 0.3]))
+    state = one_heads.state_dict()
+    old = type(state)((k.replace("heads.0.", ""), v) for k, v in state.items())  # what version 3 wrote
+    old._metadata = {"": {"version": 3}}
+    x = torch.randn(4, 8, 6, 6)
+    for saved in (old, type(state)(old)):  # the second has no metadata
+        one.load_state_dict(saved, strict=True)
+        for h in one.heads:
+            assert torch.equal(h.fc1.weight, state["heads.0.fc1.weight"])
+        assert torch.allclose(one.eval()(x), one_heads.eval()(x), atol=1e-6)
 
 
 def test_calibrate_mu_on_a_hand_made_case():
@@ -209,14 +249,14 @@ def test_fit_switch_keeps_the_mean_of_the_last_epochs_weights():
 def test_fit_switch_refuses_bad_input_before_training():
     msm = small_msm()
     data = _separable_data(16, 0)
-    before = msm.fc1.weight.clone()
+    before = msm.conv1.weight.clone()
     with pytest.raises(ValueError, match="below the cheapest"):
         switch_fit.fit_switch(msm, data, costs=[1.0, 2.0, 4.0], target_gmacs=0.5, progress=False)
     with pytest.raises(ValueError, match="3 resolutions"):
         switch_fit.fit_switch(msm, data, costs=[1.0, 2.0], target_gmacs=None, progress=False)
     with pytest.raises(ValueError, match="epochs"):
         switch_fit.fit_switch(msm, data, costs=[1.0, 2.0, 4.0], target_gmacs=None, epochs=0, progress=False)
-    assert torch.equal(msm.fc1.weight, before)
+    assert torch.equal(msm.conv1.weight, before)
     with pytest.raises(ValueError, match="inputs but"):
         switch_fit.SwitchData(torch.zeros(3, 8, 6, 6), torch.zeros(2, 3))
 

@@ -69,10 +69,11 @@ class FitPlan:
     def averaged(self) -> int:
         return (self.epochs + 1) // 2 if self.average_epochs is None else self.average_epochs
 
-    def state_key(self, init: int) -> str:
-        """The cached fit of one init in :meth:`cache` ``("fit")`` (fits that average other epochs are other
-        entries; stop 16's, of the last epoch's weights, are under ``init{i}``)."""
-        return f"init{init}-avg{self.averaged()}"
+    def state_key(self, init: int, num_heads: int) -> str:
+        """The cached fit of one init of an MSM of ``num_heads`` heads in :meth:`cache` ``("fit")`` (fits that
+        average other epochs are other entries; stop 16's, of the last epoch's weights, are under ``init{i}``; a
+        one-head MSM's, from before the heads, have no ``-heads`` part)."""
+        return f"init{init}-avg{self.averaged()}" + (f"-heads{num_heads}" if num_heads != 1 else "")
 
     def cache(self, what: str) -> str:
         """The checkpoint name of this plan's ``what`` ("fit" or "switch_data"); the number of batches is part of

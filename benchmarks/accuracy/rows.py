@@ -107,16 +107,17 @@ class StudyRows:
         costs = list(mask_head_gmacs(heads.mask_head).values())
         path = self.ckpt(plan.cache("fit"))
         state: dict[str, Any] = load_state(path) if os.path.exists(path) else {}
-        if any(plan.state_key(i) not in state for i in plan.inits):
+        nh = heads.msm.num_heads
+        if any(plan.state_key(i, nh) not in state for i in plan.inits):
             data = self._switch_data(model, plan)
             for init in plan.inits:
-                if plan.state_key(init) in state:
+                if plan.state_key(init, nh) in state:
                     continue
                 rep = switch_fit.fit_switch(heads.msm, data, costs=costs, target_gmacs=None, epochs=plan.epochs,
                                             seed=init, average_epochs=plan.average_epochs, progress=self.progress)
-                self.timing(f"{plan.cache('fit')}_{plan.state_key(init)}",
+                self.timing(f"{plan.cache('fit')}_{plan.state_key(init, nh)}",
                             {"seconds": rep.seconds, "losses": rep.losses})
-                state[plan.state_key(init)] = {k: v.clone() for k, v in heads.msm.state_dict().items()}
+                state[plan.state_key(init, nh)] = {k: v.clone() for k, v in heads.msm.state_dict().items()}
                 save_state(path, state)
         names = [n for n in plan.names() if not self.have_rows([n])]
         switches, penalties = {}, {}
@@ -125,7 +126,7 @@ class StudyRows:
             todo = [n for n in names if n.endswith(f"-init{init}")]
             if not todo:
                 continue
-            heads.msm.load_state_dict(state[plan.state_key(init)])
+            heads.msm.load_state_dict(state[plan.state_key(init, nh)])
             t0 = time.time()
             batches = switch_fit.sample_batches(self.train, batch_size=self.cfg.batch,
                                                 num_batches=-(-plan.calibration_images // self.cfg.batch),
@@ -135,7 +136,7 @@ class StudyRows:
                         {"seconds": time.time() - t0, "detections": int(dets.raw.shape[0])})
             for name in todo:
                 m = new_switch(model, "roi")
-                m.load_state_dict(state[plan.state_key(init)])
+                m.load_state_dict(state[plan.state_key(init, nh)])
                 m.set_confidence_weighted(plan.confidence_weighted)
                 switch_fit.price(m, dets.raw, cost_t, float(name.split("-ct")[1].split("-")[0]), dets.confidence)
                 m.eval()
@@ -158,7 +159,7 @@ class StudyRows:
             # the fit on the default dynamic-phase row's model is what `dynamask train` ends with by default
             row["default_switch"] = plan.is_default()
             row["fit"] = {"on": plan.on, "batches": plan.batches, "epochs": plan.epochs,
-                          "averaged_epochs": plan.averaged(),
+                          "averaged_epochs": plan.averaged(), "heads": nh,
                           "init": int(name.rsplit("init", 1)[1]),
                           "calibrated_on": "detections", "calibration_images": plan.calibration_images,
                           "confidence_weighted": plan.confidence_weighted,

@@ -11,7 +11,8 @@ switch that sees each training RoI's outcome at every resolution can learn more 
    ``on_detections=True`` learns from the model's own detections on objects instead
    (:func:`detected_head_outputs`), which the accuracy study measured and did not adopt (docs/method.md §3).
 2. :func:`fit_switch`: a fresh MSM regresses each RoI's IoUs, centred per RoI (only the differences between
-   resolutions decide), for some epochs over the cache, and keeps the mean of its weights after each of the
+   resolutions decide), each of its heads on its own (their mean is the switch's output), for some epochs over the
+   cache, and keeps the mean of its weights after each of the
    last epochs (stochastic weight averaging: the share of the routing gain a single epoch's weights capture
    moved by up to ±0.1 from one epoch to the next, and so between inits; the average removes most of that;
    benchmarks/results/accuracy_cpu_paper_levels.md); then the price μ per GMAC is set by bisection so that
@@ -356,10 +357,12 @@ def fit_switch(msm: MaskSwitchModule, data: SwitchData, *, costs: Sequence[float
         total = 0.0
         for j in range(0, n, batch_size):
             idx = perm[j:j + batch_size]
-            pred = msm.raw(data.inputs[idx].to(device).float())
-            loss = F.mse_loss(pred - pred.mean(dim=1, keepdim=True), target[idx].to(device))
+            # each head regresses the targets on its own (not their mean: the heads are the members of an
+            # average, and a loss on the mean would fit them as one model); the loss is their sum
+            pred = msm.raw_heads(data.inputs[idx].to(device).float())  # [H, B, K]
+            loss = F.mse_loss(pred - pred.mean(dim=2, keepdim=True), target[idx].to(device).expand_as(pred))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * pred.shape[0]).backward()
             opt.step()
             total += float(loss.detach()) * idx.numel()
         losses.append(total / n)

@@ -90,17 +90,18 @@ def switch_input_macs(kind: str, head: DynaMaskHead) -> int:
 
 
 def msm_macs(model: nn.Module) -> int:
-    """Per-RoI MACs of the Mask Switch Module (SE FCs, two convs, two FCs); given a detector whose switch
-    reads ``"mask"``, its input's predictors too (:func:`switch_input_macs`)."""
+    """Per-RoI MACs of the Mask Switch Module (SE FCs, the first conv, then each head's conv and two FCs); given
+    a detector whose switch reads ``"mask"``, its input's predictors too (:func:`switch_input_macs`)."""
     msm = _msm(model)
     heads = getattr(model, "roi_heads", model)
     kind = getattr(heads, "switch_input", "roi")
-    size = msm.in_size
+    size = _conv_out(msm.conv1, msm.in_size)
     total = msm.se.fc1.in_features * msm.se.fc1.out_features + msm.se.fc2.in_features * msm.se.fc2.out_features
-    for conv in (msm.conv1, msm.conv2):
-        size = _conv_out(conv, size)
-        total += conv_macs(conv, (size, size))
-    total += msm.fc1.in_features * msm.fc1.out_features + msm.fc2.in_features * msm.fc2.out_features
+    total += conv_macs(msm.conv1, (size, size))
+    for head in msm.heads:
+        out = _conv_out(head.conv2, size)
+        total += conv_macs(head.conv2, (out, out))
+        total += head.fc1.in_features * head.fc1.out_features + head.fc2.in_features * head.fc2.out_features
     if kind != "roi":
         total += switch_input_macs(kind, _mask_head(model))
     return total
