@@ -98,7 +98,7 @@ def msm_macs(model: nn.Module) -> int:
     size = _conv_out(msm.conv1, msm.in_size)
     total = msm.se.fc1.in_features * msm.se.fc1.out_features + msm.se.fc2.in_features * msm.se.fc2.out_features
     total += conv_macs(msm.conv1, (size, size))
-    for head in msm.heads:
+    for head in msm.head_modules():
         out = _conv_out(head.conv2, size)
         total += conv_macs(head.conv2, (out, out))
         total += head.fc1.in_features * head.fc1.out_features + head.fc2.in_features * head.fc2.out_features

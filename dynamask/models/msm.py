@@ -27,6 +27,8 @@ scaling a row by a positive weight does not move its argmax.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,7 +81,8 @@ class SwitchHead(nn.Module):
 
     def init_weights(self) -> None:
         nn.init.kaiming_normal_(self.conv2.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.conv2.bias)
+        if self.conv2.bias is not None:
+            nn.init.zeros_(self.conv2.bias)
         nn.init.normal_(self.fc2.weight, std=0.01)  # start near a uniform choice
         nn.init.zeros_(self.fc2.bias)
 
@@ -139,14 +142,19 @@ class MaskSwitchModule(nn.Module):
         for m in (self.se.fc1, self.se.fc2, self.conv1):
             m.reset_parameters()
         self._init_weights()
-        for h in self.heads:
+        for h in self.head_modules():
             h.reset_parameters()
         self.cost_penalty.zero_()
         self.confidence_weighted.zero_()
 
     def _init_weights(self) -> None:
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.conv1.bias)
+        if self.conv1.bias is not None:
+            nn.init.zeros_(self.conv1.bias)
+
+    def head_modules(self) -> list[SwitchHead]:
+        """The heads, typed (an ``nn.ModuleList`` yields plain modules)."""
+        return [cast(SwitchHead, h) for h in self.heads]
 
     def set_cost_penalty(self, penalty: Tensor) -> None:
         """``penalty`` ``[K]``: μ · C_k, subtracted from the outputs (so argmax picks argmax_k(ŝ_k − μ C_k))."""
@@ -167,7 +175,7 @@ class MaskSwitchModule(nn.Module):
     def raw_heads(self, x: Tensor) -> Tensor:
         """Each head's output ``[H, R, K]`` (a switch fit regresses each head on its own)."""
         x = F.relu(self.conv1(self.se(x)))
-        return torch.stack([h(x) for h in self.heads])
+        return torch.stack([h(x) for h in self.head_modules()])
 
     def raw(self, x: Tensor) -> Tensor:
         """The mean of the heads' outputs ``[R, K]``, before the cost penalty."""
