@@ -366,7 +366,9 @@ def test_cli_paper_recipe_dry_run(shapes, tmp_path, capsys):
     kw = ckpt["arch"]["kwargs"]
     assert "weights_backbone" not in kw and kw["frozen_bn"] is True and kw["depth"] == 18  # --arch-kwargs wins
     assert kw["stage_levels"] == [2, 1, 0]  # the paper's recipe (800 px): the paper's P4, P3, P2
+    assert kw["msm_heads"] == 1  # the paper's MSM: one head
     model, _ = model_from_checkpoint(os.path.join(run, "last.pth"))  # rebuilds without the weights file
+    assert model.roi_heads.msm.num_heads == 1
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d)

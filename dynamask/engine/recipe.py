@@ -43,7 +43,8 @@ def default_backbone_weights() -> str:
 # at lr 0.02; 1 epoch with every resolution supervised, then 12 dynamic epochs, lr × 0.1 after dynamic
 # epochs 8 and 11; shorter side drawn from 640–800 in training, 800 at test (longer side ≤ 1333).
 PAPER_RECIPE: dict[str, Any] = {
-    "arch": "dynamask_resnet_fpn", "arch_kwargs": {"depth": 50}, "pretrain_epochs": 1, "epochs": 12,
+    # the paper's MSM: one head (the library's default averages three, docs/method.md §3 "Heads")
+    "arch": "dynamask_resnet_fpn", "arch_kwargs": {"depth": 50, "msm_heads": 1}, "pretrain_epochs": 1, "epochs": 12,
     "batch_size": 2, "optimizer": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4,
     "warmup_iters": 500, "warmup_factor": 0.001, "lr_steps": [8, 11], "gamma": 0.1, "resize": [640, 800],
     "max_size": 1333, "budget_weight": 0.4, "edge_weight": 0.1, "gumbel_tau": 0.5,

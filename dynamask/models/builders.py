@@ -177,7 +177,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
                         stage_levels: Sequence[int] | None = None, mask_roi_size: int = 14,
                         fpn_channels: int = 256, fpn_norm: bool = False,
-                        frozen_bn: bool | None = None, class_specific_masks: bool = False,
+                        frozen_bn: bool | None = None, class_specific_masks: bool = False, msm_heads: int = 3,
                         **kwargs: Any) -> DynaMaskRCNN:
     """A DynaMask detector on a ResNet-{18, 34, 50, 101} FPN.
 
@@ -214,6 +214,9 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
         class_specific_masks: one mask channel per class at every resolution, picked by each RoI's label
             (Mask R-CNN's predictor); False (the default, docs/method.md §3): class-agnostic masks. Costs
             ``(num_classes - 1) · C_k · S_k²`` MACs more per RoI at resolution k.
+        msm_heads: heads of the Mask Switch Module, their outputs averaged (3; the paper's MSM is 1, which
+            ``--recipe paper`` builds). A fitted switch's heads average out most of the variance between fits
+            (docs/method.md §3, "Heads"); two more heads add 0.0013 GMAC per RoI.
         **kwargs: :class:`~dynamask.models.detector.DynaMaskRCNN` arguments (torchvision's ``min_size``,
             ``max_size``, ``box_score_thresh``, ``rpn_*``, ...; DynaMask's ``edge_weight``, ``budget_weight``,
             ``target_gmacs``, ``gumbel_tau``, ``mask_policy``, ``routing_signal``, ``coupled``,
@@ -263,7 +266,7 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
                         roi_size=mask_roi_size,
                         mask_classes=num_classes if class_specific_masks else 1)
     # built here, after the head (not by the detector), so that a seeded model keeps its initial weights
-    msm = switch_for(head, reads=kwargs.get("switch_input", "roi"))
+    msm = switch_for(head, reads=kwargs.get("switch_input", "roi"), num_heads=msm_heads)
     model = DynaMaskRCNN(backbone, num_classes, mask_head=head, msm=msm, **kwargs)
     if torchvision_weights is not None and weights is None:
         if torchvision_label_ids is not None and len(torchvision_label_ids) != num_classes - 1:

@@ -219,10 +219,10 @@ class MaskSwitchModule(nn.Module):
         return raw - self.cost_penalty
 
 
-def switch_for(head: DynaMaskHead, *, reads: str = "roi") -> MaskSwitchModule:
-    """A fresh switch for ``head`` that reads ``reads`` ("roi", "trunk" or "mask"; see
+def switch_for(head: DynaMaskHead, *, reads: str = "roi", num_heads: int = 3) -> MaskSwitchModule:
+    """A fresh switch of ``num_heads`` heads for ``head`` that reads ``reads`` ("roi", "trunk" or "mask"; see
     :mod:`dynamask.models.switch_input`): its input width and size follow from the head. The one place an
     MSM is built for a model (the builders, the detector's default, the study's switch variants)."""
     width = switch_channels(reads, fpn_channels=head.in_channels, trunk_channels=head.channels[0],
                             mask_classes=head.mask_classes)
-    return MaskSwitchModule(in_channels=width, in_size=head.resolutions[0])
+    return MaskSwitchModule(in_channels=width, in_size=head.resolutions[0], num_heads=num_heads)
