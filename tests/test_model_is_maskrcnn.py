@@ -63,19 +63,27 @@ def _coco_ap(coco_gt, predictions, iou_type):
 
 
 def _ground_truth(outputs, count=5):
-    """A COCO ground truth made of the model's best detections over all images: the first ``count`` in score
-    order, up to the first with an empty mask.
+    """A COCO ground truth made of the model's best detections over all images, and the outputs it judges.
 
-    A random-weights model finds nothing real, so its own most confident detections are the ground truth:
-    each one is then matched exactly (box and mask IoU 1) by a detection scoring above every detection that
-    is not ground truth, so both APs must be exactly 1 when the masks are evaluated and belong to their boxes."""
+    A random-weights model finds nothing real, so its own most confident detections are the ground truth: the
+    first ``count`` in score order whose mask is not empty, and more until both images hold one. A detection
+    with an empty mask can match no ground truth, so those that rank among the ground truth are taken out of
+    the outputs judged (which of them are empty depends on the random weights). Each ground-truth detection is
+    then matched exactly (box and mask IoU 1) by a detection scoring above every detection that is not ground
+    truth, so both APs must be exactly 1 when the masks are evaluated and belong to their boxes.
+
+    Returns ``(coco, judged)``: the ground truth and the outputs without the empty-mask detections so dropped."""
     binary = {k: (out["masks"][:, 0] > 0.5).numpy().astype(np.uint8) for k, out in outputs.items()}
     ranked = sorted(((float(s), k, i) for k, out in outputs.items() for i, s in enumerate(out["scores"])),
                     reverse=True)
     anns = []
-    for _, k, i in ranked[:count]:
-        if not binary[k][i].any():  # a box its mask could not match: the prefix ends here
+    dropped: dict[int, set[int]] = {k: set() for k in outputs}
+    for _, k, i in ranked:
+        if len(anns) >= count and len({a["image_id"] for a in anns}) == len(outputs):
             break
+        if not binary[k][i].any():
+            dropped[k].add(i)
+            continue
         x1, y1, x2, y2 = outputs[k]["boxes"][i].tolist()
         rle = mask_util.encode(np.asfortranarray(binary[k][i]))
         rle["counts"] = rle["counts"].decode("ascii")
@@ -88,7 +96,11 @@ def _ground_truth(outputs, count=5):
                                for k, out in outputs.items()],
                     "annotations": anns, "categories": [{"id": 1}, {"id": 2}]}
     coco.createIndex()
-    return coco
+    judged = {}
+    for k, out in outputs.items():
+        keep = torch.tensor([i not in dropped[k] for i in range(out["scores"].shape[0])], dtype=torch.bool)
+        judged[k] = {key: v[keep] for key, v in out.items()}
+    return coco, judged
 
 
 def test_torchvision_engine_evaluates_masks():
@@ -99,7 +111,7 @@ def test_torchvision_engine_evaluates_masks():
     images, _ = synthetic_batch()
     with torch.no_grad():
         outputs = {image_id: out for image_id, out in zip((11, 12), model(images))}  # engine.py's `res`
-    coco_gt = _ground_truth(outputs)
+    coco_gt, outputs = _ground_truth(outputs)
     aps = {t: _coco_ap(coco_gt, outputs, t) for t in _get_iou_types(model)}
     assert aps == {"bbox": pytest.approx(1.0), "segm": pytest.approx(1.0)}
     # control: every mask mirrored left-right, away from its box; the boxes are untouched, so only segm drops
