@@ -115,7 +115,7 @@ def test_the_predictability_section_reads_each_folders_measurement(tmp_path):
     seeds.write(str(tmp_path / "out"), [a, b])
     md = (tmp_path / "out.md").read_text()
     # the mean of the two inits per step (0.3 / 0.2 / 0.05) and per budget (0.55), and the simulated row
-    assert "| s0 | positives (100) | 0.30 / 0.20 / 0.05 | 0.045: 0.55 |" in md
+    assert "| s0 | positives (100; MSM of 1 head) | 0.30 / 0.20 / 0.05 | 0.045: 0.55 |" in md  # no heads: before them
     assert "| s0 | a predictor with these R² (simulated) | 0.40 / 0.40 / 0.20 | 0.045: 0.64 |" in md
     assert "| s1 |" not in md
     assert "mean of the 2 inits' predictions" not in md  # measured before the ensemble was recorded: no line
@@ -125,3 +125,8 @@ def test_the_predictability_section_reads_each_folders_measurement(tmp_path):
     seeds.write(str(tmp_path / "out"), [a, b])
     md = (tmp_path / "out.md").read_text()
     assert "| s0 | positives: the mean of the 2 inits' predictions | 0.45 / 0.25 / 0.10 | 0.045: 0.70 |" in md
+    measured["sources"]["positives"]["heads"] = 3
+    with open(os.path.join(a, "switch_predictability.json"), "w") as f:
+        json.dump(measured, f)
+    seeds.write(str(tmp_path / "out"), [a, b])
+    assert "| s0 | positives (100; MSM of 3 heads) |" in (tmp_path / "out.md").read_text()

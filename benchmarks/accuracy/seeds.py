@@ -261,7 +261,8 @@ def predictability_lines(folders: list[str]) -> list[str]:
             inits = src["inits"]
             r2 = [statistics.fmean(col) for col in zip(*(i["step_r2"] for i in inits))]
             cap = {b: statistics.fmean(i["captured"][b] for i in inits) for b in inits[0]["captured"]}
-            lines.append(f"| {where} | {name} ({src['rois']}) | "
+            heads = src.get("heads", 1)  # measured before the MSM's heads: one
+            lines.append(f"| {where} | {name} ({src['rois']}; MSM of {heads} head{'s' if heads != 1 else ''}) | "
                          + " / ".join(f"{v:.2f}" for v in r2) + " | "
                          + ", ".join(f"{b}: {v:.2f}" for b, v in cap.items()) + " |")
             ens = src.get("ensemble")
