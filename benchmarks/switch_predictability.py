@@ -24,7 +24,6 @@ goes; a source already there is not run again.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -45,8 +44,7 @@ from benchmarks.switch_headroom import probe_gt_boxes  # noqa: E402
 from dynamask.engine import switch_fit, switch_fit_defaults  # noqa: E402
 from dynamask.engine.routing_value import routing_value  # noqa: E402
 from dynamask.models.flops import mask_head_gmacs  # noqa: E402
-
-MSM_HEADS: int = inspect.signature(switch_fit.MaskSwitchModule).parameters["num_heads"].default
+from dynamask.models.msm import DEFAULT_HEADS  # noqa: E402
 
 SOURCES = {"positives": False, "detections": True}  # name → switch_fit.collect's on_detections
 R2_GRID = ((0.3, 0.3, 0.1), (0.4, 0.4, 0.2), (0.5, 0.5, 0.3), (0.5, 0.5, 0.05))
@@ -116,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="GMAC per RoI on the held-out objects (default 0.045 0.06 0.08)")
     p.add_argument("--sources", nargs="+", choices=tuple(SOURCES), default=list(SOURCES),
                    help="RoI sources to fit on (default: both)")
-    p.add_argument("--heads", type=int, default=MSM_HEADS,
-                   help=f"heads of each fitted MSM (default {MSM_HEADS}, the library's; 1: the paper's MSM)")
+    p.add_argument("--heads", type=int, default=DEFAULT_HEADS,
+                   help=f"heads of each fitted MSM (default {DEFAULT_HEADS}, the library's; 1: the paper's MSM)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

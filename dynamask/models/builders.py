@@ -42,7 +42,7 @@ from dynamask.checks import UnknownArgumentError, first_non_finite, model_num_cl
 from dynamask.models import hub_weights
 from dynamask.models.detector import DynaMaskRCNN, check_detector_kwargs
 from dynamask.models.mask_head import DynaMaskHead
-from dynamask.models.msm import switch_for
+from dynamask.models.msm import DEFAULT_HEADS, switch_for
 
 RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
 TORCHVISION_PREFIXES = ("backbone.", "rpn.", "roi_heads.box_head.")
@@ -177,7 +177,8 @@ def dynamask_resnet_fpn(*, depth: int = 50, num_classes: int | None = None,
                         trunk_channels: int = 256, stage_channels: Sequence[int] = (128, 64, 32),
                         stage_levels: Sequence[int] | None = None, mask_roi_size: int = 14,
                         fpn_channels: int = 256, fpn_norm: bool = False,
-                        frozen_bn: bool | None = None, class_specific_masks: bool = False, msm_heads: int = 3,
+                        frozen_bn: bool | None = None, class_specific_masks: bool = False,
+                        msm_heads: int = DEFAULT_HEADS,
                         **kwargs: Any) -> DynaMaskRCNN:
     """A DynaMask detector on a ResNet-{18, 34, 50, 101} FPN.
 

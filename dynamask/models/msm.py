@@ -58,6 +58,10 @@ class SqueezeExcite(nn.Module):
         return x * w[:, :, None, None]
 
 
+# heads of the MSM by default (the paper's is 1): the one place the default is written (docs/method.md §3, "Heads")
+DEFAULT_HEADS = 3
+
+
 class SwitchHead(nn.Module):
     """One head of the MSM on the shared first conv's output: 3×3 conv → ReLU → FC → ReLU → FC.
 
@@ -118,7 +122,8 @@ class MaskSwitchModule(nn.Module):
     confidence_weighted: Tensor
 
     def __init__(self, *, in_channels: int = 256, in_size: int = 14, conv_channels: tuple[int, int] = (64, 16),
-                 hidden: int = 256, num_resolutions: int = 4, se_reduction: int = 16, num_heads: int = 3) -> None:
+                 hidden: int = 256, num_resolutions: int = 4, se_reduction: int = 16,
+                 num_heads: int = DEFAULT_HEADS) -> None:
         super().__init__()
         if num_heads < 1:
             raise ValueError(f"MaskSwitchModule: num_heads must be >= 1, got {num_heads}")
@@ -219,7 +224,7 @@ class MaskSwitchModule(nn.Module):
         return raw - self.cost_penalty
 
 
-def switch_for(head: DynaMaskHead, *, reads: str = "roi", num_heads: int = 3) -> MaskSwitchModule:
+def switch_for(head: DynaMaskHead, *, reads: str = "roi", num_heads: int = DEFAULT_HEADS) -> MaskSwitchModule:
     """A fresh switch of ``num_heads`` heads for ``head`` that reads ``reads`` ("roi", "trunk" or "mask"; see
     :mod:`dynamask.models.switch_input`): its input width and size follow from the head. The one place an
     MSM is built for a model (the builders, the detector's default, the study's switch variants)."""
